@@ -1,0 +1,378 @@
+"""Bytes <-> messages, chosen by the Kafka header ``content-type``.
+
+``application/json`` is the default (when the header is absent); ``application/msgpack``
+(alias ``application/x-msgpack``) is the compact option. Media-type parameters
+(``; charset=utf-8``) are ignored. Anything else is ``unsupported_content_type``.
+
+``decode_request`` never raises anything but ``RequestError`` on hostile input. Checks
+run cheapest first: tombstone, header size, message size (before any parsing), content
+type, schema version, strict typed decode, then the rules that need the decoded request.
+When the request cannot be decoded but its ``id`` can (a lenient second decode of just
+``{"id": str}``), the error carries that id so the worker can answer the requester.
+
+Duplicate keys in a JSON object: the last one wins (msgspec's behaviour).
+Nesting: msgspec guards its recursion with Python's recursion limit and raises
+RecursionError, which becomes ``invalid_encoding``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import msgspec
+
+from schemas.messages import (
+    REQUEST_ID_MAX_CHARS,
+    REQUEST_ID_PATTERN,
+    SCHEMA_VERSION,
+    EmbedRequest,
+    EmbedResult,
+    ErrorCode,
+    truncate_message,
+)
+
+HEADER_CONTENT_TYPE: Final = "content-type"
+HEADER_SCHEMA: Final = "schema"
+# Set by the worker on messages it sends to the dead-letter topic.
+HEADER_DLQ_REASON: Final = "dlq-reason"
+HEADER_DLQ_ERROR_CODE: Final = "dlq-error-code"
+HEADER_DLQ_SOURCE_TOPIC: Final = "dlq-source-topic"
+HEADER_DLQ_SOURCE_PARTITION: Final = "dlq-source-partition"
+HEADER_DLQ_SOURCE_OFFSET: Final = "dlq-source-offset"
+HEADER_DLQ_WORKER: Final = "dlq-worker"
+
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({SCHEMA_VERSION})
+
+# A Kafka header as clients hand it over: aiokafka uses (str, bytes); values may be null.
+Header = tuple[str | bytes, bytes | None]
+
+
+class ContentType(StrEnum):
+    JSON = "application/json"
+    MSGPACK = "application/msgpack"
+
+
+CONTENT_TYPE_ALIASES: Final = {
+    "application/json": ContentType.JSON,
+    "application/msgpack": ContentType.MSGPACK,
+    "application/x-msgpack": ContentType.MSGPACK,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestLimits:
+    """What a worker accepts. The ``allowed_*`` sets are checked only when given."""
+
+    max_message_bytes: int = 1 << 20
+    max_text_bytes: int = 64 << 10  # UTF-8 bytes of `text`
+    max_header_bytes: int = 16 << 10  # all header names and values together
+    allowed_tasks: frozenset[str] | None = None
+    allowed_dimensions: frozenset[int] | None = None
+    allowed_reply_to: frozenset[str] | None = None
+
+
+DEFAULT_REQUEST_LIMITS: Final = RequestLimits()
+
+
+class RequestError(Exception):
+    """A request the worker must answer with an error result (and send to the DLQ).
+
+    ``request_id`` is the requester's id when it could be read; ``request`` is the
+    decoded request when only a later rule failed (to echo its metadata).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        request_id: str | None = None,
+        *,
+        request: EmbedRequest | None = None,
+    ) -> None:
+        self.code = code
+        self.message = truncate_message(message)
+        self.request_id = request_id
+        self.request = request
+        super().__init__(f"{code}: {self.message}")
+
+    def to_result(self, *, key: str | None = None, model: str | None = None) -> EmbedResult:
+        """The error result to send back to the requester."""
+        return EmbedResult.failure(
+            request_id=self.request_id,
+            code=self.code,
+            message=self.message,
+            key=key,
+            model=model,
+            metadata=self.request.metadata if self.request is not None else None,
+        )
+
+
+class ResultDecodeError(ValueError):
+    """A result message that is not a valid ``EmbedResult``."""
+
+
+class _IdProbe(msgspec.Struct):
+    """The lenient second decode: only ``id``; everything else is skipped."""
+
+    id: str | None = None
+
+
+_REQUEST_ID_RE: Final = re.compile(REQUEST_ID_PATTERN)
+# msgspec names the failing field in its messages: "... - at `$.field`".
+_ERROR_FIELD_RE: Final = re.compile(r"`\$\.([A-Za-z_]+)")
+
+_JSON_REQUEST_DECODER: Final = msgspec.json.Decoder(EmbedRequest)
+_MSGPACK_REQUEST_DECODER: Final = msgspec.msgpack.Decoder(EmbedRequest)
+_JSON_ID_DECODER: Final = msgspec.json.Decoder(_IdProbe)
+_MSGPACK_ID_DECODER: Final = msgspec.msgpack.Decoder(_IdProbe)
+_JSON_RESULT_DECODER: Final = msgspec.json.Decoder(EmbedResult)
+_MSGPACK_RESULT_DECODER: Final = msgspec.msgpack.Decoder(EmbedResult)
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_MSGPACK_ENCODER: Final = msgspec.msgpack.Encoder()
+
+# Errors a decoder may raise on hostile bytes, besides its own ValidationError.
+# UnicodeDecodeError: invalid UTF-8 in a msgpack/JSON string; RecursionError: deep
+# nesting; ValueError/OverflowError: numbers msgspec cannot represent.
+_UNDECODABLE: Final = (msgspec.DecodeError, ValueError, RecursionError, OverflowError)
+
+
+def _header_name(name: str | bytes) -> str:
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace").lower()
+    return name.lower()
+
+
+def _header_bytes(headers: Sequence[Header]) -> int:
+    total = 0
+    for name, value in headers:
+        total += len(name) if isinstance(name, bytes) else len(name.encode("utf-8", "replace"))
+        total += len(value) if value is not None else 0
+    return total
+
+
+def _last_header(headers: Sequence[Header], name: str) -> bytes | None:
+    """The last value of a header (as Kafka's Java client's ``lastHeader``), or None."""
+    found: bytes | None = None
+    for header_name, value in headers:
+        if _header_name(header_name) == name:
+            found = value if value is not None else b""
+    return found
+
+
+def content_type_of(headers: Sequence[Header]) -> ContentType:
+    """The message's encoding; JSON when the header is absent."""
+    raw = _last_header(headers, HEADER_CONTENT_TYPE)
+    if raw is None:
+        return ContentType.JSON
+    media_type = raw.split(b";", 1)[0].strip().lower()
+    try:
+        return CONTENT_TYPE_ALIASES[media_type.decode("ascii")]
+    except (UnicodeDecodeError, KeyError):
+        shown = media_type[:64].decode("ascii", "replace")
+        raise RequestError(
+            ErrorCode.UNSUPPORTED_CONTENT_TYPE, f"unsupported content-type {shown!r}"
+        ) from None
+
+
+def is_valid_request_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= REQUEST_ID_MAX_CHARS
+        and _REQUEST_ID_RE.match(value) is not None
+    )
+
+
+def _readable_id(value: bytes, content_type: ContentType) -> str | None:
+    """The request id, if a lenient decode finds a valid one; None on any failure."""
+    decoder = _JSON_ID_DECODER if content_type is ContentType.JSON else _MSGPACK_ID_DECODER
+    try:
+        probe = decoder.decode(value)
+    except (*_UNDECODABLE, msgspec.ValidationError):
+        return None
+    return probe.id if is_valid_request_id(probe.id) else None
+
+
+def _code_for_validation_error(message: str) -> ErrorCode:
+    """Map msgspec's message to a specific code by the field it names."""
+    match = _ERROR_FIELD_RE.search(message)
+    field = match.group(1) if match else None
+    if field == "text" and "length" in message:
+        return ErrorCode.EMPTY_TEXT
+    if field == "dimensions" and any(s in message for s in (">=", "<=", "out of range")):
+        return ErrorCode.UNSUPPORTED_DIMENSIONS
+    if field == "encoding_format" and message.startswith("Invalid enum value"):
+        return ErrorCode.UNSUPPORTED_ENCODING_FORMAT
+    if field == "metadata" and "of length" in message:
+        return ErrorCode.METADATA_TOO_LARGE
+    return ErrorCode.INVALID_REQUEST
+
+
+def _check_schema_version(headers: Sequence[Header]) -> None:
+    raw = _last_header(headers, HEADER_SCHEMA)
+    if raw is None:
+        return
+    version = raw.decode("utf-8", "replace").strip()
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise RequestError(
+            ErrorCode.INVALID_REQUEST,
+            f"unsupported schema version {version[:32]!r}; "
+            f"this worker speaks {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+        )
+
+
+def _check_rules(request: EmbedRequest, limits: RequestLimits) -> None:
+    """The rules msgspec's types cannot express (configurable or semantic)."""
+
+    def fail(code: ErrorCode, message: str) -> RequestError:
+        return RequestError(code, message, request.id, request=request)
+
+    try:
+        text_bytes = len(request.text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # msgspec rejects lone surrogates already; kept so content_hash can never see one.
+        raise fail(ErrorCode.INVALID_ENCODING, "text is not valid Unicode") from None
+    if text_bytes > limits.max_text_bytes:
+        raise fail(
+            ErrorCode.TEXT_TOO_LONG,
+            f"text is {text_bytes} UTF-8 bytes; the limit is {limits.max_text_bytes}",
+        )
+    if not request.text.strip():
+        raise fail(ErrorCode.EMPTY_TEXT, "text is only whitespace")
+    tasks, dimensions = limits.allowed_tasks, limits.allowed_dimensions
+    if tasks is not None and request.task is not None and request.task not in tasks:
+        raise fail(
+            ErrorCode.UNKNOWN_TASK, f"unknown task {request.task!r}; known: {sorted(tasks)}"
+        )
+    if (
+        dimensions is not None
+        and request.dimensions is not None
+        and request.dimensions not in dimensions
+    ):
+        raise fail(
+            ErrorCode.UNSUPPORTED_DIMENSIONS,
+            f"dimensions {request.dimensions} not offered; offered: {sorted(dimensions)}",
+        )
+    reply_to_topics = limits.allowed_reply_to
+    if (
+        reply_to_topics is not None
+        and request.reply_to is not None
+        and request.reply_to not in reply_to_topics
+    ):
+        raise fail(ErrorCode.REPLY_TO_NOT_ALLOWED, f"reply_to {request.reply_to!r} is not allowed")
+
+
+def decode_request(
+    value: bytes | None,
+    headers: Sequence[Header],
+    limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+) -> EmbedRequest:
+    """Decode and validate one request message; raises only ``RequestError``."""
+    if value is None:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "message has no value (a tombstone)")
+    header_bytes = _header_bytes(headers)
+    if header_bytes > limits.max_header_bytes:
+        raise RequestError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"headers are {header_bytes} bytes; the limit is {limits.max_header_bytes}",
+        )
+    if len(value) > limits.max_message_bytes:
+        raise RequestError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message is {len(value)} bytes; the limit is {limits.max_message_bytes}",
+        )
+    content_type = content_type_of(headers)
+    _check_schema_version(headers)
+    decoder = (
+        _JSON_REQUEST_DECODER if content_type is ContentType.JSON else _MSGPACK_REQUEST_DECODER
+    )
+    try:
+        request = decoder.decode(value)
+    except msgspec.ValidationError as exc:
+        raise RequestError(
+            _code_for_validation_error(str(exc)), str(exc), _readable_id(value, content_type)
+        ) from None
+    except RecursionError:
+        raise RequestError(
+            ErrorCode.INVALID_ENCODING, f"{content_type} nests too deep"
+        ) from None
+    except _UNDECODABLE as exc:
+        raise RequestError(
+            ErrorCode.INVALID_ENCODING,
+            f"undecodable {content_type}: {exc}",
+            _readable_id(value, content_type),
+        ) from None
+    _check_rules(request, limits)
+    return request
+
+
+def _encode(message: EmbedRequest | EmbedResult, content_type: ContentType) -> bytes:
+    if content_type is ContentType.JSON:
+        return _JSON_ENCODER.encode(message)
+    return _MSGPACK_ENCODER.encode(message)
+
+
+def encode_request(
+    request: EmbedRequest,
+    content_type: ContentType = ContentType.JSON,
+    *,
+    limits: RequestLimits | None = DEFAULT_REQUEST_LIMITS,
+) -> bytes:
+    """Encode a request; with ``limits``, check it as a worker would (``RequestError``)."""
+    value = _encode(request, content_type)
+    if limits is not None:
+        decode_request(value, request_headers(content_type), limits)
+    return value
+
+
+def request_headers(content_type: ContentType = ContentType.JSON) -> list[tuple[str, bytes]]:
+    """The headers a producer sets on a request."""
+    return [
+        (HEADER_CONTENT_TYPE, content_type.value.encode("ascii")),
+        (HEADER_SCHEMA, SCHEMA_VERSION.encode("ascii")),
+    ]
+
+
+def encode_result(result: EmbedResult, content_type: ContentType = ContentType.JSON) -> bytes:
+    return _encode(result, content_type)
+
+
+def result_headers(content_type: ContentType = ContentType.JSON) -> list[tuple[str, bytes]]:
+    """The headers a worker sets on a result."""
+    return request_headers(content_type)
+
+
+def decode_result(value: bytes, headers: Sequence[Header] = ()) -> EmbedResult:
+    """Decode a result message (for clients); raises ``ResultDecodeError``."""
+    try:
+        content_type = content_type_of(headers)
+    except RequestError as exc:
+        raise ResultDecodeError(exc.message) from None
+    decoder = _JSON_RESULT_DECODER if content_type is ContentType.JSON else _MSGPACK_RESULT_DECODER
+    try:
+        return decoder.decode(value)
+    except (*_UNDECODABLE, msgspec.ValidationError) as exc:
+        raise ResultDecodeError(f"invalid result: {exc}") from None
+
+
+def dlq_headers(
+    *,
+    code: ErrorCode,
+    reason: str,
+    source_topic: str,
+    source_partition: int,
+    source_offset: int,
+    worker: str,
+) -> list[tuple[str, bytes]]:
+    """The headers a worker adds to a message it sends to the dead-letter topic."""
+    return [
+        (HEADER_DLQ_ERROR_CODE, code.value.encode("ascii")),
+        (HEADER_DLQ_REASON, truncate_message(reason).encode("utf-8", "replace")),
+        (HEADER_DLQ_SOURCE_TOPIC, source_topic.encode("utf-8")),
+        (HEADER_DLQ_SOURCE_PARTITION, str(source_partition).encode("ascii")),
+        (HEADER_DLQ_SOURCE_OFFSET, str(source_offset).encode("ascii")),
+        (HEADER_DLQ_WORKER, worker.encode("utf-8", "replace")),
+    ]

@@ -1,0 +1,92 @@
+"""The content hash: the cache key, the Kafka key of results, and the producers' request key.
+
+Same text + same settings => same key, in every worker and every client language.
+
+Canonical encoding (version 1)
+------------------------------
+::
+
+    key     = lowercase hex of SHA-256(payload)                      (64 characters)
+    payload = TAG || field(model_fingerprint) || field(task) || field(dimensions) || field(text)
+    TAG     = the 21 ASCII bytes "embedfleet-content-v1" (no length prefix, no terminator)
+    field(s) = len(utf8(s)) as an 8-byte big-endian unsigned integer || utf8(s)
+
+where
+
+* ``model_fingerprint`` is used as given (UTF-8, no normalisation);
+* ``task`` is the task name as given, or the empty string when there is none
+  (so ``None`` and ``""`` hash alike: both mean "no prompt");
+* ``dimensions`` is the decimal ASCII form of the integer with no sign, no leading
+  zeros and no spaces (``"128"``), or the empty string when there is none;
+* ``text`` is the text after Unicode Normalization Form C and nothing else: no
+  stripping, no case folding, no NFKC. Workers embed this NFC text, so the key names
+  exactly the vector's input.
+
+The length prefixes make the framing unambiguous (``("ab", "c")`` and ``("a", "bc")``
+differ). Text containing lone surrogates has no UTF-8 form: the codec rejects it and
+``content_hash`` raises ``ValueError``.
+
+Unicode version: NFC is stable for assigned characters, but a character unassigned in
+one implementation's Unicode tables and assigned in another's may normalise differently.
+Python 3.11 ships Unicode 14.0; golang.org/x/text v0.44 ships 15.0 and 17.0. Keys agree for
+text whose characters are all assigned in Unicode 14.0 (the test vectors hold only
+such text). A disagreement elsewhere costs a cache miss, never a wrong vector, because
+each key is computed over the very text that is embedded.
+
+``model_fingerprint`` must change whenever anything but task/dimensions changes the
+vector (weights, pooling, normalisation, max tokens, quantization, prompt prefixes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from typing import Final
+
+CONTENT_HASH_TAG: Final = b"embedfleet-content-v1"
+LENGTH_PREFIX_BYTES: Final = 8
+
+
+def canonical_text(text: str) -> str:
+    """The text as hashed and embedded: Unicode NFC, nothing else."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _utf8(value: str, field: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} has no UTF-8 form (lone surrogate?): {exc.reason}") from None
+
+
+def _field(data: bytes) -> bytes:
+    return len(data).to_bytes(LENGTH_PREFIX_BYTES, "big") + data
+
+
+def content_hash_payload(
+    text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None
+) -> bytes:
+    """The exact bytes that ``content_hash`` feeds to SHA-256 (useful to debug other clients)."""
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise ValueError(f"dimensions must be a positive int or None, got {dimensions!r}")
+    return b"".join(
+        (
+            CONTENT_HASH_TAG,
+            _field(_utf8(model_fingerprint, "model_fingerprint")),
+            _field(_utf8(task or "", "task")),
+            _field(b"" if dimensions is None else str(dimensions).encode("ascii")),
+            _field(_utf8(canonical_text(text), "text")),
+        )
+    )
+
+
+def content_hash(
+    text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None
+) -> str:
+    """SHA-256 hex of the canonical encoding described in this module's docstring."""
+    payload = content_hash_payload(
+        text, model_fingerprint=model_fingerprint, task=task, dimensions=dimensions
+    )
+    return hashlib.sha256(payload).hexdigest()

@@ -1,0 +1,307 @@
+"""The messages of the wire contract: one source of truth for every producer and worker.
+
+A request is one text in one Kafka message on ``embed.requests``; a result is one
+message on ``embed.results`` keyed by the content hash (see ``content_hash.py``).
+Both are msgspec Structs, so the JSON Schema (``json_schema.py``) and both encodings
+(JSON, msgpack; ``codec.py``) come from these definitions and nothing else.
+
+Vectors are float32. In JSON/msgpack ``vector`` holds each float32 widened exactly to a
+float64 (parse as float64, cast to float32: the bits are exact). ``vector_b64`` holds
+the standard base64 (with padding) of the little-endian float32 bytes, as the OpenAI
+embeddings API does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Annotated, Final, Literal
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+
+# Carried in the Kafka header `schema` and in the JSON Schema `$id`. Bump it on any
+# change that an older reader would misread; adding an optional field does not need it.
+SCHEMA_VERSION: Final = "1"
+
+REQUEST_ID_MAX_CHARS: Final = 256
+# No C0 control characters or DEL: ids end up in headers, logs and terminals.
+REQUEST_ID_PATTERN: Final = r"^[^\x00-\x1F\x7F]+$"
+TASK_MAX_CHARS: Final = 128
+DIMENSIONS_MIN: Final = 1
+DIMENSIONS_MAX: Final = 65536
+# Kafka's own topic name rules: at most 249 chars of [a-zA-Z0-9._-], and not "." or "..".
+REPLY_TO_MAX_CHARS: Final = 249
+REPLY_TO_PATTERN: Final = r"^(?!\.\.?$)[a-zA-Z0-9._-]+$"
+METADATA_MAX_ENTRIES: Final = 32
+METADATA_KEY_MAX_CHARS: Final = 128
+METADATA_VALUE_MAX_CHARS: Final = 1024
+ERROR_MESSAGE_MAX_CHARS: Final = 1024
+
+EncodingFormat = Literal["float", "base64"]
+ENCODING_FORMATS: Final[tuple[EncodingFormat, ...]] = ("float", "base64")
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes carried in ``EmbedResult.error.code`` and the DLQ headers.
+
+    ===========================  ===============================================================
+    invalid_encoding             the bytes are not valid UTF-8 / JSON / msgpack (or nest too deep)
+    invalid_request              decodable, but a field is missing, of the wrong type, or malformed
+    empty_text                   ``text`` is empty or only whitespace
+    text_too_long                ``text`` is longer (in UTF-8 bytes) than the worker accepts
+    unknown_task                 ``task`` names no prompt of the model
+    unsupported_dimensions       ``dimensions`` is out of range or not offered by the model
+    unsupported_encoding_format  ``encoding_format`` is neither ``float`` nor ``base64``
+    unsupported_content_type     the ``content-type`` header names an encoding we do not speak
+    reply_to_not_allowed         ``reply_to`` names a topic the worker may not write to
+    message_too_large            the message (or its headers) is larger than the worker accepts
+    metadata_too_large           ``metadata`` has too many entries or too long keys/values
+    inference_failed             the model failed on this text (isolated by splitting the batch)
+    internal_error               the worker failed for a reason that is not the request's fault
+    ===========================  ===============================================================
+    """
+
+    INVALID_ENCODING = "invalid_encoding"
+    INVALID_REQUEST = "invalid_request"
+    EMPTY_TEXT = "empty_text"
+    TEXT_TOO_LONG = "text_too_long"
+    UNKNOWN_TASK = "unknown_task"
+    UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"
+    UNSUPPORTED_ENCODING_FORMAT = "unsupported_encoding_format"
+    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
+    REPLY_TO_NOT_ALLOWED = "reply_to_not_allowed"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    METADATA_TOO_LARGE = "metadata_too_large"
+    INFERENCE_FAILED = "inference_failed"
+    INTERNAL_ERROR = "internal_error"
+
+
+ERROR_CODE_MEANINGS: Final[Mapping[ErrorCode, str]] = MappingProxyType(
+    {
+        ErrorCode.INVALID_ENCODING: "the bytes are not valid UTF-8 / JSON / msgpack",
+        ErrorCode.INVALID_REQUEST: "a field is missing, of the wrong type, or malformed",
+        ErrorCode.EMPTY_TEXT: "text is empty or only whitespace",
+        ErrorCode.TEXT_TOO_LONG: "text is longer (in UTF-8 bytes) than the worker accepts",
+        ErrorCode.UNKNOWN_TASK: "task names no prompt of the model",
+        ErrorCode.UNSUPPORTED_DIMENSIONS: "dimensions is out of range or not offered by the model",
+        ErrorCode.UNSUPPORTED_ENCODING_FORMAT: "encoding_format is neither float nor base64",
+        ErrorCode.UNSUPPORTED_CONTENT_TYPE: "the content-type header names an unknown encoding",
+        ErrorCode.REPLY_TO_NOT_ALLOWED: "reply_to names a topic the worker may not write to",
+        ErrorCode.MESSAGE_TOO_LARGE: "the message or its headers exceed the worker's limit",
+        ErrorCode.METADATA_TOO_LARGE: "metadata has too many entries or too long keys/values",
+        ErrorCode.INFERENCE_FAILED: "the model failed on this text",
+        ErrorCode.INTERNAL_ERROR: "the worker failed for a reason that is not the request's fault",
+    }
+)
+
+RequestId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=REQUEST_ID_MAX_CHARS,
+        pattern=REQUEST_ID_PATTERN,
+        description="The requester's correlation id, echoed in the result.",
+    ),
+]
+MetadataKey = Annotated[str, msgspec.Meta(max_length=METADATA_KEY_MAX_CHARS)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=METADATA_VALUE_MAX_CHARS)]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    msgspec.Meta(
+        max_length=METADATA_MAX_ENTRIES,
+        description="String map echoed back in the result unchanged.",
+    ),
+]
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One text to embed. Unknown fields are ignored; wrong types are errors."""
+
+    id: RequestId
+    text: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            description=(
+                "The text to embed; must contain a non-whitespace character. "
+                "Bounded in UTF-8 bytes by the worker (64 KiB by default)."
+            ),
+        ),
+    ]
+    task: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=TASK_MAX_CHARS,
+                description="A prompt name of the model (e.g. query, document).",
+            ),
+        ]
+        | None
+    ) = None
+    dimensions: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=DIMENSIONS_MIN,
+                le=DIMENSIONS_MAX,
+                description="Matryoshka truncation; only for models that declare it.",
+            ),
+        ]
+        | None
+    ) = None
+    encoding_format: Annotated[
+        EncodingFormat,
+        msgspec.Meta(description="float: a JSON array; base64: little-endian float32 bytes."),
+    ] = "float"
+    reply_to: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=REPLY_TO_MAX_CHARS,
+                pattern=REPLY_TO_PATTERN,
+                description="Results topic override (a Kafka topic name).",
+            ),
+        ]
+        | None
+    ) = None
+    metadata: Metadata = {}
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a request produced no vector."""
+
+    # A plain string, not the enum: a reader must accept codes added after it was built.
+    code: Annotated[str, msgspec.Meta(examples=[code.value for code in ErrorCode])]
+    message: str
+
+
+class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The answer to one request: a vector (``vector`` or ``vector_b64``) or an ``error``."""
+
+    id: str | None = None
+    key: Annotated[
+        str | None, msgspec.Meta(description="Content hash: SHA-256 hex, the Kafka key.")
+    ] = None
+    model: str | None = None
+    dim: int | None = None
+    vector: list[float] | None = None
+    vector_b64: Annotated[
+        str | None, msgspec.Meta(description="Base64 of the little-endian float32 bytes.")
+    ] = None
+    cached: bool = False
+    truncated: Annotated[
+        bool, msgspec.Meta(description="The text was cut to the model's maximum tokens.")
+    ] = False
+    metadata: dict[str, str] = {}
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def success(
+        cls,
+        *,
+        request_id: str,
+        key: str,
+        model: str,
+        vector: Sequence[float] | NDArray[np.floating],
+        encoding_format: EncodingFormat = "float",
+        cached: bool = False,
+        truncated: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> EmbedResult:
+        """A result carrying ``vector`` (float) or ``vector_b64`` (base64) as asked."""
+        as_float32 = as_float32_vector(vector)
+        if encoding_format == "float":
+            floats, encoded = float32_to_floats(as_float32), None
+        elif encoding_format == "base64":
+            floats, encoded = None, encode_vector_b64(as_float32)
+        else:
+            raise ValueError(f"unknown encoding_format {encoding_format!r}")
+        return cls(
+            id=request_id,
+            key=key,
+            model=model,
+            dim=int(as_float32.shape[0]),
+            vector=floats,
+            vector_b64=encoded,
+            cached=cached,
+            truncated=truncated,
+            metadata=dict(metadata or {}),
+        )
+
+    @classmethod
+    def failure(
+        cls,
+        *,
+        request_id: str | None,
+        code: ErrorCode | str,
+        message: str,
+        key: str | None = None,
+        model: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> EmbedResult:
+        """A result carrying ``error`` and no vector."""
+        return cls(
+            id=request_id,
+            key=key,
+            model=model,
+            metadata=dict(metadata or {}),
+            error=ErrorInfo(code=str(code), message=truncate_message(message)),
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def vector_array(self) -> NDArray[np.float32]:
+        """The vector as float32, from whichever field carries it."""
+        if self.vector_b64 is not None:
+            return decode_vector_b64(self.vector_b64)
+        if self.vector is not None:
+            return np.asarray(self.vector, dtype=np.float32)
+        raise ValueError("result carries no vector")
+
+
+def truncate_message(message: str) -> str:
+    """Bound a message: error texts may quote hostile input (e.g. an enum value)."""
+    if len(message) <= ERROR_MESSAGE_MAX_CHARS:
+        return message
+    return message[: ERROR_MESSAGE_MAX_CHARS - 3] + "..."
+
+
+def as_float32_vector(vector: Sequence[float] | NDArray[np.floating]) -> NDArray[np.float32]:
+    """A 1-d, finite float32 copy; JSON cannot carry NaN/inf (msgspec would write null)."""
+    array = np.asarray(vector, dtype=np.float32)
+    if array.ndim != 1:
+        raise ValueError(f"a vector must be 1-d, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("a vector must be finite (no NaN or infinity)")
+    return array
+
+
+def float32_to_floats(vector: Sequence[float] | NDArray[np.floating]) -> list[float]:
+    """Float32 values widened exactly to Python floats (the JSON ``vector`` form)."""
+    return as_float32_vector(vector).astype(np.float64).tolist()  # type: ignore[no-any-return]
+
+
+def encode_vector_b64(vector: Sequence[float] | NDArray[np.floating]) -> str:
+    """Standard base64 (padded) of the little-endian float32 bytes."""
+    little_endian = as_float32_vector(vector).astype("<f4", copy=False)
+    return base64.b64encode(little_endian.tobytes()).decode("ascii")
+
+
+def decode_vector_b64(encoded: str) -> NDArray[np.float32]:
+    """The float32 vector (native byte order) held by ``encode_vector_b64``'s output."""
+    try:
+        raw = base64.b64decode(encoded.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as exc:
+        raise ValueError(f"not standard base64: {exc}") from None
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} bytes is not a whole number of float32 values")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)

@@ -1,0 +1,1 @@
+"""Cross-language test vectors of the wire contract (the JSON files are the contract)."""

@@ -1,0 +1,102 @@
+"""The committed contract files: codec vectors reproduce, JSON Schema is up to date, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import msgspec
+import pytest
+
+from schemas import (
+    ContentType,
+    RequestError,
+    decode_request,
+    decode_result,
+    decode_vector_b64,
+    encode_request,
+    encode_result,
+    encode_vector_b64,
+)
+from schemas.commands import add_arguments, run
+from schemas.json_schema import SCHEMA_FILE, contract_schema, render_schema
+from schemas.testdata.generate import CODEC_FILE, codec_vectors
+
+CODEC = json.loads(CODEC_FILE.read_text(encoding="utf-8"))
+MSGPACK = [("content-type", b"application/msgpack")]
+
+
+def test_committed_codec_file_is_what_the_generator_writes() -> None:
+    assert codec_vectors() == CODEC
+
+
+@pytest.mark.parametrize("case", CODEC["requests"], ids=lambda c: c["name"])
+def test_request_vectors(case: dict[str, object]) -> None:
+    from_json = decode_request(str(case["json"]).encode(), [])
+    from_msgpack = decode_request(bytes.fromhex(str(case["msgpack_hex"])), MSGPACK)
+    assert from_json == from_msgpack
+    fields = {
+        name: msgspec.to_builtins(getattr(from_json, name)) for name in from_json.__struct_fields__
+    }
+    assert fields == case["fields"]
+    assert encode_request(from_json) == str(case["json"]).encode()
+    assert encode_request(from_json, ContentType.MSGPACK).hex() == case["msgpack_hex"]
+
+
+@pytest.mark.parametrize("case", CODEC["results"], ids=lambda c: c["name"])
+def test_result_vectors(case: dict[str, object]) -> None:
+    result = decode_result(str(case["json"]).encode())
+    assert decode_result(bytes.fromhex(str(case["msgpack_hex"])), MSGPACK) == result
+    fields = {name: msgspec.to_builtins(getattr(result, name)) for name in result.__struct_fields__}
+    assert fields == case["fields"]
+    assert encode_result(result) == str(case["json"]).encode()
+    assert encode_result(result, ContentType.MSGPACK).hex() == case["msgpack_hex"]
+
+
+@pytest.mark.parametrize("case", CODEC["vectors"], ids=lambda c: c["name"])
+def test_base64_vectors(case: dict[str, object]) -> None:
+    floats = list(case["vector"])  # type: ignore[call-overload]
+    assert encode_vector_b64(floats) == case["vector_b64"]
+    assert decode_vector_b64(str(case["vector_b64"])).tolist() == floats
+
+
+@pytest.mark.parametrize("case", CODEC["invalid_requests"], ids=lambda c: c["name"])
+def test_invalid_request_vectors(case: dict[str, object]) -> None:
+    headers = [] if case["content_type"] is None else [
+        ("content-type", str(case["content_type"]).encode())
+    ]
+    with pytest.raises(RequestError) as caught:
+        decode_request(bytes.fromhex(str(case["value_hex"])), headers)
+    assert caught.value.code == case["code"]
+    assert caught.value.request_id == case["request_id"]
+
+
+def test_schema_file_is_up_to_date() -> None:
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == render_schema("all"), (
+        "regenerate: embedfleet schema > schemas/embedfleet.schema.json"
+    )
+
+
+def test_schema_kinds() -> None:
+    request = contract_schema("request")
+    assert request["$ref"] == "#/$defs/EmbedRequest" and set(request["$defs"]) == {"EmbedRequest"}
+    assert request["$defs"]["EmbedRequest"]["required"] == ["id", "text"]
+    result = contract_schema("result")
+    assert set(result["$defs"]) == {"EmbedResult", "ErrorInfo"}
+    assert contract_schema("all")["$id"] == "urn:embedfleet:schema:1:all"
+
+
+def test_schema_command(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--kind", "request"])) == 0
+    assert json.loads(capsys.readouterr().out) == contract_schema("request")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "nope"])
+
+
+def test_schema_command_through_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import main
+
+    assert main(["schema"]) == 0
+    assert capsys.readouterr().out == render_schema("all")
