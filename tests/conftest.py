@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fleet import Fleet
 from tests.helpers import create_topic, delete_topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +77,37 @@ async def topic_factory(kafka_bootstrap: str) -> AsyncIterator[object]:
     yield make
     if created:
         await delete_topics(kafka_bootstrap, created)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default bundle, built by `make model` (make test does this first)."""
+    home = Path(os.environ.get("EMBEDFLEET_HOME") or Path.home() / ".cache" / "embedfleet")
+    path = Path(os.environ.get("EMBEDFLEET_MODEL") or home / "models" / "all-MiniLM-L6-v2")
+    if not (path / "manifest.json").exists():
+        pytest.fail(f"no model bundle at {path}: run `make model` (make test does this for you)",
+                    pytrace=False)
+    return path
+
+
+async def start_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path,
+                      workers: int, **extra_env: str) -> Fleet:
+    fleet = Fleet(kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env))
+    await fleet.create_topics()
+    for _ in range(workers):
+        fleet.start_worker()
+    await fleet.wait_ready()
+    return fleet
+
+
+@pytest.fixture(scope="module")
+async def fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
+    """Two real workers on fresh topics, shared by the tests of one module."""
+    running = await start_fleet(kafka_bootstrap, redis_url, model_dir,
+                                tmp_path_factory.mktemp("fleet-logs"), workers=2)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+        await running.delete_topics()

@@ -1,0 +1,267 @@
+"""A real fleet for tests: `embedfleet worker` subprocesses on fresh topics of the local stack.
+
+Each Fleet gets its own requests/results/DLQ topics, consumer group and cache key prefix, so
+tests never see each other's messages or cache entries, and every worker is a real process that
+can be killed, stopped or restarted like in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from tests.helpers import create_topic, delete_topics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        """Sum of a metric's samples matching the labels (0 when absent)."""
+        _, text = self.http("/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            series, _, value = line.rpartition(" ")
+            metric_name = series.split("{", 1)[0]
+            if metric_name != name:
+                continue
+            if labels and not all(f'{k}="{v}"' in series for k, v in labels.items()):
+                continue
+            total += float(value)
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Fleet:
+    bootstrap: str
+    redis_url: str
+    model_dir: Path
+    log_dir: Path
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    extra_env: dict[str, str] = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def requests_topic(self) -> str:
+        return f"embed.requests.test-{self.tag}"
+
+    @property
+    def results_topic(self) -> str:
+        return f"embed.results.test-{self.tag}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"embed.requests.dlq.test-{self.tag}"
+
+    @property
+    def group_id(self) -> str:
+        return f"embedfleet-test-{self.tag}"
+
+    @property
+    def cache_prefix(self) -> str:
+        return f"embedfleet-test-{self.tag}"
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "EMBEDFLEET_KAFKA_BOOTSTRAP": self.bootstrap,
+            "EMBEDFLEET_REDIS_URL": self.redis_url,
+            "EMBEDFLEET_MODEL": str(self.model_dir),
+            "EMBEDFLEET_REQUESTS_TOPIC": self.requests_topic,
+            "EMBEDFLEET_RESULTS_TOPIC": self.results_topic,
+            "EMBEDFLEET_DLQ_TOPIC": self.dlq_topic,
+            "EMBEDFLEET_GROUP_ID": self.group_id,
+            "EMBEDFLEET_CACHE_KEY_PREFIX": self.cache_prefix,
+            # Two workers share two cores in tests.
+            "EMBEDFLEET_INTRA_OP_THREADS": "1",
+            "EMBEDFLEET_METRICS_HOST": "127.0.0.1",
+        })
+        env.update(self.extra_env)
+        env.update(extra or {})
+        return env
+
+    async def create_topics(self, partitions: int = 6) -> None:
+        await create_topic(self.bootstrap, self.requests_topic, partitions)
+        await create_topic(self.bootstrap, self.results_topic, partitions,
+                           {"cleanup.policy": "compact"})
+        await create_topic(self.bootstrap, self.dlq_topic, 1)
+
+    async def delete_topics(self) -> None:
+        await delete_topics(self.bootstrap, [self.requests_topic, self.results_topic, self.dlq_topic])
+
+    def start_worker(self, *args: str, env: Mapping[str, str] | None = None) -> WorkerProcess:
+        name = f"w{len(self.workers)}-{self.tag}"
+        port = free_port()
+        log_path = self.log_dir / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [EMBEDFLEET, "worker", "--worker-id", name, "--metrics-port", str(port), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=REPO_ROOT)
+        worker = WorkerProcess(name, process, port, log_path)
+        self.workers.append(worker)
+        return worker
+
+    async def wait_ready(self, workers: Iterable[WorkerProcess] | None = None, timeout_s: float = 60) -> None:
+        """Until every worker answers /readyz with 200 (model loaded, group joined)."""
+        deadline = time.monotonic() + timeout_s
+        for worker in list(workers or self.workers):
+            while True:
+                if not worker.alive:
+                    raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
+                try:
+                    status, _ = await asyncio.to_thread(worker.http, "/readyz")
+                except OSError:
+                    status = 0
+                if status == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"worker {worker.name} not ready:\n{worker.log()[-3000:]}")
+                await asyncio.sleep(0.2)
+
+    def stop_worker(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        if worker.alive:
+            worker.process.send_signal(sig)
+            try:
+                worker.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        return int(worker.process.returncode)
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            self.stop_worker(worker)
+
+    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
+        return sum(w.metric(name, labels) for w in self.workers if w.alive)
+
+
+def request(text: str, **fields: Any) -> tuple[str, bytes]:
+    request_id = fields.pop("id", None) or uuid.uuid4().hex
+    return request_id, json.dumps({"id": request_id, "text": text, **fields}).encode()
+
+
+class FleetIO:
+    """Produces requests and collects results and dead letters of one fleet (a test's requester)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5)
+        self.results: dict[str, list[dict[str, Any]]] = {}
+        self.result_keys: dict[str, list[bytes | None]] = {}
+        self.dead_letters: list[tuple[bytes | None, dict[str, bytes]]] = []
+        self._consumers: list[AIOKafkaConsumer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> FleetIO:
+        await self.producer.start()
+        for topic, handler in ((self.fleet.results_topic, self._on_result),
+                               (self.fleet.dlq_topic, self._on_dead_letter)):
+            consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.fleet.bootstrap,
+                                        auto_offset_reset="earliest", enable_auto_commit=False,
+                                        isolation_level="read_committed")
+            await consumer.start()
+            self._consumers.append(consumer)
+            self._tasks.append(asyncio.create_task(self._read(consumer, handler)))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for consumer in self._consumers:
+            await consumer.stop()
+        await self.producer.stop()
+
+    async def _read(self, consumer: AIOKafkaConsumer, handler: Any) -> None:
+        async for record in consumer:
+            handler(record)
+
+    def _on_result(self, record: Any) -> None:
+        headers = {k: v for k, v in record.headers}
+        if headers.get("content-type") == b"application/msgpack":
+            result = msgspec.msgpack.decode(record.value)
+            result["_content_type"] = "application/msgpack"
+        else:
+            result = json.loads(record.value)
+        self.results.setdefault(result.get("id"), []).append(result)
+        self.result_keys.setdefault(result.get("id"), []).append(record.key)
+
+    def _on_dead_letter(self, record: Any) -> None:
+        self.dead_letters.append((record.value, {k: v for k, v in record.headers}))
+
+    async def send(self, value: bytes | None, *, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+        await self.producer.send(self.fleet.requests_topic, value, key=key, headers=headers)
+
+    async def send_texts(self, texts: Iterable[str], **fields: Any) -> list[str]:
+        ids = []
+        for text in texts:
+            request_id, value = request(text, **fields)
+            ids.append(request_id)
+            await self.send(value)
+        await self.producer.flush()
+        return ids
+
+    async def wait_for(self, ids: Iterable[str], timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+        wanted = list(ids)
+        deadline = time.monotonic() + timeout_s
+        while not all(i in self.results for i in wanted):
+            if time.monotonic() > deadline:
+                missing = [i for i in wanted if i not in self.results]
+                raise AssertionError(f"{len(missing)} of {len(wanted)} results missing, e.g. {missing[:3]}")
+            await asyncio.sleep(0.05)
+        return {i: self.results[i][-1] for i in wanted}
+
+    async def wait_for_dead_letters(self, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.dead_letters) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.dead_letters)} of {count} dead letters arrived")
+            await asyncio.sleep(0.05)

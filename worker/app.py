@@ -1,0 +1,353 @@
+"""`embedfleet worker`: wires consumer, batcher, cache, model and publisher, and owns shutdown.
+
+    fetch loop:  getmany -> track offsets -> decode -> batcher (jobs) | rejections (answered at once)
+    batch loop:  batcher -> BatchProcessor (cache, model, cache) -> results -> acks -> commit
+
+Delivery: at-least-once. A consumed record is marked done only when everything it caused is
+acknowledged by the broker (acks=all, idempotent producer); offsets are committed per partition up
+to the first record not yet done. On revoke the worker finishes and commits what it holds for the
+revoked partitions; SIGTERM/SIGINT stop fetching, drain every batch, commit and leave the group.
+Backpressure: above ``max_in_flight`` uncommitted records every partition is paused (``pause()``
+does not trigger a rebalance) and resumed below half of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas import RequestLimits
+from worker.batcher import Batch, MicroBatcher
+from worker.cache import VectorCache, redis_client
+from worker.config import WorkerConfig
+from worker.consumer import ModelContract, RequestDecoder, create_consumer
+from worker.health import HealthServer, HealthState
+from worker.jobs import Job, Rejection
+from worker.logs import setup_logging
+from worker.metrics import WorkerMetrics
+from worker.offsets import OffsetTracker
+from worker.pipeline import BatchProcessor
+from worker.publisher import ResultPublisher, create_producer
+
+log = logging.getLogger("embedfleet.worker")
+FETCH_MAX_RECORDS = 500
+# Batches handled at once: one in the model, the next being looked up, one publishing.
+CONCURRENT_BATCHES = 3
+DRAIN_TIMEOUT_S = 120.0
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._worker.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._worker.on_assigned(list(assigned))
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, embedder: Any, *, metrics: WorkerMetrics | None = None) -> None:
+        self.config = config
+        self.embedder = embedder
+        self.metrics = metrics or WorkerMetrics()
+        self.health = HealthState(model_loaded=True)
+        manifest = embedder.manifest
+        self.model = ModelContract(
+            name=manifest.name, fingerprint=manifest.fingerprint, dim=manifest.dim,
+            tasks=frozenset(manifest.prompts),
+            dimensions=frozenset({*manifest.matryoshka_dims, manifest.dim}))
+        self.decoder = RequestDecoder(
+            model=self.model, count_tokens=embedder.count_tokens,
+            limits=RequestLimits(max_message_bytes=config.max_message_bytes,
+                                 max_text_bytes=config.max_text_bytes),
+            reply_to_pattern=config.reply_to_pattern, default_reply_topic=config.results_topic)
+        self.batcher: MicroBatcher[Job] = MicroBatcher(
+            window_s=config.batch_window_ms / 1000, token_budget=config.token_budget,
+            max_size=config.max_batch_size)
+        self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.consumer: AIOKafkaConsumer = create_consumer(config)
+        self.producer: AIOKafkaProducer = create_producer(config)
+        self.publisher = ResultPublisher(self.producer, dlq_topic=config.dlq_topic,
+                                         worker_id=config.worker_id,
+                                         max_dlq_value_bytes=config.max_message_bytes)
+        client = None
+        if config.redis_url:
+            client = redis_client(config.redis_url, username=config.redis_username,
+                                  password=config.redis_password, timeout_s=config.redis_timeout_s,
+                                  ssl_ca_certs=config.redis_ssl_cafile)
+        self.cache = VectorCache(client, key_prefix=config.cache_key_prefix, model_name=manifest.name,
+                                 ttl_s=config.cache_ttl_s, metrics=self.metrics)
+        self.processor = BatchProcessor(
+            backend=embedder, cache=self.cache, metrics=self.metrics, model_name=manifest.name,
+            inference_batch_size=config.inference_batch_size, token_budget=config.token_budget)
+        self.health_server = HealthServer(self.health, self.metrics.exposition, config.metrics_host,
+                                          config.metrics_port) if config.metrics_port else None
+        self._stopping = asyncio.Event()
+        self._fetch_allowed = asyncio.Event()  # cleared while a revoke finishes in-flight work
+        self._fetch_allowed.set()
+        self._paused = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_slots = asyncio.Semaphore(CONCURRENT_BATCHES)
+        self._commit_lock = asyncio.Lock()
+        self.metrics.model.info({
+            "name": manifest.name, "fingerprint": manifest.fingerprint, "dim": str(manifest.dim),
+            "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.producer.start()
+        try:
+            self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
+            await self.consumer.start()
+            if self.health_server is not None:
+                await self.health_server.start()
+            if await self.cache.ping():
+                await self.cache.publish_model(self.model.name, self.model.redis_fields(
+                    max_tokens=self.embedder.manifest.max_tokens))
+            log.info("worker %s started: group %s, topic %s, model %s (%s)", self.config.worker_id,
+                     self.config.group_id, self.config.requests_topic, self.model.name,
+                     self.model.fingerprint[:12])
+            batch_loop = asyncio.create_task(self._batch_loop(), name="batch-loop")
+            try:
+                await self._fetch_loop()
+            finally:
+                await self._drain(batch_loop)
+        finally:
+            await self._close()
+
+    def stop(self) -> None:
+        """Begin a graceful stop: no more fetching; in-flight work is finished and committed."""
+        if not self._stopping.is_set():
+            log.info("stopping: draining in-flight work")
+            self.health.stopping = True
+            self._stopping.set()
+
+    async def _drain(self, batch_loop: asyncio.Task[None]) -> None:
+        for batch in self.batcher.flush():
+            await self._start_batch(batch)
+        batch_loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await batch_loop
+        for batch in self.batcher.flush():  # anything the loop had not picked up
+            await self._start_batch(batch)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=DRAIN_TIMEOUT_S)
+        await self._commit()
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.consumer.stop()  # leaves the group: the others take over at once
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+        await self.cache.close()
+        self.processor.close()
+        if self.health_server is not None:
+            await self.health_server.stop()
+        log.info("worker %s stopped", self.config.worker_id)
+
+    # --- fetch loop ----------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._fetch_allowed.wait()
+            self._apply_backpressure()
+            fetch = asyncio.ensure_future(
+                self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS))
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+                break
+            records = [r for batch in fetch.result().values() for r in batch]
+            if not records:
+                continue
+            for record in records:
+                self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
+            self.metrics.in_flight.set(self.offsets.in_flight)
+            for item in self.decoder.decode(records):
+                if isinstance(item, Job):
+                    self.batcher.add(item, item.tokens)
+                else:
+                    self._spawn(self._reject(item))
+            self._observe_lag()
+
+    def _apply_backpressure(self) -> None:
+        in_flight = self.offsets.in_flight
+        assignment = self.consumer.assignment()
+        if not self._paused and in_flight >= self.config.max_in_flight:
+            self.consumer.pause(*assignment)
+            self._paused = True
+        elif self._paused and in_flight < self.config.max_in_flight // 2:
+            self.consumer.resume(*assignment)
+            self._paused = False
+        self.metrics.paused.set(len(self.consumer.paused()))
+
+    def _observe_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            with contextlib.suppress(Exception):  # position() raises for a partition mid-reset
+                position = self.consumer._fetcher._subscriptions.assignment[tp].position
+                if position is not None:
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    # --- batch loop ----------------------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self.batcher.next_batch()
+            await self._start_batch(batch)
+
+    async def _start_batch(self, batch: Batch[Job]) -> None:
+        await self._batch_slots.acquire()
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(batch.padded_tokens)
+        task = self._spawn(self._process(batch.items))
+        task.add_done_callback(lambda _: self._batch_slots.release())
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug or a lost broker: nothing was committed for these records, so they will be
+            # redelivered; stop rather than keep committing around a hole.
+            log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
+            self.stop()
+
+    async def _process(self, jobs: list[Job]) -> None:
+        outcome = await self.processor.process(jobs)
+        acks = [await self.publisher.send_result(job, result) for job, result in outcome.results]
+        for rejection in outcome.failures:
+            acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
+        await asyncio.gather(*acks)
+        now = time.time()
+        for job in jobs:
+            self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
+            self.offsets.done(TopicPartition(job.source.topic, job.source.partition), job.source.offset)
+        await self._commit()
+
+    async def _reject(self, rejection: Rejection) -> None:
+        acks = await self.publisher.send_rejection(rejection, model=self.model.name)
+        await asyncio.gather(*acks)
+        self.metrics.requests.labels("rejected").inc()
+        self.metrics.dlq.labels(rejection.error.code.value).inc()
+        self.offsets.done(TopicPartition(rejection.source.topic, rejection.source.partition),
+                          rejection.source.offset)
+        await self._commit()
+
+    # --- commits and rebalances ----------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        async with self._commit_lock:
+            assignment = self.consumer.assignment()
+            offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assignment}
+            self.metrics.in_flight.set(self.offsets.in_flight)
+            if not offsets:
+                return
+            try:
+                await self.consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                # The group is rebalancing: the new owner re-reads from the last commit (duplicates,
+                # never losses); the next commit after the rebalance carries the progress.
+                self.metrics.commits.labels("failed").inc()
+                log.warning("offset commit failed (%s); will retry with the next batch", exc)
+                return
+            self.offsets.mark_committed(offsets)
+            self.metrics.commits.labels("ok").inc()
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        if not revoked:
+            return
+        self._fetch_allowed.clear()
+        try:
+            for batch in self.batcher.flush():
+                await self._start_batch(batch)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            # Polling is fine here: a revoke is rare and its wait is bounded by one batch.
+            while self.offsets.in_flight_of(revoked) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await self._commit()
+            self.offsets.forget(revoked)
+            for tp in revoked:
+                with contextlib.suppress(KeyError):
+                    self.metrics.lag.remove(tp.topic, str(tp.partition))
+            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+        finally:
+            self._fetch_allowed.set()
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.health.group_joined = True
+        self.health.details["partitions"] = ",".join(str(tp.partition) for tp in sorted(
+            self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition)))
+        self.metrics.ready.set(1)
+        self._paused = False
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    WorkerConfig.add_cli_arguments(parser)
+    parser.add_argument("--print-config", action="store_true", help="print the settings and exit")
+    parser.add_argument("--fault-marker", default=None,
+                        help="testing only: inference fails for texts containing this marker")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = WorkerConfig.from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config.describe(), indent=2))
+        return 0
+    setup_logging(config.log_format, config.log_level, worker_id=config.worker_id)
+    from worker.engine.bundle import BundleError
+    from worker.engine.embedder import Embedder
+
+    try:
+        embedder = Embedder.from_bundle(
+            config.model, variant=config.variant, device=config.device,  # type: ignore[arg-type]
+            intra_op_threads=config.intra_op_threads or None, fault_marker=args.fault_marker)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, embedder))
+
+
+async def serve(config: WorkerConfig, embedder: Any) -> int:
+    worker = Worker(config, embedder)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    try:
+        await worker.run()
+    except KafkaError as exc:
+        log.error("kafka error: %s; check EMBEDFLEET_KAFKA_BOOTSTRAP and the broker", exc)
+        return 1
+    return 0

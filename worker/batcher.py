@@ -1,0 +1,108 @@
+"""The micro-batcher: coalesces jobs into batches by time window, padded-token budget and size.
+
+A batch closes when the first of these happens:
+
+* the window ends (it starts with the batch's first job: a lone job waits at most one window);
+* the next job would push the batch's padded cost (longest job's tokens x number of jobs, what
+  the model really computes after padding, as TEI's ``max_batch_tokens`` counts) past the budget;
+* the batch holds ``max_size`` jobs.
+
+Closed batches queue up until the pipeline takes them, so a slow model never stops the batcher;
+the consumer bounds the jobs in flight instead (it pauses partitions). The batcher knows nothing
+of Kafka, Redis or the model: it moves opaque items with a token count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Batch(Generic[T]):
+    items: list[T] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    opened_at: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def padded_tokens(self) -> int:
+        return max(self.tokens, default=0) * len(self.tokens)
+
+    def padded_tokens_with(self, tokens: int) -> int:
+        return max(max(self.tokens, default=0), tokens) * (len(self.tokens) + 1)
+
+
+class MicroBatcher(Generic[T]):
+    def __init__(self, *, window_s: float, token_budget: int, max_size: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if token_budget <= 0 or max_size <= 0 or window_s < 0:
+            raise ValueError("token_budget and max_size must be > 0, window_s >= 0")
+        self.window_s = window_s
+        self.token_budget = token_budget
+        self.max_size = max_size
+        self._clock = clock
+        self._open: Batch[T] = Batch()
+        self._closed: deque[Batch[T]] = deque()
+        self._changed = asyncio.Event()
+
+    def add(self, item: T, tokens: int) -> None:
+        """Adds a job; ``tokens`` is its length in model tokens (after truncation)."""
+        tokens = max(1, tokens)
+        # A job too big for the budget on its own still runs, alone (never starved, never dropped).
+        if self._open.items and self._open.padded_tokens_with(tokens) > self.token_budget:
+            self._close_open()
+        if not self._open.items:
+            self._open.opened_at = self._clock()
+        self._open.items.append(item)
+        self._open.tokens.append(tokens)
+        if len(self._open) >= self.max_size or self._open.padded_tokens >= self.token_budget:
+            self._close_open()
+        self._changed.set()
+
+    def _close_open(self) -> None:
+        self._closed.append(self._open)
+        self._open = Batch()
+
+    @property
+    def pending(self) -> int:
+        """Jobs held by the batcher, open and closed batches together."""
+        return len(self._open) + sum(len(b) for b in self._closed)
+
+    def flush(self) -> list[Batch[T]]:
+        """Closes the open batch now and hands back every batch still held (for shutdown)."""
+        if self._open.items:
+            self._close_open()
+        batches = list(self._closed)
+        self._closed.clear()
+        return batches
+
+    def poll(self) -> Batch[T] | None:
+        """The next closed batch, closing the open one first if its window has ended."""
+        if not self._closed and self._open.items and \
+                self._clock() - self._open.opened_at >= self.window_s:
+            self._close_open()
+        return self._closed.popleft() if self._closed else None
+
+    async def next_batch(self) -> Batch[T]:
+        """Waits for the next batch to close."""
+        while True:
+            batch = self.poll()
+            if batch is not None:
+                return batch
+            self._changed.clear()
+            if self._open.items:
+                remaining = self._open.opened_at + self.window_s - self._clock()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(remaining, 0.0))
+            else:
+                await self._changed.wait()

@@ -1,0 +1,176 @@
+"""The Redis vector cache: exact lookups by content hash, one pipelined round trip per batch.
+
+Entries are Redis HASHes ``{prefix}:{model}:{dim}:{content hash}`` with the vector as float32
+bytes (little-endian) plus ``model`` and ``dim``, so a RediSearch HNSW index per model and
+dimension (created when the server has the search module) can answer kNN queries over everything
+the fleet has embedded. A similarity lookup cannot serve the cache itself: you would need the
+vector to find the vector.
+
+The cache fails open: an error or timeout makes every key of that batch a miss (the model
+computes it), is counted, and the cache is skipped for ``retry_after_s`` so a dead Redis costs
+one timeout per interval rather than one per batch. It recovers by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import redis.asyncio as redis
+from redis.exceptions import RedisError, ResponseError
+
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+VECTOR_FIELD = "vector"
+
+
+def redis_client(url: str, *, username: str = "", password: str = "", timeout_s: float = 0.25,
+                 ssl_ca_certs: str = "") -> redis.Redis:
+    """A client for the cache; credentials come from the config (the environment), never the URL log."""
+    kwargs: dict[str, object] = {
+        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+        "health_check_interval": 10, "retry_on_timeout": False,
+    }
+    if username:
+        kwargs["username"] = username
+    if password:
+        kwargs["password"] = password
+    if ssl_ca_certs:
+        kwargs["ssl_ca_certs"] = ssl_ca_certs
+    return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+
+
+class VectorCache:
+    def __init__(self, client: redis.Redis | None, *, key_prefix: str, model_name: str, ttl_s: int,
+                 metrics: WorkerMetrics, retry_after_s: float = 1.0) -> None:
+        self._client = client
+        safe_model = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+        self._key_prefix = key_prefix
+        self._prefix = f"{key_prefix}:{safe_model}"
+        self._index_prefix = f"{key_prefix}-{safe_model}"
+        self._ttl_s = ttl_s
+        self._metrics = metrics
+        self._retry_after_s = retry_after_s
+        self._skip_until = 0.0
+        self._indexed_dims: set[int] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def redis_key(self, key: str, dim: int) -> str:
+        return f"{self._prefix}:{dim}:{key}"
+
+    def index_name(self, dim: int) -> str:
+        return f"{self._index_prefix}-{dim}"
+
+    def _available(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._skip_until
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self._metrics.cache_errors.labels(operation).inc()
+        self._metrics.cache_up.set(0)
+        if time.monotonic() >= self._skip_until:
+            log.warning("redis %s failed (%s: %s); computing without the cache for %.1fs",
+                        operation, type(exc).__name__, exc, self._retry_after_s)
+        self._skip_until = time.monotonic() + self._retry_after_s
+
+    async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[np.ndarray | None]:
+        """Vectors for (content hash, dim) pairs; None for a miss, or for every key when Redis fails."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for key, dim in keys:
+            pipe.hget(self.redis_key(key, dim), VECTOR_FIELD)
+        try:
+            raw: list[bytes | None] = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("lookup", exc)
+            return [None] * len(keys)
+        self._metrics.cache_up.set(1)
+        found: list[np.ndarray | None] = []
+        for (_, dim), value in zip(keys, raw, strict=True):
+            # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
+            if value is not None and len(value) == dim * 4:
+                found.append(np.frombuffer(value, dtype="<f4"))
+            else:
+                found.append(None)
+        self._metrics.cache_lookups.inc(len(keys))
+        self._metrics.cache_hits.inc(sum(v is not None for v in found))
+        return found
+
+    async def store(self, entries: Sequence[tuple[str, np.ndarray]], model: str) -> None:
+        """Writes vectors in one pipelined round trip (idempotent: same key, same vector)."""
+        if not entries or not self._available():
+            return
+        assert self._client is not None
+        dims = {int(v.shape[0]) for _, v in entries}
+        for dim in dims - self._indexed_dims:
+            await self.ensure_index(dim)
+        pipe = self._client.pipeline(transaction=False)
+        for key, vector in entries:
+            dim = int(vector.shape[0])
+            name = self.redis_key(key, dim)
+            pipe.hset(name, mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), "model": model,
+                                     "dim": dim})
+            if self._ttl_s > 0:
+                pipe.expire(name, self._ttl_s)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("store", exc)
+
+    async def ensure_index(self, dim: int) -> bool:
+        """Creates the HNSW index of one dimension if the server supports it; False when it cannot."""
+        if not self._available():
+            return False
+        assert self._client is not None
+        try:
+            await self._client.execute_command(  # type: ignore[no-untyped-call]
+                "FT.CREATE", self.index_name(dim), "ON", "HASH", "PREFIX", "1", f"{self._prefix}:{dim}:",
+                "SCHEMA", VECTOR_FIELD, "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(dim),
+                "DISTANCE_METRIC", "COSINE", "model", "TAG")
+        except ResponseError as exc:
+            message = str(exc).lower()
+            if "already exists" in message:
+                pass
+            elif "unknown command" in message:
+                log.info("redis has no search module: caching without a vector index")
+            else:
+                log.warning("could not create the vector index %s: %s", self.index_name(dim), exc)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("index", exc)
+            return False
+        self._indexed_dims.add(dim)
+        return True
+
+    async def publish_model(self, name: str, fields: dict[str, str]) -> None:
+        """Writes the served model's contract (fingerprint, dim, tasks...) to
+        ``{prefix}:models:{name}``, so clients can compute content hashes and use the cache."""
+        if not self._available():
+            return
+        assert self._client is not None
+        try:
+            await self._client.hset(f"{self._key_prefix}:models:{name}", mapping=fields)  # type: ignore[arg-type]
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("publish_model", exc)
+
+    async def ping(self) -> bool:
+        if self._client is None:
+            return False
+        try:
+            await self._client.ping()
+        except (RedisError, OSError, TimeoutError):
+            self._metrics.cache_up.set(0)
+            return False
+        self._metrics.cache_up.set(1)
+        return True
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

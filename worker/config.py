@@ -1,0 +1,190 @@
+"""The worker's one configuration object, read from the environment and overridden by CLI flags.
+
+Every field declares its environment variable and help text once, here; the CLI flags, the
+README's table (checked by a test) and ``embedfleet worker --print-config`` all come from it.
+Credentials (SASL password, Redis password) are read from the environment only: they have no flag,
+so they never show up in ``ps`` or shell history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Guarantee = Literal["at-least-once", "exactly-once"]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EMBEDFLEET_HOME") or Path.home() / ".cache" / "embedfleet")
+
+
+def default_model_dir() -> Path:
+    return default_home() / "models" / "all-MiniLM-L6-v2"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def setting(env: str, help: str, *, default: Any = None, secret: bool = False,
+            choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+    metadata = {"env": env, "help": help, "secret": secret, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    # Kafka
+    kafka_bootstrap: str = setting("EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers",
+                                   default="127.0.0.1:9092")
+    group_id: str = setting("EMBEDFLEET_GROUP_ID", "consumer group of the fleet", default="embedfleet")
+    requests_topic: str = setting("EMBEDFLEET_REQUESTS_TOPIC", "topic the jobs arrive on",
+                                  default="embed.requests")
+    results_topic: str = setting("EMBEDFLEET_RESULTS_TOPIC", "default topic for results",
+                                 default="embed.results")
+    dlq_topic: str = setting("EMBEDFLEET_DLQ_TOPIC", "dead-letter topic for bad input",
+                             default="embed.requests.dlq")
+    reply_to_pattern: str = setting(
+        "EMBEDFLEET_REPLY_TO_PATTERN",
+        "regular expression a request's reply_to must match in full (allow-list)",
+        default=r"embed\.results.*")
+    worker_id: str = setting("EMBEDFLEET_WORKER_ID",
+                             "this worker's stable id (client id; transactional id in exactly-once)",
+                             factory=default_worker_id)
+    guarantee: Guarantee = setting("EMBEDFLEET_GUARANTEE", "delivery guarantee",
+                                   default="at-least-once", choices=("at-least-once", "exactly-once"))
+    kafka_security_protocol: str = setting(
+        "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        default="PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    kafka_sasl_mechanism: str = setting(
+        "EMBEDFLEET_KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", default="PLAIN",
+        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    kafka_sasl_username: str = setting("EMBEDFLEET_KAFKA_SASL_USERNAME", "SASL user name", default="")
+    kafka_sasl_password: str = setting("EMBEDFLEET_KAFKA_SASL_PASSWORD",
+                                       "SASL password (environment only)", default="", secret=True)
+    kafka_ssl_cafile: str = setting("EMBEDFLEET_KAFKA_SSL_CAFILE", "CA bundle for Kafka TLS", default="")
+    kafka_ssl_certfile: str = setting("EMBEDFLEET_KAFKA_SSL_CERTFILE",
+                                      "client certificate for Kafka mTLS", default="")
+    kafka_ssl_keyfile: str = setting("EMBEDFLEET_KAFKA_SSL_KEYFILE", "client key for Kafka mTLS", default="")
+    # Redis cache
+    redis_url: str = setting(
+        "EMBEDFLEET_REDIS_URL",
+        "Redis URL of the vector cache (rediss:// for TLS; empty disables the cache)",
+        default="redis://127.0.0.1:6379/0")
+    redis_username: str = setting("EMBEDFLEET_REDIS_USERNAME", "Redis ACL user", default="")
+    redis_password: str = setting("EMBEDFLEET_REDIS_PASSWORD", "Redis password (environment only)",
+                                  default="", secret=True)
+    redis_ssl_cafile: str = setting("EMBEDFLEET_REDIS_SSL_CAFILE", "CA bundle for Redis TLS", default="")
+    redis_timeout_s: float = setting("EMBEDFLEET_REDIS_TIMEOUT_S",
+                                     "Redis socket timeout; past it the cache fails open", default=0.25)
+    cache_ttl_s: int = setting("EMBEDFLEET_CACHE_TTL_S", "cache entry TTL in seconds (0 = no expiry)",
+                               default=30 * 24 * 3600)
+    cache_key_prefix: str = setting("EMBEDFLEET_CACHE_KEY_PREFIX", "prefix of the cache's Redis keys",
+                                    default="embedfleet")
+    # Model
+    model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_model_dir)
+    variant: str = setting("EMBEDFLEET_VARIANT", "model variant", default="int8",
+                           choices=("int8", "fp32", "fp16"))
+    device: str = setting("EMBEDFLEET_DEVICE", "inference device", default="cpu", choices=("cpu", "cuda"))
+    intra_op_threads: int = setting("EMBEDFLEET_INTRA_OP_THREADS",
+                                    "ONNX Runtime threads per inference (0 = physical cores)", default=0)
+    # Batching
+    batch_window_ms: float = setting("EMBEDFLEET_BATCH_WINDOW_MS",
+                                     "a micro-batch closes this long after its first message", default=5.0)
+    token_budget: int = setting("EMBEDFLEET_TOKEN_BUDGET",
+                                "padded tokens (longest x count) per batch", default=16384)
+    max_batch_size: int = setting("EMBEDFLEET_MAX_BATCH_SIZE", "messages per micro-batch", default=256)
+    inference_batch_size: int = setting("EMBEDFLEET_INFERENCE_BATCH_SIZE",
+                                        "texts per model call (length-sorted)", default=32)
+    max_in_flight: int = setting("EMBEDFLEET_MAX_IN_FLIGHT",
+                                 "messages consumed but not yet committed; above it partitions pause",
+                                 default=4096)
+    # Limits
+    max_message_bytes: int = setting("EMBEDFLEET_MAX_MESSAGE_BYTES", "largest request message",
+                                     default=1024 * 1024)
+    max_text_bytes: int = setting("EMBEDFLEET_MAX_TEXT_BYTES", "largest text (UTF-8 bytes)",
+                                  default=64 * 1024)
+    # Operations
+    metrics_host: str = setting("EMBEDFLEET_METRICS_HOST", "bind address of /metrics, /healthz, /readyz",
+                                default="127.0.0.1")
+    metrics_port: int = setting("EMBEDFLEET_METRICS_PORT", "port of /metrics (0 = off)", default=9400)
+    log_format: str = setting("EMBEDFLEET_LOG_FORMAT", "log lines as json or text", default="text",
+                              choices=("json", "text"))
+    log_level: str = setting("EMBEDFLEET_LOG_LEVEL", "log level", default="INFO",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
+            raise ValueError("batch window must be >= 0, token budget and batch size > 0")
+        if self.inference_batch_size <= 0 or self.max_in_flight < self.max_batch_size:
+            raise ValueError("inference batch size must be > 0 and max in flight >= max batch size")
+        re.compile(self.reply_to_pattern)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            if f.metadata["secret"]:
+                continue
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                type=_converter(f),
+                help=f"{f.metadata['help']} (env {f.metadata['env']})",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+        overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+        return cls.from_env(environ, **overrides)
+
+    def describe(self) -> dict[str, str]:
+        """Settings as strings for logs and --print-config, secrets masked."""
+        shown: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown[f.name] = "***" if f.metadata["secret"] and value else str(value)
+        return shown
+
+
+def _converter(f: dataclasses.Field[Any]) -> Any:
+    def convert(raw: str) -> Any:
+        return _convert(f, raw)
+
+    convert.__name__ = f.name  # argparse names the setting in its error message
+    return convert
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    choices = f.metadata["choices"]
+    if choices and raw not in choices:
+        raise ValueError(f"{f.metadata['env']}={raw!r}: expected one of {', '.join(choices)}")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+    except ValueError as exc:
+        raise ValueError(f"{f.metadata['env']}={raw!r}: expected a {kind}") from exc
+    return raw

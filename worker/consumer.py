@@ -1,0 +1,118 @@
+"""Kafka in: the consumer of ``embed.requests`` and the decoder that turns records into jobs.
+
+Every record becomes either a ``Job`` (valid request, content hash computed, tokens counted) or
+a ``Rejection`` (bad input, with a stable error code). Nothing is dropped: the pipeline answers
+both. The decoder knows the model only through ``ModelContract`` and a token counter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from schemas import (
+    ContentType,
+    ErrorCode,
+    RequestError,
+    RequestLimits,
+    content_hash,
+    content_type_of,
+    decode_request,
+)
+from worker.config import WorkerConfig
+from worker.jobs import Job, RawMessage, Rejection, Source
+from worker.kafka_options import kafka_connection_options
+
+TokenCounter = Callable[[Sequence[str], str | None], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    """What requests may ask of the served model, and what feeds the content hash."""
+
+    name: str
+    fingerprint: str
+    dim: int
+    tasks: frozenset[str]
+    dimensions: frozenset[int]  # offered output widths (the full one included)
+
+    def redis_fields(self, *, max_tokens: int) -> dict[str, str]:
+        """The contract as clients read it from Redis (``{prefix}:models:{name}``)."""
+        return {"fingerprint": self.fingerprint, "dim": str(self.dim), "max_tokens": str(max_tokens),
+                "tasks": json.dumps(sorted(self.tasks)), "dimensions": json.dumps(sorted(self.dimensions))}
+
+
+class RequestDecoder:
+    def __init__(self, *, model: ModelContract, count_tokens: TokenCounter, limits: RequestLimits,
+                 reply_to_pattern: str, default_reply_topic: str) -> None:
+        self._model = model
+        self._count_tokens = count_tokens
+        self._limits = RequestLimits(
+            max_message_bytes=limits.max_message_bytes, max_text_bytes=limits.max_text_bytes,
+            max_header_bytes=limits.max_header_bytes, allowed_tasks=model.tasks,
+            allowed_dimensions=model.dimensions,
+        )
+        self._reply_to = re.compile(reply_to_pattern)
+        self._default_reply_topic = default_reply_topic
+
+    def reply_topic_allowed(self, topic: str) -> bool:
+        return self._reply_to.fullmatch(topic) is not None
+
+    def decode(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
+        decoded: list[Job | Rejection | None] = [None] * len(records)
+        # Valid requests wait here, grouped by task, so tokens are counted in one call per task.
+        by_task: dict[str | None, list[tuple[int, Source, RawMessage, Any, ContentType, str]]] = \
+            defaultdict(list)
+        for index, record in enumerate(records):
+            source = Source(record.topic, record.partition, record.offset, record.timestamp)
+            headers = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
+            raw = RawMessage(record.key, record.value, headers)
+            content_type = ContentType.JSON
+            try:
+                content_type = content_type_of(headers)
+                request = decode_request(record.value, headers, self._limits)
+                reply_topic = request.reply_to or self._default_reply_topic
+                if not self.reply_topic_allowed(reply_topic):
+                    raise RequestError(ErrorCode.REPLY_TO_NOT_ALLOWED,
+                                       f"reply_to {reply_topic[:64]!r} is not an allowed results topic",
+                                       request.id, request=request)
+                key = content_hash(request.text, model_fingerprint=self._model.fingerprint,
+                                   task=request.task, dimensions=request.dimensions)
+            except RequestError as error:
+                decoded[index] = Rejection(source, raw, error, self._default_reply_topic, content_type)
+                continue
+            except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
+                hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)
+                decoded[index] = Rejection(source, raw, hash_error, self._default_reply_topic, content_type)
+                continue
+            by_task[request.task].append((index, source, raw, request, content_type, key))
+        for task, pending in by_task.items():
+            tokens = self._count_tokens([p[3].text for p in pending], task)
+            for (index, source, raw, request, content_type, key), count in zip(pending, tokens, strict=True):
+                reply_topic = request.reply_to or self._default_reply_topic
+                decoded[index] = Job(source, raw, request, key, request.dimensions or self._model.dim,
+                                     count, reply_topic, content_type)
+        return [d for d in decoded if d is not None]
+
+
+def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
+    """The group consumer: manual commits only (the pipeline commits after results are acknowledged)."""
+    return AIOKafkaConsumer(
+        **kafka_connection_options(config),
+        group_id=config.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Room for the largest message plus slack; a bigger one still arrives and is rejected by size.
+        max_partition_fetch_bytes=max(config.max_message_bytes * 2, 1 << 20),
+        fetch_max_bytes=max(config.max_message_bytes * 4, 50 << 20),
+        max_poll_interval_ms=300_000,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        isolation_level="read_committed" if config.guarantee == "exactly-once" else "read_uncommitted",
+    )

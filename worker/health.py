@@ -1,0 +1,86 @@
+"""A tiny HTTP endpoint on the event loop: ``/metrics``, ``/healthz`` (live) and ``/readyz`` (ready).
+
+Served by asyncio itself, so a blocked event loop fails the liveness probe, as it should. Ready
+means the model is loaded and the consumer group joined; Redis being down only makes the worker
+degraded (it computes without the cache), never unready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 8192
+
+
+@dataclass
+class HealthState:
+    model_loaded: bool = False
+    group_joined: bool = False
+    cache_ok: bool = True
+    stopping: bool = False
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.model_loaded and self.group_joined and not self.stopping
+
+    def as_json(self) -> bytes:
+        return json.dumps({
+            "ready": self.ready, "model_loaded": self.model_loaded, "group_joined": self.group_joined,
+            "cache": "ok" if self.cache_ok else "degraded", "stopping": self.stopping, **self.details,
+        }).encode()
+
+
+class HealthServer:
+    def __init__(self, state: HealthState, metrics: Callable[[], bytes], host: str, port: int) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        log.info("metrics and health on http://%s:%d/metrics", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        request_line = head[:MAX_REQUEST_BYTES].split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+        if path == "/metrics":
+            status, body, kind = 200, self._metrics(), "text/plain; version=0.0.4; charset=utf-8"
+        elif path == "/healthz":
+            status, body, kind = 200, b'{"live": true}', "application/json"
+        elif path == "/readyz":
+            status = 200 if self._state.ready else 503
+            body, kind = self._state.as_json(), "application/json"
+        else:
+            status, body, kind = 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()

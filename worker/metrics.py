@@ -1,0 +1,72 @@
+"""Prometheus metrics of one worker (base units, ``_total`` counters, ``_seconds`` durations).
+
+Each worker owns its registry (no global state): tests can run several workers in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "embedfleet_requests", "Requests handled, by outcome: computed (by the model), cached "
+            "(served from Redis or a duplicate in the same batch), rejected (bad input), failed "
+            "(inference error)", ["outcome"], registry=r)
+        self.cache_lookups = Counter("embedfleet_cache_lookups", "Distinct keys looked up in Redis",
+                                     registry=r)
+        self.cache_hits = Counter("embedfleet_cache_hits", "Distinct keys found in Redis", registry=r)
+        self.cache_errors = Counter("embedfleet_cache_errors", "Redis operations that failed (fail open)",
+                                    ["operation"], registry=r)
+        self.batch_duplicates = Counter(
+            "embedfleet_batch_duplicates", "Requests answered by another identical request of the same "
+            "batch (computed once)", registry=r)
+        self.computed_texts = Counter("embedfleet_computed_texts", "Texts run through the model",
+                                      registry=r)
+        self.truncated_texts = Counter("embedfleet_truncated_texts",
+                                       "Texts cut to the model's maximum tokens", registry=r)
+        self.batch_size = Histogram("embedfleet_batch_size", "Requests per micro-batch",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("embedfleet_batch_tokens",
+                                      "Padded tokens (longest x count) per micro-batch",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("embedfleet_inference_duration_seconds",
+                                           "Model time per micro-batch (its cache misses)",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram(
+            "embedfleet_end_to_end_latency_seconds",
+            "From the request's Kafka timestamp to its result acknowledged", buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.in_flight = Gauge("embedfleet_in_flight_messages",
+                               "Messages consumed and not yet committed", registry=r)
+        self.paused = Gauge("embedfleet_partitions_paused", "Partitions paused for backpressure",
+                            registry=r)
+        self.lag = Gauge("embedfleet_consumer_lag", "Messages behind the end of each assigned partition",
+                         ["topic", "partition"], registry=r)
+        self.dlq = Counter("embedfleet_dlq_messages", "Messages sent to the dead-letter topic, by reason",
+                           ["reason"], registry=r)
+        self.commits = Counter("embedfleet_commits", "Offset commits", ["outcome"], registry=r)
+        self.model = Info("embedfleet_model", "The model this worker serves", registry=r)
+        self.ready = Gauge("embedfleet_ready", "1 when the model is loaded and the group joined", registry=r)
+        self.cache_up = Gauge("embedfleet_cache_up", "1 while the Redis cache answers", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,66 @@
+"""Which offsets may be committed: the lowest offset per partition whose result is not yet acknowledged.
+
+Every consumed record is tracked when it arrives and marked done when everything it caused (its
+result, or its error result and dead-letter copy) has been acknowledged by Kafka. Batches may
+finish out of order; the committable offset of a partition only moves past a contiguous run of
+done records, so a commit never covers a record whose result could still be lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _PartitionState:
+    # Insertion-ordered: offsets arrive in increasing order per partition, so the first key is the
+    # lowest offset still pending.
+    pending: dict[int, None] = field(default_factory=dict)
+    next_offset: int = -1  # one past the highest offset seen
+    committed: int = -1  # the last offset handed out for commit
+
+
+class OffsetTracker(Generic[P]):
+    def __init__(self) -> None:
+        self._partitions: dict[P, _PartitionState] = {}
+
+    def track(self, partition: P, offset: int) -> None:
+        state = self._partitions.setdefault(partition, _PartitionState())
+        state.pending[offset] = None
+        state.next_offset = max(state.next_offset, offset + 1)
+
+    def done(self, partition: P, offset: int) -> None:
+        state = self._partitions.get(partition)
+        if state is not None:  # the partition may have been revoked meanwhile
+            state.pending.pop(offset, None)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.pending) for s in self._partitions.values())
+
+    def in_flight_of(self, partitions: Iterable[P]) -> int:
+        return sum(len(self._partitions[p].pending) for p in partitions if p in self._partitions)
+
+    def committable(self) -> dict[P, int]:
+        """Offsets to commit (Kafka's 'next offset to read') that moved since the last call."""
+        offsets: dict[P, int] = {}
+        for partition, state in self._partitions.items():
+            target = next(iter(state.pending)) if state.pending else state.next_offset
+            if target > state.committed:
+                offsets[partition] = target
+        return offsets
+
+    def mark_committed(self, offsets: dict[P, int]) -> None:
+        for partition, offset in offsets.items():
+            state = self._partitions.get(partition)
+            if state is not None:
+                state.committed = max(state.committed, offset)
+
+    def forget(self, partitions: Iterable[P]) -> None:
+        """Drops revoked partitions: their uncommitted records will be redelivered to the new owner."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)

@@ -1,0 +1,148 @@
+"""One micro-batch from jobs to results: dedup, cache lookup, model on the misses, cache populate.
+
+The model runs in a single dedicated thread (ONNX Runtime releases the GIL), so while it works
+on one batch the event loop fetches, decodes and looks up the next. An inference failure is
+isolated by splitting the failing group in halves until the poison texts stand alone; they get
+``inference_failed``, everything else in the batch is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import EmbedResult, ErrorCode, RequestError
+from worker.cache import VectorCache
+from worker.jobs import Job, Rejection
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+FloatArray = npt.NDArray[np.float32]
+
+
+class EmbedOutputLike(Protocol):
+    vectors: FloatArray
+    truncated: list[bool]
+
+
+class EmbeddingBackend(Protocol):
+    """What the pipeline needs of the engine (worker.engine.Embedder satisfies it)."""
+
+    def embed(self, texts: Sequence[str], task: str | None = None, dimensions: int | None = None,
+              batch_size: int = 32, token_budget: int = 16384) -> EmbedOutputLike: ...
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    results: list[tuple[Job, EmbedResult]] = field(default_factory=list)
+    failures: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Computed:
+    vectors: dict[str, FloatArray] = field(default_factory=dict)
+    truncated: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)  # key -> error message
+
+
+class BatchProcessor:
+    def __init__(self, *, backend: EmbeddingBackend, cache: VectorCache, metrics: WorkerMetrics,
+                 model_name: str, inference_batch_size: int, token_budget: int) -> None:
+        self._backend = backend
+        self._cache = cache
+        self._metrics = metrics
+        self._model_name = model_name
+        self._inference_batch_size = inference_batch_size
+        self._token_budget = token_budget
+        # One thread: the model already uses every core; two runs would only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def process(self, jobs: Sequence[Job]) -> BatchOutcome:
+        unique: dict[str, Job] = {}
+        for job in jobs:
+            unique.setdefault(job.key, job)
+        self._metrics.batch_duplicates.inc(len(jobs) - len(unique))
+
+        representatives = list(unique.values())
+        found = await self._cache.lookup([(j.key, j.dim) for j in representatives])
+        cached = {j.key: v for j, v in zip(representatives, found, strict=True) if v is not None}
+        misses = [j for j in representatives if j.key not in cached]
+
+        computed = _Computed()
+        if misses:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            computed = await loop.run_in_executor(self._executor, self._compute, misses)
+            self._metrics.inference_seconds.observe(time.perf_counter() - started)
+            self._metrics.computed_texts.inc(len(computed.vectors))
+            self._metrics.truncated_texts.inc(len(computed.truncated))
+            await self._cache.store(list(computed.vectors.items()), self._model_name)
+
+        outcome = BatchOutcome()
+        first_of_key: set[str] = set()
+        for job in jobs:
+            if job.key in computed.failed:
+                error = RequestError(ErrorCode.INFERENCE_FAILED, computed.failed[job.key],
+                                     job.request.id, request=job.request)
+                outcome.failures.append(Rejection(job.source, job.raw, error, job.reply_topic,
+                                                  job.content_type, key=job.key))
+                self._metrics.requests.labels("failed").inc()
+                continue
+            from_cache = job.key in cached
+            vector = cached[job.key] if from_cache else computed.vectors[job.key]
+            if from_cache:
+                outcome_label = "cached"
+            elif job.key in first_of_key:
+                outcome_label = "deduplicated"
+            else:
+                outcome_label = "computed"
+            first_of_key.add(job.key)
+            self._metrics.requests.labels(outcome_label).inc()
+            outcome.results.append((job, EmbedResult.success(
+                request_id=job.request.id, key=job.key, model=self._model_name, vector=vector,
+                encoding_format=job.request.encoding_format, cached=from_cache,
+                truncated=job.key in computed.truncated, metadata=job.request.metadata)))
+        return outcome
+
+    # --- in the inference thread ---------------------------------------------------------------
+
+    def _compute(self, misses: Sequence[Job]) -> _Computed:
+        groups: dict[tuple[str | None, int | None], list[Job]] = defaultdict(list)
+        for job in misses:
+            groups[(job.request.task, job.request.dimensions)].append(job)
+        computed = _Computed()
+        for (task, dimensions), group in groups.items():
+            self._compute_isolating(group, task, dimensions, computed)
+        return computed
+
+    def _compute_isolating(self, jobs: Sequence[Job], task: str | None, dimensions: int | None,
+                           computed: _Computed) -> None:
+        try:
+            output = self._backend.embed([j.request.text for j in jobs], task=task, dimensions=dimensions,
+                                         batch_size=self._inference_batch_size,
+                                         token_budget=self._token_budget)
+        except Exception as exc:  # any engine failure: isolate the texts that cause it
+            if len(jobs) == 1:
+                log.warning("inference failed for request %s: %s", jobs[0].request.id, exc)
+                computed.failed[jobs[0].key] = f"inference failed: {type(exc).__name__}: {exc}"
+                return
+            middle = len(jobs) // 2
+            self._compute_isolating(jobs[:middle], task, dimensions, computed)
+            self._compute_isolating(jobs[middle:], task, dimensions, computed)
+            return
+        for job, vector, truncated in zip(jobs, output.vectors, output.truncated, strict=True):
+            computed.vectors[job.key] = vector
+            if truncated:
+                computed.truncated.add(job.key)
