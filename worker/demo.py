@@ -1,0 +1,171 @@
+"""`embedfleet demo` (what `make run` ends with): two workers, 5000 real texts, a summary.
+
+Needs the local stack (`make stack-up`) and the default model bundle (`make model`). Starts two
+`embedfleet worker` processes in the group, produces the sample texts to ``embed.requests`` keyed
+by content hash, reads every result back from ``embed.results``, prints a few results and a
+summary (results, cache hit rate, throughput, end-to-end latency, where the metrics are), then
+stops the workers gracefully. A second run is answered from the Redis cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas import content_hash, decode_result, encode_request, request_headers
+from schemas.messages import EmbedRequest
+from worker.config import WorkerConfig
+
+SAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "local" / "demo-queries.jsonl"
+METRICS_PORTS = (9401, 9402)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--texts", type=Path, default=SAMPLE, help="JSONL, one JSON string per line")
+    parser.add_argument("--limit", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all results")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = WorkerConfig.from_env()
+    manifest_path = config.model / "manifest.json"
+    if not manifest_path.exists():
+        print(f"error: no model bundle at {config.model}: run `make model` first", file=sys.stderr)
+        return 2
+    texts = [json.loads(line) for line in args.texts.read_text().splitlines()[: args.limit]]
+    fingerprint = json.loads(manifest_path.read_text())["fingerprint"]
+    workers = start_workers(args.workers)
+    try:
+        return asyncio.run(demo(config, texts, fingerprint, workers, args.timeout))
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        print("workers stopped (drained, committed, left the group)")
+
+
+def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
+    executable = str(Path(sys.executable).with_name("embedfleet"))
+    threads = str(max(1, (os.cpu_count() or 2) // count))
+    processes = []
+    for index in range(count):
+        port = METRICS_PORTS[index] if index < len(METRICS_PORTS) else 9401 + index
+        env = dict(os.environ, EMBEDFLEET_METRICS_PORT=str(port), EMBEDFLEET_INTRA_OP_THREADS=threads)
+        env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")  # keep the demo's own output readable
+        processes.append(subprocess.Popen(
+            [executable, "worker", "--worker-id", f"demo-{index + 1}"], env=env))
+    return processes
+
+
+def wait_ready(ports: list[int], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    for port in ports:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"worker on port {port} not ready after {timeout_s:.0f}s: see its log above")
+            time.sleep(0.3)
+
+
+async def demo(config: WorkerConfig, texts: list[str], fingerprint: str,
+               workers: list[subprocess.Popen[bytes]], timeout_s: float) -> int:
+    ports = [METRICS_PORTS[i] if i < len(METRICS_PORTS) else 9401 + i for i in range(len(workers))]
+    print(f"starting {len(workers)} workers ...", flush=True)
+    await asyncio.to_thread(wait_ready, ports)
+
+    results_reader = AIOKafkaConsumer(bootstrap_servers=config.kafka_bootstrap, enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    await results_reader.start()
+    await producer.start()
+    try:
+        partitions = [TopicPartition(config.results_topic, p)
+                      for p in sorted(await producer.partitions_for(config.results_topic))]
+        results_reader.assign(partitions)
+        await results_reader.seek_to_end(*partitions)  # only this run's results
+
+        run_tag = uuid.uuid4().hex[:8]
+        sent_at: dict[str, float] = {}
+        print(f"sending {len(texts)} texts to {config.requests_topic} ...", flush=True)
+        started = time.perf_counter()
+        for index, text in enumerate(texts):
+            request_id = f"demo-{run_tag}-{index}"
+            key = content_hash(text, model_fingerprint=fingerprint, task=None, dimensions=None)
+            value = encode_request(EmbedRequest(id=request_id, text=text), limits=None)
+            sent_at[request_id] = time.perf_counter()
+            await producer.send(config.requests_topic, value, key=key.encode(), headers=request_headers())
+        await producer.flush()
+
+        received: dict[str, tuple[float, bool, bool, list[float] | None]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(received) < len(texts) and time.monotonic() < deadline:
+            batches = await results_reader.getmany(timeout_ms=200)
+            now = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    result = decode_result(record.value, record.headers)
+                    if result.id in sent_at and result.id not in received:
+                        received[result.id] = (now - sent_at[result.id], result.cached, result.ok,
+                                               result.vector)
+            print(f"\r  results {len(received)}/{len(texts)}", end="", flush=True)
+        elapsed = time.perf_counter() - started
+        print()
+    finally:
+        await producer.stop()
+        await results_reader.stop()
+
+    latencies = np.array([r[0] for r in received.values()]) * 1000
+    cached = sum(r[1] for r in received.values())
+    failed = sum(not r[2] for r in received.values())
+    print("\nsample results:")
+    for index in range(3):
+        request_id = f"demo-{run_tag}-{index}"
+        if request_id in received:
+            vector = received[request_id][3] or []
+            print(f"  {texts[index][:60]!r:64} -> [{', '.join(f'{v:+.4f}' for v in vector[:4])}, ...] "
+                  f"cached={received[request_id][1]}")
+    print("\nsummary")
+    print(f"  results        {len(received)} of {len(texts)} ({failed} errors)")
+    print(f"  cache hit rate {cached / max(1, len(received)):.1%} (served from Redis)")
+    print(f"  throughput     {len(received) / elapsed:.0f} results/s ({elapsed:.1f} s for all)")
+    if len(latencies):
+        print(f"  end-to-end     p50 {np.percentile(latencies, 50):.0f} ms, "
+              f"p99 {np.percentile(latencies, 99):.0f} ms (send -> result received, under full load)")
+    print_metrics(ports)
+    return 0 if len(received) == len(texts) else 1
+
+
+def print_metrics(ports: list[int]) -> None:
+    print("\nmetrics (Prometheus):")
+    for port in ports:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            lines = reply.read().decode().splitlines()
+        wanted = ("embedfleet_requests_total", "embedfleet_cache_hits_total", "embedfleet_cache_lookups_total",
+                  "embedfleet_batch_size_sum", "embedfleet_batch_size_count", "process_resident_memory_bytes")
+        shown = [line for line in lines if line.startswith(wanted)]
+        print(f"  {url}")
+        for line in shown:
+            print(f"    {line}")
