@@ -1,0 +1,160 @@
+"""Throughput of the embedding engine: FP32 vs INT8, unsorted vs length-sorted batches.
+
+    .venv/bin/python bench/engine.py [--model DIR] [--queries 1000] [--docs 300]
+
+Texts/s and tokens/s include tokenization, padding and pooling (the whole `embed` path).
+"Unsorted" cuts fixed-size batches in arrival order; "sorted" is `Embedder.embed` (sorted by
+length, cut by batch size and padded-token budget). A child process reports the INT8 engine's
+RSS after embedding all corpus docs with a 16384-token budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from worker.engine.bundle import default_bundle_dir  # noqa: E402
+from worker.engine.commands import shared_dir  # noqa: E402
+from worker.engine.embedder import Embedder  # noqa: E402
+from worker.engine.quality import read_jsonl_strings  # noqa: E402
+
+BATCH_SIZES = (8, 32, 128)
+BUDGETS = (4096, 16384)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    variant: str
+    data: str
+    order: str
+    batch_size: int
+    budget: int | None
+    texts_per_s: float
+    tokens_per_s: float
+
+
+def run_unsorted(embedder: Embedder, texts: Sequence[str], batch_size: int) -> int:
+    tokens = 0
+    for start in range(0, len(texts), batch_size):
+        encoded = embedder.prepare(texts[start : start + batch_size])
+        embedder.run(encoded)
+        tokens += sum(encoded.token_counts)
+    return tokens
+
+
+def run_sorted(embedder: Embedder, texts: Sequence[str], batch_size: int, budget: int) -> int:
+    return sum(embedder.embed(texts, batch_size=batch_size, token_budget=budget).token_counts)
+
+
+def measure(
+    embedder: Embedder, data: str, texts: Sequence[str], order: str, batch: int, budget: int | None
+) -> Result:
+    start = time.perf_counter()
+    if budget is None:
+        tokens = run_unsorted(embedder, texts, batch)
+    else:
+        tokens = run_sorted(embedder, texts, batch, budget)
+    elapsed = time.perf_counter() - start
+    return Result(
+        embedder.variant, data, order, batch, budget, len(texts) / elapsed, tokens / elapsed
+    )
+
+
+def rss_child(model: Path, docs: Path) -> int:
+    """Embed every doc with INT8 and a 16384-token budget; print RSS and peak RSS in MB."""
+    embedder = Embedder.from_bundle(model, variant="int8")
+    embedder.embed(read_jsonl_strings(docs), batch_size=32, token_budget=16384)
+    status = Path("/proc/self/status").read_text().splitlines()
+    fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith("Vm")}
+    print(json.dumps({"rss_mb": int(fields["VmRSS"]) / 1024, "peak_mb": int(fields["VmHWM"]) / 1024}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--queries", type=int, default=1000, help="first N corpus queries")
+    parser.add_argument("--docs", type=int, default=300, help="first N corpus docs")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    model = args.model or default_bundle_dir()
+    corpus = shared_dir() / "corpus"
+    if args.rss_child:
+        return rss_child(model, corpus / "docs.jsonl")
+
+    datasets = {
+        "queries": read_jsonl_strings(corpus / "queries.jsonl")[: args.queries],
+        "docs": read_jsonl_strings(corpus / "docs.jsonl")[: args.docs],
+    }
+    results: list[Result] = []
+    for variant in ("fp32", "int8"):
+        embedder = Embedder.from_bundle(model, variant=variant, intra_op_threads=args.threads)
+        embedder.embed(datasets["queries"][:64])  # warm-up: first-run allocations
+        for data, texts in datasets.items():
+            for batch in BATCH_SIZES:
+                results.append(measure(embedder, data, texts, "unsorted", batch, None))
+                results.append(measure(embedder, data, texts, "sorted", batch, 16384))
+            results.append(measure(embedder, data, texts, "sorted", 32, 4096))
+            print(f"  done {variant} {data}", file=sys.stderr, flush=True)
+
+    print(f"model {model}  ({len(datasets['queries'])} queries, {len(datasets['docs'])} docs)")
+    print(f"{'variant':7} {'data':7} {'order':8} {'batch':>5} {'budget':>6} {'texts/s':>8} {'tok/s':>8}")
+    for r in results:
+        budget = "-" if r.budget is None else str(r.budget)
+        print(
+            f"{r.variant:7} {r.data:7} {r.order:8} {r.batch_size:5d} {budget:>6} "
+            f"{r.texts_per_s:8.1f} {r.tokens_per_s:8.0f}"
+        )
+
+    def speed(variant: str, data: str, order: str, batch: int, budget: int | None) -> float:
+        return next(
+            r.texts_per_s
+            for r in results
+            if (r.variant, r.data, r.order, r.batch_size, r.budget)
+            == (variant, data, order, batch, budget)
+        )
+
+    print("\nratios (texts/s)")
+    for data in datasets:
+        for batch in BATCH_SIZES:
+            int8_sorted = speed("int8", data, "sorted", batch, 16384)
+            int8_unsorted = speed("int8", data, "unsorted", batch, None)
+            fp32_sorted = speed("fp32", data, "sorted", batch, 16384)
+            fp32_unsorted = speed("fp32", data, "unsorted", batch, None)
+            print(
+                f"{data:7} b{batch:<3}  int8/fp32 sorted {int8_sorted / fp32_sorted:.2f}"
+                f"  unsorted {int8_unsorted / fp32_unsorted:.2f}"
+                f"  sorted/unsorted int8 {int8_sorted / int8_unsorted:.2f}"
+                f"  fp32 {fp32_sorted / fp32_unsorted:.2f}"
+            )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS of this process (fp32 + int8 sessions): {peak:.0f} MB")
+    child = subprocess.run(
+        [sys.executable, __file__, "--rss-child", "--model", str(model)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    print(
+        f"INT8 engine alone, all {len(read_jsonl_strings(corpus / 'docs.jsonl'))} docs, "
+        f"budget 16384: RSS {rss['rss_mb']:.0f} MB, peak {rss['peak_mb']:.0f} MB"
+    )
+    int8_file = (model / "model_int8.onnx").stat().st_size / 1e6
+    print(f"INT8 model file: {int8_file:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The embedding engine against its quality targets and contracts (no timings here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from worker.cli import main as cli_main
+from worker.engine import quality
+from worker.engine.bundle import Bundle, BundleError, load_bundle
+from worker.engine.embedder import (
+    Embedder,
+    InjectedFault,
+    InvalidDimensionsError,
+    UnknownTaskError,
+    plan_batches,
+)
+
+DeriveBundle = Callable[..., Path]
+
+
+def test_fp32_matches_sentence_transformers_reference(fp32: Embedder, shared_dir: Path) -> None:
+    reference = quality.read_reference(shared_dir / "reference" / "all-MiniLM-L6-v2")
+    vectors = fp32.embed(reference.texts).vectors
+    cosines = quality.row_cosines(vectors, reference.vectors)
+    assert len(cosines) == 417
+    assert cosines.min() >= quality.REFERENCE_MIN_COSINE
+
+
+def test_int8_quality_floor(fp32: Embedder, int8: Embedder, shared_dir: Path) -> None:
+    texts = quality.first_distinct(
+        quality.read_jsonl_strings(shared_dir / "corpus" / "queries.jsonl"), 2000
+    )
+    assert len(texts) == 2000
+    result = quality.agreement(int8.embed(texts).vectors, fp32.embed(texts).vectors)
+    assert result.mean_cosine >= 0.99
+    assert result.min_cosine >= 0.97
+    assert result.top10_overlap >= 0.88
+
+
+def test_int8_file_is_small(bundle: Bundle) -> None:
+    assert bundle.variant_path("int8").stat().st_size <= 30_000_000
+
+
+def test_prefix_and_matryoshka(derive_bundle: DeriveBundle) -> None:
+    path = derive_bundle(
+        matryoshka_dims=[256, 128],
+        prompts={"query": "search_query: ", "document": "search_document: "},
+    )
+    embedder = Embedder.from_bundle(path, variant="fp32")
+    texts = ["how do I parse JSON in Go", "Coming soon."]
+    with_task = embedder.embed(texts, task="query").vectors
+    manual = embedder.embed(["search_query: " + t for t in texts]).vectors
+    plain = embedder.embed(texts).vectors
+    np.testing.assert_allclose(with_task, manual, atol=1e-6)
+    assert quality.row_cosines(with_task, plain).max() < 0.999  # the prefix changes the vector
+
+    short = embedder.embed(texts, task="query", dimensions=128).vectors
+    expected = manual[:, :128] / np.linalg.norm(manual[:, :128], axis=1, keepdims=True)
+    assert short.shape == (2, 128)
+    np.testing.assert_allclose(short, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(short, axis=1), 1.0, atol=1e-6)
+    assert embedder.embed(texts, dimensions=384).vectors.shape == (2, 384)
+    with pytest.raises(InvalidDimensionsError, match="128, 256, 384"):
+        embedder.embed(texts, dimensions=100)
+    with pytest.raises(UnknownTaskError, match="'classify'"):
+        embedder.embed(texts, task="classify")
+
+
+def test_model_without_prompts_rejects_tasks(fp32: Embedder) -> None:
+    with pytest.raises(UnknownTaskError, match="tasks: none"):
+        fp32.prepare(["x"], task="query")
+    with pytest.raises(InvalidDimensionsError):
+        fp32.run(fp32.prepare(["x"]), dimensions=128)
+
+
+def test_cls_pooling_matches_numpy(derive_bundle: DeriveBundle, bundle: Bundle) -> None:
+    embedder = Embedder.from_bundle(derive_bundle(pooling="cls"), variant="fp32")
+    texts = ["a short one", "a somewhat longer text about vector databases and caches"]
+    encoded = embedder.prepare(texts)
+    session = ort.InferenceSession(
+        str(bundle.variant_path("fp32")), providers=["CPUExecutionProvider"]
+    )
+    hidden = session.run(
+        ["last_hidden_state"],
+        {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask},
+    )[0]
+    cls = hidden[:, 0, :] / np.linalg.norm(hidden[:, 0, :], axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.run(encoded), cls, atol=1e-5)
+    mean_pooled = Embedder.from_bundle(bundle.path, variant="fp32").run(encoded)
+    assert quality.row_cosines(cls, mean_pooled).max() < 0.99
+
+
+def test_truncation_is_reported(fp32: Embedder) -> None:
+    long_text = " ".join(f"word{i}" for i in range(400))
+    encoded = fp32.prepare([long_text, "short"])
+    assert encoded.truncated == [True, False]
+    assert encoded.token_counts[0] == 256
+    assert encoded.input_ids.shape == (2, 256)
+    assert encoded.input_ids.dtype == np.int64
+    assert encoded.attention_mask[1].sum() == encoded.token_counts[1]
+    assert fp32.count_tokens([long_text, "short"]) == encoded.token_counts
+    output = fp32.embed([long_text, "short"])
+    assert output.truncated == [True, False]
+
+
+def test_embed_restores_order_across_batches(fp32: Embedder) -> None:
+    texts = [("word " * n).strip() for n in (3, 120, 1, 60, 30, 200, 7)]
+    batched = fp32.embed(texts, batch_size=2, token_budget=300).vectors
+    one_by_one = np.stack([fp32.run(fp32.prepare([t]))[0] for t in texts])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_plan_batches_respects_size_and_budget() -> None:
+    counts = [5, 300, 40, 40, 12, 7, 7, 7, 100]
+    batches = plan_batches(counts, batch_size=3, token_budget=120)
+    assert sorted(i for b in batches for i in b) == list(range(len(counts)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or max(counts[i] for i in batch) * len(batch) <= 120
+
+
+def test_fault_marker_makes_run_fail(bundle: Bundle) -> None:
+    embedder = Embedder.from_bundle(bundle.path, variant="int8", fault_marker="<<poison>>")
+    assert embedder.embed(["fine", "also fine"]).vectors.shape == (2, 384)
+    with pytest.raises(InjectedFault):
+        embedder.embed(["fine", "this has <<poison>> in it"])
+
+
+def test_missing_files_are_named(derive_bundle: DeriveBundle, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"manifest\.json is missing.*embedfleet model build"):
+        load_bundle(tmp_path)
+    path = derive_bundle()
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer\.json is missing"):
+        load_bundle(path)
+    path = derive_bundle()
+    (path / "model_int8.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model_int8\.onnx is missing"):
+        Embedder.from_bundle(path, variant="int8")
+    path = derive_bundle()
+    (path / "manifest.json").write_text('{"name": ')
+    with pytest.raises(BundleError, match=r"manifest\.json is corrupt"):
+        load_bundle(path)
+
+
+def test_corrupt_model_file_is_named(derive_bundle: DeriveBundle, bundle: Bundle) -> None:
+    path = derive_bundle()
+    (path / "model_int8.onnx").unlink()
+    (path / "model_int8.onnx").write_bytes(bundle.variant_path("int8").read_bytes()[:100_000])
+    with pytest.raises(BundleError, match=r"model_int8\.onnx is corrupt.*embedfleet model build"):
+        Embedder.from_bundle(path, variant="int8")
+    # Without a recorded hash, ONNX Runtime's own failure is reported with the file name.
+    path = derive_bundle(file_sha256={})
+    (path / "model_int8.onnx").unlink()
+    (path / "model_int8.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(BundleError, match=r"model_int8\.onnx cannot be loaded"):
+        Embedder.from_bundle(path, variant="int8")
+
+
+def test_import_foreign_onnx(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> None:
+    out = tmp_path / "imported"
+    code = cli_main(
+        [
+            "model", "build",
+            "--from-onnx", str(bundle.variant_path("fp32")),
+            "--tokenizer", str(bundle.tokenizer_path),
+            "--out", str(out),
+            "--name", "imported-minilm",
+            "--max-tokens", "256",
+            "--variants", "fp32,int8",
+            "--prompt", "query=search_query: ",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    imported = load_bundle(out)
+    assert imported.manifest.dim == 384
+    assert imported.manifest.prompts == {"query": "search_query: "}
+    assert imported.manifest.name == "imported-minilm"
+    texts = ["an imported encoder", "gives the same vectors"]
+    same = Embedder.from_bundle(out, variant="fp32").embed(texts).vectors
+    np.testing.assert_allclose(same, fp32.embed(texts).vectors, atol=1e-6)
+    quantized = Embedder.from_bundle(out, variant="int8").embed(texts).vectors
+    assert quality.row_cosines(quantized, same).min() > 0.95
+
+
+def test_embed_command_end_to_end(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"id": "a", "text": "first text"}\n"second text"\n\n{"text": "third text"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    code = cli_main(
+        ["embed", str(source), "--model", str(bundle.path), "--variant", "fp32", "-o", str(out)]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 2, 4]
+    vectors = np.array([r["vector"] for r in rows], dtype=np.float32)
+    expected = fp32.embed(["first text", "second text", "third text"]).vectors
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+
+
+def test_embed_command_rejects_bad_dimensions(bundle: Bundle, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('"x"\n')
+    assert cli_main(["embed", str(source), "--model", str(bundle.path), "--dimensions", "7"]) == 1

@@ -1,0 +1,113 @@
+"""`embedfleet embed`: embed JSONL texts offline with a model bundle.
+
+Input, one per line: ``{"id": ..., "text": ...}`` or a bare JSON string (its id is then the
+line number, from 1). Output, one per input line in the same order: ``{"id": ..., "vector": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from worker.engine.bundle import BundleError, default_bundle_dir
+
+CHUNK_LINES = 4096  # texts read per engine call: bounds memory on large inputs
+
+
+@dataclass(frozen=True, slots=True)
+class InputLine:
+    id: Any
+    text: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", nargs="?", default="-", help="JSONL file (default: stdin)")
+    parser.add_argument("--model", type=Path, help="bundle directory (default: the default bundle)")
+    parser.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--task", help="prompt name declared by the model, e.g. query")
+    parser.add_argument("--dimensions", type=int, help="Matryoshka truncation")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--token-budget", type=int, default=16384, help="padded tokens per batch")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
+
+
+def parse_lines(lines: Iterator[str]) -> Iterator[InputLine]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: not JSON ({exc.msg})") from exc
+        if isinstance(item, str):
+            yield InputLine(number, item)
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            yield InputLine(item.get("id", number), item["text"])
+        else:
+            raise ValueError(f'line {number}: expected a JSON string or {{"id", "text"}} object')
+
+
+def _chunks(items: Iterator[InputLine]) -> Iterator[list[InputLine]]:
+    chunk: list[InputLine] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == CHUNK_LINES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run(args: argparse.Namespace) -> int:
+    from worker.engine.embedder import Embedder, EngineError
+
+    try:
+        embedder = Embedder.from_bundle(
+            args.model or default_bundle_dir(),
+            variant=args.variant,
+            device=args.device,
+            intra_op_threads=args.threads,
+        )
+        embedder.check_dimensions(args.dimensions)
+        embedder.prefix_for(args.task)
+    except (BundleError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    source: IO[str] = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    sink: IO[str] = sys.stdout if args.output is None else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    truncated = 0
+    count = 0
+    try:
+        for chunk in _chunks(parse_lines(iter(source))):
+            result = embedder.embed(
+                [item.text for item in chunk],
+                task=args.task,
+                dimensions=args.dimensions,
+                batch_size=args.batch_size,
+                token_budget=args.token_budget,
+            )
+            for item, vector in zip(chunk, result.vectors, strict=True):
+                sink.write(json.dumps({"id": item.id, "vector": vector.tolist()}) + "\n")
+            truncated += sum(result.truncated)
+            count += len(chunk)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if source is not sys.stdin:
+            source.close()
+        if sink is not sys.stdout:
+            sink.close()
+    print(
+        f"embedded {count} texts with {embedder.manifest.name} ({embedder.variant}); "
+        f"{truncated} truncated to {embedder.manifest.max_tokens} tokens",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,89 @@
+"""Text -> token ids, with truncation to the model's limit and padding to the batch's longest.
+
+Tokenizing and padding are separate steps so that a batcher can tokenize a whole request once,
+sort by length, and pad each batch it cuts without tokenizing again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Tokenizer
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedText:
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A padded batch ready for the model (right-padded, pad id in ``input_ids``)."""
+
+    input_ids: IntArray  # [n, longest] int64
+    attention_mask: IntArray  # [n, longest] int64, 1 for real tokens
+    token_counts: list[int]  # real tokens per text, special tokens included
+    truncated: list[bool]  # the text was cut to max_tokens
+    texts: tuple[str, ...]  # the texts as given (before any prefix), for diagnostics
+
+    def __len__(self) -> int:
+        return len(self.token_counts)
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+class TextTokenizer:
+    """A ``tokenizers`` tokenizer configured for the bundle: truncation at ``max_tokens``,
+    no padding (padding is done here in numpy, to the longest text of each batch)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, pad_id: int) -> None:
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_tokens)
+        self._tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_file(cls, path: Path, max_tokens: int) -> TextTokenizer:
+        tokenizer = Tokenizer.from_file(str(path))
+        padding = tokenizer.padding
+        pad_id = padding["pad_id"] if padding else tokenizer.token_to_id("[PAD]")
+        return cls(tokenizer, max_tokens, int(pad_id or 0))
+
+    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        # With stride 0 the tokenizer keeps what was cut off in `overflowing`.
+        return [TokenizedText(e.ids, bool(e.overflowing)) for e in encodings]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
+
+    def pad(self, tokenized: Sequence[TokenizedText], texts: Sequence[str]) -> Encoded:
+        if len(tokenized) != len(texts):
+            raise ValueError("tokenized and texts differ in length")
+        counts = [len(t.ids) for t in tokenized]
+        longest = max(counts, default=0)
+        input_ids = np.full((len(tokenized), longest), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(tokenized), longest), dtype=np.int64)
+        for row, (item, count) in enumerate(zip(tokenized, counts, strict=True)):
+            input_ids[row, :count] = item.ids
+            attention_mask[row, :count] = 1
+        return Encoded(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_counts=counts,
+            truncated=[t.truncated for t in tokenized],
+            texts=tuple(texts),
+        )
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        return self.pad(self.tokenize(texts), texts)
