@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import Fleet
+from tests.fleet import Fleet, start_fleet
 from tests.helpers import create_topic, delete_topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,16 +88,6 @@ def model_dir() -> Path:
         pytest.fail(f"no model bundle at {path}: run `make model` (make test does this for you)",
                     pytrace=False)
     return path
-
-
-async def start_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path,
-                      workers: int, **extra_env: str) -> Fleet:
-    fleet = Fleet(kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env))
-    await fleet.create_topics()
-    for _ in range(workers):
-        fleet.start_worker()
-    await fleet.wait_ready()
-    return fleet
 
 
 @pytest.fixture(scope="module")

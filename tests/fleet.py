@@ -182,6 +182,16 @@ class Fleet:
         return sum(w.metric(name, labels) for w in self.workers if w.alive)
 
 
+async def start_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path,
+                      workers: int, **extra_env: str) -> Fleet:
+    fleet = Fleet(kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env))
+    await fleet.create_topics()
+    for _ in range(workers):
+        fleet.start_worker()
+    await fleet.wait_ready()
+    return fleet
+
+
 def request(text: str, **fields: Any) -> tuple[str, bytes]:
     request_id = fields.pop("id", None) or uuid.uuid4().hex
     return request_id, json.dumps({"id": request_id, "text": text, **fields}).encode()

@@ -45,6 +45,7 @@ FETCH_MAX_RECORDS = 500
 # Batches handled at once: one in the model, the next being looked up, one publishing.
 CONCURRENT_BATCHES = 3
 DRAIN_TIMEOUT_S = 120.0
+COMMIT_INTERVAL_S = 0.1
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -102,6 +103,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_slots = asyncio.Semaphore(CONCURRENT_BATCHES)
         self._commit_lock = asyncio.Lock()
+        self._commit_wanted = asyncio.Event()
         self.metrics.model.info({
             "name": manifest.name, "fingerprint": manifest.fingerprint, "dim": str(manifest.dim),
             "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
@@ -122,10 +124,14 @@ class Worker:
                      self.config.group_id, self.config.requests_topic, self.model.name,
                      self.model.fingerprint[:12])
             batch_loop = asyncio.create_task(self._batch_loop(), name="batch-loop")
+            commit_loop = asyncio.create_task(self._commit_loop(), name="commit-loop")
             try:
                 await self._fetch_loop()
             finally:
                 await self._drain(batch_loop)
+                commit_loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await commit_loop
         finally:
             await self._close()
 
@@ -239,7 +245,7 @@ class Worker:
 
     async def _process(self, jobs: list[Job]) -> None:
         outcome = await self.processor.process(jobs)
-        acks = [await self.publisher.send_result(job, result) for job, result in outcome.results]
+        acks = await self.publisher.send_results(outcome.results)
         for rejection in outcome.failures:
             acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
         await asyncio.gather(*acks)
@@ -247,7 +253,7 @@ class Worker:
         for job in jobs:
             self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
             self.offsets.done(TopicPartition(job.source.topic, job.source.partition), job.source.offset)
-        await self._commit()
+        self._commit_wanted.set()
 
     async def _reject(self, rejection: Rejection) -> None:
         acks = await self.publisher.send_rejection(rejection, model=self.model.name)
@@ -256,9 +262,18 @@ class Worker:
         self.metrics.dlq.labels(rejection.error.code.value).inc()
         self.offsets.done(TopicPartition(rejection.source.topic, rejection.source.partition),
                           rejection.source.offset)
-        await self._commit()
+        self._commit_wanted.set()
 
     # --- commits and rebalances ----------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        """Commits progress at most every COMMIT_INTERVAL_S: results are already acknowledged when
+        their offsets become committable, so a later commit only widens the redelivery window."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self._commit()
+            await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _commit(self) -> None:
         async with self._commit_lock:

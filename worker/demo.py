@@ -163,8 +163,9 @@ def print_metrics(ports: list[int]) -> None:
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as reply:
             lines = reply.read().decode().splitlines()
-        wanted = ("embedfleet_requests_total", "embedfleet_cache_hits_total", "embedfleet_cache_lookups_total",
-                  "embedfleet_batch_size_sum", "embedfleet_batch_size_count", "process_resident_memory_bytes")
+        wanted = ("embedfleet_requests_total", "embedfleet_cache_hits_total",
+                  "embedfleet_cache_lookups_total", "embedfleet_batch_size_sum",
+                  "embedfleet_batch_size_count", "process_resident_memory_bytes")
         shown = [line for line in lines if line.startswith(wanted)]
         print(f"  {url}")
         for line in shown:

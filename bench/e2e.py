@@ -1,0 +1,320 @@
+"""End-to-end benchmark of one worker through the real broker, all phases in one run.
+
+    python bench/e2e.py [--unique 2000] [--hits 100000] [--mix 10000] [--latency-seconds 15]
+
+Needs the local stack (`make stack-up`) and the default bundle (`make model`). Every phase uses
+fresh topics and a fresh cache prefix, and a worker process of its own (all cores):
+
+  a. engine alone: the same texts through `Embedder.embed` in-process, same batch settings (ceiling)
+  b. worker, unique texts: a backlog of distinct texts, all cache misses
+  c. worker, all hits: a backlog cycling over the texts of (b), now cached; also the worker's peak RSS
+  d. worker, natural mix: corpus queries in order, natural duplicates, cold cache
+  e. latency: unique texts offered at half the capacity measured in (b)
+
+Throughput of a backlog phase = requests / (last result's timestamp - the moment the worker joined
+the group): the benchmark reads results only after the worker is done, so it never competes with
+the worker for the two cores. Latency = result timestamp - request timestamp (same clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from schemas import EmbedRequest, encode_request, request_headers  # noqa: E402
+from worker.config import WorkerConfig  # noqa: E402
+
+BOOTSTRAP = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+SHARED = Path(os.environ.get("EMBEDFLEET_SHARED", REPO.parent / "shared"))
+EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
+
+
+@dataclass
+class Phase:
+    name: str
+    requests: int
+    seconds: float
+    hit_rate: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    peak_rss_mb: float = float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else float("nan")
+
+
+def corpus_queries(limit: int, *, distinct: bool, skip: int = 0) -> list[str]:
+    seen: set[str] = set()
+    texts: list[str] = []
+    with (SHARED / "corpus" / "queries.jsonl").open() as handle:
+        for line in handle:
+            text = json.loads(line)
+            if distinct and text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+    return texts[skip: skip + limit]
+
+
+class Run:
+    """One phase's fresh topics, cache prefix and worker."""
+
+    def __init__(self, tag: str) -> None:
+        slug = re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
+        self.tag = f"{slug}-{uuid.uuid4().hex[:6]}"
+        self.requests = f"embed.requests.bench-{self.tag}"
+        self.results = f"embed.results.bench-{self.tag}"
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 9490
+        self.ready_at_ms = 0.0  # wall clock when the worker had joined the group
+
+    async def create_topics(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(self.requests, 6, 1), NewTopic(
+                self.results, 6, 1, topic_configs={"cleanup.policy": "compact"})])
+        finally:
+            await admin.close()
+
+    async def delete_topics(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            await admin.delete_topics([self.requests, self.results])
+        finally:
+            await admin.close()
+
+    def start_worker(self, cache_prefix: str) -> None:
+        env = dict(os.environ, EMBEDFLEET_REQUESTS_TOPIC=self.requests, EMBEDFLEET_RESULTS_TOPIC=self.results,
+                   EMBEDFLEET_GROUP_ID=f"bench-{self.tag}", EMBEDFLEET_CACHE_KEY_PREFIX=cache_prefix,
+                   EMBEDFLEET_METRICS_PORT=str(self.metrics_port), EMBEDFLEET_LOG_LEVEL="WARNING")
+        self.worker = subprocess.Popen([EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}"], env=env)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        self.ready_at_ms = time.time() * 1000
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit("the worker did not become ready: see its log above")
+
+    def peak_rss_mb(self) -> float:
+        assert self.worker is not None
+        for line in Path(f"/proc/{self.worker.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    def stop_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            self.worker.wait(timeout=120)
+
+    async def produce(self, texts: list[str], *, rate: float | None = None) -> None:
+        """Produces one request per text, id = its index (optionally paced to `rate` per second)."""
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5,
+                                    max_batch_size=512 * 1024)
+        await producer.start()
+        headers = request_headers()
+        try:
+            for _ in range(50):  # a topic created a moment ago takes a moment to appear in metadata
+                try:
+                    await producer.partitions_for(self.requests)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+            started = time.perf_counter()
+            for index, text in enumerate(texts):
+                value = encode_request(EmbedRequest(id=str(index), text=text), limits=None)
+                await producer.send(self.requests, value, headers=headers)
+                if rate is not None and index % 10 == 9:
+                    ahead = (index + 1) / rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def collect(self, count: int, timeout_s: float) -> tuple[list[int], list[int], int]:
+        """Reads `count` results: (request timestamps, result timestamps, cached count)."""
+        request_ts = await self._timestamps(self.requests, count, timeout_s)
+        consumer = AIOKafkaConsumer(self.results, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        result_ts: dict[str, int] = {}
+        cached = 0
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(result_ts) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
+                    for record in records:
+                        result = json.loads(record.value)
+                        if result["id"] not in result_ts:
+                            result_ts[result["id"]] = record.timestamp
+                            cached += bool(result.get("cached"))
+        finally:
+            await consumer.stop()
+        if len(result_ts) < count:
+            raise SystemExit(f"only {len(result_ts)} of {count} results arrived within {timeout_s:.0f}s")
+        ordered_results = [result_ts[str(i)] for i in range(count)]
+        return request_ts, ordered_results, cached
+
+    async def _timestamps(self, topic: str, count: int, timeout_s: float) -> list[int]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
+                                    enable_auto_commit=False)
+        await consumer.start()
+        stamps: dict[str, int] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(stamps) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
+                    for record in records:
+                        stamps[json.loads(record.value)["id"]] = record.timestamp
+        finally:
+            await consumer.stop()
+        return [stamps[str(i)] for i in range(count)]
+
+    async def wait_drained(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.metric("embedfleet_requests_total") < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the worker answered {self.metric('embedfleet_requests_total'):.0f} "
+                                 f"of {count} within {timeout_s:.0f}s")
+            await asyncio.sleep(0.5)
+
+
+async def backlog_phase(name: str, texts: list[str], cache_prefix: str, *, timeout_s: float = 900) -> Phase:
+    run = Run(name)
+    await run.create_topics()
+    try:
+        await run.produce(texts)  # the backlog exists before the worker starts
+        run.start_worker(cache_prefix)
+        await run.wait_drained(len(texts), timeout_s)
+        rss = run.peak_rss_mb()
+        run.stop_worker()
+        _, result_ts, cached = await run.collect(len(texts), timeout_s=120)
+        # The backlog was there before the worker: from its joining the group to its last result.
+        seconds = (max(result_ts) - run.ready_at_ms) / 1000
+        return Phase(name, len(texts), seconds, hit_rate=cached / len(texts), peak_rss_mb=rss)
+    finally:
+        run.stop_worker()
+        await run.delete_topics()
+
+
+async def latency_phase(texts: list[str], rate: float, cache_prefix: str) -> Phase:
+    run = Run("latency")
+    await run.create_topics()
+    try:
+        run.start_worker(cache_prefix)
+        started = time.perf_counter()
+        await run.produce(texts, rate=rate)
+        await run.wait_drained(len(texts), timeout_s=300)
+        seconds = time.perf_counter() - started
+        run.stop_worker()
+        request_ts, result_ts, cached = await run.collect(len(texts), timeout_s=120)
+        latency = np.array(result_ts) - np.array(request_ts)
+        return Phase("e. latency at half capacity", len(texts), seconds, hit_rate=cached / len(texts),
+                     p50_ms=float(np.percentile(latency, 50)), p99_ms=float(np.percentile(latency, 99)))
+    finally:
+        run.stop_worker()
+        await run.delete_topics()
+
+
+def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
+    from worker.engine.embedder import Embedder
+
+    embedder = Embedder.from_bundle(config.model, variant=config.variant)
+    embedder.embed(texts[:64], batch_size=config.inference_batch_size, token_budget=config.token_budget)
+    started = time.perf_counter()
+    embedder.embed(texts, batch_size=config.inference_batch_size, token_budget=config.token_budget)
+    seconds = time.perf_counter() - started
+    # One batch's inference time: a full batch of typical (median-length) texts.
+    batch = texts[: config.inference_batch_size]
+    timings = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        embedder.embed(batch, batch_size=config.inference_batch_size, token_budget=config.token_budget)
+        timings.append(time.perf_counter() - t0)
+    return Phase("a. engine alone (ceiling)", len(texts), seconds), float(np.median(timings))
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unique", type=int, default=2000)
+    parser.add_argument("--hits", type=int, default=100_000)
+    parser.add_argument("--mix", type=int, default=10_000)
+    parser.add_argument("--latency-seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    config = WorkerConfig.from_env()
+    run_id = uuid.uuid4().hex[:8]
+    unique = corpus_queries(args.unique, distinct=True)
+    print(f"bench/e2e.py: model {config.model} ({config.variant}), window {config.batch_window_ms} ms, "
+          f"token budget {config.token_budget}, inference batch {config.inference_batch_size}, "
+          f"{os.cpu_count()} cores", flush=True)
+
+    engine, batch_seconds = await asyncio.to_thread(engine_phase, unique, config)
+    print(f"  {engine.name}: {engine.throughput:.0f} texts/s", flush=True)
+    misses = await backlog_phase("b. worker, unique texts", unique, f"bench-{run_id}-b")
+    print(f"  {misses.name}: {misses.throughput:.0f} results/s", flush=True)
+    hits_texts = [unique[i % len(unique)] for i in range(args.hits)]
+    hits = await backlog_phase("c. worker, all cache hits", hits_texts, f"bench-{run_id}-b")
+    print(f"  {hits.name}: {hits.throughput:.0f} results/s, peak RSS {hits.peak_rss_mb:.0f} MB", flush=True)
+    mix_texts = corpus_queries(args.mix, distinct=False, skip=20_000)
+    mix = await backlog_phase("d. worker, natural mix", mix_texts, f"bench-{run_id}-d")
+    print(f"  {mix.name}: {mix.throughput:.0f} results/s, hit rate {mix.hit_rate:.1%}", flush=True)
+    rate = misses.throughput / 2
+    latency_texts = corpus_queries(int(rate * args.latency_seconds), distinct=True, skip=args.unique)
+    latency = await latency_phase(latency_texts, rate, f"bench-{run_id}-e")
+
+    bound_ms = 4 * (config.batch_window_ms + batch_seconds * 1000)
+    print()
+    print(f"{'phase':34} {'requests':>9} {'results/s':>10} {'hit rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'peak RSS MB':>12}")
+    for phase in (engine, misses, hits, mix, latency):
+        print(f"{phase.name:34} {phase.requests:9d} {phase.throughput:10.0f} {phase.hit_rate:9.1%} "
+              f"{phase.p50_ms:8.0f} {phase.p99_ms:8.0f} {phase.peak_rss_mb:12.0f}")
+    print()
+    checks = [
+        ("unique: worker / engine alone >= 0.85", misses.throughput / engine.throughput, 0.85),
+        ("all hits / unique >= 10", hits.throughput / misses.throughput, 10.0),
+        ("all hits results/s per worker >= 5000", hits.throughput, 5000.0),
+        (f"p99 at half capacity <= 4 x (window + batch of {config.inference_batch_size}: "
+         f"{batch_seconds * 1000:.0f} ms) = {bound_ms:.0f} ms: bound / p99", bound_ms / latency.p99_ms, 1.0),
+        (f"peak worker RSS <= 500 MB with a {args.hits}-message backlog: 500 / RSS",
+         500 / hits.peak_rss_mb, 1.0),
+    ]
+    for label, value, target in checks:
+        print(f"{'PASS' if value >= target else 'FAIL'}  {label}: {value:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
