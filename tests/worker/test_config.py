@@ -1,0 +1,48 @@
+"""The one configuration object: environment, CLI overrides, validation, documentation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from worker.config import WorkerConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_environment_then_flags() -> None:
+    env = {"EMBEDFLEET_BATCH_WINDOW_MS": "12.5", "EMBEDFLEET_GROUP_ID": "g1", "EMBEDFLEET_MODEL": "/m"}
+    parser = argparse.ArgumentParser()
+    WorkerConfig.add_cli_arguments(parser)
+    config = WorkerConfig.from_args(parser.parse_args(["--group-id", "g2"]), env)
+    assert config.batch_window_ms == 12.5
+    assert config.group_id == "g2"  # the flag wins over the environment
+    assert config.model == Path("/m")
+
+
+def test_bad_values_say_which_setting() -> None:
+    with pytest.raises(ValueError, match="EMBEDFLEET_TOKEN_BUDGET"):
+        WorkerConfig.from_env({"EMBEDFLEET_TOKEN_BUDGET": "lots"})
+    with pytest.raises(ValueError, match="EMBEDFLEET_GUARANTEE"):
+        WorkerConfig.from_env({"EMBEDFLEET_GUARANTEE": "at-most-once"})
+    with pytest.raises(ValueError):
+        WorkerConfig.from_env({"EMBEDFLEET_TOKEN_BUDGET": "0"})
+
+
+def test_secrets_come_from_the_environment_only() -> None:
+    parser = argparse.ArgumentParser()
+    WorkerConfig.add_cli_arguments(parser)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    assert "--kafka-sasl-password" not in flags and "--redis-password" not in flags
+    config = WorkerConfig.from_env({"EMBEDFLEET_KAFKA_SASL_PASSWORD": "s3cret"})
+    assert config.kafka_sasl_password == "s3cret"
+    assert "s3cret" not in str(config.describe())
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = README.read_text()
+    for field in dataclasses.fields(WorkerConfig):
+        assert f"`{field.metadata['env']}`" in readme, field.metadata["env"]
