@@ -125,7 +125,10 @@ class Fleet:
         env.update(extra or {})
         return env
 
-    async def create_topics(self, partitions: int = 6) -> None:
+    partitions: int = 6
+
+    async def create_topics(self) -> None:
+        partitions = self.partitions
         await create_topic(self.bootstrap, self.requests_topic, partitions)
         await create_topic(self.bootstrap, self.results_topic, partitions,
                            {"cleanup.policy": "compact"})
@@ -204,6 +207,7 @@ class FleetIO:
         self.fleet = fleet
         self.producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5)
         self.results: dict[str, list[dict[str, Any]]] = {}
+        self.arrivals: list[float] = []  # monotonic time of each result, for stall measurements
         self.result_keys: dict[str, list[bytes | None]] = {}
         self.dead_letters: list[tuple[bytes | None, dict[str, bytes]]] = []
         self._consumers: list[AIOKafkaConsumer] = []
@@ -241,6 +245,7 @@ class FleetIO:
         else:
             result = json.loads(record.value)
         self.results.setdefault(result.get("id"), []).append(result)
+        self.arrivals.append(time.monotonic())
         self.result_keys.setdefault(result.get("id"), []).append(record.key)
 
     def _on_dead_letter(self, record: Any) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from schemas import RequestLimits
+from schemas import ErrorCode, RequestLimits
 from worker.batcher import Batch, MicroBatcher
 from worker.cache import VectorCache, redis_client
 from worker.config import WorkerConfig
@@ -37,7 +37,7 @@ from worker.jobs import Job, Rejection
 from worker.logs import setup_logging
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchProcessor
+from worker.pipeline import BatchOutcome, BatchProcessor
 from worker.publisher import ResultPublisher, create_producer
 
 log = logging.getLogger("embedfleet.worker")
@@ -75,7 +75,7 @@ class Worker:
             limits=RequestLimits(max_message_bytes=config.max_message_bytes,
                                  max_text_bytes=config.max_text_bytes),
             reply_to_pattern=config.reply_to_pattern, default_reply_topic=config.results_topic)
-        self.batcher: MicroBatcher[Job] = MicroBatcher(
+        self.batcher: MicroBatcher[Job | Rejection] = MicroBatcher(
             window_s=config.batch_window_ms / 1000, token_budget=config.token_budget,
             max_size=config.max_batch_size)
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -104,6 +104,11 @@ class Worker:
         self._batch_slots = asyncio.Semaphore(CONCURRENT_BATCHES)
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
+        self._batches_started = 0
+        # Exactly-once: batches publish strictly in the order they were cut.
+        self._publish_turn = asyncio.Condition()
+        self._next_to_publish = 0
+        self._publish_failed = False
         self.metrics.model.info({
             "name": manifest.name, "fingerprint": manifest.fingerprint, "dim": str(manifest.dim),
             "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
@@ -181,17 +186,25 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await fetch
                 break
-            records = [r for batch in fetch.result().values() for r in batch]
+            try:
+                fetched = fetch.result()
+            except KafkaError as exc:
+                # A broker outage or an unreadable batch: never fatal. Count it, back off, retry;
+                # nothing was tracked, so nothing is lost (the records are fetched again).
+                self.metrics.fetch_errors.inc()
+                log.warning("fetch failed (%s: %s); retrying in 1s", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+                continue
+            records = [r for batch in fetched.values() for r in batch]
             if not records:
                 continue
             for record in records:
                 self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
             self.metrics.in_flight.set(self.offsets.in_flight)
+            # Rejections travel in the batches too, so every record is answered in fetch order
+            # (exactly-once commits each batch's offsets with its results).
             for item in self.decoder.decode(records):
-                if isinstance(item, Job):
-                    self.batcher.add(item, item.tokens)
-                else:
-                    self._spawn(self._reject(item))
+                self.batcher.add(item, item.tokens if isinstance(item, Job) else 1)
             self._observe_lag()
 
     def _apply_backpressure(self) -> None:
@@ -222,11 +235,13 @@ class Worker:
             batch = await self.batcher.next_batch()
             await self._start_batch(batch)
 
-    async def _start_batch(self, batch: Batch[Job]) -> None:
+    async def _start_batch(self, batch: Batch[Job | Rejection]) -> None:
         await self._batch_slots.acquire()
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(batch.padded_tokens)
-        task = self._spawn(self._process(batch.items))
+        sequence = self._batches_started
+        self._batches_started += 1
+        task = self._spawn(self._process(batch.items, sequence))
         task.add_done_callback(lambda _: self._batch_slots.release())
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
@@ -243,26 +258,64 @@ class Worker:
             log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self.stop()
 
-    async def _process(self, jobs: list[Job]) -> None:
-        outcome = await self.processor.process(jobs)
-        acks = await self.publisher.send_results(outcome.results)
-        for rejection in outcome.failures:
-            acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
-        await asyncio.gather(*acks)
+    async def _process(self, items: list[Job | Rejection], sequence: int) -> None:
+        jobs = [i for i in items if isinstance(i, Job)]
+        rejections = [i for i in items if isinstance(i, Rejection)]
+        outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
+        rejections.extend(outcome.failures)
+        if self.config.guarantee == "exactly-once":
+            await self._publish_transaction(items, outcome, rejections, sequence)
+        else:
+            acks = await self.publisher.send_results(outcome.results)
+            for rejection in rejections:
+                acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
+            await asyncio.gather(*acks)
         now = time.time()
-        for job in jobs:
+        for job, _ in outcome.results:
             self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
-            self.offsets.done(TopicPartition(job.source.topic, job.source.partition), job.source.offset)
+        for rejection in rejections:
+            self.metrics.dlq.labels(rejection.error.code.value).inc()
+            if rejection.error.code != ErrorCode.INFERENCE_FAILED:
+                self.metrics.requests.labels("rejected").inc()
+        for item in items:
+            self.offsets.done(TopicPartition(item.source.topic, item.source.partition), item.source.offset)
         self._commit_wanted.set()
 
-    async def _reject(self, rejection: Rejection) -> None:
-        acks = await self.publisher.send_rejection(rejection, model=self.model.name)
-        await asyncio.gather(*acks)
-        self.metrics.requests.labels("rejected").inc()
-        self.metrics.dlq.labels(rejection.error.code.value).inc()
-        self.offsets.done(TopicPartition(rejection.source.topic, rejection.source.partition),
-                          rejection.source.offset)
-        self._commit_wanted.set()
+    async def _publish_transaction(self, items: list[Job | Rejection], outcome: BatchOutcome,
+                                   rejections: list[Rejection], sequence: int) -> None:
+        """Exactly-once: the batch's results, dead letters and offsets in one Kafka transaction.
+
+        Batches publish in the order they were cut (fetch order), so when batch k commits, every
+        record before it is committed too and its offsets are simply one past its last record per
+        partition. A failed transaction is aborted and stops the worker: its records were not
+        committed and will be processed again, and no reader on read_committed saw its results.
+        """
+        async with self._publish_turn:
+            await self._publish_turn.wait_for(
+                lambda: self._next_to_publish == sequence or self._publish_failed)
+            if self._publish_failed:
+                raise RuntimeError("an earlier transaction failed; not publishing later batches")
+            offsets: dict[TopicPartition, int] = {}
+            for item in items:
+                tp = TopicPartition(item.source.topic, item.source.partition)
+                offsets[tp] = max(offsets.get(tp, 0), item.source.offset + 1)
+            try:
+                await self.producer.begin_transaction()
+                acks = await self.publisher.send_results(outcome.results)
+                for rejection in rejections:
+                    acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
+                await self.producer.send_offsets_to_transaction(offsets, self.config.group_id)
+                await self.producer.commit_transaction()
+                await asyncio.gather(*acks)
+            except BaseException:
+                self._publish_failed = True
+                with contextlib.suppress(Exception):
+                    await self.producer.abort_transaction()
+                raise
+            finally:
+                self._next_to_publish = sequence + 1 if not self._publish_failed else self._next_to_publish
+                self._publish_turn.notify_all()
+            self.metrics.commits.labels("ok").inc()
 
     # --- commits and rebalances ----------------------------------------------------------------
 
@@ -276,6 +329,8 @@ class Worker:
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _commit(self) -> None:
+        if self.config.guarantee == "exactly-once":
+            return  # offsets are committed inside each batch's transaction
         async with self._commit_lock:
             assignment = self.consumer.assignment()
             offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assignment}

@@ -64,6 +64,14 @@ class RequestDecoder:
     def reply_topic_allowed(self, topic: str) -> bool:
         return self._reply_to.fullmatch(topic) is not None
 
+    def _error_reply_topic(self, error: RequestError) -> str:
+        """Where the requester waits: its own reply_to when the request got that far and it is
+        allowed, else the default results topic."""
+        reply_to = error.request.reply_to if error.request is not None else None
+        if reply_to is not None and self.reply_topic_allowed(reply_to):
+            return reply_to
+        return self._default_reply_topic
+
     def decode(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
         decoded: list[Job | Rejection | None] = [None] * len(records)
         # Valid requests wait here, grouped by task, so tokens are counted in one call per task.
@@ -85,7 +93,7 @@ class RequestDecoder:
                 key = content_hash(request.text, model_fingerprint=self._model.fingerprint,
                                    task=request.task, dimensions=request.dimensions)
             except RequestError as error:
-                decoded[index] = Rejection(source, raw, error, self._default_reply_topic, content_type)
+                decoded[index] = Rejection(source, raw, error, self._error_reply_topic(error), content_type)
                 continue
             except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
                 hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)

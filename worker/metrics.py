@@ -63,6 +63,8 @@ class WorkerMetrics:
                          ["topic", "partition"], registry=r)
         self.dlq = Counter("embedfleet_dlq_messages", "Messages sent to the dead-letter topic, by reason",
                            ["reason"], registry=r)
+        self.fetch_errors = Counter("embedfleet_fetch_errors", "Fetches from Kafka that failed (retried)",
+                                    registry=r)
         self.commits = Counter("embedfleet_commits", "Offset commits", ["outcome"], registry=r)
         self.model = Info("embedfleet_model", "The model this worker serves", registry=r)
         self.ready = Gauge("embedfleet_ready", "1 when the model is loaded and the group joined", registry=r)

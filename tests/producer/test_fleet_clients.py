@@ -154,8 +154,6 @@ async def test_a_bad_text_fails_alone(client: Client) -> None:
     assert error.vectors[0] is not None and error.vectors[1] is None and error.vectors[2] is not None
 
 
-@pytest.mark.xfail(reason="worker/consumer.py sends error results of decoded requests to the default "
-                          "results topic, not to their reply_to", strict=False)
 async def test_a_worker_error_comes_back_per_text(client: Client) -> None:
     with pytest.raises(EmbedBatchError) as caught:
         await client.embed(["valid text, impossible width"], dimensions=7, timeout=10)

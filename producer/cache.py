@@ -1,0 +1,152 @@
+"""Redis, read-only: the model contract the workers publish and the vectors they cache.
+
+Vectors live in HASHes ``{prefix}:{model}:{dim}:{content hash}`` (field ``vector`` = little-endian
+float32). The contract lives in ``{prefix}:models:{model}``. Every read fails open: on an error or a
+timeout the call carries on as if the cache were empty, and Redis is skipped for ``retry_after_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from producer.config import ClientConfig
+from producer.errors import Vector
+
+log = logging.getLogger(__name__)
+VECTOR_FIELD = "vector"
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    """What the fleet's model is: enough to compute content hashes and cache keys."""
+
+    fingerprint: str
+    dim: int | None
+    tasks: frozenset[str] = frozenset()
+    dimensions: frozenset[int] = frozenset()
+    max_tokens: int | None = None
+
+    @classmethod
+    def from_redis_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> ModelContract | None:
+        """Parses the HASH; None when it is absent or has no fingerprint."""
+        text = {_text(k): _text(v) for k, v in fields.items()}
+        if not text.get("fingerprint"):
+            return None
+        try:
+            return cls(
+                fingerprint=text["fingerprint"],
+                dim=int(text["dim"]) if text.get("dim") else None,
+                tasks=frozenset(json.loads(text.get("tasks") or "[]")),
+                dimensions=frozenset(int(d) for d in json.loads(text.get("dimensions") or "[]")),
+                max_tokens=int(text["max_tokens"]) if text.get("max_tokens") else None,
+            )
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring a malformed model contract in Redis: %s", exc)
+            return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def safe_model_name(name: str) -> str:
+    """The model name as it appears in cache keys (the workers' rule)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def vector_key(prefix: str, model_name: str, dim: int, key: str) -> str:
+    return f"{prefix}:{safe_model_name(model_name)}:{dim}:{key}"
+
+
+def contract_key(prefix: str, model_name: str) -> str:
+    return f"{prefix}:models:{model_name}"
+
+
+def connect(config: ClientConfig) -> redis.Redis | None:
+    if not config.redis_url:
+        return None
+    kwargs: dict[str, object] = {
+        "socket_timeout": config.redis_timeout_s,
+        "socket_connect_timeout": config.redis_timeout_s,
+        "retry_on_timeout": False,
+        # A pooled connection the server closed while idle is retried once on a fresh one
+        # instead of failing the lookup (and skipping the cache for retry_after_s).
+        "health_check_interval": 10,
+        "retry": Retry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError],
+    }
+    if config.redis_username:
+        kwargs["username"] = config.redis_username
+    if config.redis_password:
+        kwargs["password"] = config.redis_password
+    return redis.Redis.from_url(config.redis_url, **kwargs)  # type: ignore[arg-type]
+
+
+class CacheReader:
+    def __init__(self, client: redis.Redis | None, *, prefix: str, model_name: str,
+                 retry_after_s: float = 5.0) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._model_name = model_name
+        self._retry_after_s = retry_after_s
+        self._skip_until = 0.0
+        self.errors = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _available(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._skip_until
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self.errors += 1
+        if time.monotonic() >= self._skip_until:
+            log.warning("redis %s failed (%s: %s); going on without the cache for %.0fs",
+                        operation, type(exc).__name__, exc, self._retry_after_s)
+        self._skip_until = time.monotonic() + self._retry_after_s
+
+    async def read_contract(self) -> ModelContract | None:
+        if not self._available():
+            return None
+        assert self._client is not None
+        try:
+            fields = await self._client.hgetall(contract_key(self._prefix, self._model_name))
+        except _FAILURES as exc:
+            self._failed("contract read", exc)
+            return None
+        return ModelContract.from_redis_fields(fields)
+
+    async def lookup(self, keys: Sequence[str], dim: int) -> list[Vector | None]:
+        """Cached vectors for content hashes, in one pipelined round trip; None = miss."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(vector_key(self._prefix, self._model_name, dim, key), VECTOR_FIELD)
+        try:
+            raw: list[bytes | None] = await pipe.execute()
+        except _FAILURES as exc:
+            self._failed("lookup", exc)
+            return [None] * len(keys)
+        # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
+        return [np.frombuffer(value, dtype="<f4").astype(np.float32)
+                if value is not None and len(value) == dim * 4 else None for value in raw]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -1,0 +1,309 @@
+"""The asyncio client: cache first, then Kafka for the misses, results awaited by request id.
+
+One call of ``embed``:
+
+1. keys every text by its content hash (``keys.py``) and merges identical texts (one request each);
+2. reads all keys from the Redis cache in one pipelined round trip (fail open);
+3. produces one request per miss to ``embed.requests`` (idempotent producer, acks=all), keyed by
+   the content hash so identical texts meet on one partition and one worker;
+4. awaits the results by request id on the reply topic, read by one background task.
+
+Reply topics: ``private`` (default) creates ``embed.results.<client id>`` (1 partition) on start and
+deletes it on close, so the client reads only its own results; ``shared`` reads all of
+``embed.results`` from the end offsets taken on start (no topic admin rights needed, but every client
+reads everyone's results); ``none`` only produces (``send``), results go to the workers' default topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from producer.cache import CacheReader, ModelContract, connect
+from producer.config import ClientConfig
+from producer.errors import EmbedBatchError, EmbedTimeout, TextFailure, Vector
+from producer.kafka import (
+    ServiceUnavailable,
+    create_producer,
+    create_topic,
+    delete_topic,
+    reply_consumer,
+    unreachable,
+)
+from producer.keys import Distinct, Plan, plan_requests
+from producer.replies import ReplyRouter
+from schemas import EmbedRequest, EmbedResult, encode_request, request_headers
+
+log = logging.getLogger(__name__)
+
+# How long a known model contract is trusted before it is read again (a fleet may roll to a new
+# model); an unknown one is retried sooner, since workers publish it when they start.
+CONTRACT_REFRESH_S = 30.0
+CONTRACT_RETRY_S = 1.0
+PRODUCE_ATTEMPTS = 5
+PRODUCE_BACKOFF_S = 0.1
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters since the client started (texts are counted per position in the calls)."""
+
+    produced: int = 0  # request messages produced
+    cached: int = 0  # texts answered from the cache: the client's lookup or a worker's
+    computed: int = 0  # texts a worker computed
+    failed: int = 0  # texts answered with an error, or not answered in time
+
+
+@dataclass(slots=True)
+class _Prepared:
+    plan: Plan
+    vectors: list[Vector | None]
+    misses: list[Distinct]
+
+
+class Client:
+    """``async with Client() as client: vectors = await client.embed(texts)``."""
+
+    def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = ClientConfig.from_env(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.stats = ClientStats()
+        self._cache = CacheReader(connect(config) if config.use_cache else None,
+                                  prefix=config.cache_key_prefix, model_name=config.model_name)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._router: ReplyRouter | None = None
+        self._created_topic: str | None = None
+        self._contract: ModelContract | None = None
+        self._contract_read_at = float("-inf")
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        config = self.config
+        try:
+            await self.model_contract()
+            self._producer = create_producer(config)
+            try:
+                await self._producer.start()
+            except KafkaConnectionError as exc:
+                raise unreachable(config, exc) from exc
+            topic = config.reply_topic
+            if topic is None:
+                return
+            if config.reply_mode == "private":
+                await create_topic(config, topic)
+                self._created_topic = topic
+                # Waits until the brokers' metadata lists the new topic, so the reader finds it at once.
+                partitions = await self._producer.partitions_for(topic)
+            else:
+                partitions = await self._producer.partitions_for(topic)
+            self._consumer = await reply_consumer(config, topic, partitions,
+                                                  from_end=config.reply_mode == "shared")
+            self._router = ReplyRouter(self._consumer)
+            self._router.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._router is not None:
+            await self._router.stop()
+            self._router = None
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaError):
+                await self._consumer.stop()
+            self._consumer = None
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError):
+                await self._producer.stop()
+            self._producer = None
+        if self._created_topic is not None:
+            try:
+                await delete_topic(self.config, self._created_topic)
+            except KafkaError as exc:
+                log.warning("could not delete the reply topic %s: %s", self._created_topic, exc)
+            self._created_topic = None
+        await self._cache.close()
+
+    # --- the model contract --------------------------------------------------------------------
+
+    async def model_contract(self) -> ModelContract | None:
+        """The fingerprint (and dim) that content hashes need: from the config, else from Redis."""
+        loop = asyncio.get_running_loop()
+        age = loop.time() - self._contract_read_at
+        if age < (CONTRACT_REFRESH_S if self._contract is not None else CONTRACT_RETRY_S):
+            return self._contract
+        self._contract_read_at = loop.time()
+        published = await self._cache.read_contract() if self._cache.enabled else None
+        if self.config.model_fingerprint:
+            dim = self.config.model_dim
+            same_model = published is not None and published.fingerprint == self.config.model_fingerprint
+            if dim is None and same_model and published is not None:
+                dim = published.dim
+            self._contract = ModelContract(fingerprint=self.config.model_fingerprint, dim=dim)
+        elif published is not None:
+            self._contract = published
+        return self._contract
+
+    # --- embedding -----------------------------------------------------------------------------
+
+    # The timeout is a parameter (not asyncio.timeout) because it decides what EmbedTimeout reports.
+    async def embed(
+        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> list[Vector]:
+        """One float32 vector per text, in order.
+
+        Raises ``EmbedBatchError`` when some texts failed (the others' vectors are on it) and
+        ``EmbedTimeout`` when results were still missing after ``timeout`` seconds.
+        """
+        if self._router is None:
+            raise RuntimeError("embed() needs a started client with reply_mode 'private' or 'shared'")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        prepared = await self._prepare(texts, task, dimensions)
+        vectors, plan = prepared.vectors, prepared.plan
+        failures = list(plan.failures)
+        requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
+        futures = {request_id: self._router.expect(request_id) for request_id, _ in requests}
+        try:
+            await asyncio.wait_for(self._produce(requests, task, dimensions, self.config.reply_topic),
+                                   max(0.0, deadline - loop.time()))
+            if futures:
+                await asyncio.wait(futures.values(), timeout=max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            pass
+        finally:
+            self._router.forget([rid for rid, future in futures.items() if not future.done()])
+        missing = 0
+        for request_id, entry in requests:
+            future = futures[request_id]
+            if not future.done() or future.cancelled():
+                missing += len(entry.indices)
+                continue
+            result = future.result()
+            self._record(result, entry, vectors, failures)
+        self.stats.failed += len(plan.failures) + missing
+        if missing:
+            raise EmbedTimeout(missing, len(vectors), timeout, vectors, failures)
+        if failures:
+            failures.sort(key=lambda f: f.index)
+            raise EmbedBatchError(failures, vectors)
+        return [v for v in vectors if v is not None]
+
+    async def send(self, texts: Sequence[str], *, task: str | None = None,
+                   dimensions: int | None = None) -> list[str | None]:
+        """Fire and forget: produce the misses and return each text's request id.
+
+        None marks a text the cache answered or that could not be sent (see ``stats``). Results go to
+        the reply topic of this client's mode (the workers' default topic in mode ``none``).
+        """
+        if self._producer is None:
+            raise RuntimeError("send() needs a started client")
+        prepared = await self._prepare(texts, task, dimensions)
+        self.stats.failed += len(prepared.plan.failures)
+        requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
+        reply_to = self.config.reply_topic if self.config.reply_mode == "private" else None
+        await self._produce(requests, task, dimensions, reply_to)
+        ids: list[str | None] = [None] * len(texts)
+        for request_id, entry in requests:
+            for index in entry.indices:
+                ids[index] = request_id
+        return ids
+
+    async def _prepare(self, texts: Sequence[str], task: str | None, dimensions: int | None) -> _Prepared:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
+        contract = await self.model_contract()
+        plan = plan_requests(texts, fingerprint=contract.fingerprint if contract else None, task=task,
+                             dimensions=dimensions)
+        vectors: list[Vector | None] = [None] * len(texts)
+        dim = dimensions or (contract.dim if contract else None)
+        if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
+            return _Prepared(plan, vectors, plan.distinct)
+        found = await self._cache.lookup([entry.key for entry in plan.distinct], dim)
+        misses: list[Distinct] = []
+        for entry, vector in zip(plan.distinct, found, strict=True):
+            if vector is None:
+                misses.append(entry)
+            else:
+                self._fill(vectors, entry.indices, vector)
+                self.stats.cached += len(entry.indices)
+        return _Prepared(plan, vectors, misses)
+
+    def _record(self, result: EmbedResult, entry: Distinct, vectors: list[Vector | None],
+                failures: list[TextFailure]) -> None:
+        if result.error is not None:
+            failures.extend(TextFailure(i, result.error.code, result.error.message) for i in entry.indices)
+            self.stats.failed += len(entry.indices)
+            return
+        try:
+            vector = result.vector_array()
+        except ValueError as exc:
+            failures.extend(TextFailure(i, "invalid_result", str(exc)) for i in entry.indices)
+            self.stats.failed += len(entry.indices)
+            return
+        self._fill(vectors, entry.indices, vector)
+        if result.cached:
+            self.stats.cached += len(entry.indices)
+        else:
+            self.stats.computed += len(entry.indices)
+
+    @staticmethod
+    def _fill(vectors: list[Vector | None], indices: list[int], vector: Vector) -> None:
+        # Repeated texts get copies, so changing one returned array never changes another.
+        vectors[indices[0]] = vector
+        for index in indices[1:]:
+            vectors[index] = vector.copy()
+
+    async def _produce(self, requests: list[tuple[str, Distinct]], task: str | None,
+                       dimensions: int | None, reply_to: str | None) -> None:
+        """Produces every request and waits for the broker's acks, retrying transient failures."""
+        assert self._producer is not None
+        headers = request_headers()
+        pending = [(entry.key.encode(), encode_request(
+            EmbedRequest(id=request_id, text=entry.text, task=task, dimensions=dimensions,
+                         encoding_format="base64", reply_to=reply_to), limits=None))
+                   for request_id, entry in requests]
+        topic = self.config.requests_topic
+        for attempt in range(1, PRODUCE_ATTEMPTS + 1):
+            deliveries = [await self._producer.send(topic, value, key=key, headers=headers)
+                          for key, value in pending]
+            outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
+            failed: list[tuple[bytes, bytes]] = []
+            for message, outcome in zip(pending, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    self.stats.produced += 1
+                elif isinstance(outcome, KafkaError) and outcome.retriable and attempt < PRODUCE_ATTEMPTS:
+                    failed.append(message)
+                else:
+                    raise ServiceUnavailable(
+                        f"could not produce to {topic!r} on {self.config.kafka_bootstrap}: {outcome!r}; "
+                        "does the topic exist (`embedfleet stack up` creates it)?") from outcome
+            if not failed:
+                return
+            log.warning("%d requests failed to produce (attempt %d); retrying", len(failed), attempt)
+            await asyncio.sleep(PRODUCE_BACKOFF_S * 2 ** (attempt - 1))
+            pending = failed

@@ -1,0 +1,99 @@
+"""The client's configuration: one frozen dataclass, read from the environment, overridable by keyword.
+
+Credentials (SASL password, Redis password) are hidden from ``repr`` so a logged config never shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ReplyMode = Literal["private", "shared", "none"]
+REPLY_MODES: tuple[ReplyMode, ...] = ("private", "shared", "none")
+
+# Field name -> environment variable. Fields not listed here are set by keyword only.
+ENVIRONMENT: Mapping[str, str] = {
+    "kafka_bootstrap": "EMBEDFLEET_KAFKA_BOOTSTRAP",
+    "requests_topic": "EMBEDFLEET_REQUESTS_TOPIC",
+    "results_topic": "EMBEDFLEET_RESULTS_TOPIC",
+    "kafka_security_protocol": "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL",
+    "kafka_sasl_mechanism": "EMBEDFLEET_KAFKA_SASL_MECHANISM",
+    "kafka_sasl_username": "EMBEDFLEET_KAFKA_SASL_USERNAME",
+    "kafka_sasl_password": "EMBEDFLEET_KAFKA_SASL_PASSWORD",
+    "kafka_ssl_cafile": "EMBEDFLEET_KAFKA_SSL_CAFILE",
+    "redis_url": "EMBEDFLEET_REDIS_URL",
+    "redis_username": "EMBEDFLEET_REDIS_USERNAME",
+    "redis_password": "EMBEDFLEET_REDIS_PASSWORD",
+    "cache_key_prefix": "EMBEDFLEET_CACHE_KEY_PREFIX",
+    "model_name": "EMBEDFLEET_MODEL_NAME",
+    "model_fingerprint": "EMBEDFLEET_MODEL_FINGERPRINT",
+    "model_dim": "EMBEDFLEET_MODEL_DIM",
+}
+
+
+def new_client_id() -> str:
+    return f"py-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    requests_topic: str = "embed.requests"
+    results_topic: str = "embed.results"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""
+    # Empty disables the cache lookup (and the model contract read: see model_fingerprint).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_timeout_s: float = 1.0
+    cache_key_prefix: str = "embedfleet"
+    model_name: str = "all-MiniLM-L6-v2"
+    # Normally read from Redis ({prefix}:models:{model_name}); set it to hash without Redis.
+    model_fingerprint: str = ""
+    model_dim: int | None = None
+    use_cache: bool = True
+    # private: a reply topic of our own; shared: read embed.results; none: produce only (send()).
+    reply_mode: ReplyMode = "private"
+    client_id: str = field(default_factory=new_client_id)
+    linger_ms: int = 5
+
+    def __post_init__(self) -> None:
+        if self.reply_mode not in REPLY_MODES:
+            raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {self.reply_mode!r}")
+        if self.model_dim is not None and self.model_dim < 1:
+            raise ValueError(f"model_dim must be positive, got {self.model_dim}")
+
+    @property
+    def reply_topic(self) -> str | None:
+        """The topic results come back on (None when nothing is read)."""
+        if self.reply_mode == "private":
+            return f"{self.results_topic}.{self.client_id}"
+        if self.reply_mode == "shared":
+            return self.results_topic
+        return None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:
+        """Settings from ``EMBEDFLEET_*`` variables; keyword overrides (not None) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            variable = ENVIRONMENT.get(f.name)
+            raw = environ.get(variable) if variable else None
+            if raw is not None and raw != "":
+                values[f.name] = int(raw) if f.name == "model_dim" else raw
+            elif raw == "" and f.name == "redis_url":
+                values[f.name] = ""  # an explicitly empty URL turns the cache off
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown ClientConfig settings: {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

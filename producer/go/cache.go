@@ -1,0 +1,139 @@
+package embedfleet
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"regexp"
+	"strconv"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// ModelContract is what the workers publish to Redis at {prefix}:models:{model}:
+// enough to compute content hashes and cache keys.
+type ModelContract struct {
+	Fingerprint string
+	Dim         int
+	Tasks       []string
+	Dimensions  []int
+	MaxTokens   int
+}
+
+var unsafeModelChars = regexp.MustCompile(`[^A-Za-z0-9_.-]`)
+
+// VectorKey is the Redis key of a cached vector, as the workers write it.
+func VectorKey(prefix, model string, dim int, contentHash string) string {
+	return fmt.Sprintf("%s:%s:%d:%s", prefix, unsafeModelChars.ReplaceAllString(model, "_"), dim, contentHash)
+}
+
+// ContractKey is the Redis key of the model contract.
+func ContractKey(prefix, model string) string {
+	return prefix + ":models:" + model
+}
+
+// ParseModelContract reads the contract HASH; ok is false when it is absent or malformed.
+func ParseModelContract(fields map[string]string) (ModelContract, bool) {
+	c := ModelContract{Fingerprint: fields["fingerprint"]}
+	if c.Fingerprint == "" {
+		return c, false
+	}
+	var err error
+	if v := fields["dim"]; v != "" {
+		if c.Dim, err = strconv.Atoi(v); err != nil {
+			return c, false
+		}
+	}
+	if v := fields["max_tokens"]; v != "" {
+		if c.MaxTokens, err = strconv.Atoi(v); err != nil {
+			return c, false
+		}
+	}
+	if v := fields["tasks"]; v != "" && json.Unmarshal([]byte(v), &c.Tasks) != nil {
+		return c, false
+	}
+	if v := fields["dimensions"]; v != "" && json.Unmarshal([]byte(v), &c.Dimensions) != nil {
+		return c, false
+	}
+	return c, true
+}
+
+// cacheReader reads Redis and fails open: any error means "no contract" or "all misses".
+type cacheReader struct {
+	rdb    *redis.Client
+	prefix string
+	model  string
+}
+
+func newCacheReader(cfg Config) (*cacheReader, error) {
+	if cfg.RedisURL == "" {
+		return &cacheReader{}, nil
+	}
+	opts, err := redis.ParseURL(cfg.RedisURL)
+	if err != nil {
+		return nil, fmt.Errorf("embedfleet: EMBEDFLEET_REDIS_URL: %w", err)
+	}
+	if cfg.RedisUsername != "" {
+		opts.Username = cfg.RedisUsername
+	}
+	if cfg.RedisPassword != "" {
+		opts.Password = cfg.RedisPassword
+	}
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = cfg.RedisTimeout, cfg.RedisTimeout, cfg.RedisTimeout
+	opts.MaxRetries = 1 // one retry (a pooled connection the server closed), then fail open
+	return &cacheReader{rdb: redis.NewClient(opts), prefix: cfg.CacheKeyPrefix, model: cfg.ModelName}, nil
+}
+
+func (c *cacheReader) enabled() bool { return c.rdb != nil }
+
+func (c *cacheReader) contract(ctx context.Context) (ModelContract, bool) {
+	if c.rdb == nil {
+		return ModelContract{}, false
+	}
+	fields, err := c.rdb.HGetAll(ctx, ContractKey(c.prefix, c.model)).Result()
+	if err != nil {
+		return ModelContract{}, false
+	}
+	return ParseModelContract(fields)
+}
+
+// lookup returns the cached vector of each content hash (nil for a miss), in one pipelined round trip.
+func (c *cacheReader) lookup(ctx context.Context, keys []string, dim int) [][]float32 {
+	found := make([][]float32, len(keys))
+	if c.rdb == nil || len(keys) == 0 {
+		return found
+	}
+	pipe := c.rdb.Pipeline()
+	cmds := make([]*redis.StringCmd, len(keys))
+	for i, key := range keys {
+		cmds[i] = pipe.HGet(ctx, VectorKey(c.prefix, c.model, dim, key), "vector")
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return found
+	}
+	for i, cmd := range cmds {
+		raw, err := cmd.Bytes()
+		if err == nil && len(raw) == 4*dim { // a wrong size is a miss, not an error
+			found[i] = float32sLE(raw)
+		}
+	}
+	return found
+}
+
+func (c *cacheReader) close() error {
+	if c.rdb == nil {
+		return nil
+	}
+	return c.rdb.Close()
+}
+
+func float32sLE(raw []byte) []float32 {
+	vector := make([]float32, len(raw)/4)
+	for i := range vector {
+		vector[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
+	}
+	return vector
+}

@@ -1,0 +1,452 @@
+package embedfleet
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/sasl/plain"
+	"github.com/twmb/franz-go/pkg/sasl/scram"
+)
+
+const (
+	// DefaultTimeout bounds an Embed call whose ctx has no deadline and whose options set none.
+	DefaultTimeout   = 30 * time.Second
+	contractRefresh  = 30 * time.Second
+	contractRetry    = time.Second
+	produceAttempts  = 5
+	produceBackoff   = 100 * time.Millisecond
+	replyRetentionMs = "3600000" // an orphaned reply topic keeps its data for an hour at most
+)
+
+// EmbedOptions are the per-call settings; zero values mean "none".
+type EmbedOptions struct {
+	Task       string        // a prompt name of the model, e.g. "query"
+	Dimensions int           // Matryoshka truncation
+	Timeout    time.Duration // 0: ctx's deadline, else DefaultTimeout
+}
+
+// Stats counts texts per position in the calls (Produced counts request messages).
+type Stats struct {
+	Produced, Cached, Computed, Failed int64
+}
+
+type wireRequest struct {
+	ID             string `json:"id"`
+	Text           string `json:"text"`
+	Task           string `json:"task,omitempty"`
+	Dimensions     int    `json:"dimensions,omitempty"`
+	EncodingFormat string `json:"encoding_format"`
+	ReplyTo        string `json:"reply_to"`
+}
+
+type wireResult struct {
+	ID        *string   `json:"id"`
+	Vector    []float64 `json:"vector"`
+	VectorB64 *string   `json:"vector_b64"`
+	Cached    bool      `json:"cached"`
+	Error     *struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	} `json:"error"`
+}
+
+// Client embeds texts through the fleet: cache first, then one request per distinct
+// miss, keyed by its content hash, answered on a private reply topic. It is safe for
+// concurrent use.
+type Client struct {
+	cfg        Config
+	kafka      *kgo.Client // produces requests, administers the reply topic
+	replies    *kgo.Client // reads the reply topic
+	cache      *cacheReader
+	stopPoll   context.CancelFunc
+	pollDone   chan struct{}
+	mu         sync.Mutex
+	pending    map[string]chan wireResult
+	contractMu sync.Mutex
+	contract   ModelContract
+	hasModel   bool
+	contractAt time.Time
+	produced   atomic.Int64
+	cached     atomic.Int64
+	computed   atomic.Int64
+	failed     atomic.Int64
+}
+
+func kafkaOptions(cfg Config) ([]kgo.Opt, error) {
+	opts := []kgo.Opt{kgo.SeedBrokers(cfg.KafkaBootstrap...), kgo.ClientID("embedfleet-go-" + cfg.ClientID)}
+	switch cfg.KafkaSecurityProtocol {
+	case "", "PLAINTEXT", "SASL_PLAINTEXT":
+	case "SSL", "SASL_SSL":
+		tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
+		if cfg.KafkaSSLCAFile != "" {
+			pem, err := os.ReadFile(cfg.KafkaSSLCAFile)
+			if err != nil {
+				return nil, fmt.Errorf("embedfleet: EMBEDFLEET_KAFKA_SSL_CAFILE: %w", err)
+			}
+			tlsConfig.RootCAs = x509.NewCertPool()
+			if !tlsConfig.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("embedfleet: no certificate in %s", cfg.KafkaSSLCAFile)
+			}
+		}
+		opts = append(opts, kgo.DialTLSConfig(tlsConfig))
+	default:
+		return nil, fmt.Errorf("embedfleet: unknown security protocol %q", cfg.KafkaSecurityProtocol)
+	}
+	if cfg.KafkaSecurityProtocol == "SASL_PLAINTEXT" || cfg.KafkaSecurityProtocol == "SASL_SSL" {
+		user, pass := cfg.KafkaSASLUsername, cfg.KafkaSASLPassword
+		if user == "" {
+			return nil, errors.New("embedfleet: SASL needs EMBEDFLEET_KAFKA_SASL_USERNAME and _PASSWORD")
+		}
+		switch cfg.KafkaSASLMechanism {
+		case "", "PLAIN":
+			opts = append(opts, kgo.SASL(plain.Auth{User: user, Pass: pass}.AsMechanism()))
+		case "SCRAM-SHA-256":
+			opts = append(opts, kgo.SASL(scram.Auth{User: user, Pass: pass}.AsSha256Mechanism()))
+		case "SCRAM-SHA-512":
+			opts = append(opts, kgo.SASL(scram.Auth{User: user, Pass: pass}.AsSha512Mechanism()))
+		default:
+			return nil, fmt.Errorf("embedfleet: unknown SASL mechanism %q", cfg.KafkaSASLMechanism)
+		}
+	}
+	return opts, nil
+}
+
+// NewClient connects, creates the private reply topic and starts reading it.
+func NewClient(ctx context.Context, cfg Config) (*Client, error) {
+	if cfg.ClientID == "" {
+		cfg.ClientID = newClientID()
+	}
+	if len(cfg.KafkaBootstrap) == 0 || cfg.RequestsTopic == "" || cfg.ResultsTopic == "" {
+		return nil, errors.New("embedfleet: KafkaBootstrap, RequestsTopic and ResultsTopic are required (see ConfigFromEnv)")
+	}
+	if cfg.Linger == 0 {
+		cfg.Linger = 5 * time.Millisecond
+	}
+	if cfg.RedisTimeout == 0 {
+		cfg.RedisTimeout = time.Second
+	}
+	base, err := kafkaOptions(cfg)
+	if err != nil {
+		return nil, err
+	}
+	cache, err := newCacheReader(cfg)
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{cfg: cfg, cache: cache, pending: make(map[string]chan wireResult)}
+	// Idempotent with acks=all is franz-go's default; linger batches the requests of a call.
+	// No compression: franz-go's default (snappy) is a codec the Python workers may lack.
+	producerOpts := append(base, kgo.ProducerLinger(cfg.Linger), kgo.ProducerBatchCompression(kgo.NoCompression()))
+	if c.kafka, err = kgo.NewClient(producerOpts...); err != nil {
+		return nil, c.fail(err)
+	}
+	if err = c.kafka.Ping(ctx); err != nil {
+		return nil, c.fail(fmt.Errorf("embedfleet: cannot reach Kafka at %v (%w): start the local stack with "+
+			"`embedfleet stack up`, or set EMBEDFLEET_KAFKA_BOOTSTRAP", cfg.KafkaBootstrap, err))
+	}
+	topic := cfg.ReplyTopic()
+	retention := replyRetentionMs
+	created, err := kadm.NewClient(c.kafka).CreateTopic(ctx, 1, -1, map[string]*string{"retention.ms": &retention}, topic)
+	if err == nil && created.Err != nil && !errors.Is(created.Err, kerr.TopicAlreadyExists) {
+		err = created.Err
+	}
+	if err != nil {
+		return nil, c.fail(fmt.Errorf("embedfleet: cannot create the reply topic %s: %w", topic, err))
+	}
+	c.replies, err = kgo.NewClient(append(base,
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{topic: {0: kgo.NewOffset().AtStart()}}),
+		kgo.FetchMaxWait(100*time.Millisecond))...)
+	if err != nil {
+		return nil, c.fail(err)
+	}
+	pollCtx, stop := context.WithCancel(context.Background())
+	c.stopPoll, c.pollDone = stop, make(chan struct{})
+	go c.poll(pollCtx)
+	c.modelContract(ctx)
+	return c, nil
+}
+
+func (c *Client) fail(err error) error {
+	_ = c.Close()
+	return err
+}
+
+// Close stops reading, deletes the reply topic and closes the connections.
+func (c *Client) Close() error {
+	if c.stopPoll != nil {
+		c.stopPoll()
+		<-c.pollDone
+		c.stopPoll = nil
+	}
+	if c.replies != nil {
+		c.replies.Close()
+		c.replies = nil
+	}
+	var err error
+	if c.kafka != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if resp, deleteErr := kadm.NewClient(c.kafka).DeleteTopic(ctx, c.cfg.ReplyTopic()); deleteErr != nil {
+			err = deleteErr
+		} else if resp.Err != nil && !errors.Is(resp.Err, kerr.UnknownTopicOrPartition) {
+			err = resp.Err
+		}
+		c.kafka.Close()
+		c.kafka = nil
+	}
+	if cacheErr := c.cache.close(); err == nil {
+		err = cacheErr
+	}
+	return err
+}
+
+// Stats returns the counters since the client started.
+func (c *Client) Stats() Stats {
+	return Stats{Produced: c.produced.Load(), Cached: c.cached.Load(), Computed: c.computed.Load(),
+		Failed: c.failed.Load()}
+}
+
+// ModelContract returns the fingerprint (and dim) content hashes need: from the Config,
+// else from Redis; ok is false when neither has it.
+func (c *Client) ModelContract(ctx context.Context) (ModelContract, bool) {
+	return c.modelContract(ctx)
+}
+
+func (c *Client) modelContract(ctx context.Context) (ModelContract, bool) {
+	c.contractMu.Lock()
+	defer c.contractMu.Unlock()
+	age := time.Since(c.contractAt)
+	if (c.hasModel && age < contractRefresh) || (!c.hasModel && age < contractRetry) {
+		return c.contract, c.hasModel
+	}
+	c.contractAt = time.Now()
+	published, ok := c.cache.contract(ctx)
+	switch {
+	case c.cfg.ModelFingerprint != "":
+		c.contract, c.hasModel = ModelContract{Fingerprint: c.cfg.ModelFingerprint, Dim: c.cfg.ModelDim}, true
+		if c.contract.Dim == 0 && ok && published.Fingerprint == c.cfg.ModelFingerprint {
+			c.contract.Dim = published.Dim
+		}
+	case ok:
+		c.contract, c.hasModel = published, true
+	}
+	return c.contract, c.hasModel
+}
+
+func (c *Client) poll(ctx context.Context) {
+	defer close(c.pollDone)
+	for {
+		fetches := c.replies.PollFetches(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		// Fetch errors (a topic not yet visible, a broker restart) are retried by franz-go.
+		fetches.EachRecord(func(record *kgo.Record) { c.dispatch(record.Value) })
+	}
+}
+
+func (c *Client) dispatch(value []byte) {
+	var result wireResult
+	if err := json.Unmarshal(value, &result); err != nil || result.ID == nil {
+		return
+	}
+	c.mu.Lock()
+	ch := c.pending[*result.ID]
+	delete(c.pending, *result.ID)
+	c.mu.Unlock()
+	if ch != nil {
+		ch <- result // buffered: never blocks
+	}
+}
+
+func (c *Client) forget(ids []string) {
+	c.mu.Lock()
+	for _, id := range ids {
+		delete(c.pending, id)
+	}
+	c.mu.Unlock()
+}
+
+// Embed returns one vector per text, in order. On per-text failures it returns the
+// vectors it has (nil where a text failed) and a *BatchError; when results are still
+// missing as ctx ends (or opts.Timeout passes) it returns a *TimeoutError.
+func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) ([][]float32, error) {
+	if opts.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, opts.Timeout)
+		defer cancel()
+	} else if _, has := ctx.Deadline(); !has {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
+		defer cancel()
+	}
+	contract, known := c.modelContract(ctx)
+	fingerprint := ""
+	if known {
+		fingerprint = contract.Fingerprint
+	}
+	p, err := planRequests(texts, fingerprint, opts.Task, opts.Dimensions)
+	if err != nil {
+		return nil, err
+	}
+	vectors := make([][]float32, len(texts))
+	failures := append([]TextError(nil), p.failures...)
+	c.failed.Add(int64(len(p.failures)))
+	misses := p.distinct
+	dim := opts.Dimensions
+	if dim == 0 {
+		dim = contract.Dim
+	}
+	if p.byContentHash && dim > 0 && c.cache.enabled() {
+		keys := make([]string, len(p.distinct))
+		for i, entry := range p.distinct {
+			keys[i] = entry.key
+		}
+		misses = nil
+		for i, vector := range c.cache.lookup(ctx, keys, dim) {
+			if vector == nil {
+				misses = append(misses, p.distinct[i])
+				continue
+			}
+			fill(vectors, p.distinct[i].indices, vector)
+			c.cached.Add(int64(len(p.distinct[i].indices)))
+		}
+	}
+
+	ids := make([]string, len(misses))
+	channels := make([]chan wireResult, len(misses))
+	records := make([]*kgo.Record, len(misses))
+	c.mu.Lock()
+	for i, entry := range misses {
+		ids[i], channels[i] = newRequestID(), make(chan wireResult, 1)
+		c.pending[ids[i]] = channels[i]
+		value, _ := json.Marshal(wireRequest{ID: ids[i], Text: entry.text, Task: opts.Task,
+			Dimensions: opts.Dimensions, EncodingFormat: "base64", ReplyTo: c.cfg.ReplyTopic()})
+		records[i] = &kgo.Record{Topic: c.cfg.RequestsTopic, Key: []byte(entry.key), Value: value, Headers: []kgo.RecordHeader{
+			{Key: "content-type", Value: []byte("application/json")}, {Key: "schema", Value: []byte(SchemaVersion)}}}
+	}
+	c.mu.Unlock()
+	defer c.forget(ids)
+
+	if err := c.produce(ctx, records); err != nil {
+		if ctx.Err() == nil {
+			return nil, err
+		}
+		missing := 0
+		for _, entry := range misses {
+			missing += len(entry.indices)
+		}
+		c.failed.Add(int64(missing))
+		return vectors, &TimeoutError{Missing: missing, Total: len(texts), Failures: failures, Cause: ctx.Err()}
+	}
+	missing := 0
+	for i, entry := range misses {
+		var result wireResult
+		select {
+		case result = <-channels[i]:
+		case <-ctx.Done():
+			select { // a result may have arrived at the same moment
+			case result = <-channels[i]:
+			default:
+				missing += len(entry.indices)
+				continue
+			}
+		}
+		failures = c.record(result, entry, vectors, failures)
+	}
+	if missing > 0 {
+		c.failed.Add(int64(missing))
+		return vectors, &TimeoutError{Missing: missing, Total: len(texts), Failures: failures, Cause: ctx.Err()}
+	}
+	if len(failures) > 0 {
+		sort.Slice(failures, func(a, b int) bool { return failures[a].Index < failures[b].Index })
+		return vectors, &BatchError{Failures: failures, Total: len(texts)}
+	}
+	return vectors, nil
+}
+
+func (c *Client) record(result wireResult, entry *distinctText, vectors [][]float32, failures []TextError) []TextError {
+	fail := func(code, message string) []TextError {
+		for _, index := range entry.indices {
+			failures = append(failures, TextError{Index: index, Code: code, Message: message})
+		}
+		c.failed.Add(int64(len(entry.indices)))
+		return failures
+	}
+	if result.Error != nil {
+		return fail(result.Error.Code, result.Error.Message)
+	}
+	var vector []float32
+	switch {
+	case result.VectorB64 != nil:
+		var err error
+		if vector, err = DecodeVectorBase64(*result.VectorB64); err != nil {
+			return fail("invalid_result", err.Error())
+		}
+	case result.Vector != nil:
+		vector = make([]float32, len(result.Vector))
+		for i, f := range result.Vector {
+			vector[i] = float32(f)
+		}
+	default:
+		return fail("invalid_result", "result carries no vector")
+	}
+	fill(vectors, entry.indices, vector)
+	if result.Cached {
+		c.cached.Add(int64(len(entry.indices)))
+	} else {
+		c.computed.Add(int64(len(entry.indices)))
+	}
+	return failures
+}
+
+// fill gives repeated texts their own copies, so changing one vector never changes another.
+func fill(vectors [][]float32, indices []int, vector []float32) {
+	vectors[indices[0]] = vector
+	for _, index := range indices[1:] {
+		vectors[index] = append([]float32(nil), vector...)
+	}
+}
+
+// produce sends the records and waits for the broker's acks, retrying transient failures with backoff.
+func (c *Client) produce(ctx context.Context, records []*kgo.Record) error {
+	pending := records
+	for attempt := 1; len(pending) > 0; attempt++ {
+		var retry []*kgo.Record
+		for _, outcome := range c.kafka.ProduceSync(ctx, pending...) {
+			switch {
+			case outcome.Err == nil:
+				c.produced.Add(1)
+			case ctx.Err() != nil:
+				return ctx.Err()
+			case attempt < produceAttempts && (kerr.IsRetriable(outcome.Err) || errors.Is(outcome.Err, kgo.ErrRecordTimeout)):
+				r := outcome.Record
+				retry = append(retry, &kgo.Record{Topic: r.Topic, Key: r.Key, Value: r.Value, Headers: r.Headers})
+			default:
+				return fmt.Errorf("embedfleet: could not produce to %s: %w; does the topic exist "+
+					"(`embedfleet stack up` creates it)?", c.cfg.RequestsTopic, outcome.Err)
+			}
+		}
+		if len(retry) > 0 {
+			select {
+			case <-time.After(produceBackoff << (attempt - 1)):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		pending = retry
+	}
+	return nil
+}

@@ -1,0 +1,122 @@
+package embedfleet
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"strconv"
+	"time"
+)
+
+// Config says where the fleet is. ConfigFromEnv fills it from the same EMBEDFLEET_*
+// variables the Python client and the workers read.
+type Config struct {
+	KafkaBootstrap        []string // EMBEDFLEET_KAFKA_BOOTSTRAP (comma-separated)
+	RequestsTopic         string   // EMBEDFLEET_REQUESTS_TOPIC
+	ResultsTopic          string   // EMBEDFLEET_RESULTS_TOPIC; the reply topic is ResultsTopic + ".go-<id>"
+	KafkaSecurityProtocol string   // PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+	KafkaSASLMechanism    string   // PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+	KafkaSASLUsername     string
+	KafkaSASLPassword     string
+	KafkaSSLCAFile        string
+	RedisURL              string // empty: no cache lookup and no model contract from Redis
+	RedisUsername         string
+	RedisPassword         string
+	RedisTimeout          time.Duration
+	CacheKeyPrefix        string // EMBEDFLEET_CACHE_KEY_PREFIX
+	ModelName             string // EMBEDFLEET_MODEL_NAME
+	// ModelFingerprint is read from Redis ({prefix}:models:{model}) when empty.
+	ModelFingerprint string
+	ModelDim         int // EMBEDFLEET_MODEL_DIM; 0: from Redis
+	ClientID         string
+	Linger           time.Duration
+}
+
+// ConfigFromEnv returns the defaults overridden by the EMBEDFLEET_* environment.
+func ConfigFromEnv() Config {
+	c := Config{
+		KafkaBootstrap:        []string{"127.0.0.1:9092"},
+		RequestsTopic:         "embed.requests",
+		ResultsTopic:          "embed.results",
+		KafkaSecurityProtocol: "PLAINTEXT",
+		KafkaSASLMechanism:    "PLAIN",
+		RedisURL:              "redis://127.0.0.1:6379/0",
+		RedisTimeout:          time.Second,
+		CacheKeyPrefix:        "embedfleet",
+		ModelName:             "all-MiniLM-L6-v2",
+		Linger:                5 * time.Millisecond,
+	}
+	set := func(name string, into *string) {
+		if v, ok := os.LookupEnv(name); ok && v != "" {
+			*into = v
+		}
+	}
+	var bootstrap string
+	set("EMBEDFLEET_KAFKA_BOOTSTRAP", &bootstrap)
+	if bootstrap != "" {
+		c.KafkaBootstrap = splitComma(bootstrap)
+	}
+	set("EMBEDFLEET_REQUESTS_TOPIC", &c.RequestsTopic)
+	set("EMBEDFLEET_RESULTS_TOPIC", &c.ResultsTopic)
+	set("EMBEDFLEET_KAFKA_SECURITY_PROTOCOL", &c.KafkaSecurityProtocol)
+	set("EMBEDFLEET_KAFKA_SASL_MECHANISM", &c.KafkaSASLMechanism)
+	set("EMBEDFLEET_KAFKA_SASL_USERNAME", &c.KafkaSASLUsername)
+	set("EMBEDFLEET_KAFKA_SASL_PASSWORD", &c.KafkaSASLPassword)
+	set("EMBEDFLEET_KAFKA_SSL_CAFILE", &c.KafkaSSLCAFile)
+	if v, ok := os.LookupEnv("EMBEDFLEET_REDIS_URL"); ok {
+		c.RedisURL = v // an explicitly empty URL turns the cache off
+	}
+	set("EMBEDFLEET_REDIS_USERNAME", &c.RedisUsername)
+	set("EMBEDFLEET_REDIS_PASSWORD", &c.RedisPassword)
+	set("EMBEDFLEET_CACHE_KEY_PREFIX", &c.CacheKeyPrefix)
+	set("EMBEDFLEET_MODEL_NAME", &c.ModelName)
+	set("EMBEDFLEET_MODEL_FINGERPRINT", &c.ModelFingerprint)
+	var dim string
+	set("EMBEDFLEET_MODEL_DIM", &dim)
+	if n, err := strconv.Atoi(dim); err == nil && n > 0 {
+		c.ModelDim = n
+	}
+	return c
+}
+
+// ReplyTopic is the client's private results topic (it matches the workers'
+// allow-list embed\.results.* when ResultsTopic does).
+func (c Config) ReplyTopic() string {
+	return c.ResultsTopic + ".go-" + c.ClientID
+}
+
+func splitComma(s string) []string {
+	var out []string
+	start := 0
+	for i := 0; i <= len(s); i++ {
+		if i == len(s) || s[i] == ',' {
+			if part := trimSpace(s[start:i]); part != "" {
+				out = append(out, part)
+			}
+			start = i + 1
+		}
+	}
+	return out
+}
+
+func trimSpace(s string) string {
+	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
+		s = s[1:]
+	}
+	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == '\t') {
+		s = s[:len(s)-1]
+	}
+	return s
+}
+
+func newClientID() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func newRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
