@@ -105,6 +105,7 @@ class Worker:
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
+        self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
         # Exactly-once: batches publish strictly in the order they were cut.
         self._publish_turn = asyncio.Condition()
         self._next_to_publish = 0
@@ -195,7 +196,8 @@ class Worker:
                 log.warning("fetch failed (%s: %s); retrying in 1s", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
                 continue
-            records = [r for batch in fetched.values() for r in batch]
+            # A fetch that was in flight during a revoke may still carry the lost partitions.
+            records = [r for tp, batch in fetched.items() if tp in self._owned for r in batch]
             if not records:
                 continue
             for record in records:
@@ -349,26 +351,33 @@ class Worker:
             self.metrics.commits.labels("ok").inc()
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Finish what is already running for the revoked partitions, drop what has not started
+        (uncommitted, so the new owner processes it once), commit, and let them go. Dropping keeps
+        the revoke short: the group waits for it (rebalance_timeout_ms) before moving on."""
         if not revoked:
             return
         self._fetch_allowed.clear()
         try:
-            for batch in self.batcher.flush():
-                await self._start_batch(batch)
+            lost = set(revoked)
+            self._owned -= lost
+            dropped = self.batcher.discard(
+                lambda item: TopicPartition(item.source.topic, item.source.partition) in lost)
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            # Polling is fine here: a revoke is rare and its wait is bounded by one batch.
-            while self.offsets.in_flight_of(revoked) and time.monotonic() < deadline:  # noqa: ASYNC110
+            # Polling is fine here: a revoke is rare and its wait is bounded by the running batches.
+            while self.offsets.in_flight_of(revoked) > len(dropped) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             await self._commit()
             self.offsets.forget(revoked)
             for tp in revoked:
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(tp.topic, str(tp.partition))
-            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+            log.info("partitions revoked: %s (%d queued requests left to the new owner)",
+                     sorted(tp.partition for tp in revoked), len(dropped))
         finally:
             self._fetch_allowed.set()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._owned = set(assigned)
         self.health.group_joined = True
         self.health.details["partitions"] = ",".join(str(tp.partition) for tp in sorted(
             self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition)))

@@ -86,6 +86,19 @@ class MicroBatcher(Generic[T]):
         self._closed.clear()
         return batches
 
+    def discard(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Removes the jobs matching ``predicate`` from every batch not yet handed out (a revoked
+        partition's jobs: their offsets stay uncommitted, so the new owner gets them)."""
+        removed: list[T] = []
+        for batch in [self._open, *self._closed]:
+            kept = [(item, tokens) for item, tokens in zip(batch.items, batch.tokens, strict=True)
+                    if not predicate(item)]
+            removed.extend(item for item in batch.items if predicate(item))
+            batch.items = [item for item, _ in kept]
+            batch.tokens = [tokens for _, tokens in kept]
+        self._closed = deque(b for b in self._closed if b.items)
+        return removed
+
     def poll(self) -> Batch[T] | None:
         """The next closed batch, closing the open one first if its window has ended."""
         if not self._closed and self._open.items and \

@@ -121,6 +121,9 @@ def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
         fetch_max_bytes=max(config.max_message_bytes * 4, 50 << 20),
         max_poll_interval_ms=300_000,
         session_timeout_ms=10_000,
+        # How long the group waits for this member to rejoin: a revoke finishes the running
+        # batches first (seconds), which must never get the member thrown out of the group.
+        rebalance_timeout_ms=60_000,
         heartbeat_interval_ms=1_000,
         isolation_level="read_committed" if config.guarantee == "exactly-once" else "read_uncommitted",
     )

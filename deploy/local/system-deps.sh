@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the local stack and the tests need, when they are missing:
 # Java 17+ (the Kafka broker), Maven (fetches the broker jars), kcat (an independent Kafka client
-# the tests use to prove the wire contract is language-neutral), Go (the Go client's tests).
+# the tests use to prove the wire contract is language-neutral), Go (the Go client's tests),
+# promtool (tests/deploy checks the Prometheus rules; Debian ships it in `prometheus`).
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,7 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v kcat >/dev/null || missing+=(kcat)
 command -v go >/dev/null || missing+=(golang-go)
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -89,7 +89,8 @@ async def audit(fleet: Fleet, ids: list[str], timeout_s: float = 60) -> tuple[in
                     result_id = json.loads(record.value).get("id")
                     if result_id in wanted:
                         counts[result_id] = counts.get(result_id, 0) + 1
-            if all(await consumer.position(tp) >= offset for tp, offset in end.items()):
+            positions = [await consumer.position(tp) for tp in end]
+            if all(p >= o for p, o in zip(positions, end.values(), strict=True)):
                 break
     finally:
         await consumer.stop()

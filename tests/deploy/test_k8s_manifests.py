@@ -1,0 +1,184 @@
+"""deploy/k8s: every manifest parses, has a known kind/apiVersion, and carries what the fleet
+needs (probes, grace period past the drain, replicas within the partitions, PDB, monitoring,
+limits, non-root). A schema check of our own: kubeconform needs schemas from the internet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deploy.deployfiles import K8S, load_yaml, load_yaml_documents
+from worker.config import WorkerConfig
+
+DRAIN_S = 120          # the worker drains for up to this long after SIGTERM
+PARTITIONS = 6         # embed.requests
+METRICS_PORT = 9400
+API_VERSIONS = {
+    "Namespace": "v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+    "TriggerAuthentication": "keda.sh/v1alpha1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+}
+Manifest = dict[str, Any]
+
+
+def kustomization() -> dict[str, Any]:
+    loaded: dict[str, Any] = load_yaml(K8S / "kustomization.yaml")
+    return loaded
+
+
+def manifests() -> list[Manifest]:
+    return [doc for resource in kustomization()["resources"] for doc in load_yaml_documents(K8S / resource)]
+
+
+def one(kind: str) -> Manifest:
+    found = [m for m in manifests() if m["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def container(deployment: Manifest) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    found: dict[str, Any] = containers[0]
+    return found
+
+
+def test_kustomization_lists_every_manifest_and_they_exist() -> None:
+    k = kustomization()
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    assert k["namespace"] == "embedfleet"
+    listed = set(k["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk, f"not listed: {on_disk - listed}; missing: {listed - on_disk}"
+    assert any(image["name"] == "embedfleet" for image in k["images"])
+
+
+@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: Path(p).name)
+def test_every_document_has_kind_api_version_and_name(path: Path) -> None:
+    for doc in load_yaml_documents(path):
+        if path.name == "kustomization.yaml":
+            continue
+        kind = doc.get("kind")
+        assert kind in API_VERSIONS, f"{path.name}: unexpected kind {kind!r}"
+        assert doc.get("apiVersion") == API_VERSIONS[kind], f"{path.name}: {kind} apiVersion"
+        assert doc.get("metadata", {}).get("name"), f"{path.name}: {kind} without metadata.name"
+        # Namespaced objects get the namespace from kustomization.yaml, never a conflicting one.
+        assert doc["metadata"].get("namespace") in (None, "embedfleet")
+
+
+def test_all_kinds_are_present() -> None:
+    kinds = {m["kind"] for m in manifests()}
+    assert set(API_VERSIONS) <= kinds, f"missing: {set(API_VERSIONS) - kinds}"
+
+
+def test_deployment_probes_grace_and_strategy() -> None:
+    deployment = one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"][
+        "metadata"]["labels"].items()
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    port_names = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port_names == {"metrics": METRICS_PORT}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in ("metrics", METRICS_PORT)
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= 150 and grace > DRAIN_S, "SIGKILL must not cut the drain short"
+    # KEDA owns the replica count; a fixed one must at least fit the partitions.
+    assert deployment["spec"].get("replicas", 1) <= PARTITIONS
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_deployment_resources_and_security() -> None:
+    deployment = one("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    resources = c["resources"]
+    for part in ("requests", "limits"):
+        assert {"cpu", "memory"} <= resources[part].keys(), f"resources.{part} needs cpu and memory"
+    assert resources["limits"]["memory"] == "1536Mi"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    security = c["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # A read-only root needs a writable /tmp (EMBEDFLEET_HOME=/tmp/embedfleet in the image).
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    preferred = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_deployment_environment_comes_from_the_configmap_and_secret() -> None:
+    c = container(one("Deployment"))
+    sources = {next(iter(k for k in s if k.endswith("Ref"))): s for s in c["envFrom"]}
+    assert sources["configMapRef"]["configMapRef"]["name"] == one("ConfigMap")["metadata"]["name"]
+    assert sources["secretRef"]["secretRef"]["name"] == one("Secret")["metadata"]["name"]
+
+
+def test_configmap_and_secret_are_a_valid_worker_configuration() -> None:
+    config_data: dict[str, str] = one("ConfigMap")["data"]
+    secret_data: dict[str, str] = one("Secret")["stringData"]
+    known = {f.metadata["env"] for f in WorkerConfig.__dataclass_fields__.values()}
+    assert not set(config_data) - known, f"unknown settings: {set(config_data) - known}"
+    assert not set(secret_data) - known, f"unknown settings: {set(secret_data) - known}"
+    secrets = {f.metadata["env"] for f in WorkerConfig.__dataclass_fields__.values() if f.metadata["secret"]}
+    assert not secrets & set(config_data), "credentials belong in the Secret, not the ConfigMap"
+    assert secrets <= set(secret_data)
+    assert all("CHANGE-ME" in secret_data[key] for key in secrets), "the Secret is a template"
+    config = WorkerConfig.from_env({**config_data, **secret_data})
+    assert config.metrics_host == "0.0.0.0" and config.metrics_port == METRICS_PORT
+    assert config.intra_op_threads >= 1, "0 means one thread per node core: CPU throttling"
+
+
+def test_service_and_servicemonitor_agree() -> None:
+    service, monitor, deployment = one("Service"), one("ServiceMonitor"), one("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names, "ServiceMonitor endpoint port must name a Service port"
+        assert endpoint.get("path", "/metrics") == "/metrics"
+    # The Operator names the job after the Service; the rules select job="embedfleet".
+    assert service["metadata"]["name"] == "embedfleet"
+
+
+def test_pdb() -> None:
+    pdb, deployment = one("PodDisruptionBudget"), one("Deployment")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"][
+        "metadata"]["labels"].items()
+
+
+def test_keda_scales_on_the_group_lag_within_the_partitions() -> None:
+    scaled, deployment = one("ScaledObject"), one("Deployment")
+    config = one("ConfigMap")["data"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert spec["minReplicaCount"] == 1
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= PARTITIONS
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["consumerGroup"] == config["EMBEDFLEET_GROUP_ID"] == "embedfleet"
+    assert meta["topic"] == config["EMBEDFLEET_REQUESTS_TOPIC"] == "embed.requests"
+    assert meta["bootstrapServers"] == config["EMBEDFLEET_KAFKA_BOOTSTRAP"]
+    assert int(meta["lagThreshold"]) > 0
+    assert meta["allowIdleConsumers"] == "false"
+    auth = one("TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    secret_keys = set(one("Secret")["stringData"])
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["name"] == one("Secret")["metadata"]["name"] and ref["key"] in secret_keys
