@@ -30,6 +30,8 @@ from worker.jobs import Job, RawMessage, Rejection, Source
 from worker.kafka_options import kafka_connection_options
 
 TokenCounter = Callable[[Sequence[str], str | None], list[int]]
+# Producers key requests by content hash (64 characters); a key far beyond that is hostile.
+MAX_KEY_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,9 @@ class RequestDecoder:
             raw = RawMessage(record.key, record.value, headers)
             content_type = ContentType.JSON
             try:
+                if record.key is not None and len(record.key) > MAX_KEY_BYTES:
+                    raise RequestError(ErrorCode.MESSAGE_TOO_LARGE,
+                                       f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}")
                 content_type = content_type_of(headers)
                 request = decode_request(record.value, headers, self._limits)
                 reply_topic = request.reply_to or self._default_reply_topic
