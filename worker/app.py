@@ -279,9 +279,17 @@ class Worker:
             self.metrics.dlq.labels(rejection.error.code.value).inc()
             if rejection.error.code != ErrorCode.INFERENCE_FAILED:
                 self.metrics.requests.labels("rejected").inc()
+        spans: dict[int, list[int]] = {}
         for item in items:
             self.offsets.done(TopicPartition(item.source.topic, item.source.partition), item.source.offset)
+            span = spans.setdefault(item.source.partition, [item.source.offset, item.source.offset])
+            span[0], span[1] = min(span[0], item.source.offset), max(span[1], item.source.offset)
         self._commit_wanted.set()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch done", extra={
+                "batch_size": len(items), "results": len(outcome.results), "rejected": len(rejections),
+                "cached": sum(r.cached for _, r in outcome.results),
+                "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())}})
 
     async def _publish_transaction(self, items: list[Job | Rejection], outcome: BatchOutcome,
                                    rejections: list[Rejection], sequence: int) -> None:
