@@ -29,11 +29,12 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas import ErrorCode, RequestLimits
 from worker.batcher import Batch, MicroBatcher
-from worker.cache import VectorCache, redis_client
+from worker.cache import VectorCache, redis_client, redis_login_problem
 from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
 from worker.health import HealthServer, HealthState
 from worker.jobs import Job, Rejection
+from worker.kafka_options import explain_kafka_error
 from worker.logs import setup_logging
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
@@ -117,8 +118,8 @@ class Worker:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.producer.start()
         try:
+            await self.producer.start()
             self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
             await self.consumer.start()
             if self.health_server is not None:
@@ -428,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config: WorkerConfig, embedder: Any) -> int:
+    # A refused Redis login is a configuration error, not an outage: never run without the cache
+    # because of a wrong password.
+    problem = await redis_login_problem(config)
+    if problem is not None:
+        log.error("%s; not starting", problem)
+        return 2
     worker = Worker(config, embedder)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -435,6 +442,6 @@ async def serve(config: WorkerConfig, embedder: Any) -> int:
     try:
         await worker.run()
     except KafkaError as exc:
-        log.error("kafka error: %s; check EMBEDFLEET_KAFKA_BOOTSTRAP and the broker", exc)
+        log.error("%s", await explain_kafka_error(config, exc))
         return 1
     return 0

