@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -138,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  sorted/unsorted int8 {int8_sorted / int8_unsorted:.2f}"
                 f"  fp32 {fp32_sorted / fp32_unsorted:.2f}"
             )
+    int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=args.threads)
+    sample = datasets["queries"][:200]
+    batched = int8.embed(sample, batch_size=32).vectors
+    alone = np.stack([int8.embed([text]).vectors[0] for text in sample])
+    print(
+        f"\nINT8 batch invariance ({len(sample)} queries, batches of 32 vs one at a time): "
+        f"max |difference| {float(np.abs(batched - alone).max()):.1e}"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process (fp32 + int8 sessions): {peak:.0f} MB")
     child = subprocess.run(
