@@ -68,7 +68,7 @@ class Worker:
         self.health = HealthState(model_loaded=True)
         manifest = embedder.manifest
         self.model = ModelContract(
-            name=manifest.name, fingerprint=manifest.fingerprint, dim=manifest.dim,
+            name=manifest.name, fingerprint=embedder.model_fingerprint, dim=manifest.dim,
             tasks=frozenset(manifest.prompts),
             dimensions=frozenset({*manifest.matryoshka_dims, manifest.dim}))
         self.decoder = RequestDecoder(
@@ -112,7 +112,7 @@ class Worker:
         self._next_to_publish = 0
         self._publish_failed = False
         self.metrics.model.info({
-            "name": manifest.name, "fingerprint": manifest.fingerprint, "dim": str(manifest.dim),
+            "name": manifest.name, "fingerprint": embedder.model_fingerprint, "dim": str(manifest.dim),
             "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
 
     # --- lifecycle -----------------------------------------------------------------------------

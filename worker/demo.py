@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas import content_hash, decode_result, encode_request, request_headers
 from schemas.messages import EmbedRequest
 from worker.config import WorkerConfig
+from worker.engine.bundle import load_bundle, serving_fingerprint
 
 SAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "local" / "demo-queries.jsonl"
 METRICS_PORTS = (9401, 9402)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no model bundle at {config.model}: run `make model` first", file=sys.stderr)
         return 2
     texts = [json.loads(line) for line in args.texts.read_text().splitlines()[: args.limit]]
-    fingerprint = json.loads(manifest_path.read_text())["fingerprint"]
+    fingerprint = serving_fingerprint(load_bundle(config.model).manifest, config.variant)
     workers = start_workers(args.workers)
     try:
         return asyncio.run(demo(config, texts, fingerprint, workers, args.timeout))

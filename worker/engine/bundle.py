@@ -9,6 +9,7 @@ with an error naming the missing or corrupt file and how to fix it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,30 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     # Name of the graph output to pool (rank 3), or a pooled output (rank 2).
     output_name: str = "last_hidden_state"
     format_version: int = FORMAT_VERSION
+
+
+def serving_fingerprint(manifest: Manifest, variant: str) -> str:
+    """The model fingerprint that goes into content hashes for vectors served by ``variant``.
+
+    Two workers may share cached vectors only if they would compute the same vectors, so this
+    covers every input that changes one: the source weights, the variant's ONNX file (its
+    quantization scheme), pooling, normalisation, max tokens, prompts and Matryoshka settings.
+    An FP32 worker and an INT8 worker therefore never serve each other's vectors, and a rebuilt
+    INT8 file with a new quantization scheme starts a fresh cache.
+    """
+    filename = manifest.variants.get(variant, "")
+    identity = {
+        "weights": manifest.fingerprint,
+        "variant": variant,
+        "file_sha256": manifest.file_sha256.get(filename, ""),
+        "pooling": manifest.pooling,
+        "normalize": manifest.normalize,
+        "max_tokens": manifest.max_tokens,
+        "prompts": manifest.prompts,
+        "matryoshka_layer_norm": manifest.matryoshka_layer_norm,
+        "output_name": manifest.output_name,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

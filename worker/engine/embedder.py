@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle
+from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
 from worker.engine.tokenize import Encoded, TextTokenizer, TokenizedText
 
 FloatArray = npt.NDArray[np.float32]
@@ -169,7 +169,8 @@ class Embedder:
 
     @property
     def model_fingerprint(self) -> str:
-        return self.bundle.manifest.fingerprint
+        """The fingerprint content hashes use: weights + this variant (see serving_fingerprint)."""
+        return serving_fingerprint(self.bundle.manifest, self.variant)
 
     @property
     def dim(self) -> int:
