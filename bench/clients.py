@@ -26,9 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis.asyncio as redis_asyncio
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from producer import Client, ClientConfig
+from worker.cache import drop_cache_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
@@ -114,6 +116,9 @@ async def own_fleet(args: argparse.Namespace) -> AsyncIterator[dict[str, str]]:
         await asyncio.to_thread(stop_workers, workers)
         await admin.delete_topics([t.name for t in topics])
         await admin.close()
+        cache = redis_asyncio.Redis.from_url(args.redis_url)
+        await drop_cache_prefix(cache, names["EMBEDFLEET_CACHE_KEY_PREFIX"])
+        await cache.aclose()
 
 
 def chunks(texts: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -5,7 +5,8 @@
 Needs the local stack (`make stack-up`) and the default bundle (`make model`). Every phase uses
 fresh topics and a fresh cache prefix, and a worker process of its own (all cores):
 
-  a. engine alone: the same texts through `Embedder.embed` in-process, same batch settings (ceiling)
+  a. engine alone: the same texts through `Embedder.embed` in-process, in micro-batches of the
+     worker's size cap with the same model batch size and token budget (the ceiling)
   b. worker, unique texts: a backlog of distinct texts, all cache misses
   c. worker, all hits: a backlog cycling over the texts of (b), now cached; also the worker's peak RSS
   d. worker, natural mix: corpus queries in order, natural duplicates, cold cache
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import redis.asyncio as redis_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from schemas import EmbedRequest, encode_request, request_headers  # noqa: E402
+from worker.cache import drop_cache_prefix  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 
 BOOTSTRAP = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -251,10 +254,15 @@ async def latency_phase(texts: list[str], rate: float, cache_prefix: str) -> Pha
 def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
     from worker.engine.embedder import Embedder
 
-    embedder = Embedder.from_bundle(config.model, variant=config.variant)
+    embedder = Embedder.from_bundle(config.model, variant=config.variant,
+                                    intra_op_threads=config.intra_op_threads or None)
     embedder.embed(texts[:64], batch_size=config.inference_batch_size, token_budget=config.token_budget)
+    # The worker's unit of work: micro-batches of max_batch_size texts in arrival order, each
+    # length-sorted and cut into model batches by the same size and token budget.
     started = time.perf_counter()
-    embedder.embed(texts, batch_size=config.inference_batch_size, token_budget=config.token_budget)
+    for start in range(0, len(texts), config.max_batch_size):
+        embedder.embed(texts[start: start + config.max_batch_size], batch_size=config.inference_batch_size,
+                       token_budget=config.token_budget)
     seconds = time.perf_counter() - started
     # One batch's inference time: a full batch of typical (median-length) texts.
     batch = texts[: config.inference_batch_size]
@@ -313,6 +321,10 @@ async def main() -> int:
     ]
     for label, value, target in checks:
         print(f"{'PASS' if value >= target else 'FAIL'}  {label}: {value:.2f}")
+    client = redis_asyncio.Redis.from_url(config.redis_url)
+    for phase_prefix in ("b", "d", "e"):
+        await drop_cache_prefix(client, f"bench-{run_id}-{phase_prefix}")
+    await client.aclose()
     return 0
 
 

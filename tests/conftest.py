@@ -100,4 +100,4 @@ async def fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path,
         yield running
     finally:
         running.stop_all()
-        await running.delete_topics()
+        await running.cleanup()

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.helpers import create_topic, delete_topics
+from worker.cache import drop_cache_prefix
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
@@ -137,6 +139,12 @@ class Fleet:
     async def delete_topics(self) -> None:
         await delete_topics(self.bootstrap, [self.requests_topic, self.results_topic, self.dlq_topic])
 
+    async def cleanup(self) -> None:
+        """Deletes the fleet's topics and its cache entries and indexes, so test runs do not pile
+        up data in the local Redis (which would slow its next start: it re-indexes on load)."""
+        await self.delete_topics()
+        await drop_cache(self.redis_url, self.cache_prefix)
+
     def start_worker(self, *args: str, env: Mapping[str, str] | None = None) -> WorkerProcess:
         name = f"w{len(self.workers)}-{self.tag}"
         port = free_port()
@@ -193,6 +201,14 @@ async def start_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, log
         fleet.start_worker()
     await fleet.wait_ready()
     return fleet
+
+
+async def drop_cache(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await drop_cache_prefix(client, prefix)
+    finally:
+        await client.aclose()
 
 
 def request(text: str, **fields: Any) -> tuple[str, bytes]:

@@ -45,6 +45,20 @@ def redis_client(url: str, *, username: str = "", password: str = "", timeout_s:
     return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
 
 
+async def drop_cache_prefix(client: redis.Redis, prefix: str) -> int:
+    """Drops every vector index and key written under a cache key prefix (tests, benchmarks, and
+    starting afresh after a model change); returns how many keys went."""
+    dropped = 0
+    for index in await client.execute_command("FT._LIST"):  # type: ignore[no-untyped-call]
+        name = index.decode() if isinstance(index, bytes) else str(index)
+        if name.startswith(f"{prefix}-"):
+            await client.execute_command("FT.DROPINDEX", name, "DD")  # type: ignore[no-untyped-call]
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        dropped += await client.delete(*keys[start: start + 1000])
+    return dropped
+
+
 async def redis_login_problem(config: WorkerConfig) -> str | None:
     """Why Redis refuses this worker's credentials, or None (also when Redis is merely down or
     slow: then the cache fails open as usual)."""

@@ -109,7 +109,7 @@ async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
             yield state
     finally:
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()
 
 
 async def test_list_prints_dead_letters_safely(scenario: Scenario) -> None:

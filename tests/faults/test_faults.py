@@ -34,7 +34,7 @@ async def two_workers(kafka_bootstrap: str, redis_url: str, model_dir: Path,
     fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
     yield fleet  # type: ignore[misc]
     fleet.stop_all()
-    await fleet.delete_topics()
+    await fleet.cleanup()
 
 
 async def record(ledger: FaultLedger, name: str, fleet: Fleet, ids: list[str], stall: float,
@@ -170,7 +170,7 @@ async def test_poison_text_is_isolated(kafka_bootstrap: str, redis_url: str, mod
         assert row.missing == 0
     finally:
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()
 
 
 async def test_exactly_once_kill_9_leaves_no_duplicates(kafka_bootstrap: str, redis_url: str,
@@ -192,4 +192,4 @@ async def test_exactly_once_kill_9_leaves_no_duplicates(kafka_bootstrap: str, re
         assert row.duplicates == 0
     finally:
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()

@@ -121,4 +121,4 @@ async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
     finally:
         await producer.stop()
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()

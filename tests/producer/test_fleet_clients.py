@@ -134,7 +134,7 @@ async def test_fp32_fleet_matches_offline_embed(
         assert cosines(got, expected).min() >= MIN_COSINE
     finally:
         fp32_fleet.stop_all()
-        await fp32_fleet.delete_topics()
+        await fp32_fleet.cleanup()
 
 
 async def test_identical_texts_make_one_request(client: Client) -> None:

@@ -93,7 +93,7 @@ async def make_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path,
     yield make
     for fleet in fleets:
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ async def test_a_thousand_texts_fp32_workers_match_the_reference(
                                      mean_floor=0.9999)
     finally:
         fp32_fleet.stop_all()
-        await fp32_fleet.delete_topics()
+        await fp32_fleet.cleanup()
 
 
 async def test_a_thousand_texts_int8_workers(fleet: Fleet, shared_dir: Path) -> None:

@@ -38,4 +38,4 @@ async def test_a_worker_logs_json_batch_events(kafka_bootstrap: str, redis_url: 
         assert any("partitions assigned" in line["msg"] for line in lines)
     finally:
         fleet.stop_all()
-        await fleet.delete_topics()
+        await fleet.cleanup()
