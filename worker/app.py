@@ -43,7 +43,8 @@ from worker.publisher import ResultPublisher, create_producer
 
 log = logging.getLogger("embedfleet.worker")
 FETCH_MAX_RECORDS = 500
-# Batches handled at once: one in the model, the next being looked up, one publishing.
+# Batches handled at once per inference thread: one in the model, the next being looked up, one
+# publishing.
 CONCURRENT_BATCHES = 3
 DRAIN_TIMEOUT_S = 120.0
 COMMIT_INTERVAL_S = 0.1
@@ -94,7 +95,8 @@ class Worker:
                                  ttl_s=config.cache_ttl_s, metrics=self.metrics)
         self.processor = BatchProcessor(
             backend=embedder, cache=self.cache, metrics=self.metrics, model_name=manifest.name,
-            inference_batch_size=config.inference_batch_size, token_budget=config.token_budget)
+            inference_batch_size=config.inference_batch_size, token_budget=config.token_budget,
+            inference_threads=config.inference_threads)
         self.health_server = HealthServer(self.health, self.metrics.exposition, config.metrics_host,
                                           config.metrics_port) if config.metrics_port else None
         self._stopping = asyncio.Event()
@@ -102,7 +104,7 @@ class Worker:
         self._fetch_allowed.set()
         self._paused = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._batch_slots = asyncio.Semaphore(CONCURRENT_BATCHES)
+        self._batch_slots = asyncio.Semaphore(config.inference_threads + CONCURRENT_BATCHES - 1)
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0

@@ -98,6 +98,9 @@ class WorkerConfig:
     device: str = setting("EMBEDFLEET_DEVICE", "inference device", default="cpu", choices=("cpu", "cuda"))
     intra_op_threads: int = setting("EMBEDFLEET_INTRA_OP_THREADS",
                                     "ONNX Runtime threads per inference (0 = physical cores)", default=0)
+    inference_threads: int = setting(
+        "EMBEDFLEET_INFERENCE_THREADS",
+        "batches run by the model at once (with N > 1, set EMBEDFLEET_INTRA_OP_THREADS=1)", default=1)
     # Batching
     batch_window_ms: float = setting("EMBEDFLEET_BATCH_WINDOW_MS",
                                      "a micro-batch closes this long after its first message", default=5.0)
@@ -126,6 +129,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
             raise ValueError("batch window must be >= 0, token budget and batch size > 0")
+        if self.inference_threads <= 0:
+            raise ValueError("EMBEDFLEET_INFERENCE_THREADS must be >= 1")
         if self.inference_batch_size <= 0 or self.max_in_flight < self.max_batch_size:
             raise ValueError("inference batch size must be > 0 and max in flight >= max batch size")
         re.compile(self.reply_to_pattern)

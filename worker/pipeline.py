@@ -1,7 +1,7 @@
 """One micro-batch from jobs to results: dedup, cache lookup, model on the misses, cache populate.
 
-The model runs in a single dedicated thread (ONNX Runtime releases the GIL), so while it works
-on one batch the event loop fetches, decodes and looks up the next. An inference failure is
+The model runs in dedicated threads (ONNX Runtime releases the GIL), so while it works on one
+batch the event loop fetches, decodes and looks up the next. An inference failure is
 isolated by splitting the failing group in halves until the poison texts stand alone; they get
 ``inference_failed``, everything else in the batch is answered.
 """
@@ -56,15 +56,17 @@ class _Computed:
 
 class BatchProcessor:
     def __init__(self, *, backend: EmbeddingBackend, cache: VectorCache, metrics: WorkerMetrics,
-                 model_name: str, inference_batch_size: int, token_budget: int) -> None:
+                 model_name: str, inference_batch_size: int, token_budget: int,
+                 inference_threads: int = 1) -> None:
         self._backend = backend
         self._cache = cache
         self._metrics = metrics
         self._model_name = model_name
         self._inference_batch_size = inference_batch_size
         self._token_budget = token_budget
-        # One thread: the model already uses every core; two runs would only contend.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # Usually one thread, the model using every core; or several single-threaded runs side by
+        # side (EMBEDFLEET_INFERENCE_THREADS), which the event loop's own work disturbs less.
+        self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
