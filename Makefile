@@ -60,6 +60,8 @@ lint: venv
 
 bench: venv system-deps model stack-up
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/clients.py
 
 clean: stack-down
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache
