@@ -30,7 +30,7 @@ system-deps:
 
 # The default bundle is built once from the packaged safetensors weights, and again only when
 # the export code changes.
-$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py
+$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/build.py
 	$(BIN)/embedfleet model build --out $(MODEL_DIR)
 
 model: $(MODEL_STAMP)
