@@ -256,20 +256,20 @@ def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
 
     embedder = Embedder.from_bundle(config.model, variant=config.variant,
                                     intra_op_threads=config.intra_op_threads or None)
-    embedder.embed(texts[:64], batch_size=config.inference_batch_size, token_budget=config.token_budget)
+    model_batch = {"batch_size": config.inference_batch_size, "token_budget": config.inference_token_budget}
+    embedder.embed(texts[:64], **model_batch)
     # The worker's unit of work: micro-batches of max_batch_size texts in arrival order, each
     # length-sorted and cut into model batches by the same size and token budget.
     started = time.perf_counter()
     for start in range(0, len(texts), config.max_batch_size):
-        embedder.embed(texts[start: start + config.max_batch_size], batch_size=config.inference_batch_size,
-                       token_budget=config.token_budget)
+        embedder.embed(texts[start: start + config.max_batch_size], **model_batch)
     seconds = time.perf_counter() - started
     # One batch's inference time: a full batch of typical (median-length) texts.
     batch = texts[: config.inference_batch_size]
     timings = []
     for _ in range(5):
         t0 = time.perf_counter()
-        embedder.embed(batch, batch_size=config.inference_batch_size, token_budget=config.token_budget)
+        embedder.embed(batch, **model_batch)
         timings.append(time.perf_counter() - t0)
     return Phase("a. engine alone (ceiling)", len(texts), seconds), float(np.median(timings))
 

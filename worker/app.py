@@ -43,9 +43,9 @@ from worker.publisher import ResultPublisher, create_producer
 
 log = logging.getLogger("embedfleet.worker")
 FETCH_MAX_RECORDS = 500
-# Batches handled at once per inference thread: one in the model, the next being looked up, one
-# publishing.
-CONCURRENT_BATCHES = 3
+# Batches handled at once: one per inference thread in the model, plus one being looked up or
+# published; meanwhile new work grows the batcher's open batch.
+CONCURRENT_BATCHES = 2
 DRAIN_TIMEOUT_S = 120.0
 COMMIT_INTERVAL_S = 0.1
 
@@ -95,7 +95,7 @@ class Worker:
                                  ttl_s=config.cache_ttl_s, metrics=self.metrics)
         self.processor = BatchProcessor(
             backend=embedder, cache=self.cache, metrics=self.metrics, model_name=manifest.name,
-            inference_batch_size=config.inference_batch_size, token_budget=config.token_budget,
+            inference_batch_size=config.inference_batch_size, token_budget=config.inference_token_budget,
             inference_threads=config.inference_threads)
         self.health_server = HealthServer(self.health, self.metrics.exposition, config.metrics_host,
                                           config.metrics_port) if config.metrics_port else None
@@ -237,11 +237,22 @@ class Worker:
 
     async def _batch_loop(self) -> None:
         while True:
-            batch = await self.batcher.next_batch()
-            await self._start_batch(batch)
+            # Room first, then the batch: while the model is busy, the open batch keeps growing
+            # and is taken as one larger batch when room frees up.
+            await self._batch_slots.acquire()
+            try:
+                batch = await self.batcher.next_batch()
+            except BaseException:
+                self._batch_slots.release()
+                raise
+            self._launch(batch)
 
     async def _start_batch(self, batch: Batch[Job | Rejection]) -> None:
         await self._batch_slots.acquire()
+        self._launch(batch)
+
+    def _launch(self, batch: Batch[Job | Rejection]) -> None:
+        """Starts a batch; the caller holds a batch slot, released when the batch is done."""
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(batch.padded_tokens)
         sequence = self._batches_started

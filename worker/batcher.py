@@ -7,8 +7,11 @@ A batch closes when the first of these happens:
   the model really computes after padding, as TEI's ``max_batch_tokens`` counts) past the budget;
 * the batch holds ``max_size`` jobs.
 
-Closed batches queue up until the pipeline takes them, so a slow model never stops the batcher;
-the consumer bounds the jobs in flight instead (it pauses partitions). The batcher knows nothing
+The window is checked when the pipeline asks for a batch, which it does only when it has room for
+one: while the model is busy the open batch keeps growing up to the budget or the size cap, so
+batches grow with the load (fewer fixed costs per batch, as continuous batching does) and at low
+load nothing waits longer than the window. The consumer bounds the jobs in flight (it pauses
+partitions). The batcher knows nothing
 of Kafka, Redis or the model: it moves opaque items with a token count.
 """
 

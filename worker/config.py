@@ -109,6 +109,9 @@ class WorkerConfig:
     max_batch_size: int = setting("EMBEDFLEET_MAX_BATCH_SIZE", "messages per micro-batch", default=256)
     inference_batch_size: int = setting("EMBEDFLEET_INFERENCE_BATCH_SIZE",
                                         "texts per model call (length-sorted)", default=32)
+    inference_token_budget: int = setting(
+        "EMBEDFLEET_INFERENCE_TOKEN_BUDGET",
+        "padded tokens per model call (small calls stay in the CPU caches)", default=2048)
     max_in_flight: int = setting("EMBEDFLEET_MAX_IN_FLIGHT",
                                  "messages consumed but not yet committed; above it partitions pause",
                                  default=4096)

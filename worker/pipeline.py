@@ -38,7 +38,7 @@ class EmbeddingBackend(Protocol):
     """What the pipeline needs of the engine (worker.engine.Embedder satisfies it)."""
 
     def embed(self, texts: Sequence[str], task: str | None = None, dimensions: int | None = None,
-              batch_size: int = 32, token_budget: int = 16384) -> EmbedOutputLike: ...
+              batch_size: int = 32, token_budget: int = 2048) -> EmbedOutputLike: ...
 
 
 @dataclass(slots=True)

@@ -102,3 +102,15 @@ def test_discard_removes_revoked_jobs_from_unstarted_batches() -> None:
     removed = batcher.discard(lambda item: item[0] == 1)
     assert sorted(removed) == [(1, 1), (1, 2)]
     assert [b.items for b in batcher.flush()] == [[(0, 1)], [(0, 2)], [(0, 3)]]
+
+
+
+def test_the_open_batch_keeps_growing_until_someone_asks() -> None:
+    """The window is checked when the pipeline asks: a busy pipeline gets one larger batch."""
+    clock = FakeClock()
+    batcher: MicroBatcher[int] = MicroBatcher(window_s=0.005, token_budget=1000, max_size=100, clock=clock)
+    for i in range(10):
+        batcher.add(i, tokens=5)
+        clock.now += 0.004  # the window has long passed, but nobody polled
+    batch = batcher.poll()
+    assert batch is not None and batch.items == list(range(10))

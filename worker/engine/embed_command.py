@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from worker.engine.bundle import BundleError, default_bundle_dir
+from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET
 
 CHUNK_LINES = 4096  # texts read per engine call: bounds memory on large inputs
 
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="prompt name declared by the model, e.g. query")
     parser.add_argument("--dimensions", type=int, help="Matryoshka truncation")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--token-budget", type=int, default=16384, help="padded tokens per batch")
+    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                        help="padded tokens per model call")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
 

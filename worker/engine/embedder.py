@@ -17,7 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
-from worker.engine.tokenize import Encoded, TextTokenizer, TokenizedText
+from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, TextTokenizer, TokenizedText
 
 FloatArray = npt.NDArray[np.float32]
 Device = Literal["cpu", "cuda"]
@@ -226,7 +226,7 @@ class Embedder:
         task: str | None = None,
         dimensions: int | None = None,
         batch_size: int = 32,
-        token_budget: int = 16384,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ) -> EmbedOutput:
         """Embed any number of texts: tokenize once, sort by length, cut batches by size and
         padded tokens (longest x count <= token_budget), and return vectors in input order."""
