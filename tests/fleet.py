@@ -121,6 +121,7 @@ class Fleet:
             "EMBEDFLEET_CACHE_KEY_PREFIX": self.cache_prefix,
             # Two workers share two cores in tests.
             "EMBEDFLEET_INTRA_OP_THREADS": "1",
+            "EMBEDFLEET_INFERENCE_THREADS": "1",
             "EMBEDFLEET_METRICS_HOST": "127.0.0.1",
         })
         env.update(self.extra_env)

@@ -21,7 +21,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -62,7 +62,8 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, embedder: Any, *, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, config: WorkerConfig, embedder: Any, *, metrics: WorkerMetrics | None = None,
+                 inference_threads: int = 1) -> None:
         self.config = config
         self.embedder = embedder
         self.metrics = metrics or WorkerMetrics()
@@ -96,7 +97,7 @@ class Worker:
         self.processor = BatchProcessor(
             backend=embedder, cache=self.cache, metrics=self.metrics, model_name=manifest.name,
             inference_batch_size=config.inference_batch_size, token_budget=config.inference_token_budget,
-            inference_threads=config.inference_threads)
+            inference_threads=inference_threads)
         self.health_server = HealthServer(self.health, self.metrics.exposition, config.metrics_host,
                                           config.metrics_port) if config.metrics_port else None
         self._stopping = asyncio.Event()
@@ -104,7 +105,7 @@ class Worker:
         self._fetch_allowed.set()
         self._paused = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._batch_slots = asyncio.Semaphore(config.inference_threads + CONCURRENT_BATCHES - 1)
+        self._batch_slots = asyncio.Semaphore(inference_threads + CONCURRENT_BATCHES - 1)
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
@@ -252,13 +253,23 @@ class Worker:
         self._launch(batch)
 
     def _launch(self, batch: Batch[Job | Rejection]) -> None:
-        """Starts a batch; the caller holds a batch slot, released when the batch is done."""
+        """Starts a batch; the caller holds a batch slot. The slot is given back as soon as the
+        model is done with the batch, so the next batch is looked up while this one publishes
+        (publishing is bounded by max_in_flight instead)."""
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(batch.padded_tokens)
         sequence = self._batches_started
         self._batches_started += 1
-        task = self._spawn(self._process(batch.items, sequence))
-        task.add_done_callback(lambda _: self._batch_slots.release())
+        released = False
+
+        def release_slot(_: object = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._batch_slots.release()
+
+        task = self._spawn(self._process(batch.items, sequence, release_slot))
+        task.add_done_callback(release_slot)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -274,10 +285,12 @@ class Worker:
             log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self.stop()
 
-    async def _process(self, items: list[Job | Rejection], sequence: int) -> None:
+    async def _process(self, items: list[Job | Rejection], sequence: int,
+                       model_done: Callable[[], None]) -> None:
         jobs = [i for i in items if isinstance(i, Job)]
         rejections = [i for i in items if isinstance(i, Rejection)]
         outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
+        model_done()
         rejections.extend(outcome.failures)
         if self.config.guarantee == "exactly-once":
             await self._publish_transaction(items, outcome, rejections, sequence)
@@ -429,26 +442,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     setup_logging(config.log_format, config.log_level, worker_id=config.worker_id)
     from worker.engine.bundle import BundleError
-    from worker.engine.embedder import Embedder
+    from worker.engine.embedder import Embedder, physical_cpu_count
 
+    calls, per_call = config.model_threads(physical_cpu_count())
+    log.info("model: %d call(s) side by side, %d ONNX Runtime thread(s) each", calls, per_call)
     try:
         embedder = Embedder.from_bundle(
             config.model, variant=config.variant, device=config.device,  # type: ignore[arg-type]
-            intra_op_threads=config.intra_op_threads or None, fault_marker=args.fault_marker)
+            intra_op_threads=per_call, fault_marker=args.fault_marker)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, embedder))
+    return asyncio.run(serve(config, embedder, inference_threads=calls))
 
 
-async def serve(config: WorkerConfig, embedder: Any) -> int:
+async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int = 1) -> int:
     # A refused Redis login is a configuration error, not an outage: never run without the cache
     # because of a wrong password.
     problem = await redis_login_problem(config)
     if problem is not None:
         log.error("%s; not starting", problem)
         return 2
-    worker = Worker(config, embedder)
+    worker = Worker(config, embedder, inference_threads=inference_threads)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)

@@ -68,7 +68,8 @@ def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
     processes = []
     for index in range(count):
         port = METRICS_PORTS[index] if index < len(METRICS_PORTS) else 9401 + index
-        env = dict(os.environ, EMBEDFLEET_METRICS_PORT=str(port), EMBEDFLEET_INTRA_OP_THREADS=threads)
+        env = dict(os.environ, EMBEDFLEET_METRICS_PORT=str(port), EMBEDFLEET_INTRA_OP_THREADS=threads,
+                   EMBEDFLEET_INFERENCE_THREADS="1")
         env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")  # keep the demo's own output readable
         processes.append(subprocess.Popen(
             [executable, "worker", "--worker-id", f"demo-{index + 1}"], env=env))
