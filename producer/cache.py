@@ -92,6 +92,8 @@ def connect(config: ClientConfig) -> redis.Redis | None:
         kwargs["username"] = config.redis_username
     if config.redis_password:
         kwargs["password"] = config.redis_password
+    if config.redis_ssl_cafile:
+        kwargs["ssl_ca_certs"] = config.redis_ssl_cafile
     return redis.Redis.from_url(config.redis_url, **kwargs)  # type: ignore[arg-type]
 
 

@@ -25,6 +25,9 @@ ENVIRONMENT: Mapping[str, str] = {
     "kafka_sasl_username": "EMBEDFLEET_KAFKA_SASL_USERNAME",
     "kafka_sasl_password": "EMBEDFLEET_KAFKA_SASL_PASSWORD",
     "kafka_ssl_cafile": "EMBEDFLEET_KAFKA_SSL_CAFILE",
+    "kafka_ssl_certfile": "EMBEDFLEET_KAFKA_SSL_CERTFILE",
+    "kafka_ssl_keyfile": "EMBEDFLEET_KAFKA_SSL_KEYFILE",
+    "redis_ssl_cafile": "EMBEDFLEET_REDIS_SSL_CAFILE",
     "redis_url": "EMBEDFLEET_REDIS_URL",
     "redis_username": "EMBEDFLEET_REDIS_USERNAME",
     "redis_password": "EMBEDFLEET_REDIS_PASSWORD",
@@ -49,10 +52,14 @@ class ClientConfig:
     kafka_sasl_username: str = ""
     kafka_sasl_password: str = field(default="", repr=False)
     kafka_ssl_cafile: str = ""
+    # Client certificate and key for Kafka mTLS (as the worker's EMBEDFLEET_KAFKA_SSL_*).
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
     # Empty disables the cache lookup (and the model contract read: see model_fingerprint).
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_username: str = ""
     redis_password: str = field(default="", repr=False)
+    redis_ssl_cafile: str = ""  # CA bundle for rediss:// URLs
     redis_timeout_s: float = 1.0
     cache_key_prefix: str = "embedfleet"
     model_name: str = "all-MiniLM-L6-v2"

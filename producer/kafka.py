@@ -28,7 +28,11 @@ def connection_options(config: ClientConfig) -> dict[str, Any]:
         "security_protocol": config.kafka_security_protocol,
     }
     if config.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context: ssl.SSLContext = create_ssl_context(cafile=config.kafka_ssl_cafile or None)
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=config.kafka_ssl_cafile or None,
+            certfile=config.kafka_ssl_certfile or None,
+            keyfile=config.kafka_ssl_keyfile or None,
+        )
         options["ssl_context"] = context
     if config.kafka_security_protocol.startswith("SASL"):
         if not config.kafka_sasl_username:

@@ -15,7 +15,8 @@ def test_reads_the_environment_and_keywords_win() -> None:
         "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "EMBEDFLEET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
         "EMBEDFLEET_KAFKA_SASL_USERNAME": "u", "EMBEDFLEET_KAFKA_SASL_PASSWORD": "kafka-secret",
         "EMBEDFLEET_KAFKA_SSL_CAFILE": "/ca.pem", "EMBEDFLEET_REDIS_USERNAME": "ru",
-        "EMBEDFLEET_REDIS_PASSWORD": "redis-secret",
+        "EMBEDFLEET_REDIS_PASSWORD": "redis-secret", "EMBEDFLEET_KAFKA_SSL_CERTFILE": "/client.pem",
+        "EMBEDFLEET_KAFKA_SSL_KEYFILE": "/client.key", "EMBEDFLEET_REDIS_SSL_CAFILE": "/redis-ca.pem",
     }
     config = ClientConfig.from_env(env, requests_topic="override", model_dim=None)
     assert config.kafka_bootstrap == "k:9093" and config.redis_url == "redis://r:1/2"
@@ -23,6 +24,8 @@ def test_reads_the_environment_and_keywords_win() -> None:
     assert config.requests_topic == "override"  # keyword wins; None keywords are ignored
     assert config.kafka_sasl_mechanism == "SCRAM-SHA-512" and config.kafka_ssl_cafile == "/ca.pem"
     assert config.redis_username == "ru" and config.redis_password == "redis-secret"
+    assert config.kafka_ssl_certfile == "/client.pem" and config.kafka_ssl_keyfile == "/client.key"
+    assert config.redis_ssl_cafile == "/redis-ca.pem"
     assert "secret" not in repr(config)
 
 
