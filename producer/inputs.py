@@ -21,15 +21,16 @@ class InputText:
     text: str
 
 
-def parse_jsonl(lines: Iterable[str]) -> Iterator[InputText]:
-    """``{"id": ..., "text": ...}`` or a bare JSON string per line; blank lines are skipped."""
+def parse_jsonl(lines: Iterable[str], *,
+                hint: str = "for plain text use --format lines") -> Iterator[InputText]:
+    """``{"id": ..., "text": ...}`` or a bare JSON string per line; blank lines are skipped.
+    ``hint`` ends the message of a line that is not JSON (what the user can do instead)."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            hint = "for plain text use --format lines"
             raise InputError(f"line {number}: not JSON ({exc.msg}); {hint}") from None
         if isinstance(item, str):
             yield InputText(number, item)

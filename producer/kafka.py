@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
-from aiokafka.helpers import create_ssl_context
 
 from producer.config import ClientConfig
+from worker.kafka_options import kafka_client_options
 
 # A private reply topic outlives a client that dies without closing; a short retention bounds the
 # data it keeps (the broker still lists the empty topic until someone deletes it).
@@ -22,25 +21,12 @@ class ServiceUnavailable(RuntimeError):
 
 
 def connection_options(config: ClientConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "bootstrap_servers": config.kafka_bootstrap,
-        "client_id": f"embedfleet-{config.client_id}",
-        "security_protocol": config.kafka_security_protocol,
-    }
-    if config.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context: ssl.SSLContext = create_ssl_context(
-            cafile=config.kafka_ssl_cafile or None,
-            certfile=config.kafka_ssl_certfile or None,
-            keyfile=config.kafka_ssl_keyfile or None,
-        )
-        options["ssl_context"] = context
-    if config.kafka_security_protocol.startswith("SASL"):
-        if not config.kafka_sasl_username:
-            raise ValueError("SASL needs EMBEDFLEET_KAFKA_SASL_USERNAME and EMBEDFLEET_KAFKA_SASL_PASSWORD")
-        options.update(sasl_mechanism=config.kafka_sasl_mechanism,
-                       sasl_plain_username=config.kafka_sasl_username,
-                       sasl_plain_password=config.kafka_sasl_password)
-    return options
+    return kafka_client_options(
+        bootstrap=config.kafka_bootstrap, client_id=f"embedfleet-{config.client_id}",
+        security_protocol=config.kafka_security_protocol, sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username, sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile, ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile)
 
 
 def create_producer(config: ClientConfig) -> AIOKafkaProducer:

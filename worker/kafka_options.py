@@ -16,28 +16,35 @@ from worker.config import WorkerConfig
 DIAGNOSE_TIMEOUT_S = 5.0
 
 
-def kafka_connection_options(config: WorkerConfig) -> dict[str, Any]:
+def kafka_client_options(*, bootstrap: str, client_id: str, security_protocol: str,
+                         sasl_mechanism: str = "PLAIN", sasl_username: str = "", sasl_password: str = "",
+                         ssl_cafile: str = "", ssl_certfile: str = "",
+                         ssl_keyfile: str = "") -> dict[str, Any]:
+    """aiokafka connection keywords (bootstrap, TLS, SASL); shared by the worker and the client."""
     options: dict[str, Any] = {
-        "bootstrap_servers": config.kafka_bootstrap,
-        "client_id": f"embedfleet-{config.worker_id}",
-        "security_protocol": config.kafka_security_protocol,
+        "bootstrap_servers": bootstrap,
+        "client_id": client_id,
+        "security_protocol": security_protocol,
     }
-    if config.kafka_security_protocol in ("SSL", "SASL_SSL"):
+    if security_protocol in ("SSL", "SASL_SSL"):
         context: ssl.SSLContext = create_ssl_context(
-            cafile=config.kafka_ssl_cafile or None,
-            certfile=config.kafka_ssl_certfile or None,
-            keyfile=config.kafka_ssl_keyfile or None,
-        )
+            cafile=ssl_cafile or None, certfile=ssl_certfile or None, keyfile=ssl_keyfile or None)
         options["ssl_context"] = context
-    if config.kafka_security_protocol.startswith("SASL"):
-        if not config.kafka_sasl_username:
+    if security_protocol.startswith("SASL"):
+        if not sasl_username:
             raise ValueError("SASL needs EMBEDFLEET_KAFKA_SASL_USERNAME and EMBEDFLEET_KAFKA_SASL_PASSWORD")
-        options.update(
-            sasl_mechanism=config.kafka_sasl_mechanism,
-            sasl_plain_username=config.kafka_sasl_username,
-            sasl_plain_password=config.kafka_sasl_password,
-        )
+        options.update(sasl_mechanism=sasl_mechanism, sasl_plain_username=sasl_username,
+                       sasl_plain_password=sasl_password)
     return options
+
+
+def kafka_connection_options(config: WorkerConfig) -> dict[str, Any]:
+    return kafka_client_options(
+        bootstrap=config.kafka_bootstrap, client_id=f"embedfleet-{config.worker_id}",
+        security_protocol=config.kafka_security_protocol, sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username, sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile, ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile)
 
 
 async def explain_kafka_error(config: WorkerConfig, exc: BaseException) -> str:

@@ -9,21 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from producer.inputs import parse_jsonl, take
 from worker.engine.bundle import BundleError, default_bundle_dir
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET
 
 CHUNK_LINES = 4096  # texts read per engine call: bounds memory on large inputs
-
-
-@dataclass(frozen=True, slots=True)
-class InputLine:
-    id: Any
-    text: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,33 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="padded tokens per model call")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
-
-
-def parse_lines(lines: Iterator[str]) -> Iterator[InputLine]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: not JSON ({exc.msg})") from exc
-        if isinstance(item, str):
-            yield InputLine(number, item)
-        elif isinstance(item, dict) and isinstance(item.get("text"), str):
-            yield InputLine(item.get("id", number), item["text"])
-        else:
-            raise ValueError(f'line {number}: expected a JSON string or {{"id", "text"}} object')
-
-
-def _chunks(items: Iterator[InputLine]) -> Iterator[list[InputLine]]:
-    chunk: list[InputLine] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == CHUNK_LINES:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     truncated = 0
     count = 0
     try:
-        for chunk in _chunks(parse_lines(iter(source))):
+        items = parse_jsonl(source, hint='write one JSON string or {"id": ..., "text": ...} per line')
+        while chunk := take(items, CHUNK_LINES):
             result = embedder.embed(
                 [item.text for item in chunk],
                 task=args.task,
