@@ -211,7 +211,7 @@ class Worker:
             # (exactly-once commits each batch's offsets with its results).
             for item in self.decoder.decode(records):
                 self.batcher.add(item, item.tokens if isinstance(item, Job) else 1)
-            self._observe_lag()
+            self._observe_lag(records)
 
     def _apply_backpressure(self) -> None:
         in_flight = self.offsets.in_flight
@@ -224,15 +224,16 @@ class Worker:
             self._paused = False
         self.metrics.paused.set(len(self.consumer.paused()))
 
-    def _observe_lag(self) -> None:
-        for tp in self.consumer.assignment():
+    def _observe_lag(self, records: list[Any]) -> None:
+        """Lag per partition fetched from: its high watermark minus one past the last record read."""
+        last: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            last[tp] = max(last.get(tp, -1), record.offset)
+        for tp, offset in last.items():
             highwater = self.consumer.highwater(tp)
-            if highwater is None:
-                continue
-            with contextlib.suppress(Exception):  # position() raises for a partition mid-reset
-                position = self.consumer._fetcher._subscriptions.assignment[tp].position
-                if position is not None:
-                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+            if highwater is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset - 1))
 
     # --- batch loop ----------------------------------------------------------------------------
 

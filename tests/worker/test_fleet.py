@@ -122,6 +122,9 @@ async def test_two_workers_share_the_partitions(fleet: Fleet) -> None:
         await io.wait_for(ids)
     after = [w.metric("embedfleet_requests_total") for w in fleet.workers]
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    for worker in fleet.workers:  # lag is reported per partition each worker read from
+        _, text = await asyncio.to_thread(worker.http, "/metrics")
+        assert 'embedfleet_consumer_lag{partition=' in text or 'embedfleet_consumer_lag{topic=' in text
 
 
 BAD_INPUTS: list[tuple[str, bytes, list[tuple[str, bytes]], str, str | None]] = [
