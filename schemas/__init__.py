@@ -23,6 +23,7 @@ from schemas.codec import (
     encode_request,
     encode_result,
     is_valid_request_id,
+    readable_fields,
     request_headers,
     result_headers,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "encode_vector_b64",
     "float32_to_floats",
     "is_valid_request_id",
+    "readable_fields",
     "request_headers",
     "result_headers",
 ]

@@ -70,6 +70,7 @@ class RequestLimits:
     max_message_bytes: int = 1 << 20
     max_text_bytes: int = 64 << 10  # UTF-8 bytes of `text`
     max_header_bytes: int = 16 << 10  # all header names and values together
+    max_headers: int = 64  # header count; a request needs two (content-type, schema)
     allowed_tasks: frozenset[str] | None = None
     allowed_dimensions: frozenset[int] | None = None
     allowed_reply_to: frozenset[str] | None = None
@@ -82,7 +83,9 @@ class RequestError(Exception):
     """A request the worker must answer with an error result (and send to the DLQ).
 
     ``request_id`` is the requester's id when it could be read; ``request`` is the
-    decoded request when only a later rule failed (to echo its metadata).
+    decoded request when only a later rule failed (to echo its metadata); ``reply_to`` is
+    the requester's results topic when it could be read (a lenient decode finds it even in a
+    request that fails validation), so the error reaches a requester on a private topic.
     """
 
     def __init__(
@@ -92,11 +95,14 @@ class RequestError(Exception):
         request_id: str | None = None,
         *,
         request: EmbedRequest | None = None,
+        reply_to: str | None = None,
     ) -> None:
         self.code = code
         self.message = truncate_message(message)
         self.request_id = request_id
         self.request = request
+        self.reply_to = reply_to if reply_to is not None else (
+            request.reply_to if request is not None else None)
         super().__init__(f"{code}: {self.message}")
 
     def to_result(self, *, key: str | None = None, model: str | None = None) -> EmbedResult:
@@ -116,9 +122,18 @@ class ResultDecodeError(ValueError):
 
 
 class _IdProbe(msgspec.Struct):
-    """The lenient second decode: only ``id``; everything else is skipped."""
+    """The lenient second decode: only ``id`` and ``reply_to``; everything else is skipped."""
 
     id: str | None = None
+    reply_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Readable:
+    """What a lenient decode could read of a request that fails validation."""
+
+    request_id: str | None = None
+    reply_to: str | None = None
 
 
 _REQUEST_ID_RE: Final = re.compile(REQUEST_ID_PATTERN)
@@ -178,6 +193,13 @@ def content_type_of(headers: Sequence[Header]) -> ContentType:
         ) from None
 
 
+def _lenient_content_type(headers: Sequence[Header]) -> ContentType:
+    try:
+        return content_type_of(headers)
+    except RequestError:
+        return ContentType.JSON
+
+
 def is_valid_request_id(value: object) -> bool:
     return (
         isinstance(value, str)
@@ -186,14 +208,23 @@ def is_valid_request_id(value: object) -> bool:
     )
 
 
-def _readable_id(value: bytes, content_type: ContentType) -> str | None:
-    """The request id, if a lenient decode finds a valid one; None on any failure."""
+def readable_fields(value: bytes | None, content_type: ContentType = ContentType.JSON) -> Readable:
+    """The request id (if valid) and reply_to a lenient decode finds; empty on any failure."""
+    if not value:
+        return Readable()
     decoder = _JSON_ID_DECODER if content_type is ContentType.JSON else _MSGPACK_ID_DECODER
     try:
         probe = decoder.decode(value)
     except (*_UNDECODABLE, msgspec.ValidationError):
-        return None
-    return probe.id if is_valid_request_id(probe.id) else None
+        return Readable()
+    request_id = probe.id if is_valid_request_id(probe.id) else None
+    reply_to = probe.reply_to if probe.reply_to and len(probe.reply_to) <= 249 else None
+    return Readable(request_id, reply_to if request_id is not None else None)
+
+
+def _undecodable(code: ErrorCode, message: str, value: bytes, content_type: ContentType) -> RequestError:
+    readable = readable_fields(value, content_type)
+    return RequestError(code, message, readable.request_id, reply_to=readable.reply_to)
 
 
 def _code_for_validation_error(message: str) -> ErrorCode:
@@ -273,12 +304,20 @@ def decode_request(
     """Decode and validate one request message; raises only ``RequestError``."""
     if value is None:
         raise RequestError(ErrorCode.INVALID_REQUEST, "message has no value (a tombstone)")
+    # Header problems are checked first (they are cheap), but the id is still read when the value
+    # is of an acceptable size, so the requester gets its error.
+    small = len(value) <= limits.max_message_bytes
+    if len(headers) > limits.max_headers:
+        message = f"message has {len(headers)} headers; the limit is {limits.max_headers}"
+        if small:
+            raise _undecodable(ErrorCode.INVALID_HEADERS, message, value, _lenient_content_type(headers))
+        raise RequestError(ErrorCode.INVALID_HEADERS, message)
     header_bytes = _header_bytes(headers)
     if header_bytes > limits.max_header_bytes:
-        raise RequestError(
-            ErrorCode.MESSAGE_TOO_LARGE,
-            f"headers are {header_bytes} bytes; the limit is {limits.max_header_bytes}",
-        )
+        message = f"headers are {header_bytes} bytes; the limit is {limits.max_header_bytes}"
+        if small:
+            raise _undecodable(ErrorCode.MESSAGE_TOO_LARGE, message, value, _lenient_content_type(headers))
+        raise RequestError(ErrorCode.MESSAGE_TOO_LARGE, message)
     if len(value) > limits.max_message_bytes:
         raise RequestError(
             ErrorCode.MESSAGE_TOO_LARGE,
@@ -292,18 +331,14 @@ def decode_request(
     try:
         request = decoder.decode(value)
     except msgspec.ValidationError as exc:
-        raise RequestError(
-            _code_for_validation_error(str(exc)), str(exc), _readable_id(value, content_type)
-        ) from None
+        raise _undecodable(_code_for_validation_error(str(exc)), str(exc), value, content_type) from None
     except RecursionError:
         raise RequestError(
             ErrorCode.INVALID_ENCODING, f"{content_type} nests too deep"
         ) from None
     except _UNDECODABLE as exc:
-        raise RequestError(
-            ErrorCode.INVALID_ENCODING,
-            f"undecodable {content_type}: {exc}",
-            _readable_id(value, content_type),
+        raise _undecodable(
+            ErrorCode.INVALID_ENCODING, f"undecodable {content_type}: {exc}", value, content_type
         ) from None
     _check_rules(request, limits)
     return request

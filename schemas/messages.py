@@ -59,6 +59,8 @@ class ErrorCode(StrEnum):
     unsupported_encoding_format  ``encoding_format`` is neither ``float`` nor ``base64``
     unsupported_content_type     the ``content-type`` header names an encoding we do not speak
     reply_to_not_allowed         ``reply_to`` names a topic the worker may not write to
+    reply_to_unavailable         ``reply_to`` is allowed but names a topic that does not exist
+    invalid_headers              a header name or value is not valid UTF-8, or there are too many
     message_too_large            the message (or its headers) is larger than the worker accepts
     metadata_too_large           ``metadata`` has too many entries or too long keys/values
     inference_failed             the model failed on this text (isolated by splitting the batch)
@@ -75,6 +77,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_ENCODING_FORMAT = "unsupported_encoding_format"
     UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
     REPLY_TO_NOT_ALLOWED = "reply_to_not_allowed"
+    REPLY_TO_UNAVAILABLE = "reply_to_unavailable"
+    INVALID_HEADERS = "invalid_headers"
     MESSAGE_TOO_LARGE = "message_too_large"
     METADATA_TOO_LARGE = "metadata_too_large"
     INFERENCE_FAILED = "inference_failed"
@@ -92,6 +96,8 @@ ERROR_CODE_MEANINGS: Final[Mapping[ErrorCode, str]] = MappingProxyType(
         ErrorCode.UNSUPPORTED_ENCODING_FORMAT: "encoding_format is neither float nor base64",
         ErrorCode.UNSUPPORTED_CONTENT_TYPE: "the content-type header names an unknown encoding",
         ErrorCode.REPLY_TO_NOT_ALLOWED: "reply_to names a topic the worker may not write to",
+        ErrorCode.REPLY_TO_UNAVAILABLE: "reply_to is allowed but names a topic that does not exist",
+        ErrorCode.INVALID_HEADERS: "a header is not valid UTF-8, or there are too many headers",
         ErrorCode.MESSAGE_TOO_LARGE: "the message or its headers exceed the worker's limit",
         ErrorCode.METADATA_TOO_LARGE: "metadata has too many entries or too long keys/values",
         ErrorCode.INFERENCE_FAILED: "the model failed on this text",
