@@ -41,7 +41,7 @@ from producer.kafka import (
     unreachable,
 )
 from producer.keys import Distinct, Plan, plan_requests
-from producer.replies import ReplyRouter
+from producer.replies import Expected, ReplyRouter
 from schemas import EmbedRequest, EmbedResult, encode_request, request_headers
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,11 @@ class Client:
         vectors, plan = prepared.vectors, prepared.plan
         failures = list(plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
-        futures = {request_id: self._router.expect(request_id) for request_id, _ in requests}
+        contract = await self.model_contract()
+        width = dimensions or (contract.dim if contract is not None else None)
+        futures = {request_id: self._router.expect(request_id, Expected(
+            key=entry.key if plan.keyed_by_content_hash else None, dim=width))
+            for request_id, entry in requests}
         try:
             await asyncio.wait_for(self._produce(requests, task, dimensions, self.config.reply_topic),
                                    max(0.0, deadline - loop.time()))

@@ -255,6 +255,25 @@ def _check_schema_version(headers: Sequence[Header]) -> None:
         )
 
 
+def _check_header_text(
+    headers: Sequence[Header], value: bytes, content_type: ContentType, limits: RequestLimits
+) -> None:
+    """Header names and values are text in this contract (Kafka allows any bytes in values):
+    a header that is not UTF-8 is an error, never passed on half-decoded."""
+    for name, header_value in headers:
+        try:
+            if isinstance(name, bytes):
+                name.decode("utf-8")
+            if header_value is not None:
+                header_value.decode("utf-8")
+        except UnicodeDecodeError:
+            shown = name if isinstance(name, str) else name.decode("utf-8", "replace")
+            message = f"header {shown[:64]!r} is not valid UTF-8"
+            if len(value) <= limits.max_message_bytes:
+                raise _undecodable(ErrorCode.INVALID_HEADERS, message, value, content_type) from None
+            raise RequestError(ErrorCode.INVALID_HEADERS, message) from None
+
+
 def _check_rules(request: EmbedRequest, limits: RequestLimits) -> None:
     """The rules msgspec's types cannot express (configurable or semantic)."""
 
@@ -325,6 +344,7 @@ def decode_request(
         )
     content_type = content_type_of(headers)
     _check_schema_version(headers)
+    _check_header_text(headers, value, content_type, limits)
     decoder = (
         _JSON_REQUEST_DECODER if content_type is ContentType.JSON else _MSGPACK_REQUEST_DECODER
     )

@@ -67,9 +67,9 @@ class RequestDecoder:
         return self._reply_to.fullmatch(topic) is not None
 
     def _error_reply_topic(self, error: RequestError) -> str:
-        """Where the requester waits: its own reply_to when the request got that far and it is
-        allowed, else the default results topic."""
-        reply_to = error.request.reply_to if error.request is not None else None
+        """Where the requester waits: its own reply_to when it could be read (even from a request
+        that fails validation) and it is allowed, else the default results topic."""
+        reply_to = error.reply_to
         if reply_to is not None and self.reply_topic_allowed(reply_to):
             return reply_to
         return self._default_reply_topic

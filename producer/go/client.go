@@ -40,6 +40,9 @@ type EmbedOptions struct {
 // Stats counts texts per position in the calls (Produced counts request messages).
 type Stats struct {
 	Produced, Cached, Computed, Failed int64
+	// Mismatched counts results that carried a waiting request's id but not its content
+	// hash or width: ignored, the request kept waiting.
+	Mismatched int64
 }
 
 type wireRequest struct {
@@ -53,6 +56,8 @@ type wireRequest struct {
 
 type wireResult struct {
 	ID        *string   `json:"id"`
+	Key       *string   `json:"key"`
+	Dim       int       `json:"dim"`
 	Vector    []float64 `json:"vector"`
 	VectorB64 *string   `json:"vector_b64"`
 	Cached    bool      `json:"cached"`
@@ -73,7 +78,7 @@ type Client struct {
 	stopPoll   context.CancelFunc
 	pollDone   chan struct{}
 	mu         sync.Mutex
-	pending    map[string]chan wireResult
+	pending    map[string]waiter
 	contractMu sync.Mutex
 	contract   ModelContract
 	hasModel   bool
@@ -82,6 +87,7 @@ type Client struct {
 	cached     atomic.Int64
 	computed   atomic.Int64
 	failed     atomic.Int64
+	mismatched atomic.Int64 // results with a waiting id but the wrong key or width (ignored)
 }
 
 func kafkaOptions(cfg Config) ([]kgo.Opt, error) {
@@ -145,7 +151,7 @@ func NewClient(ctx context.Context, cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{cfg: cfg, cache: cache, pending: make(map[string]chan wireResult)}
+	c := &Client{cfg: cfg, cache: cache, pending: make(map[string]waiter)}
 	// Idempotent with acks=all is franz-go's default; linger batches the requests of a call.
 	// No compression: franz-go's default (snappy) is a codec the Python workers may lack.
 	producerOpts := append(base, kgo.ProducerLinger(cfg.Linger), kgo.ProducerBatchCompression(kgo.NoCompression()))
@@ -215,7 +221,7 @@ func (c *Client) Close() error {
 // Stats returns the counters since the client started.
 func (c *Client) Stats() Stats {
 	return Stats{Produced: c.produced.Load(), Cached: c.cached.Load(), Computed: c.computed.Load(),
-		Failed: c.failed.Load()}
+		Failed: c.failed.Load(), Mismatched: c.mismatched.Load()}
 }
 
 // ModelContract returns the fingerprint (and dim) content hashes need: from the Config,
@@ -257,17 +263,42 @@ func (c *Client) poll(ctx context.Context) {
 	}
 }
 
+// waiter is one request waiting for its result. An id alone proves nothing (anyone who may
+// write the reply topic can send a result with it), so a result must also carry the content
+// hash the request was keyed by (when known) and the width asked for (when known).
+type waiter struct {
+	ch  chan wireResult
+	key string // "" when the client could not compute the content hash
+	dim int    // 0 when not known
+}
+
+func (w waiter) accepts(result wireResult) bool {
+	if result.Error != nil { // validation errors carry no key
+		return result.Key == nil || w.key == "" || *result.Key == w.key
+	}
+	if w.key != "" && (result.Key == nil || *result.Key != w.key) {
+		return false
+	}
+	return w.dim == 0 || result.Dim == w.dim
+}
+
 func (c *Client) dispatch(value []byte) {
 	var result wireResult
 	if err := json.Unmarshal(value, &result); err != nil || result.ID == nil {
 		return
 	}
 	c.mu.Lock()
-	ch := c.pending[*result.ID]
-	delete(c.pending, *result.ID)
+	w, ok := c.pending[*result.ID]
+	if ok && !w.accepts(result) {
+		ok = false
+		c.mismatched.Add(1)
+	}
+	if ok {
+		delete(c.pending, *result.ID)
+	}
 	c.mu.Unlock()
-	if ch != nil {
-		ch <- result // buffered: never blocks
+	if ok {
+		w.ch <- result // buffered: never blocks
 	}
 }
 
@@ -331,7 +362,11 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) (
 	c.mu.Lock()
 	for i, entry := range misses {
 		ids[i], channels[i] = newRequestID(), make(chan wireResult, 1)
-		c.pending[ids[i]] = channels[i]
+		w := waiter{ch: channels[i], dim: dim}
+		if p.byContentHash {
+			w.key = entry.key
+		}
+		c.pending[ids[i]] = w
 		value, _ := json.Marshal(wireRequest{ID: ids[i], Text: entry.text, Task: opts.Task,
 			Dimensions: opts.Dimensions, EncodingFormat: "base64", ReplyTo: c.cfg.ReplyTopic()})
 		records[i] = &kgo.Record{Topic: c.cfg.RequestsTopic, Key: []byte(entry.key), Value: value, Headers: []kgo.RecordHeader{

@@ -107,17 +107,31 @@ func TestModelContractAndKeys(t *testing.T) {
 }
 
 func TestRecordResultsAndErrors(t *testing.T) {
-	c := &Client{pending: map[string]chan wireResult{}}
+	c := &Client{pending: map[string]waiter{}}
 	vectors := make([][]float32, 3)
 	entry := &distinctText{key: "k", text: "t", indices: []int{0, 2}}
 	encoded := EncodeVectorBase64([]float32{1, 2})
 	ch := make(chan wireResult, 1)
-	c.pending["r1"] = ch
+	c.pending["r1"] = waiter{ch: ch, key: "k", dim: 2}
 	c.dispatch([]byte(`not json`))
 	c.dispatch([]byte(`{"id":"stranger","vector":[1]}`))
-	c.dispatch([]byte(`{"id":"r1","vector_b64":"` + encoded + `","cached":true}`))
+	// The right id with another key or width is a forgery (or a bug): ignored, still waiting.
+	c.dispatch([]byte(`{"id":"r1","key":"other","dim":2,"vector_b64":"` + encoded + `"}`))
+	c.dispatch([]byte(`{"id":"r1","key":"k","dim":3,"vector_b64":"` + encoded + `"}`))
+	c.dispatch([]byte(`{"id":"r1","dim":2,"vector_b64":"` + encoded + `"}`))
+	if len(c.pending) != 1 || len(ch) != 0 || c.Stats().Mismatched != 3 {
+		t.Fatalf("a mismatched result was accepted: %d pending, %d delivered, %+v", len(c.pending), len(ch), c.Stats())
+	}
+	c.dispatch([]byte(`{"id":"r1","key":"k","dim":2,"vector_b64":"` + encoded + `","cached":true}`))
 	if result := <-ch; result.VectorB64 == nil || *result.VectorB64 != encoded || len(c.pending) != 0 {
 		t.Errorf("dispatch: %+v, %d pending", result, len(c.pending))
+	}
+	// An error result without a key (a validation error) answers a request waiting for a key.
+	errCh := make(chan wireResult, 1)
+	c.pending["r2"] = waiter{ch: errCh, key: "k", dim: 2}
+	c.dispatch([]byte(`{"id":"r2","error":{"code":"empty_text","message":"empty"}}`))
+	if len(errCh) != 1 {
+		t.Error("an error result without a key was not delivered")
 	}
 	failures := c.record(wireResult{VectorB64: &encoded, Cached: true}, entry, vectors, nil)
 	if len(failures) != 0 || vectors[0][1] != 2 || vectors[2][0] != 1 || &vectors[0][0] == &vectors[2][0] {

@@ -10,7 +10,7 @@ import pytest
 
 from producer import EmbedBatchError, EmbedTimeout, ModelContract, TextFailure
 from producer.cache import contract_key, vector_key
-from producer.replies import ReplyRouter
+from producer.replies import Expected, ReplyRouter
 from schemas import EmbedResult, encode_result, result_headers
 
 
@@ -62,6 +62,31 @@ async def test_router_resolves_by_id_and_ignores_strangers() -> None:
     late = router.expect("late")
     router.forget(["late"])
     assert late.cancelled()
+    await router.stop()
+
+
+async def test_router_accepts_only_the_key_and_width_it_asked_for() -> None:
+    """An id alone can be answered by anyone who may write the reply topic: a forged result
+    (another key or width) is ignored and the request waits for the real one."""
+    consumer = _FakeConsumer()
+    router = ReplyRouter(consumer)  # type: ignore[arg-type]
+    router.start()
+    mine = router.expect("mine", Expected(key="k1", dim=2))
+
+    def result(key: str, vector: list[float]) -> _Record:
+        return _Record(encode_result(EmbedResult.success(
+            request_id="mine", key=key, model="m", vector=vector, encoding_format="float")))
+
+    await consumer.queue.put([result("forged", [9.0, 9.0]), result("k1", [9.0, 9.0, 9.0])])
+    await asyncio.sleep(0.05)
+    assert not mine.done() and router.mismatched == 2 and router.waiting == 1
+    await consumer.queue.put([result("k1", [1.0, 2.0])])
+    assert (await asyncio.wait_for(mine, 2)).vector_array().tolist() == [1.0, 2.0]
+    # A validation error has no key and still answers (it can only cost the requester a retry).
+    failed = router.expect("bad", Expected(key="k2", dim=2))
+    error = EmbedResult.failure(request_id="bad", code="empty_text", message="empty")
+    await consumer.queue.put([_Record(encode_result(error))])
+    assert (await asyncio.wait_for(failed, 2)).error is not None
     await router.stop()
 
 

@@ -126,6 +126,7 @@ CODEC_CASES: list[Case] = [
      ErrorCode.UNSUPPORTED_CONTENT_TYPE),
     ("reply_to", raw_json(reply_to="other"), [], ErrorCode.REPLY_TO_NOT_ALLOWED),
     ("too large", b" " * ((1 << 20) + 1), [], ErrorCode.MESSAGE_TOO_LARGE),
+    ("header not utf-8", raw_json(), [("x-trace", b"\xff")], ErrorCode.INVALID_HEADERS),
     ("metadata entries", raw_json(metadata={str(i): "v" for i in range(33)}), [],
      ErrorCode.METADATA_TOO_LARGE),
     ("metadata key", raw_json(metadata={"k" * 129: "v"}), [], ErrorCode.METADATA_TOO_LARGE),
@@ -141,7 +142,7 @@ def test_codec_error_codes(
 
 
 def test_every_request_level_code_is_reachable_from_the_codec() -> None:
-    worker_only = {ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR}
+    worker_only = {ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL_ERROR, ErrorCode.REPLY_TO_UNAVAILABLE}
     assert {case[3] for case in CODEC_CASES} | worker_only == set(ErrorCode)
 
 
@@ -174,6 +175,19 @@ def test_semantic_errors_carry_the_decoded_request() -> None:
 )
 def test_lenient_id_extraction(value: bytes, expected_id: str | None) -> None:
     assert decode_error(value).request_id == expected_id
+
+
+def test_errors_carry_the_readable_reply_to() -> None:
+    """A request that fails validation still names its requester's private topic, so the error
+    result reaches the requester instead of the default results topic."""
+    invalid = decode_error(b'{"id":"abc","text":5,"reply_to":"embed.results.mine"}')
+    assert (invalid.request_id, invalid.reply_to) == ("abc", "embed.results.mine")
+    semantic = decode_error(raw_json(text=" ", reply_to="embed.results.mine"))
+    assert semantic.reply_to == "embed.results.mine"
+    headers = decode_error(raw_json(reply_to="embed.results.mine"), [("x", b"\xff")])
+    assert (headers.code, headers.reply_to) == (ErrorCode.INVALID_HEADERS, "embed.results.mine")
+    # No readable id: nobody to answer, so no reply_to either.
+    assert decode_error(b'{"text":5,"reply_to":"embed.results.mine"}').reply_to is None
 
 
 def test_lenient_id_extraction_from_msgpack() -> None:
@@ -230,7 +244,10 @@ HOSTILE: list[tuple[str, bytes | None, Sequence[Header], ErrorCode | None]] = [
     ("json as msgpack", raw_json(), MSGPACK, ErrorCode.INVALID_REQUEST),
     ("trailing garbage", raw_json() + b" x", [], ErrorCode.INVALID_ENCODING),
     ("absurd header", raw_json(), [("x-junk", b"h" * 20_000)], ErrorCode.MESSAGE_TOO_LARGE),
-    ("many headers", raw_json(), [("h", b"v")] * 10_000, ErrorCode.MESSAGE_TOO_LARGE),
+    ("many headers", raw_json(), [("h", b"v")] * 10_000, ErrorCode.INVALID_HEADERS),
+    ("65 headers", raw_json(), [("h", b"v")] * 65, ErrorCode.INVALID_HEADERS),
+    ("header value not utf-8", raw_json(), [("x-trace", b"\xff\xfe")], ErrorCode.INVALID_HEADERS),
+    ("header name not utf-8", raw_json(), [(b"\xff\xfe", b"v")], ErrorCode.INVALID_HEADERS),
     ("absurd content type", raw_json(), [("content-type", b"a/" + b"b" * 10_000)],
      ErrorCode.UNSUPPORTED_CONTENT_TYPE),
     ("non-ascii content type", raw_json(), [("content-type", b"\xff\xfe")],
