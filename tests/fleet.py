@@ -129,13 +129,16 @@ class Fleet:
         return env
 
     partitions: int = 6
+    # The DLQ topic at Kafka's default record limit (the local broker allows 10 MiB), so the tests
+    # see what a default cluster does with a large dead letter.
+    dlq_configs: dict[str, str] = field(default_factory=lambda: {"max.message.bytes": "1048588"})
 
     async def create_topics(self) -> None:
         partitions = self.partitions
         await create_topic(self.bootstrap, self.requests_topic, partitions)
         await create_topic(self.bootstrap, self.results_topic, partitions,
                            {"cleanup.policy": "compact"})
-        await create_topic(self.bootstrap, self.dlq_topic, 1)
+        await create_topic(self.bootstrap, self.dlq_topic, 1, self.dlq_configs)
 
     async def delete_topics(self) -> None:
         await delete_topics(self.bootstrap, [self.requests_topic, self.results_topic, self.dlq_topic])
@@ -222,7 +225,8 @@ class FleetIO:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5)
+        self.producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5,
+                                         max_request_size=16 << 20)
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.arrivals: list[float] = []  # monotonic time of each result, for stall measurements
         self.result_keys: dict[str, list[bytes | None]] = {}

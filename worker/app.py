@@ -1,14 +1,22 @@
-"""`embedfleet worker`: wires consumer, batcher, cache, model and publisher, and owns shutdown.
+"""`embedfleet worker`: wires consumer, batcher, cache, model and delivery, and owns shutdown.
 
-    fetch loop:  getmany -> track offsets -> decode -> batcher (jobs) | rejections (answered at once)
-    batch loop:  batcher -> BatchProcessor (cache, model, cache) -> results -> acks -> commit
+    fetch loop:  getmany -> track offsets and bytes -> decode + tokenize (off the loop) -> batcher
+                 (getmany failing on a record it cannot unpack -> worker.salvage -> DLQ, move on)
+    batch loop:  batcher -> BatchProcessor (cache, model, cache) -> Delivery -> offsets done
+    commit loop: at-least-once commits offsets up to the acknowledged records
+    health loop: Kafka reachable? cache up? -> /readyz and embedfleet_ready
 
-Delivery: at-least-once. A consumed record is marked done only when everything it caused is
-acknowledged by the broker (acks=all, idempotent producer); offsets are committed per partition up
-to the first record not yet done. On revoke the worker finishes and commits what it holds for the
-revoked partitions; SIGTERM/SIGINT stop fetching, drain every batch, commit and leave the group.
-Backpressure: above ``max_in_flight`` uncommitted records every partition is paused (``pause()``
-does not trigger a rebalance) and resumed below half of it.
+Delivery (worker.delivery) is chosen once: at-least-once (acks, then commits) or exactly-once
+(a transaction per input partition, fencing zombies). Either way a consumed record is marked done
+only when everything it caused is acknowledged, and offsets never move past a record not done.
+On revoke the worker finishes and commits what it holds for the revoked partitions; SIGTERM/SIGINT
+stop fetching, drain every batch, commit and leave the group. Backpressure: above
+``max_in_flight`` uncommitted records or ``max_in_flight_bytes`` of them every partition is paused
+(``pause()`` does not trigger a rebalance) and resumed below half of both.
+
+Nothing a record contains stops the worker: decoding errors, unreadable records, missing reply
+topics and broker or Redis outages are answered, dead-lettered, retried or waited out. Only a bug
+(an exception the pipeline does not expect) stops it, and then ``serve`` returns 1.
 """
 
 from __future__ import annotations
@@ -21,25 +29,29 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, CorruptRecordException, KafkaError
 
-from schemas import ErrorCode, RequestLimits
+from schemas import RequestLimits
 from worker.batcher import Batch, MicroBatcher
 from worker.cache import VectorCache, redis_client, redis_login_problem
+from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_record_limit
 from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
-from worker.health import HealthServer, HealthState
+from worker.delivery import AtLeastOnce, BatchWork, Delivery, ExactlyOnce
+from worker.health import HealthServer, HealthState, watch_event_loop
 from worker.jobs import Job, Rejection
-from worker.kafka_options import explain_kafka_error
+from worker.kafka_options import explain_kafka_error, kafka_connection_options
 from worker.logs import setup_logging
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchOutcome, BatchProcessor
+from worker.pipeline import BatchOutcome, BatchProcessor, EmbeddingBackend
 from worker.publisher import ResultPublisher, create_producer
+from worker.salvage import salvage
 
 log = logging.getLogger("embedfleet.worker")
 FETCH_MAX_RECORDS = 500
@@ -48,6 +60,12 @@ FETCH_MAX_RECORDS = 500
 CONCURRENT_BATCHES = 2
 DRAIN_TIMEOUT_S = 120.0
 COMMIT_INTERVAL_S = 0.1
+HEALTH_INTERVAL_S = 2.0
+# --fault-kind hold-transaction (tests): how long a marked batch's transaction stays open (under
+# the transaction timeout, so a worker that takes the request over commits it after its own hold).
+FAULT_HOLD_S = 5.0
+# What a record costs in memory beyond its bytes: token ids, the vector, the encoded result.
+RECORD_OVERHEAD_BYTES = 16 * 1024
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -61,32 +79,65 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._worker.on_assigned(list(assigned))
 
 
+class _HoldOnce:
+    """Fault injection (tests): the first batch with a marked request holds its transaction open."""
+
+    def __init__(self, marker: str) -> None:
+        self._marker = marker
+        self._done = False
+
+    def __call__(self, work: BatchWork) -> float:
+        if self._done or not any(isinstance(i, Job) and self._marker in i.request.text for i in work.items):
+            return 0.0
+        self._done = True
+        return FAULT_HOLD_S
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, embedder: Any, *, metrics: WorkerMetrics | None = None,
-                 inference_threads: int = 1) -> None:
+                 inference_threads: int = 1, dlq_record_limit: int = 1 << 20,
+                 hold_marker: str | None = None) -> None:
         self.config = config
-        self.embedder = embedder
+        self.embedder: EmbeddingBackend = embedder
         self.metrics = metrics or WorkerMetrics()
         self.health = HealthState(model_loaded=True)
+        self.fatal: BaseException | None = None
         manifest = embedder.manifest
         self.model = ModelContract(
             name=manifest.name, fingerprint=embedder.model_fingerprint, dim=manifest.dim,
             tasks=frozenset(manifest.prompts),
             dimensions=frozenset({*manifest.matryoshka_dims, manifest.dim}))
+        self._max_tokens = int(manifest.max_tokens)
         self.decoder = RequestDecoder(
-            model=self.model, count_tokens=embedder.count_tokens,
+            model=self.model, tokenize=embedder.tokenize,
             limits=RequestLimits(max_message_bytes=config.max_message_bytes,
                                  max_text_bytes=config.max_text_bytes),
-            reply_to_pattern=config.reply_to_pattern, default_reply_topic=config.results_topic)
+            reply_to_pattern=config.reply_to_pattern, default_reply_topic=config.results_topic,
+            max_kept_value_bytes=dlq_record_limit)
+        # Decoding and tokenizing run here, off the event loop (long texts would stall heartbeats).
+        self._decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.batcher: MicroBatcher[Job | Rejection] = MicroBatcher(
             window_s=config.batch_window_ms / 1000, token_budget=config.token_budget,
             max_size=config.max_batch_size)
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        connection = kafka_connection_options(config)
+        self.cluster = ClusterView(connection)
         self.consumer: AIOKafkaConsumer = create_consumer(config)
-        self.producer: AIOKafkaProducer = create_producer(config)
-        self.publisher = ResultPublisher(self.producer, dlq_topic=config.dlq_topic,
-                                         worker_id=config.worker_id,
-                                         max_dlq_value_bytes=config.max_message_bytes)
+        self.publisher = ResultPublisher(self.cluster, results_topic=config.results_topic,
+                                         dlq_topic=config.dlq_topic, worker_id=config.worker_id,
+                                         model=manifest.name, max_dlq_record_bytes=dlq_record_limit)
+        self.delivery: Delivery
+        if config.guarantee == "exactly-once":
+            self.delivery = ExactlyOnce(
+                consumer=self.consumer, publisher=self.publisher, cluster=self.cluster,
+                metrics=self.metrics, group_id=config.group_id,
+                new_producer=lambda transactional_id: create_producer(
+                    config, transactional_id=transactional_id, record_limit=dlq_record_limit),
+                hold=_HoldOnce(hold_marker) if hold_marker else None)
+        else:
+            self.delivery = AtLeastOnce(create_producer(config, record_limit=dlq_record_limit),
+                                        self.publisher, self.cluster, self.metrics)
+        self._isolation = READ_COMMITTED if config.guarantee == "exactly-once" else READ_UNCOMMITTED
         client = None
         if config.redis_url:
             client = redis_client(config.redis_url, username=config.redis_username,
@@ -110,10 +161,6 @@ class Worker:
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
-        # Exactly-once: batches publish strictly in the order they were cut.
-        self._publish_turn = asyncio.Condition()
-        self._next_to_publish = 0
-        self._publish_failed = False
         self.metrics.model.info({
             "name": manifest.name, "fingerprint": embedder.model_fingerprint, "dim": str(manifest.dim),
             "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
@@ -121,18 +168,24 @@ class Worker:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        background: list[asyncio.Task[None]] = []
         try:
-            await self.producer.start()
+            await self.cluster.start()
+            await self.delivery.start()
             self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
             await self.consumer.start()
             if self.health_server is not None:
                 await self.health_server.start()
             if await self.cache.ping():
                 await self.cache.publish_model(self.model.name, self.model.redis_fields(
-                    max_tokens=self.embedder.manifest.max_tokens))
-            log.info("worker %s started: group %s, topic %s, model %s (%s)", self.config.worker_id,
+                    max_tokens=self._max_tokens))
+            log.info("worker %s started: group %s, topic %s, model %s (%s), %s", self.config.worker_id,
                      self.config.group_id, self.config.requests_topic, self.model.name,
-                     self.model.fingerprint[:12])
+                     self.model.fingerprint[:12], self.config.guarantee)
+            background = [
+                asyncio.create_task(watch_event_loop(self.metrics.event_loop_lag), name="loop-lag"),
+                asyncio.create_task(self._health_loop(), name="health-loop"),
+            ]
             batch_loop = asyncio.create_task(self._batch_loop(), name="batch-loop")
             commit_loop = asyncio.create_task(self._commit_loop(), name="commit-loop")
             try:
@@ -143,6 +196,9 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await commit_loop
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._close()
 
     def stop(self) -> None:
@@ -150,6 +206,7 @@ class Worker:
         if not self._stopping.is_set():
             log.info("stopping: draining in-flight work")
             self.health.stopping = True
+            self.metrics.ready.set(0)
             self._stopping.set()
 
     async def _drain(self, batch_loop: asyncio.Task[None]) -> None:
@@ -167,10 +224,12 @@ class Worker:
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
             await self.consumer.stop()  # leaves the group: the others take over at once
+        await self.delivery.close()
         with contextlib.suppress(Exception):
-            await self.producer.stop()
+            await self.cluster.close()
         await self.cache.close()
         self.processor.close()
+        self._decode_executor.shutdown(wait=True)
         if self.health_server is not None:
             await self.health_server.stop()
         log.info("worker %s stopped", self.config.worker_id)
@@ -193,34 +252,85 @@ class Worker:
                 break
             try:
                 fetched = fetch.result()
+            except CorruptRecordException as exc:
+                await self._salvage(exc)
+                continue
             except KafkaError as exc:
-                # A broker outage or an unreadable batch: never fatal. Count it, back off, retry;
-                # nothing was tracked, so nothing is lost (the records are fetched again).
+                # A broker outage: never fatal. Count it, back off, retry; nothing was tracked, so
+                # nothing is lost (the records are fetched again).
                 self.metrics.fetch_errors.inc()
                 log.warning("fetch failed (%s: %s); retrying in 1s", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
                 continue
+            except Exception as exc:  # raised while aiokafka unpacked a record: see worker.salvage
+                await self._salvage(exc)
+                continue
             # A fetch that was in flight during a revoke may still carry the lost partitions.
             records = [r for tp, batch in fetched.items() if tp in self._owned for r in batch]
-            if not records:
-                continue
-            for record in records:
-                self.offsets.track(TopicPartition(record.topic, record.partition), record.offset)
-            self.metrics.in_flight.set(self.offsets.in_flight)
-            # Rejections travel in the batches too, so every record is answered in fetch order
-            # (exactly-once commits each batch's offsets with its results).
-            for item in self.decoder.decode(records):
-                self.batcher.add(item, item.tokens if isinstance(item, Job) else 1)
+            await self._take(records)
+
+    async def _take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
+        if not records and not extra:
+            return
+        for record in records:
+            size = (len(record.value or b"") + len(record.key or b"") + RECORD_OVERHEAD_BYTES
+                    + sum(len(k) + len(v or b"") for k, v in record.headers or ()))
+            self.offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
+        self._observe_in_flight()
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self._decode_executor, self.decoder.decode, records)
+        # Rejections travel in the batches too, so every record is answered in fetch order
+        # (exactly-once commits each batch's offsets with its results).
+        for item in [*items, *extra]:
+            self.batcher.add(item, len(item.tokens.ids) if isinstance(item, Job) else 1)
+        if records:
             self._observe_lag(records)
 
+    async def _salvage(self, error: Exception) -> None:
+        """getmany failed on a record it cannot unpack: find it, hand over the good records before
+        it and a rejection for it, and move its partition past it (worker.salvage)."""
+        log.warning("the Kafka client could not unpack a fetched record (%s: %s); locating it",
+                    type(error).__name__, error)
+
+        async def position_of(tp: TopicPartition) -> int | None:
+            return self.offsets.position(tp)
+
+        try:
+            found = await salvage(self.consumer, self.cluster, [tp for tp in self.consumer.assignment()
+                                                                if tp in self._owned],
+                                  position_of, max_bytes=self.config.max_message_bytes + (64 << 10),
+                                  isolation_level=self._isolation)
+        except Exception as exc:  # never fatal: the next fetch fails the same way and we try again
+            log.warning("could not locate the unreadable record yet (%s: %s); retrying in 1s",
+                        type(exc).__name__, exc, exc_info=not isinstance(exc, KafkaError))
+            await asyncio.sleep(1.0)
+            return
+        if not found.unreadable:
+            log.warning("no unreadable record found; fetching again in 1s")
+            await asyncio.sleep(1.0)
+            return
+        rejections = []
+        for unreadable in found.unreadable:
+            self.metrics.unreadable_records.inc()
+            self.offsets.track(unreadable.tp, unreadable.offset, RECORD_OVERHEAD_BYTES,
+                               next_offset=unreadable.next_offset)
+            rejections.append(self.decoder.reject_unreadable(unreadable))
+        await self._take(found.records, rejections)
+
+    def _observe_in_flight(self) -> None:
+        self.metrics.in_flight.set(self.offsets.in_flight)
+        self.metrics.in_flight_bytes.set(self.offsets.in_flight_bytes)
+
     def _apply_backpressure(self) -> None:
-        in_flight = self.offsets.in_flight
+        count, size = self.offsets.in_flight, self.offsets.in_flight_bytes
         assignment = self.consumer.assignment()
-        if not self._paused and in_flight >= self.config.max_in_flight:
+        if not self._paused and (count >= self.config.max_in_flight
+                                 or size >= self.config.max_in_flight_bytes):
             self.consumer.pause(*assignment)
             self._paused = True
-        elif self._paused and in_flight < self.config.max_in_flight // 2:
-            self.consumer.resume(*assignment)
+        elif self._paused and count < self.config.max_in_flight // 2 \
+                and size < self.config.max_in_flight_bytes // 2:
+            self.consumer.resume(*[tp for tp in assignment if tp in self._owned])
             self._paused = False
         self.metrics.paused.set(len(self.consumer.paused()))
 
@@ -281,37 +391,42 @@ class Worker:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # A bug or a lost broker: nothing was committed for these records, so they will be
-            # redelivered; stop rather than keep committing around a hole.
+            # A bug: nothing was committed for these records, so they will be redelivered; stop
+            # rather than keep committing around a hole, and exit non-zero.
             log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
+            self.fatal = self.fatal or task.exception()
             self.stop()
 
     async def _process(self, items: list[Job | Rejection], sequence: int,
                        model_done: Callable[[], None]) -> None:
         jobs = [i for i in items if isinstance(i, Job)]
         rejections = [i for i in items if isinstance(i, Rejection)]
-        outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
-        model_done()
+        try:
+            outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
+        finally:
+            model_done()
         rejections.extend(outcome.failures)
-        if self.config.guarantee == "exactly-once":
-            await self._publish_transaction(items, outcome, rejections, sequence)
-        else:
-            acks = await self.publisher.send_results(outcome.results)
-            for rejection in rejections:
-                acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
-            await asyncio.gather(*acks)
+        delivered = await self.delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))
+        if delivered.lost:
+            self._lose(delivered.lost)
         now = time.time()
+        gone = {(r.source.partition, r.source.offset) for r in delivered.rejected}
         for job, _ in outcome.results:
-            self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
-        for rejection in rejections:
+            if (job.source.partition, job.source.offset) not in gone:
+                self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
+        for rejection in [*rejections, *delivered.rejected]:
             self.metrics.dlq.labels(rejection.error.code.value).inc()
-            if rejection.error.code != ErrorCode.INFERENCE_FAILED:
-                self.metrics.requests.labels("rejected").inc()
+        self.metrics.requests.labels("rejected").inc(len(rejections) - len(outcome.failures)
+                                                      + len(delivered.rejected))
         spans: dict[int, list[int]] = {}
         for item in items:
-            self.offsets.done(TopicPartition(item.source.topic, item.source.partition), item.source.offset)
+            tp = TopicPartition(item.source.topic, item.source.partition)
+            if tp in delivered.lost:
+                continue
+            self.offsets.done(tp, item.source.offset)
             span = spans.setdefault(item.source.partition, [item.source.offset, item.source.offset])
             span[0], span[1] = min(span[0], item.source.offset), max(span[1], item.source.offset)
+        self._observe_in_flight()
         self._commit_wanted.set()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch done", extra={
@@ -319,43 +434,19 @@ class Worker:
                 "cached": sum(r.cached for _, r in outcome.results),
                 "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())}})
 
-    async def _publish_transaction(self, items: list[Job | Rejection], outcome: BatchOutcome,
-                                   rejections: list[Rejection], sequence: int) -> None:
-        """Exactly-once: the batch's results, dead letters and offsets in one Kafka transaction.
+    def _lose(self, partitions: set[TopicPartition]) -> None:
+        """Partitions another worker owns now (fenced): drop their queued work and pause them;
+        the group's next rebalance hands them out properly."""
+        self._owned -= partitions
+        self.batcher.discard(lambda item: TopicPartition(item.source.topic, item.source.partition)
+                             in partitions)
+        self.offsets.forget(partitions)
+        with contextlib.suppress(Exception):
+            self.consumer.pause(*[tp for tp in partitions if tp in self.consumer.assignment()])
+        log.warning("gave up partitions %s (fenced by their new owner)",
+                    sorted(tp.partition for tp in partitions))
 
-        Batches publish in the order they were cut (fetch order), so when batch k commits, every
-        record before it is committed too and its offsets are simply one past its last record per
-        partition. A failed transaction is aborted and stops the worker: its records were not
-        committed and will be processed again, and no reader on read_committed saw its results.
-        """
-        async with self._publish_turn:
-            await self._publish_turn.wait_for(
-                lambda: self._next_to_publish == sequence or self._publish_failed)
-            if self._publish_failed:
-                raise RuntimeError("an earlier transaction failed; not publishing later batches")
-            offsets: dict[TopicPartition, int] = {}
-            for item in items:
-                tp = TopicPartition(item.source.topic, item.source.partition)
-                offsets[tp] = max(offsets.get(tp, 0), item.source.offset + 1)
-            try:
-                await self.producer.begin_transaction()
-                acks = await self.publisher.send_results(outcome.results)
-                for rejection in rejections:
-                    acks.extend(await self.publisher.send_rejection(rejection, model=self.model.name))
-                await self.producer.send_offsets_to_transaction(offsets, self.config.group_id)
-                await self.producer.commit_transaction()
-                await asyncio.gather(*acks)
-            except BaseException:
-                self._publish_failed = True
-                with contextlib.suppress(Exception):
-                    await self.producer.abort_transaction()
-                raise
-            finally:
-                self._next_to_publish = sequence + 1 if not self._publish_failed else self._next_to_publish
-                self._publish_turn.notify_all()
-            self.metrics.commits.labels("ok").inc()
-
-    # --- commits and rebalances ----------------------------------------------------------------
+    # --- commits, health and rebalances --------------------------------------------------------
 
     async def _commit_loop(self) -> None:
         """Commits progress at most every COMMIT_INTERVAL_S: results are already acknowledged when
@@ -367,42 +458,61 @@ class Worker:
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _commit(self) -> None:
-        if self.config.guarantee == "exactly-once":
+        if self.delivery.commits_offsets:
             return  # offsets are committed inside each batch's transaction
         async with self._commit_lock:
             assignment = self.consumer.assignment()
             offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assignment}
-            self.metrics.in_flight.set(self.offsets.in_flight)
+            self._observe_in_flight()
             if not offsets:
                 return
             try:
                 await self.consumer.commit(offsets)
             except (CommitFailedError, KafkaError) as exc:
-                # The group is rebalancing: the new owner re-reads from the last commit (duplicates,
-                # never losses); the next commit after the rebalance carries the progress.
+                # The group is rebalancing or the broker is away: the new owner re-reads from the
+                # last commit (duplicates, never losses); the next commit carries the progress.
                 self.metrics.commits.labels("failed").inc()
                 log.warning("offset commit failed (%s); will retry with the next batch", exc)
                 return
             self.offsets.mark_committed(offsets)
             self.metrics.commits.labels("ok").inc()
 
+    async def _health_loop(self) -> None:
+        """Keeps /readyz and embedfleet_ready truthful: Kafka answering, the group joined (a
+        member that lost its partitions to a session timeout is not ready), Redis up or degraded."""
+        while True:
+            self.health.kafka_reachable = await self.cluster.probe()
+            self.health.cache_ok = self.cache.healthy or not self.cache.enabled
+            if not self.health.cache_ok and await self.cache.ping():
+                self.health.cache_ok = True
+            self.metrics.ready.set(1 if self.health.ready else 0)
+            reclaim = self.delivery.reclaimable(set(self.consumer.assignment()))
+            if reclaim:
+                log.info("taking back partitions %s (still assigned here after a fence)",
+                         sorted(tp.partition for tp in reclaim))
+                await self._assign(reclaim)
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Finish what is already running for the revoked partitions, drop what has not started
         (uncommitted, so the new owner processes it once), commit, and let them go. Dropping keeps
         the revoke short: the group waits for it (rebalance_timeout_ms) before moving on."""
+        self.health.group_joined = False
+        self.metrics.ready.set(0)
         if not revoked:
             return
         self._fetch_allowed.clear()
         try:
             lost = set(revoked)
-            self._owned -= lost
             dropped = self.batcher.discard(
                 lambda item: TopicPartition(item.source.topic, item.source.partition) in lost)
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             # Polling is fine here: a revoke is rare and its wait is bounded by the running batches.
             while self.offsets.in_flight_of(revoked) > len(dropped) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
+            self._owned -= lost
             await self._commit()
+            await self.delivery.revoked(revoked)
             self.offsets.forget(revoked)
             for tp in revoked:
                 with contextlib.suppress(KeyError):
@@ -413,13 +523,25 @@ class Worker:
             self._fetch_allowed.set()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._owned = set(assigned)
+        self.metrics.assignments.inc()
+        await self._assign(assigned)
         self.health.group_joined = True
         self.health.details["partitions"] = ",".join(str(tp.partition) for tp in sorted(
             self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition)))
-        self.metrics.ready.set(1)
+        self.metrics.ready.set(1 if self.health.ready else 0)
         self._paused = False
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+    async def _assign(self, partitions: list[TopicPartition]) -> None:
+        """Takes partitions into the pipeline (exactly-once: after fencing their previous owner)."""
+        failed = await self.delivery.assigned(partitions)
+        taken = [tp for tp in partitions if tp not in failed]
+        self._owned |= set(taken)
+        with contextlib.suppress(Exception):
+            if taken:
+                self.consumer.resume(*taken)
+            if failed:
+                self.consumer.pause(*failed)
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -430,6 +552,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the settings and exit")
     parser.add_argument("--fault-marker", default=None,
                         help="testing only: inference fails for texts containing this marker")
+    parser.add_argument("--fault-kind", default="raise", choices=("raise", "nan", "hold-transaction"),
+                        help="testing only: what the marker does: the model raises, the model gives "
+                             "NaN vectors, or (exactly-once) the batch's transaction is held open "
+                             f"for {FAULT_HOLD_S:.0f}s before it commits")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -450,21 +576,29 @@ def run(args: argparse.Namespace) -> int:
     try:
         embedder = Embedder.from_bundle(
             config.model, variant=config.variant, device=config.device,  # type: ignore[arg-type]
-            intra_op_threads=per_call, fault_marker=args.fault_marker)
+            intra_op_threads=per_call,
+            fault_marker=args.fault_marker if args.fault_kind != "hold-transaction" else None,
+            fault_kind=args.fault_kind)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, embedder, inference_threads=calls))
+    hold = args.fault_marker if args.fault_kind == "hold-transaction" else None
+    return asyncio.run(serve(config, embedder, inference_threads=calls, hold_marker=hold))
 
 
-async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int = 1) -> int:
+async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int = 1,
+                hold_marker: str | None = None) -> int:
+    """Runs a worker until SIGTERM/SIGINT (0) or a fatal error (1: a failed start, or a bug that
+    stopped the pipeline; 2: a configuration problem)."""
     # A refused Redis login is a configuration error, not an outage: never run without the cache
     # because of a wrong password.
     problem = await redis_login_problem(config)
     if problem is not None:
         log.error("%s; not starting", problem)
         return 2
-    worker = Worker(config, embedder, inference_threads=inference_threads)
+    dlq_limit = await topic_record_limit(kafka_connection_options(config), config.dlq_topic)
+    worker = Worker(config, embedder, inference_threads=inference_threads, dlq_record_limit=dlq_limit,
+                    hold_marker=hold_marker)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
@@ -472,5 +606,8 @@ async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int =
         await worker.run()
     except KafkaError as exc:
         log.error("%s", await explain_kafka_error(config, exc))
+        return 1
+    if worker.fatal is not None:
+        log.error("stopped after a fatal error: %s: %s", type(worker.fatal).__name__, worker.fatal)
         return 1
     return 0

@@ -87,6 +87,8 @@ class VectorCache:
     def __init__(self, client: redis.Redis | None, *, key_prefix: str, model_name: str, ttl_s: int,
                  metrics: WorkerMetrics, retry_after_s: float = 1.0) -> None:
         self._client = client
+        self._model_name_bytes = model_name.encode()
+        self.healthy = True  # False while Redis fails (the cache is skipped: degraded, not down)
         safe_model = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
         self._key_prefix = key_prefix
         self._prefix = f"{key_prefix}:{safe_model}"
@@ -110,8 +112,13 @@ class VectorCache:
     def _available(self) -> bool:
         return self._client is not None and time.monotonic() >= self._skip_until
 
+    def _up(self) -> None:
+        self.healthy = True
+        self._metrics.cache_up.set(1)
+
     def _failed(self, operation: str, exc: Exception) -> None:
         self._metrics.cache_errors.labels(operation).inc()
+        self.healthy = False
         self._metrics.cache_up.set(0)
         if time.monotonic() >= self._skip_until:
             log.warning("redis %s failed (%s: %s); computing without the cache for %.1fs",
@@ -125,23 +132,33 @@ class VectorCache:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         for key, dim in keys:
-            pipe.hget(self.redis_key(key, dim), VECTOR_FIELD)
+            pipe.hmget(self.redis_key(key, dim), [VECTOR_FIELD, "model", "dim"])
         try:
-            raw: list[bytes | None] = await pipe.execute()
+            raw: list[list[bytes | None]] = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("lookup", exc)
             return [None] * len(keys)
-        self._metrics.cache_up.set(1)
+        self._up()
         found: list[np.ndarray | None] = []
-        for (_, dim), value in zip(keys, raw, strict=True):
-            # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
-            if value is not None and len(value) == dim * 4:
-                found.append(np.frombuffer(value, dtype="<f4"))
-            else:
-                found.append(None)
+        for (_, dim), (value, model, stored_dim) in zip(keys, raw, strict=True):
+            vector = self._valid(value, model, stored_dim, dim)
+            if vector is None and value is not None:
+                self._metrics.cache_invalid.inc()
+            found.append(vector)
         self._metrics.cache_lookups.inc(len(keys))
         self._metrics.cache_hits.inc(sum(v is not None for v in found))
         return found
+
+    def _valid(self, value: bytes | None, model: bytes | None, stored_dim: bytes | None,
+               dim: int) -> np.ndarray | None:
+        """The entry's vector if it can be served: written for this model and width, of the right
+        size, every number finite. Anything else (another writer, a corrupted entry) is a miss,
+        so the model computes it and the store overwrites the entry."""
+        if value is None or len(value) != dim * 4 or model != self._model_name_bytes \
+                or stored_dim != str(dim).encode():
+            return None
+        vector = np.frombuffer(value, dtype="<f4")
+        return vector if bool(np.isfinite(vector).all()) else None
 
     async def store(self, entries: Sequence[tuple[str, np.ndarray]], model: str) -> None:
         """Writes vectors in one pipelined round trip (idempotent: same key, same vector)."""
@@ -205,9 +222,10 @@ class VectorCache:
         try:
             await self._client.ping()
         except (RedisError, OSError, TimeoutError):
+            self.healthy = False
             self._metrics.cache_up.set(0)
             return False
-        self._metrics.cache_up.set(1)
+        self._up()
         return True
 
     async def close(self) -> None:

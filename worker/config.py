@@ -116,6 +116,15 @@ class WorkerConfig:
     max_in_flight: int = setting("EMBEDFLEET_MAX_IN_FLIGHT",
                                  "messages consumed but not yet committed; above it partitions pause",
                                  default=4096)
+    max_in_flight_bytes: int = setting(
+        "EMBEDFLEET_MAX_IN_FLIGHT_BYTES",
+        "bytes of messages consumed but not yet committed (each counted at its size + 16 KiB for "
+        "its tokens, vector and result); above it partitions pause. Fetches are sized to match",
+        default=256 * 1024 * 1024)
+    transaction_timeout_ms: int = setting(
+        "EMBEDFLEET_TRANSACTION_TIMEOUT_MS",
+        "exactly-once: the broker aborts a killed worker's open transaction after this long "
+        "(read_committed readers wait for it at most this long)", default=10_000)
     # Limits
     max_message_bytes: int = setting("EMBEDFLEET_MAX_MESSAGE_BYTES", "largest request message",
                                      default=1024 * 1024)
@@ -137,6 +146,11 @@ class WorkerConfig:
             raise ValueError("EMBEDFLEET_INFERENCE_THREADS and EMBEDFLEET_INTRA_OP_THREADS must be >= 0")
         if self.inference_batch_size <= 0 or self.max_in_flight < self.max_batch_size:
             raise ValueError("inference batch size must be > 0 and max in flight >= max batch size")
+        if self.max_in_flight_bytes < 4 * self.max_message_bytes:
+            raise ValueError(
+                "EMBEDFLEET_MAX_IN_FLIGHT_BYTES must be at least 4 x EMBEDFLEET_MAX_MESSAGE_BYTES")
+        if self.transaction_timeout_ms < 1000:
+            raise ValueError("EMBEDFLEET_TRANSACTION_TIMEOUT_MS must be >= 1000")
         re.compile(self.reply_to_pattern)
 
     @classmethod

@@ -24,14 +24,19 @@ from schemas import (
     content_hash,
     content_type_of,
     decode_request,
+    readable_fields,
 )
 from worker.config import WorkerConfig
+from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, RawMessage, Rejection, Source
 from worker.kafka_options import kafka_connection_options
+from worker.salvage import Unreadable
 
-TokenCounter = Callable[[Sequence[str], str | None], list[int]]
+Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
+# On a dead letter whose header names were not UTF-8: they were decoded with replacement characters.
+HEADER_DLQ_HEADERS_REPAIRED = "dlq-headers-repaired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +56,18 @@ class ModelContract:
 
 
 class RequestDecoder:
-    def __init__(self, *, model: ModelContract, count_tokens: TokenCounter, limits: RequestLimits,
-                 reply_to_pattern: str, default_reply_topic: str) -> None:
+    def __init__(self, *, model: ModelContract, tokenize: Tokenize, limits: RequestLimits,
+                 reply_to_pattern: str, default_reply_topic: str,
+                 max_kept_value_bytes: int = 1 << 20) -> None:
         self._model = model
-        self._count_tokens = count_tokens
+        self._tokenize = tokenize
         self._limits = RequestLimits(
             max_message_bytes=limits.max_message_bytes, max_text_bytes=limits.max_text_bytes,
-            max_header_bytes=limits.max_header_bytes, allowed_tasks=model.tasks,
-            allowed_dimensions=model.dimensions,
+            max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
+            allowed_tasks=model.tasks, allowed_dimensions=model.dimensions,
         )
+        # A rejected value is kept only as far as its dead-letter copy can carry it.
+        self._max_kept_value_bytes = max_kept_value_bytes
         self._reply_to = re.compile(reply_to_pattern)
         self._default_reply_topic = default_reply_topic
 
@@ -75,8 +83,9 @@ class RequestDecoder:
         return self._default_reply_topic
 
     def decode(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
+        """Jobs and rejections, in record order. Runs off the event loop (it tokenizes)."""
         decoded: list[Job | Rejection | None] = [None] * len(records)
-        # Valid requests wait here, grouped by task, so tokens are counted in one call per task.
+        # Valid requests wait here, grouped by task, so each task is tokenized in one call.
         by_task: dict[str | None, list[tuple[int, Source, RawMessage, Any, ContentType, str]]] = \
             defaultdict(list)
         for index, record in enumerate(records):
@@ -98,20 +107,49 @@ class RequestDecoder:
                 key = content_hash(request.text, model_fingerprint=self._model.fingerprint,
                                    task=request.task, dimensions=request.dimensions)
             except RequestError as error:
-                decoded[index] = Rejection(source, raw, error, self._error_reply_topic(error), content_type)
+                decoded[index] = Rejection(source, self._kept(raw), error, self._error_reply_topic(error),
+                                           content_type, request=error.request)
                 continue
             except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
                 hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)
-                decoded[index] = Rejection(source, raw, hash_error, self._default_reply_topic, content_type)
+                decoded[index] = Rejection(source, self._kept(raw), hash_error, self._default_reply_topic,
+                                           content_type)
                 continue
             by_task[request.task].append((index, source, raw, request, content_type, key))
         for task, pending in by_task.items():
-            tokens = self._count_tokens([p[3].text for p in pending], task)
-            for (index, source, raw, request, content_type, key), count in zip(pending, tokens, strict=True):
+            tokenized = self._tokenize([p[3].text for p in pending], task)
+            for (index, source, raw, request, content_type, key), tokens in zip(pending, tokenized,
+                                                                                  strict=True):
                 reply_topic = request.reply_to or self._default_reply_topic
-                decoded[index] = Job(source, raw, request, key, request.dimensions or self._model.dim,
-                                     count, reply_topic, content_type)
+                # The value is released: a dead-letter copy is re-encoded from the request.
+                released = RawMessage(raw.key, None, raw.headers, original_size=len(raw.value or b""))
+                decoded[index] = Job(source, released, request, key,
+                                     request.dimensions or self._model.dim, tokens, reply_topic,
+                                     content_type)
         return [d for d in decoded if d is not None]
+
+    def _kept(self, raw: RawMessage) -> RawMessage:
+        if raw.value is None or len(raw.value) <= self._max_kept_value_bytes:
+            return raw
+        return RawMessage(raw.key, raw.value[: self._max_kept_value_bytes], raw.headers,
+                          original_size=len(raw.value))
+
+    def reject_unreadable(self, unreadable: Unreadable) -> Rejection:
+        """A record the Kafka client could not unpack: dead-lettered with what could be read of
+        it, and answered when its id (and reply_to) can be read from the value."""
+        source = Source(unreadable.tp.topic, unreadable.tp.partition, unreadable.offset,
+                        unreadable.timestamp_ms)
+        record = unreadable.record
+        if record is None:  # a whole batch: nothing of it can be read
+            raw = RawMessage(None, None, [])
+            return Rejection(source, raw, RequestError(ErrorCode.INVALID_ENCODING, unreadable.reason),
+                             self._default_reply_topic, ContentType.JSON)
+        raw = self._kept(RawMessage(record.key, record.value, record.text_headers(),
+                                    notes=[(HEADER_DLQ_HEADERS_REPAIRED, b"1")]))
+        readable = readable_fields(record.value)
+        error = RequestError(ErrorCode.INVALID_HEADERS, unreadable.reason, readable.request_id,
+                             reply_to=readable.reply_to)
+        return Rejection(source, raw, error, self._error_reply_topic(error), ContentType.JSON)
 
 
 def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
@@ -121,9 +159,12 @@ def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
         group_id=config.group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        # Room for the largest message plus slack; a bigger one still arrives and is rejected by size.
-        max_partition_fetch_bytes=max(config.max_message_bytes * 2, 1 << 20),
-        fetch_max_bytes=max(config.max_message_bytes * 4, 50 << 20),
+        # Room for the largest message plus slack (a bigger one still arrives: the broker always
+        # returns at least one batch), and one fetch a fraction of the in-flight byte budget, since
+        # fetched records wait in the client until they are taken.
+        max_partition_fetch_bytes=max(config.max_message_bytes + (64 << 10), 1 << 20),
+        fetch_max_bytes=max(config.max_message_bytes + (64 << 10),
+                            min(50 << 20, config.max_in_flight_bytes // 8)),
         max_poll_interval_ms=300_000,
         session_timeout_ms=10_000,
         # How long the group waits for this member to rejoin: a revoke finishes the running

@@ -1,8 +1,9 @@
 """A tiny HTTP endpoint on the event loop: ``/metrics``, ``/healthz`` (live) and ``/readyz`` (ready).
 
 Served by asyncio itself, so a blocked event loop fails the liveness probe, as it should. Ready
-means the model is loaded and the consumer group joined; Redis being down only makes the worker
-degraded (it computes without the cache), never unready.
+means the model is loaded, the consumer group joined (a member that lost its partitions, e.g. to
+a session timeout, is not) and Kafka answers; Redis being down only makes the worker degraded (it
+computes without the cache), never unready.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 8192
 
@@ -22,19 +25,31 @@ MAX_REQUEST_BYTES = 8192
 class HealthState:
     model_loaded: bool = False
     group_joined: bool = False
+    kafka_reachable: bool = True
     cache_ok: bool = True
     stopping: bool = False
     details: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
-        return self.model_loaded and self.group_joined and not self.stopping
+        return self.model_loaded and self.group_joined and self.kafka_reachable and not self.stopping
 
     def as_json(self) -> bytes:
         return json.dumps({
             "ready": self.ready, "model_loaded": self.model_loaded, "group_joined": self.group_joined,
+            "kafka": "ok" if self.kafka_reachable else "unreachable",
             "cache": "ok" if self.cache_ok else "degraded", "stopping": self.stopping, **self.details,
         }).encode()
+
+
+async def watch_event_loop(lag: Histogram, interval_s: float = 0.1) -> None:
+    """Observes how late the loop wakes a timer: the time it was blocked (long decoding, a slow
+    callback), which would also delay Kafka heartbeats."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval_s)
+        lag.observe(max(0.0, loop.time() - started - interval_s))
 
 
 class HealthServer:

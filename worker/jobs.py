@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import ContentType, EmbedRequest, RequestError
+from schemas import ContentType, EmbedRequest, RequestError, encode_request
+from worker.engine.tokenize import TokenizedText
 
 Headers = list[tuple[str, bytes]]
 
@@ -21,11 +22,21 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """The message as received, kept so a failure can send it unchanged to the dead-letter topic."""
+    """The message as received, kept for its dead-letter copy. Only what that copy needs is kept:
+    a valid request's value is released after decoding (the copy is re-encoded from the request),
+    and an oversized value is cut to what the DLQ accepts (``original_size`` says how big it was)."""
 
     key: bytes | None
     value: bytes | None
     headers: Headers
+    notes: Headers = ()  # type: ignore[assignment]  # extra DLQ headers (e.g. repaired header names)
+    original_size: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes this record held when it arrived (for in-flight accounting)."""
+        value = self.original_size if self.original_size is not None else len(self.value or b"")
+        return value + len(self.key or b"") + sum(len(k) + len(v) for k, v in self.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +46,7 @@ class Job:
     request: EmbedRequest
     key: str  # the content hash: cache key and Kafka key of the result
     dim: int  # the output width (the model's, or the asked Matryoshka dimensions)
-    tokens: int  # model tokens after prefix and truncation
+    tokens: TokenizedText  # the model's token ids after prefix and truncation
     reply_topic: str
     content_type: ContentType
 
@@ -50,3 +61,9 @@ class Rejection:
     reply_topic: str
     content_type: ContentType
     key: str | None = None
+    request: EmbedRequest | None = None  # when the request had been decoded (its value re-encodes)
+
+    def reencoded_value(self) -> bytes | None:
+        if self.request is None:
+            return None
+        return encode_request(self.request, self.content_type, limits=None)

@@ -34,6 +34,9 @@ class WorkerMetrics:
         self.cache_lookups = Counter("embedfleet_cache_lookups", "Distinct keys looked up in Redis",
                                      registry=r)
         self.cache_hits = Counter("embedfleet_cache_hits", "Distinct keys found in Redis", registry=r)
+        self.cache_invalid = Counter(
+            "embedfleet_cache_invalid_entries", "Cache entries found but not served (another model or "
+            "width, wrong size, non-finite numbers): treated as misses and overwritten", registry=r)
         self.cache_errors = Counter("embedfleet_cache_errors", "Redis operations that failed (fail open)",
                                     ["operation"], registry=r)
         self.batch_duplicates = Counter(
@@ -63,11 +66,29 @@ class WorkerMetrics:
                          ["topic", "partition"], registry=r)
         self.dlq = Counter("embedfleet_dlq_messages", "Messages sent to the dead-letter topic, by reason",
                            ["reason"], registry=r)
+        self.event_loop_lag = Histogram(
+            "embedfleet_event_loop_lag_seconds", "How late the event loop wakes a 100 ms timer: a "
+            "blocked loop misses Kafka heartbeats and health probes", buckets=LATENCY_BUCKETS, registry=r)
+        self.publish_retries = Counter(
+            "embedfleet_publish_retries", "Batches whose results had to be sent again (broker outage)",
+            registry=r)
+        self.unreadable_records = Counter(
+            "embedfleet_unreadable_records", "Records the Kafka client could not unpack (dead-lettered "
+            "and skipped)", registry=r)
+        self.in_flight_bytes = Gauge("embedfleet_in_flight_bytes",
+                                     "Bytes of messages consumed and not yet committed", registry=r)
+        self.fenced_partitions = Counter(
+            "embedfleet_fenced_partitions", "Partitions given up because another worker's producer "
+            "fenced this one (exactly-once)", registry=r)
+        self.assignments = Counter(
+            "embedfleet_assignments", "Partition assignments received (one per rebalance this worker "
+            "takes part in): a rise without scaling means members are being expelled", registry=r)
         self.fetch_errors = Counter("embedfleet_fetch_errors", "Fetches from Kafka that failed (retried)",
                                     registry=r)
         self.commits = Counter("embedfleet_commits", "Offset commits", ["outcome"], registry=r)
         self.model = Info("embedfleet_model", "The model this worker serves", registry=r)
-        self.ready = Gauge("embedfleet_ready", "1 when the model is loaded and the group joined", registry=r)
+        self.ready = Gauge("embedfleet_ready", "1 when /readyz answers 200: model loaded, group joined, "
+                           "Kafka reachable, not stopping", registry=r)
         self.cache_up = Gauge("embedfleet_cache_up", "1 while the Redis cache answers", registry=r)
 
     def exposition(self) -> bytes:

@@ -19,7 +19,7 @@ P = TypeVar("P", bound=Hashable)
 class _PartitionState:
     # Insertion-ordered: offsets arrive in increasing order per partition, so the first key is the
     # lowest offset still pending.
-    pending: dict[int, None] = field(default_factory=dict)
+    pending: dict[int, int] = field(default_factory=dict)  # offset -> bytes it holds
     next_offset: int = -1  # one past the highest offset seen
     committed: int = -1  # the last offset handed out for commit
 
@@ -27,20 +27,33 @@ class _PartitionState:
 class OffsetTracker(Generic[P]):
     def __init__(self) -> None:
         self._partitions: dict[P, _PartitionState] = {}
+        self._bytes = 0
 
-    def track(self, partition: P, offset: int) -> None:
+    def track(self, partition: P, offset: int, size: int = 0, next_offset: int | None = None) -> None:
+        """A record arrived; ``size`` is what it holds in memory until done; ``next_offset`` is
+        where the partition continues after it (past a skipped unreadable batch)."""
         state = self._partitions.setdefault(partition, _PartitionState())
-        state.pending[offset] = None
-        state.next_offset = max(state.next_offset, offset + 1)
+        self._bytes += size - state.pending.get(offset, 0)
+        state.pending[offset] = size
+        state.next_offset = max(state.next_offset, offset + 1, next_offset or 0)
 
     def done(self, partition: P, offset: int) -> None:
         state = self._partitions.get(partition)
         if state is not None:  # the partition may have been revoked meanwhile
-            state.pending.pop(offset, None)
+            self._bytes -= state.pending.pop(offset, 0)
+
+    def position(self, partition: P) -> int | None:
+        """One past the last offset tracked (where fetching continues), or None."""
+        state = self._partitions.get(partition)
+        return state.next_offset if state is not None and state.next_offset >= 0 else None
 
     @property
     def in_flight(self) -> int:
         return sum(len(s.pending) for s in self._partitions.values())
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._bytes
 
     def in_flight_of(self, partitions: Iterable[P]) -> int:
         return sum(len(self._partitions[p].pending) for p in partitions if p in self._partitions)
@@ -63,4 +76,6 @@ class OffsetTracker(Generic[P]):
     def forget(self, partitions: Iterable[P]) -> None:
         """Drops revoked partitions: their uncommitted records will be redelivered to the new owner."""
         for partition in partitions:
-            self._partitions.pop(partition, None)
+            state = self._partitions.pop(partition, None)
+            if state is not None:
+                self._bytes -= sum(state.pending.values())

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from schemas import EmbedResult, ErrorCode, RequestError
 from worker.cache import VectorCache
+from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Rejection
 from worker.metrics import WorkerMetrics
 
@@ -35,10 +36,12 @@ class EmbedOutputLike(Protocol):
 
 
 class EmbeddingBackend(Protocol):
-    """What the pipeline needs of the engine (worker.engine.Embedder satisfies it)."""
+    """What the pipeline needs of the engine (worker.engine.Embedder satisfies it): vectors for
+    texts the decoder already tokenized (``texts`` only for diagnostics)."""
 
-    def embed(self, texts: Sequence[str], task: str | None = None, dimensions: int | None = None,
-              batch_size: int = 32, token_budget: int = 2048) -> EmbedOutputLike: ...
+    def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
+                        dimensions: int | None = None, batch_size: int = 32,
+                        token_budget: int = 2048) -> EmbedOutputLike: ...
 
 
 @dataclass(slots=True)
@@ -99,7 +102,7 @@ class BatchProcessor:
                 error = RequestError(ErrorCode.INFERENCE_FAILED, computed.failed[job.key],
                                      job.request.id, request=job.request)
                 outcome.failures.append(Rejection(job.source, job.raw, error, job.reply_topic,
-                                                  job.content_type, key=job.key))
+                                                  job.content_type, key=job.key, request=job.request))
                 self._metrics.requests.labels("failed").inc()
                 continue
             from_cache = job.key in cached
@@ -132,9 +135,9 @@ class BatchProcessor:
     def _compute_isolating(self, jobs: Sequence[Job], task: str | None, dimensions: int | None,
                            computed: _Computed) -> None:
         try:
-            output = self._backend.embed([j.request.text for j in jobs], task=task, dimensions=dimensions,
-                                         batch_size=self._inference_batch_size,
-                                         token_budget=self._token_budget)
+            output = self._backend.embed_tokenized(
+                [j.tokens for j in jobs], [j.request.text for j in jobs], dimensions=dimensions,
+                batch_size=self._inference_batch_size, token_budget=self._token_budget)
         except Exception as exc:  # any engine failure: isolate the texts that cause it
             if len(jobs) == 1:
                 log.warning("inference failed for request %s: %s", jobs[0].request.id, exc)
@@ -144,7 +147,13 @@ class BatchProcessor:
             self._compute_isolating(jobs[:middle], task, dimensions, computed)
             self._compute_isolating(jobs[middle:], task, dimensions, computed)
             return
-        for job, vector, truncated in zip(jobs, output.vectors, output.truncated, strict=True):
+        finite: list[bool] = np.asarray(np.isfinite(output.vectors).all(axis=1)).tolist()
+        for job, vector, truncated, ok in zip(jobs, output.vectors, output.truncated, finite, strict=True):
+            if not ok:
+                # An FP16 overflow or a broken model: never cached, never published.
+                log.warning("inference gave a non-finite vector for request %s", job.request.id)
+                computed.failed[job.key] = "inference failed: the model gave a non-finite vector"
+                continue
             computed.vectors[job.key] = vector
             if truncated:
                 computed.truncated.add(job.key)

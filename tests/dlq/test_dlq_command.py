@@ -67,7 +67,8 @@ async def read_topic(bootstrap: str, topic: str) -> list[Any]:
 async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
                    tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scenario]:
     """One worker with a small text limit; three texts over it, two unknown tasks, one message
-    over the message limit (its DLQ copy is cut), one undecodable message and one good request."""
+    over the message limit and the DLQ's record limit (its DLQ copy is cut), one undecodable
+    message and one good request."""
     fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("dlq"),
                               workers=1, EMBEDFLEET_MAX_TEXT_BYTES=str(SMALL_TEXT_LIMIT),
                               EMBEDFLEET_MAX_MESSAGE_BYTES=str(MESSAGE_LIMIT))
@@ -89,8 +90,9 @@ async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
                                           "task": "no-such-task\x1b[31m"}).encode())
             request_id = f"large-{salt}"
             state.too_large.append(request_id)
+            # Larger than the DLQ topic takes (1 MiB): its copy is cut, so replay skips it.
             await io.send(json.dumps({"id": request_id, "text": "x" * 100,
-                                      "metadata": {"pad": "p" * 3000}}).encode())
+                                      "metadata": {"pad": "p" * (1536 << 10)}}).encode())
             # Not JSON, with raw terminal escapes: the DLQ keeps the bytes, `list` must escape them.
             await io.send(b"\x1b[2J\x1b]0;pwned\x07 not a request")
             good = (await io.send_texts(["a perfectly fine request"]))[0]

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,14 @@ REQUESTS_PER_SCENARIO = 5000
 class FaultReport:
     scenario: str
     sent: int
-    answered: int
-    missing: int
-    duplicates: int
-    recovery_s: float
+    answered: int  # good ids with a success result
+    missing: int  # good ids without one
+    duplicates: int  # success results beyond the first, per id
+    recovery_s: float  # the longest gap between results after the fault
     notes: str = ""
+    errors: int = 0  # error results for the bad records
+    dlq: int = 0  # dead letters of the bad records
+    peak_rss_mb: float = 0.0  # the workers' peak resident memory (VmHWM)
 
 
 @dataclass
@@ -55,11 +59,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     write = terminalreporter.write_line
     write("")
-    write("fault-injection report (requests sent / answered / missing / duplicates / longest stall)")
-    write(f"{'scenario':44} {'sent':>6} {'answered':>9} {'missing':>8} {'dups':>6} {'stall s':>8}  notes")
+    write("fault-injection report (sent / answered / error results / DLQ / missing / duplicates / "
+          "longest stall / peak RSS)")
+    write(f"{'scenario':48} {'sent':>6} {'answered':>9} {'errors':>6} {'dlq':>5} {'missing':>8} "
+          f"{'dups':>6} {'stall s':>8} {'RSS MB':>7}  notes")
     for row in _LEDGER.rows:
-        write(f"{row.scenario:44} {row.sent:6d} {row.answered:9d} {row.missing:8d} {row.duplicates:6d} "
-              f"{row.recovery_s:8.1f}  {row.notes}")
+        write(f"{row.scenario:48} {row.sent:6d} {row.answered:9d} {row.errors:6d} {row.dlq:5d} "
+              f"{row.missing:8d} {row.duplicates:6d} {row.recovery_s:8.1f} {row.peak_rss_mb:7.0f}  "
+              f"{row.notes}")
 
 
 def scenario_texts(shared_dir: Path, count: int = REQUESTS_PER_SCENARIO) -> list[str]:
@@ -70,33 +77,73 @@ def scenario_texts(shared_dir: Path, count: int = REQUESTS_PER_SCENARIO) -> list
     return [f"{text} ({salt}-{i})" for i, text in enumerate(base)]
 
 
-async def audit(fleet: Fleet, ids: list[str], timeout_s: float = 60) -> tuple[int, int, int]:
-    """(answered, missing, duplicates) among committed results, read from the beginning."""
-    wanted = set(ids)
-    counts: dict[str, int] = {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=fleet.bootstrap, enable_auto_commit=False,
+@dataclass
+class Audit:
+    """Every committed record of some topics, read from the beginning, counted per request id."""
+
+    success: Counter[str] = field(default_factory=Counter)  # id -> success results
+    errors: dict[str, list[str]] = field(default_factory=dict)  # id -> error codes
+    dead_letters: list[dict[str, bytes]] = field(default_factory=list)  # DLQ headers
+
+    def answered(self, ids: list[str]) -> int:
+        return sum(1 for i in ids if self.success[i] > 0)
+
+    def missing(self, ids: list[str]) -> int:
+        return len(ids) - self.answered(ids)
+
+    def duplicates(self, ids: list[str]) -> int:
+        return sum(max(0, self.success[i] - 1) for i in ids)
+
+    def error_codes(self, ids: list[str]) -> Counter[str]:
+        return Counter(code for i in ids for code in self.errors.get(i, []))
+
+    def dlq_codes(self) -> Counter[str]:
+        return Counter(h.get("dlq-error-code", b"").decode() for h in self.dead_letters)
+
+
+async def read_topics(bootstrap: str, topics: list[str], timeout_s: float = 60) -> list[Any]:
+    """Every committed record of ``topics`` (all partitions), from the beginning to the current end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
+    found: list[Any] = []
     try:
-        partitions = [TopicPartition(fleet.results_topic, p) for p in range(fleet.partitions)]
+        metadata = await consumer._client.fetch_all_metadata()  # as tests/dlq does: no auto-creation
+        partitions = [TopicPartition(topic, p) for topic in topics
+                      for p in sorted(metadata.partitions_for_topic(topic) or ())]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
-                for record in records:
-                    result_id = json.loads(record.value).get("id")
-                    if result_id in wanted:
-                        counts[result_id] = counts.get(result_id, 0) + 1
+                found.extend(records)
             positions = [await consumer.position(tp) for tp in end]
             if all(p >= o for p, o in zip(positions, end.values(), strict=True)):
                 break
     finally:
         await consumer.stop()
-    answered = len(counts)
-    duplicates = sum(c - 1 for c in counts.values())
-    return answered, len(wanted) - answered, duplicates
+    return found
+
+
+async def audit_fleet(fleet: Fleet, extra_topics: list[str] | None = None) -> Audit:
+    """Results (the fleet's topic and ``extra_topics``) and dead letters, counted."""
+    found = Audit()
+    for record in await read_topics(fleet.bootstrap, [fleet.results_topic, *(extra_topics or [])]):
+        result = json.loads(record.value)
+        if result.get("error"):
+            found.errors.setdefault(result.get("id"), []).append(result["error"]["code"])
+        else:
+            found.success[result.get("id")] += 1
+    for record in await read_topics(fleet.bootstrap, [fleet.dlq_topic]):
+        found.dead_letters.append({k: v for k, v in record.headers})
+    return found
+
+
+async def audit(fleet: Fleet, ids: list[str], timeout_s: float = 60) -> tuple[int, int, int]:
+    """(answered, missing, duplicates) among committed results, read from the beginning."""
+    found = await audit_fleet(fleet)
+    return found.answered(ids), found.missing(ids), found.duplicates(ids)
 
 
 async def run_scenario(fleet: Fleet, texts: list[str], fault: Callable[[], Awaitable[str | None]], *,

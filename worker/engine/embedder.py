@@ -91,7 +91,8 @@ class Embedder:
 
     ``fault_marker``: a fault-injection hook for tests, off by default. When set, ``run``
     raises ``InjectedFault`` if any text of the batch contains the marker (as a substring),
-    so that a worker's batch-splitting and dead-letter path can be exercised end to end.
+    so that a worker's batch-splitting and dead-letter path can be exercised end to end; with
+    ``fault_kind="nan"`` it returns NaN vectors for those texts instead (an FP16 overflow).
     """
 
     def __init__(
@@ -102,12 +103,14 @@ class Embedder:
         variant: str,
         device: Device,
         fault_marker: str | None = None,
+        fault_kind: str = "raise",
         low_memory: bool = True,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
         self.device = device
         self.fault_marker = fault_marker
+        self.fault_kind = fault_kind
         self._session = session
         self._run_options = run_options(low_memory and device == "cpu")
         self._tokenizer = TextTokenizer.from_file(bundle.tokenizer_path, bundle.manifest.max_tokens)
@@ -130,6 +133,7 @@ class Embedder:
         cuda_device_id: int = 0,
         low_memory: bool = True,
         fault_marker: str | None = None,
+        fault_kind: str = "raise",
     ) -> Embedder:
         """Load a bundle. ``variant`` defaults to int8 on the CPU and fp16 on CUDA;
         ``intra_op_threads`` defaults to the physical cores available to this process."""
@@ -160,6 +164,7 @@ class Embedder:
             variant=chosen,
             device=device,
             fault_marker=fault_marker,
+            fault_kind=fault_kind,
             low_memory=low_memory,
         )
 
@@ -214,11 +219,15 @@ class Embedder:
         width = self.check_dimensions(dimensions)
         if len(encoded) == 0:
             return np.zeros((0, width), dtype=np.float32)
-        if self.fault_marker is not None and any(self.fault_marker in t for t in encoded.texts):
+        marked = [self.fault_marker in t for t in encoded.texts] if self.fault_marker else []
+        if any(marked) and self.fault_kind == "raise":
             raise InjectedFault(f"injected inference failure (marker {self.fault_marker!r})")
         output = self._infer(encoded)
         pooled = output if output.ndim == 2 else self._pool(output, encoded.attention_mask)
-        return self._finish(pooled.astype(np.float32, copy=False), width)
+        vectors = self._finish(pooled.astype(np.float32, copy=False), width)
+        if any(marked) and self.fault_kind == "nan":
+            vectors[np.asarray(marked)] = np.nan
+        return vectors
 
     def embed(
         self,
@@ -230,9 +239,21 @@ class Embedder:
     ) -> EmbedOutput:
         """Embed any number of texts: tokenize once, sort by length, cut batches by size and
         padded tokens (longest x count <= token_budget), and return vectors in input order."""
-        width = self.check_dimensions(dimensions)
         tokenized = self.tokenize(texts, task)
-        vectors = np.zeros((len(texts), width), dtype=np.float32)
+        return self.embed_tokenized(tokenized, texts, dimensions, batch_size, token_budget)
+
+    def embed_tokenized(
+        self,
+        tokenized: Sequence[TokenizedText],
+        texts: Sequence[str],
+        dimensions: int | None = None,
+        batch_size: int = 32,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+    ) -> EmbedOutput:
+        """``embed`` for texts already tokenized by ``tokenize`` (the worker tokenizes once, when
+        it decodes a request, and carries the ids here). ``texts`` are for diagnostics only."""
+        width = self.check_dimensions(dimensions)
+        vectors = np.zeros((len(tokenized), width), dtype=np.float32)
         for batch in plan_batches([len(t.ids) for t in tokenized], batch_size, token_budget):
             encoded = self._tokenizer.pad([tokenized[i] for i in batch], [texts[i] for i in batch])
             vectors[batch] = self.run(encoded, dimensions)

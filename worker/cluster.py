@@ -1,0 +1,166 @@
+"""The worker's own view of the Kafka cluster: topics that exist, raw fetches, reachability.
+
+aiokafka's producer asks for metadata with ``allow_auto_topic_creation`` on and keeps every topic
+it ever wrote to in its metadata requests: a deleted reply topic is then looked up for the
+producer's whole request timeout (40 s, then an exception) or, on a broker that auto-creates
+topics, silently created again. So the worker checks every reply topic here first, with metadata
+requests that never create anything, remembers the answer briefly, and forgets topics that went
+away. The same connection fetches raw record bytes for ``worker.salvage`` and tells the health
+endpoint whether Kafka answers at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.protocol.metadata import MetadataRequest
+
+log = logging.getLogger(__name__)
+
+# Kafka error codes that mean "this topic is not there for you" (anything else is transient).
+UNKNOWN_TOPIC_OR_PARTITION = 3
+INVALID_TOPIC = 17
+TOPIC_AUTHORIZATION_FAILED = 29
+MISSING_TOPIC_CODES = frozenset({UNKNOWN_TOPIC_OR_PARTITION, INVALID_TOPIC, TOPIC_AUTHORIZATION_FAILED})
+READ_UNCOMMITTED, READ_COMMITTED = 0, 1
+
+
+@dataclass(frozen=True, slots=True)
+class RawFetch:
+    records: bytes
+    aborted_transactions: list[tuple[int, int]]  # (producer id, first offset)
+    error_code: int
+
+
+class TopicMissing(KafkaError):  # type: ignore[misc]
+    """A topic that the cluster says does not exist (or may not be written)."""
+
+
+class ClusterView:
+    def __init__(self, connection: dict[str, Any], *, request_timeout_ms: int = 10_000,
+                 found_ttl_s: float = 5.0, missing_ttl_s: float = 5.0) -> None:
+        self._client = AIOKafkaClient(**connection, request_timeout_ms=request_timeout_ms)
+        self._found_ttl_s = found_ttl_s
+        self._missing_ttl_s = missing_ttl_s
+        # topic -> (partitions or None when missing, monotonic time of the answer)
+        self._topics: dict[str, tuple[list[int] | None, float]] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._client.bootstrap()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def forget(self, topic: str) -> None:
+        """Drop what is known of ``topic`` (a send to it failed): the next use asks again."""
+        self._topics.pop(topic, None)
+
+    async def partitions_for(self, topic: str) -> list[int] | None:
+        """The topic's partitions, or None when it does not exist. Never creates it. Raises
+        KafkaError when the cluster cannot be asked (then nothing is known either way)."""
+        known = self._topics.get(topic)
+        now = time.monotonic()
+        if known is not None and now - known[1] < (self._found_ttl_s if known[0] is not None
+                                                   else self._missing_ttl_s):
+            return known[0]
+        async with self._lock:
+            response = await self._send_any(MetadataRequest([topic], allow_auto_topic_creation=False))
+        partitions: list[int] | None = None
+        for entry in response.topics:
+            error_code, name, partition_list = entry[0], entry[1], entry[-1]
+            if name != topic:
+                continue
+            if error_code in MISSING_TOPIC_CODES:
+                partitions = None
+            elif error_code != 0 and not partition_list:
+                raise KafkaError(f"metadata for {topic}: error code {error_code}")
+            else:
+                partitions = sorted(p[1] for p in partition_list)
+        if partitions is None and known is not None and known[0] is not None:
+            log.info("topic %s is gone: forgetting it", topic)
+        self._topics[topic] = (partitions, time.monotonic())
+        return partitions
+
+    async def probe(self, timeout_s: float = 5.0) -> bool:
+        """True when some broker answers a metadata request within ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._send_any(MetadataRequest([], allow_auto_topic_creation=False)),
+                                   timeout_s)
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def fetch_raw(self, tp: TopicPartition, offset: int, max_bytes: int,
+                        isolation_level: int) -> RawFetch:
+        """The record bytes of one partition from ``offset``, as the broker sends them."""
+        leader = self._client.cluster.leader_for_partition(tp)
+        if leader is None or leader < 0:
+            await self._client.force_metadata_update()
+            leader = self._client.cluster.leader_for_partition(tp)
+            if leader is None or leader < 0:
+                raise KafkaError(f"no leader known for {tp}")
+        request = FetchRequest(0, 0, max_bytes, isolation_level,
+                               [(tp.topic, [(tp.partition, offset, max_bytes)])])
+        response = await self._client.send(leader, request)
+        for topic, partitions in response.topics:
+            for partition, error_code, _highwater, *part_data in partitions:
+                if topic != tp.topic or partition != tp.partition:
+                    continue
+                # Layouts: v4 [lso, aborted, records]; v5-v10 [lso, log start, aborted, records];
+                # v11+ [lso, log start, aborted, preferred replica, records].
+                if response.API_VERSION >= 11:
+                    aborted = part_data[2]
+                elif response.API_VERSION >= 4:
+                    aborted = part_data[-2]
+                else:
+                    aborted = None
+                return RawFetch(bytes(part_data[-1] or b""), list(aborted or []), error_code)
+        return RawFetch(b"", [], 0)
+
+    async def _send_any(self, request: Any) -> Any:
+        node = self._client.get_random_node()
+        if node is None:
+            await self._client.force_metadata_update()
+            node = self._client.get_random_node()
+            if node is None:
+                raise KafkaError("no broker known")
+        return await self._client.send(node, request)
+
+
+# Kafka's default max.message.bytes (1 MiB + 12 bytes of log overhead), assumed when a topic's own
+# limit cannot be read.
+DEFAULT_MAX_MESSAGE_BYTES = 1048588
+
+
+async def topic_record_limit(connection: dict[str, Any], topic: str) -> int:
+    """The largest record batch ``topic`` accepts (its max.message.bytes); Kafka's default when it
+    cannot be read (no DescribeConfigs permission, topic missing, broker down)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(**connection)
+    try:
+        await admin.start()
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        for response in responses:
+            for resource in response.resources:
+                for entry in resource[4]:
+                    if entry[0] == "max.message.bytes" and entry[1]:
+                        return int(entry[1])
+    except (KafkaError, OSError, ValueError, TimeoutError) as exc:
+        log.warning("cannot read max.message.bytes of %s (%s); assuming Kafka's default %d", topic,
+                    exc, DEFAULT_MAX_MESSAGE_BYTES)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    return DEFAULT_MAX_MESSAGE_BYTES

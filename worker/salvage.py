@@ -1,0 +1,134 @@
+"""Getting past a record that aiokafka cannot unpack, without losing the good ones around it.
+
+When ``getmany()`` raises while unpacking (a header name that is not UTF-8, a corrupt or
+undecompressable batch), aiokafka does not say which partition or offset; it has already moved
+the positions of partitions drained earlier in the same call (their records are lost with the
+exception), and the failing partition fails again on every later fetch. So:
+
+1. every assigned partition is put back where the pipeline's own bookkeeping says it was (one past
+   the last record handed over, else the committed offset);
+2. each is fetched raw from there and read with ``worker.records``; the first record (or batch)
+   that aiokafka would fail on is the culprit;
+3. the good records before it are handed over as if ``getmany`` had returned them, the culprit is
+   handed over as ``Unreadable`` (it becomes a DLQ entry and, where its id can be read, an error
+   result), and the partition is moved past it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.cluster import READ_COMMITTED, ClusterView
+from worker.records import RawBatch, RawRecord, read_batches
+
+log = logging.getLogger(__name__)
+CREATE_TIME = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A record (or a whole batch) the Kafka client cannot unpack."""
+
+    tp: TopicPartition
+    offset: int
+    next_offset: int  # where the partition continues after it
+    timestamp_ms: int
+    reason: str
+    record: RawRecord | None  # None when the whole batch is unreadable
+
+
+@dataclass(slots=True)
+class Salvaged:
+    records: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+
+PositionOf = Callable[[TopicPartition], Awaitable[int | None]]
+
+
+async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: Iterable[TopicPartition],
+                  position_of: PositionOf, *, max_bytes: int, isolation_level: int) -> Salvaged:
+    """Restores the positions of ``partitions`` and reads past the first unreadable record of each
+    (see the module docstring). ``position_of`` gives where the pipeline stands on a partition
+    (None: unknown, start from the committed offset)."""
+    found = Salvaged()
+    for tp in sorted(partitions, key=lambda p: (p.topic, p.partition)):
+        position = await position_of(tp)
+        if position is None:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+                position = await consumer.position(tp)
+            else:
+                position = committed
+        consumer.seek(tp, position)
+        try:
+            fetched = await cluster.fetch_raw(tp, position, max_bytes, isolation_level)
+        except (KafkaError, OSError) as exc:
+            log.warning("raw fetch of %s at %d failed: %s", tp, position, exc)
+            continue
+        records, unreadable = scan(tp, fetched.records, position, fetched.aborted_transactions,
+                                   read_committed=isolation_level == READ_COMMITTED)
+        if unreadable is None:
+            continue  # this partition reads fine: the consumer fetches it again from `position`
+        found.records.extend(records)
+        found.unreadable.append(unreadable)
+        consumer.seek(tp, unreadable.next_offset)
+        log.warning("partition %s: %s at offset %d; %d good records before it handed over, "
+                    "continuing at %d", tp, unreadable.reason, unreadable.offset, len(records),
+                    unreadable.next_offset)
+    return found
+
+
+def scan(tp: TopicPartition, data: bytes, position: int, aborted: list[tuple[int, int]], *,
+         read_committed: bool) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
+    """The records from ``position`` up to the first one aiokafka cannot unpack, and that one
+    (None when every record reads). Aborted transactions and control batches are skipped the way
+    aiokafka skips them."""
+    good: list[ConsumerRecord[bytes, bytes]] = []
+    pending_aborts = sorted(aborted, key=lambda a: a[1])
+    aborted_producers: set[int] = set()
+    for batch in read_batches(data):
+        if batch.next_offset <= position:
+            continue
+        if read_committed and batch.transactional:
+            while pending_aborts and pending_aborts[0][1] <= batch.base_offset:
+                aborted_producers.add(pending_aborts.pop(0)[0])
+            if batch.control:
+                aborted_producers.discard(batch.producer_id)
+                continue
+            if batch.producer_id in aborted_producers:
+                continue
+        if batch.control:
+            continue
+        if batch.problem is not None:
+            return good, _unreadable_batch(tp, batch, position)
+        for record in batch.records:
+            if record.offset < position:
+                continue
+            reason = record.unreadable_reason()
+            if reason is not None:
+                return good, Unreadable(tp, record.offset, record.offset + 1, record.timestamp_ms,
+                                        reason, record)
+            good.append(_consumer_record(tp, record))
+    return good, None
+
+
+def _unreadable_batch(tp: TopicPartition, batch: RawBatch, position: int) -> Unreadable:
+    first = max(batch.base_offset, position)
+    return Unreadable(tp, first, batch.next_offset, 0,
+                      f"{batch.problem}: offsets {first}-{batch.next_offset - 1}", None)
+
+
+def _consumer_record(tp: TopicPartition, record: RawRecord) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=tp.topic, partition=tp.partition, offset=record.offset, timestamp=record.timestamp_ms,
+        timestamp_type=CREATE_TIME, key=record.key, value=record.value, checksum=None,
+        serialized_key_size=len(record.key) if record.key is not None else -1,
+        serialized_value_size=len(record.value) if record.value is not None else -1,
+        headers=tuple(record.text_headers()))
