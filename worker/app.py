@@ -482,9 +482,7 @@ class Worker:
         member that lost its partitions to a session timeout is not ready), Redis up or degraded."""
         while True:
             self.health.kafka_reachable = await self.cluster.probe()
-            self.health.cache_ok = self.cache.healthy or not self.cache.enabled
-            if not self.health.cache_ok and await self.cache.ping():
-                self.health.cache_ok = True
+            self.health.cache_ok = not self.cache.enabled or await self.cache.ping()
             self.metrics.ready.set(1 if self.health.ready else 0)
             reclaim = self.delivery.reclaimable(set(self.consumer.assignment()))
             if reclaim:

@@ -118,7 +118,8 @@ class BatchProcessor:
             outcome.results.append((job, EmbedResult.success(
                 request_id=job.request.id, key=job.key, model=self._model_name, vector=vector,
                 encoding_format=job.request.encoding_format, cached=from_cache,
-                truncated=job.key in computed.truncated, metadata=job.request.metadata)))
+                # Known for every job (it was tokenized when decoded), cached or computed.
+                truncated=job.tokens.truncated, metadata=job.request.metadata)))
         return outcome
 
     # --- in the inference thread ---------------------------------------------------------------
