@@ -51,6 +51,7 @@ from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import BatchOutcome, BatchProcessor, EmbeddingBackend
 from worker.publisher import ResultPublisher, create_producer
+from worker.records import DEFAULT_MAX_EXPANDED_BYTES, guard_kafka_decompression
 from worker.salvage import salvage
 
 log = logging.getLogger("embedfleet.worker")
@@ -77,6 +78,12 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self._worker.on_assigned(list(assigned))
+
+
+def max_expanded_bytes(config: WorkerConfig) -> int:
+    """How far one fetched record batch may expand when decompressed (a legitimate batch holds
+    many messages of at most max_message_bytes; a decompression bomb is stopped here)."""
+    return max(DEFAULT_MAX_EXPANDED_BYTES, 8 * config.max_message_bytes)
 
 
 class _HoldOnce:
@@ -299,7 +306,8 @@ class Worker:
             found = await salvage(self.consumer, self.cluster, [tp for tp in self.consumer.assignment()
                                                                 if tp in self._owned],
                                   position_of, max_bytes=self.config.max_message_bytes + (64 << 10),
-                                  isolation_level=self._isolation)
+                                  isolation_level=self._isolation,
+                                  max_expanded_bytes=max_expanded_bytes(self.config))
         except Exception as exc:  # never fatal: the next fetch fails the same way and we try again
             log.warning("could not locate the unreadable record yet (%s: %s); retrying in 1s",
                         type(exc).__name__, exc, exc_info=not isinstance(exc, KafkaError))
@@ -594,6 +602,7 @@ async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int =
     if problem is not None:
         log.error("%s; not starting", problem)
         return 2
+    guard_kafka_decompression(max_expanded_bytes(config))
     dlq_limit = await topic_record_limit(kafka_connection_options(config), config.dlq_topic)
     worker = Worker(config, embedder, inference_threads=inference_threads, dlq_record_limit=dlq_limit,
                     hold_marker=hold_marker)

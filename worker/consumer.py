@@ -37,6 +37,9 @@ Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 MAX_KEY_BYTES = 1024
 # On a dead letter whose header names were not UTF-8: they were decoded with replacement characters.
 HEADER_DLQ_HEADERS_REPAIRED = "dlq-headers-repaired"
+# On a dead letter of a whole record batch that could not be read: the value is the batch as
+# fetched (Kafka's v2 batch format, still compressed).
+HEADER_DLQ_RAW_BATCH = "dlq-raw-batch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +143,11 @@ class RequestDecoder:
         source = Source(unreadable.tp.topic, unreadable.tp.partition, unreadable.offset,
                         unreadable.timestamp_ms)
         record = unreadable.record
-        if record is None:  # a whole batch: nothing of it can be read
-            raw = RawMessage(None, None, [])
-            return Rejection(source, raw, RequestError(ErrorCode.INVALID_ENCODING, unreadable.reason),
+        if record is None:  # a whole batch: nothing of it can be read; its bytes are the copy
+            raw = self._kept(RawMessage(None, unreadable.batch, [],
+                                        notes=[(HEADER_DLQ_RAW_BATCH, b"1")]))
+            code = ErrorCode.MESSAGE_TOO_LARGE if unreadable.too_large else ErrorCode.INVALID_ENCODING
+            return Rejection(source, raw, RequestError(code, unreadable.reason),
                              self._default_reply_topic, ContentType.JSON)
         raw = self._kept(RawMessage(record.key, record.value, record.text_headers(),
                                     notes=[(HEADER_DLQ_HEADERS_REPAIRED, b"1")]))

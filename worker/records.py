@@ -14,12 +14,19 @@ the records, compressed as a whole when the attributes say so; each record is va
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiokafka import codec
+import cramjam
+import numpy as np
 from aiokafka.record.util import calc_crc32c
+
+log = logging.getLogger(__name__)
 
 BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")
 BATCH_HEADER_BYTES = BATCH_HEADER.size  # 61
@@ -28,18 +35,116 @@ CRC_START = 8 + 4 + 4 + 1 + 4
 COMPRESSION_MASK = 0x07
 TRANSACTIONAL = 0x10
 CONTROL = 0x20
-DECOMPRESSORS: dict[int, tuple[str, Callable[[bytes], bytes]]] = {
-    1: ("gzip", codec.gzip_decode),
-    2: ("snappy", codec.snappy_decode),
-    3: ("lz4", codec.lz4_decode),
-    4: ("zstd", codec.zstd_decode),
-}
+# How far one record batch may expand when decompressed. A batch is at most a fetch's size on the
+# wire, but zstd turns 8 KB into 256 MiB of zeros: past this the batch is unreadable, not memory.
+DEFAULT_MAX_EXPANDED_BYTES = 64 << 20
 
 RawHeaders = list[tuple[bytes, bytes | None]]
 
 
 class Truncated(ValueError):
     """The bytes end inside a record or batch."""
+
+
+class ExpandsTooFar(ValueError):
+    """A compressed batch that would expand past the limit (a decompression bomb)."""
+
+
+# --- bounded decompression -------------------------------------------------------------------
+# Each decoder writes into a buffer of the limit's size (numpy.empty: pages are only touched as
+# they are written) and fails past it, so a bomb costs at most the limit.
+
+
+def _into(decompress_into: Callable[[bytes, Any], int], name: str,
+          limit: int) -> Callable[[bytes], bytes]:
+    def decode(payload: bytes) -> bytes:
+        out = np.empty(limit + 1, dtype=np.uint8)
+        try:
+            size = decompress_into(bytes(payload), out)
+        except Exception as exc:  # cramjam says "failed to write whole buffer" when it is full
+            if "whole buffer" in str(exc):
+                raise ExpandsTooFar(f"{name} batch expands past {limit} bytes") from None
+            raise
+        if size > limit:
+            raise ExpandsTooFar(f"{name} batch expands past {limit} bytes")
+        return out[:size].tobytes()
+
+    return decode
+
+
+def _gzip(limit: int) -> Callable[[bytes], bytes]:
+    def decode(payload: bytes) -> bytes:
+        out, data = bytearray(), bytes(payload)
+        while data:  # one or more gzip members
+            member = zlib.decompressobj(wbits=31)
+            out += member.decompress(data, limit + 1 - len(out))
+            if len(out) > limit or member.unconsumed_tail:
+                raise ExpandsTooFar(f"gzip batch expands past {limit} bytes")
+            data = member.unused_data
+        return bytes(out)
+
+    return decode
+
+
+def _snappy(limit: int) -> Callable[[bytes], bytes]:
+    def decode(payload: bytes) -> bytes:
+        data = memoryview(bytes(payload))
+        blocks = [data]
+        if bytes(data[:8]) == XERIAL_MAGIC:  # Kafka's (xerial) framing: 16-byte header, sized blocks
+            blocks, cursor = [], 16
+            while cursor + 4 <= len(data):
+                size = struct.unpack_from(">i", data, cursor)[0]
+                blocks.append(data[cursor + 4:cursor + 4 + size])
+                cursor += 4 + size
+        total = 0
+        for block in blocks:  # a raw snappy block starts with its expanded length (varint)
+            total += _Reader(block).uvarint()
+            if total > limit:
+                raise ExpandsTooFar(f"snappy batch expands past {limit} bytes")
+        return b"".join(bytes(cramjam.snappy.decompress_raw(bytes(b))) for b in blocks)
+
+    return decode
+
+
+XERIAL_MAGIC = b"\x82SNAPPY\x00"
+
+
+Decompressors = dict[int, tuple[str, Callable[[bytes], bytes]]]
+
+
+def bounded_decompressors(limit: int = DEFAULT_MAX_EXPANDED_BYTES) -> Decompressors:
+    """Kafka's codecs by attribute id, each failing (ExpandsTooFar) past ``limit`` bytes."""
+    return {
+        1: ("gzip", _gzip(limit)),
+        2: ("snappy", _snappy(limit)),
+        3: ("lz4", _into(cramjam.lz4.decompress_into, "lz4", limit)),
+        4: ("zstd", _into(cramjam.zstd.decompress_into, "zstd", limit)),
+    }
+
+
+def guard_kafka_decompression(limit: int = DEFAULT_MAX_EXPANDED_BYTES) -> None:
+    """Makes aiokafka decompress fetched batches with the bounded decoders above.
+
+    aiokafka decompresses a whole batch in ``getmany()`` with no limit, so 8 KB of zstd would cost
+    the worker 256 MiB three times over (and a larger bomb, every worker that takes the partition
+    over). Its record readers (the C extension and the pure-Python fallback) look their codec
+    functions up as module globals; this replaces them, once per process, at worker start. A batch
+    past the limit then fails inside ``getmany()`` like any unreadable record and is dead-lettered
+    by ``worker.salvage``. This is the one place the worker changes a library's behaviour."""
+    import aiokafka.record.default_records as python_records
+
+    modules: list[Any] = [python_records]
+    with contextlib.suppress(ImportError):
+        import aiokafka.record._crecords.default_records as c_records
+
+        modules.append(c_records)
+    decoders = bounded_decompressors(limit)
+    for module in modules:
+        names = ("gzip_decode", "snappy_decode", "lz4_decode", "zstd_decode")
+        for attribute, (name, decode) in zip(names, (decoders[i] for i in (1, 2, 3, 4)), strict=True):
+            if hasattr(module, attribute):
+                setattr(module, attribute, decode)
+                log.debug("aiokafka %s: %s decoding bounded at %d bytes", module.__name__, name, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +179,15 @@ class RawBatch:
     transactional: bool
     control: bool
     records: list[RawRecord] = field(default_factory=list)
-    problem: str | None = None  # why the batch could not be read (CRC, codec, framing)
+    problem: str | None = None  # why the batch could not be read (CRC, codec, framing, size)
+    too_large: bool = False  # the problem is that it expands past the limit
+    raw: bytes | None = None  # the batch as fetched, when it could not be read (for its dead letter)
 
 
-def read_batches(data: bytes) -> Iterator[RawBatch]:
+def read_batches(data: bytes, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES) -> Iterator[RawBatch]:
     """Every complete batch in ``data`` (a fetch response's record set); a partial batch at the
     end (the broker cuts at the fetch size) is left out, as Kafka clients do."""
+    decompressors = bounded_decompressors(max_expanded_bytes)
     view = memoryview(data)
     pos = 0
     while len(view) - pos >= BATCH_HEADER_BYTES:
@@ -97,18 +205,23 @@ def read_batches(data: bytes) -> Iterator[RawBatch]:
         elif calc_crc32c(bytes(view[start + CRC_START:end])) != crc:
             batch.problem = "record batch CRC mismatch (corrupt data)"
         else:
-            _read_records(batch, body, attributes, base_timestamp, count)
+            _read_records(batch, body, attributes, base_timestamp, count, decompressors)
+        if batch.problem is not None:
+            batch.raw = bytes(view[start:end])
         yield batch
 
 
 def _read_records(batch: RawBatch, body: memoryview, attributes: int, base_timestamp: int,
-                  count: int) -> None:
+                  count: int, decompressors: Decompressors) -> None:
     compression = attributes & COMPRESSION_MASK
     records: bytes | memoryview = body
     if compression:
-        name, decompress = DECOMPRESSORS.get(compression, (f"codec {compression}", _unknown_codec))
+        name, decompress = decompressors.get(compression, (f"codec {compression}", _unknown_codec))
         try:
             records = decompress(bytes(body))
+        except ExpandsTooFar as exc:
+            batch.problem, batch.too_large = str(exc), True
+            return
         except Exception as exc:  # each codec library raises its own types
             batch.problem = f"{name} payload cannot be decompressed ({type(exc).__name__}: {exc})"
             return
@@ -151,8 +264,8 @@ class _Reader:
             raise Truncated("record ends early")
         self.pos += count
 
-    def varint(self) -> int:
-        """A zigzag varint (Kafka's signed varint/varlong)."""
+    def uvarint(self) -> int:
+        """An unsigned base-128 varint (snappy's length prefix)."""
         shift = result = 0
         while True:
             if self.pos >= len(self.data) or shift > 63:
@@ -161,8 +274,13 @@ class _Reader:
             self.pos += 1
             result |= (byte & 0x7F) << shift
             if not byte & 0x80:
-                return (result >> 1) ^ -(result & 1)
+                return result
             shift += 7
+
+    def varint(self) -> int:
+        """A zigzag varint (Kafka's signed varint/varlong)."""
+        result = self.uvarint()
+        return (result >> 1) ^ -(result & 1)
 
     def optional_bytes(self) -> bytes | None:
         length = self.varint()

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.cluster import READ_COMMITTED, ClusterView
-from worker.records import RawBatch, RawRecord, read_batches
+from worker.records import DEFAULT_MAX_EXPANDED_BYTES, RawBatch, RawRecord, read_batches
 
 log = logging.getLogger(__name__)
 CREATE_TIME = 0
@@ -40,6 +40,8 @@ class Unreadable:
     timestamp_ms: int
     reason: str
     record: RawRecord | None  # None when the whole batch is unreadable
+    batch: bytes | None = None  # then: the batch as fetched (still compressed)
+    too_large: bool = False  # the batch expands past the limit
 
 
 @dataclass(slots=True)
@@ -52,7 +54,8 @@ PositionOf = Callable[[TopicPartition], Awaitable[int | None]]
 
 
 async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: Iterable[TopicPartition],
-                  position_of: PositionOf, *, max_bytes: int, isolation_level: int) -> Salvaged:
+                  position_of: PositionOf, *, max_bytes: int, isolation_level: int,
+                  max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES) -> Salvaged:
     """Restores the positions of ``partitions`` and reads past the first unreadable record of each
     (see the module docstring). ``position_of`` gives where the pipeline stands on a partition
     (None: unknown, start from the committed offset)."""
@@ -73,7 +76,8 @@ async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: 
             log.warning("raw fetch of %s at %d failed: %s", tp, position, exc)
             continue
         records, unreadable = scan(tp, fetched.records, position, fetched.aborted_transactions,
-                                   read_committed=isolation_level == READ_COMMITTED)
+                                   read_committed=isolation_level == READ_COMMITTED,
+                                   max_expanded_bytes=max_expanded_bytes)
         if unreadable is None:
             continue  # this partition reads fine: the consumer fetches it again from `position`
         found.records.extend(records)
@@ -86,14 +90,15 @@ async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: 
 
 
 def scan(tp: TopicPartition, data: bytes, position: int, aborted: list[tuple[int, int]], *,
-         read_committed: bool) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
+         read_committed: bool, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+         ) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
     """The records from ``position`` up to the first one aiokafka cannot unpack, and that one
     (None when every record reads). Aborted transactions and control batches are skipped the way
     aiokafka skips them."""
     good: list[ConsumerRecord[bytes, bytes]] = []
     pending_aborts = sorted(aborted, key=lambda a: a[1])
     aborted_producers: set[int] = set()
-    for batch in read_batches(data):
+    for batch in read_batches(data, max_expanded_bytes):
         if batch.next_offset <= position:
             continue
         if read_committed and batch.transactional:
@@ -122,7 +127,8 @@ def scan(tp: TopicPartition, data: bytes, position: int, aborted: list[tuple[int
 def _unreadable_batch(tp: TopicPartition, batch: RawBatch, position: int) -> Unreadable:
     first = max(batch.base_offset, position)
     return Unreadable(tp, first, batch.next_offset, 0,
-                      f"{batch.problem}: offsets {first}-{batch.next_offset - 1}", None)
+                      f"{batch.problem}: offsets {first}-{batch.next_offset - 1}", None,
+                      batch=batch.raw, too_large=batch.too_large)
 
 
 def _consumer_record(tp: TopicPartition, record: RawRecord) -> ConsumerRecord[bytes, bytes]:

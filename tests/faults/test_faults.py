@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FaultLedger, FaultReport, audit, run_scenario, scenario_texts
+from tests.faults.conftest import (
+    FaultLedger,
+    FaultReport,
+    audit,
+    audit_fleet,
+    run_scenario,
+    scenario_texts,
+)
 from tests.fleet import Fleet, FleetIO, start_fleet
 
 STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
@@ -166,8 +173,16 @@ async def test_poison_text_is_isolated(kafka_bootstrap: str, redis_url: str, mod
                 assert "vector" in result, result
         await io.wait_for_dead_letters(len(poisoned))
         assert {h["dlq-error-code"] for _, h in io.dead_letters} == {b"inference_failed"}
-        row = await record(fault_ledger, "poison texts (inference fails)", fleet, ids, stall, notes)
-        assert row.missing == 0
+        # "Answered" counts success results of the good ids; the poisoned get error results.
+        good = [request_id for index, request_id in enumerate(ids) if index not in poisoned]
+        found = await audit_fleet(fleet)
+        bad = [ids[index] for index in sorted(poisoned)]
+        row = FaultReport("poison texts (inference fails)", len(ids), found.answered(good),
+                          found.missing(good), found.duplicates(good), stall, notes,
+                          errors=sum(found.error_codes(bad).values()), dlq=len(found.dead_letters))
+        fault_ledger.rows.append(row)
+        assert row.missing == 0 and row.duplicates == 0
+        assert found.error_codes(bad) == {"inference_failed": len(poisoned)} and row.dlq == len(poisoned)
     finally:
         fleet.stop_all()
         await fleet.cleanup()

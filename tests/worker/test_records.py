@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import struct
 
-from aiokafka import TopicPartition
+import pytest
+from aiokafka import TopicPartition, codec
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 
-from worker.records import CRC_START, read_batches
+from worker.records import (
+    CRC_START,
+    ExpandsTooFar,
+    bounded_decompressors,
+    guard_kafka_decompression,
+    read_batches,
+)
 from worker.salvage import scan
 
 TP = TopicPartition("embed.requests", 3)
@@ -93,3 +101,40 @@ def test_aborted_transactions_are_skipped_under_read_committed() -> None:
     assert [r.value for r in good] == [b"kept"]
     good, _ = scan(TP, aborted + committed, 0, [(9, 0)], read_committed=False)
     assert [r.value for r in good] == [b"aborted", b"kept"]
+
+
+@pytest.mark.parametrize("codec_id", [1, 2, 3, 4])  # gzip, snappy, lz4, zstd
+def test_bounded_decompression_round_trips_and_stops_bombs(codec_id: int) -> None:
+    encode = {1: codec.gzip_encode, 2: lambda d: codec.snappy_encode(d, xerial_compatible=True),
+              3: codec.lz4_encode, 4: codec.zstd_encode}[codec_id]
+    name, decode = bounded_decompressors(1 << 20)[codec_id]
+    text = b"an ordinary batch of requests " * 1000
+    assert decode(encode(text)) == text
+    with pytest.raises(ExpandsTooFar):
+        decode(encode(bytes(4 << 20)))  # 4 MiB of zeros, a few KB compressed, past the 1 MiB limit
+
+
+def test_a_decompression_bomb_is_one_unreadable_batch() -> None:
+    data = bytes(batch(5, [(None, bytes(2 << 20), [])], compression=4))  # zstd, tiny on the wire
+    assert len(data) < 1024
+    good, unreadable = scan(TP, data, 5, [], read_committed=False, max_expanded_bytes=1 << 20)
+    assert good == [] and unreadable is not None and unreadable.too_large
+    assert unreadable.batch == data and "expands past" in unreadable.reason
+
+
+def test_the_guard_bounds_aiokafka_own_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After guard_kafka_decompression, aiokafka's record reader (the C extension when it is
+    built) fails on a bomb instead of expanding it; the originals are restored afterwards."""
+    import aiokafka.record._crecords.default_records as c_records
+    import aiokafka.record.default_records as python_records
+
+    for module in (c_records, python_records):
+        for name in ("gzip_decode", "snappy_decode", "lz4_decode", "zstd_decode"):
+            monkeypatch.setattr(module, name, getattr(module, name))  # restored on teardown
+    guard_kafka_decompression(1 << 20)
+    data = bytes(batch(0, [(None, bytes(2 << 20), [])], compression=4))
+    records = MemoryRecords(data)
+    with pytest.raises(ExpandsTooFar):
+        list(records.next_batch())
+    small = MemoryRecords(bytes(batch(0, [(None, b"fine", [])], compression=4)))
+    assert [r.value for r in small.next_batch()] == [b"fine"]
