@@ -107,7 +107,7 @@ def test_aborted_transactions_are_skipped_under_read_committed() -> None:
 def test_bounded_decompression_round_trips_and_stops_bombs(codec_id: int) -> None:
     encode = {1: codec.gzip_encode, 2: lambda d: codec.snappy_encode(d, xerial_compatible=True),
               3: codec.lz4_encode, 4: codec.zstd_encode}[codec_id]
-    name, decode = bounded_decompressors(1 << 20)[codec_id]
+    _, decode = bounded_decompressors(1 << 20)[codec_id]
     text = b"an ordinary batch of requests " * 1000
     assert decode(encode(text)) == text
     with pytest.raises(ExpandsTooFar):
