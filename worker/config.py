@@ -59,7 +59,7 @@ class WorkerConfig:
         "regular expression a request's reply_to must match in full (allow-list)",
         default=r"embed\.results.*")
     worker_id: str = setting("EMBEDFLEET_WORKER_ID",
-                             "this worker's stable id (client id; transactional id in exactly-once)",
+                             "this worker's id (Kafka client id, logs, the dlq-worker header)",
                              factory=default_worker_id)
     guarantee: Guarantee = setting("EMBEDFLEET_GUARANTEE", "delivery guarantee",
                                    default="at-least-once", choices=("at-least-once", "exactly-once"))
