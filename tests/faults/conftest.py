@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.fleet import Fleet, FleetIO
+from tests.fleet import Fleet, FleetIO, start_fleet
 from tests.helpers import read_jsonl_texts
 
 REQUESTS_PER_SCENARIO = 5000
@@ -52,6 +52,16 @@ _LEDGER = FaultLedger()
 @pytest.fixture(scope="session")
 def fault_ledger() -> FaultLedger:
     return _LEDGER
+
+
+@pytest.fixture
+async def two_workers(kafka_bootstrap: str, redis_url: str, model_dir: Path,
+                      tmp_path: Path) -> AsyncIterator[Fleet]:
+    """Two workers on fresh topics, stopped and cleaned up after the test."""
+    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
+    yield fleet
+    fleet.stop_all()
+    await fleet.cleanup()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.faults.conftest import (
     FaultLedger,
     FaultReport,
@@ -33,15 +31,6 @@ def stack(action: str, service: str) -> None:
     done = subprocess.run([sys.executable, str(STACK), action, "--service", service],
                           capture_output=True, text=True, check=False, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.fixture
-async def two_workers(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                      tmp_path: Path) -> Fleet:
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
-    yield fleet  # type: ignore[misc]
-    fleet.stop_all()
-    await fleet.cleanup()
 
 
 async def record(ledger: FaultLedger, name: str, fleet: Fleet, ids: list[str], stall: float,

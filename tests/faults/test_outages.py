@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from tests.faults.conftest import FaultLedger, FaultReport, audit_fleet, run_scenario, scenario_texts
 from tests.faults.test_poison_records import MEMORY_LIMIT_MB, peak_rss_mb
-from tests.fleet import Fleet, FleetIO, WorkerProcess, start_fleet
+from tests.fleet import Fleet, FleetIO, WorkerProcess
 from worker.app import serve
 from worker.config import WorkerConfig
 from worker.engine.tokenize import TokenizedText
@@ -46,14 +45,6 @@ def stack(action: str, service: str) -> None:
 def readyz(worker: WorkerProcess) -> tuple[int, dict[str, Any]]:
     status, body = worker.http("/readyz")
     return status, json.loads(body)
-
-
-@pytest.fixture
-async def two_workers(kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> Any:
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
-    yield fleet
-    fleet.stop_all()
-    await fleet.cleanup()
 
 
 async def test_kafka_down_longer_than_the_request_timeout(two_workers: Fleet, shared_dir: Path,

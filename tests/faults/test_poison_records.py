@@ -119,11 +119,8 @@ def check_and_record(ledger: FaultLedger, name: str, scenario: Scenario, *, dead
 
 
 @pytest.fixture
-async def fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> Any:
-    running = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
-    yield running
-    running.stop_all()
-    await running.cleanup()
+def fleet(two_workers: Fleet) -> Fleet:
+    return two_workers
 
 
 def kcat(fleet: Fleet, value: bytes, partition: int, headers: list[bytes]) -> None:
