@@ -44,6 +44,13 @@ HEADER_DLQ_SOURCE_TOPIC: Final = "dlq-source-topic"
 HEADER_DLQ_SOURCE_PARTITION: Final = "dlq-source-partition"
 HEADER_DLQ_SOURCE_OFFSET: Final = "dlq-source-offset"
 HEADER_DLQ_WORKER: Final = "dlq-worker"
+# Notes on a dead letter that is not the original message byte for byte.
+HEADER_DLQ_TRUNCATED_VALUE: Final = "dlq-truncated-value"  # value cut to fit (original size)
+HEADER_DLQ_TRUNCATED_KEY: Final = "dlq-truncated-key"  # key cut (original size)
+HEADER_DLQ_DROPPED_HEADERS: Final = "dlq-dropped-headers"  # original headers dropped (how many)
+HEADER_DLQ_REENCODED: Final = "dlq-value-reencoded"  # value re-encoded from the decoded request
+HEADER_DLQ_HEADERS_REPAIRED: Final = "dlq-headers-repaired"  # header names were not UTF-8
+HEADER_DLQ_RAW_BATCH: Final = "dlq-raw-batch"  # value is a whole unreadable record batch
 
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({SCHEMA_VERSION})
 

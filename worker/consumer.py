@@ -17,6 +17,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from schemas import (
+    HEADER_DLQ_HEADERS_REPAIRED,
+    HEADER_DLQ_RAW_BATCH,
     ContentType,
     ErrorCode,
     RequestError,
@@ -35,11 +37,7 @@ from worker.salvage import Unreadable
 Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
-# On a dead letter whose header names were not UTF-8: they were decoded with replacement characters.
-HEADER_DLQ_HEADERS_REPAIRED = "dlq-headers-repaired"
-# On a dead letter of a whole record batch that could not be read: the value is the batch as
-# fetched (Kafka's v2 batch format, still compressed).
-HEADER_DLQ_RAW_BATCH = "dlq-raw-batch"
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,16 +31,24 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas import ErrorCode
+from schemas import (
+    HEADER_DLQ_DROPPED_HEADERS,
+    HEADER_DLQ_RAW_BATCH,
+    HEADER_DLQ_TRUNCATED_KEY,
+    HEADER_DLQ_TRUNCATED_VALUE,
+    ErrorCode,
+)
 from worker.config import WorkerConfig
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
 
 DLQ_HEADER_PREFIX = "dlq-"
-# Notes the publisher adds when it could not keep the original whole (worker/publisher.py).
+# Notes the publisher adds when it could not keep the original whole (worker/publisher.py):
+# re-sending such a copy would not be the request.
 INCOMPLETE_MARKERS: dict[str, str] = {
-    "dlq-truncated-value": "value was truncated (original {} bytes)",
-    "dlq-truncated-key": "key was truncated (original {} bytes)",
-    "dlq-dropped-headers": "original headers were dropped ({} of them)",
+    HEADER_DLQ_TRUNCATED_VALUE: "value was truncated (original {} bytes)",
+    HEADER_DLQ_TRUNCATED_KEY: "key was truncated (original {} bytes)",
+    HEADER_DLQ_DROPPED_HEADERS: "original headers were dropped ({} of them)",
+    HEADER_DLQ_RAW_BATCH: "the value is a whole record batch the worker could not read",
 }
 PREVIEW_BYTES = 60
 PROGRESS_INTERVAL_S = 1.0

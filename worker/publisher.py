@@ -23,7 +23,18 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from schemas import EmbedResult, ErrorCode, RequestError, dlq_headers, encode_result, result_headers
+from schemas import (
+    HEADER_DLQ_DROPPED_HEADERS,
+    HEADER_DLQ_REENCODED,
+    HEADER_DLQ_TRUNCATED_KEY,
+    HEADER_DLQ_TRUNCATED_VALUE,
+    EmbedResult,
+    ErrorCode,
+    RequestError,
+    dlq_headers,
+    encode_result,
+    result_headers,
+)
 from worker.cluster import ClusterView
 from worker.config import WorkerConfig
 from worker.jobs import Headers, Job, Rejection
@@ -33,10 +44,6 @@ log = logging.getLogger(__name__)
 Ack = asyncio.Future[Any]
 # Room left in a DLQ record for Kafka's record and batch framing.
 DLQ_FRAMING_BYTES = 1024
-HEADER_DLQ_TRUNCATED_VALUE = "dlq-truncated-value"
-HEADER_DLQ_TRUNCATED_KEY = "dlq-truncated-key"
-HEADER_DLQ_DROPPED_HEADERS = "dlq-dropped-headers"
-HEADER_DLQ_REENCODED = "dlq-value-reencoded"
 MAX_DLQ_KEY_BYTES = 1024
 MAX_DLQ_HEADERS = 64
 

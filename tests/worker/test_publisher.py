@@ -6,15 +6,18 @@ import json
 
 import pytest
 
-from schemas import ContentType, EmbedRequest, EmbedResult, ErrorCode, RequestError
-from worker.engine.tokenize import TokenizedText
-from worker.jobs import Job, RawMessage, Rejection, Source
-from worker.publisher import (
-    DLQ_FRAMING_BYTES,
+from schemas import (
     HEADER_DLQ_REENCODED,
     HEADER_DLQ_TRUNCATED_VALUE,
-    ResultPublisher,
+    ContentType,
+    EmbedRequest,
+    EmbedResult,
+    ErrorCode,
+    RequestError,
 )
+from worker.engine.tokenize import TokenizedText
+from worker.jobs import Job, RawMessage, Rejection, Source
+from worker.publisher import DLQ_FRAMING_BYTES, ResultPublisher
 
 SOURCE = Source("embed.requests", 2, 41, 0)
 LIMIT = 1048588  # Kafka's default max.message.bytes
