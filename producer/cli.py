@@ -21,10 +21,10 @@ from typing import IO
 from producer.client import Client
 from producer.config import ClientConfig
 from producer.errors import EmbedBatchError, EmbedTimeout, TextFailure, Vector
-from producer.inputs import InputError, InputText, parse, take
 from producer.kafka import ServiceUnavailable
 from producer.outputs import Sink, open_sink
 from producer.progress import Progress, RateLimiter
+from schemas.inputs import InputError, InputText, parse, take
 
 Outcome = list[tuple[Vector | None, TextFailure | None]]
 

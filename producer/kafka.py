@@ -9,7 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from producer.config import ClientConfig
-from worker.kafka_options import kafka_client_options
+from schemas.kafka_options import kafka_client_options
 
 # A private reply topic outlives a client that dies without closing; a short retention bounds the
 # data it keeps (the broker still lists the empty topic until someone deletes it).

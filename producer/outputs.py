@@ -9,8 +9,8 @@ from typing import IO, Protocol
 import numpy as np
 
 from producer.errors import TextFailure, Vector
-from producer.inputs import InputText
 from schemas import float32_to_floats
+from schemas.inputs import InputText
 
 
 class Sink(Protocol):

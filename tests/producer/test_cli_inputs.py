@@ -13,9 +13,9 @@ import pytest
 
 from producer.cli import chunk_size, client_config
 from producer.errors import TextFailure
-from producer.inputs import InputError, InputText, parse, parse_jsonl, parse_lines, take
 from producer.outputs import JsonlSink, NpySink, open_sink
 from producer.progress import Progress, RateLimiter
+from schemas.inputs import InputError, InputText, parse, parse_jsonl, parse_lines, take
 from worker.cli import build_parser
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from producer.inputs import parse_jsonl, take
+from schemas.inputs import parse_jsonl, take
 from worker.engine.bundle import BundleError, default_bundle_dir
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET
 

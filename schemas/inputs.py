@@ -1,4 +1,5 @@
-"""Input texts for `embedfleet produce`: JSONL (objects or bare strings) or plain-text lines."""
+"""Input texts for `embedfleet produce` and `embedfleet embed`: JSONL (objects or bare strings) or
+plain-text lines. Here, below both packages, so neither imports the other for it."""
 
 from __future__ import annotations
 
