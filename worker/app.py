@@ -49,7 +49,7 @@ from worker.kafka_options import explain_kafka_error, kafka_connection_options
 from worker.logs import setup_logging
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.pipeline import BatchOutcome, BatchProcessor, EmbeddingBackend
+from worker.pipeline import BatchOutcome, BatchProcessor, Engine
 from worker.publisher import ResultPublisher, create_producer
 from worker.records import DEFAULT_MAX_EXPANDED_BYTES, guard_kafka_decompression
 from worker.salvage import salvage
@@ -101,11 +101,11 @@ class _HoldOnce:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, embedder: Any, *, metrics: WorkerMetrics | None = None,
+    def __init__(self, config: WorkerConfig, embedder: Engine, *, metrics: WorkerMetrics | None = None,
                  inference_threads: int = 1, dlq_record_limit: int = 1 << 20,
                  hold_marker: str | None = None) -> None:
         self.config = config
-        self.embedder: EmbeddingBackend = embedder
+        self.embedder = embedder
         self.metrics = metrics or WorkerMetrics()
         self.health = HealthState(model_loaded=True)
         self.fatal: BaseException | None = None
@@ -129,12 +129,16 @@ class Worker:
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         connection = kafka_connection_options(config)
         self.cluster = ClusterView(connection)
-        self.consumer: AIOKafkaConsumer = create_consumer(config)
+        # The one place the delivery guarantee is decided: the strategy object, and the isolation
+        # level it needs from the consumer (exactly-once reads only committed requests).
+        exactly_once = config.guarantee == "exactly-once"
+        self._isolation = READ_COMMITTED if exactly_once else READ_UNCOMMITTED
+        self.consumer: AIOKafkaConsumer = create_consumer(config, read_committed=exactly_once)
         self.publisher = ResultPublisher(self.cluster, results_topic=config.results_topic,
                                          dlq_topic=config.dlq_topic, worker_id=config.worker_id,
                                          model=manifest.name, max_dlq_record_bytes=dlq_record_limit)
         self.delivery: Delivery
-        if config.guarantee == "exactly-once":
+        if exactly_once:
             self.delivery = ExactlyOnce(
                 consumer=self.consumer, publisher=self.publisher, cluster=self.cluster,
                 metrics=self.metrics, group_id=config.group_id,
@@ -144,7 +148,6 @@ class Worker:
         else:
             self.delivery = AtLeastOnce(create_producer(config, record_limit=dlq_record_limit),
                                         self.publisher, self.cluster, self.metrics)
-        self._isolation = READ_COMMITTED if config.guarantee == "exactly-once" else READ_UNCOMMITTED
         client = None
         if config.redis_url:
             client = redis_client(config.redis_url, username=config.redis_username,
@@ -592,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, embedder, inference_threads=calls, hold_marker=hold))
 
 
-async def serve(config: WorkerConfig, embedder: Any, *, inference_threads: int = 1,
+async def serve(config: WorkerConfig, embedder: Engine, *, inference_threads: int = 1,
                 hold_marker: str | None = None) -> int:
     """Runs a worker until SIGTERM/SIGINT (0) or a fatal error (1: a failed start, or a bug that
     stopped the pipeline; 2: a configuration problem)."""

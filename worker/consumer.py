@@ -155,8 +155,9 @@ class RequestDecoder:
         return Rejection(source, raw, error, self._error_reply_topic(error), ContentType.JSON)
 
 
-def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
-    """The group consumer: manual commits only (the pipeline commits after results are acknowledged)."""
+def create_consumer(config: WorkerConfig, *, read_committed: bool) -> AIOKafkaConsumer:
+    """The group consumer: manual commits only (the pipeline commits after results are acknowledged).
+    ``read_committed``: skip requests of aborted transactions (what exactly-once delivery needs)."""
     return AIOKafkaConsumer(
         **kafka_connection_options(config),
         group_id=config.group_id,
@@ -174,5 +175,5 @@ def create_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
         # batches first (seconds), which must never get the member thrown out of the group.
         rebalance_timeout_ms=60_000,
         heartbeat_interval_ms=1_000,
-        isolation_level="read_committed" if config.guarantee == "exactly-once" else "read_uncommitted",
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
     )

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,8 +31,10 @@ FloatArray = npt.NDArray[np.float32]
 
 
 class EmbedOutputLike(Protocol):
-    vectors: FloatArray
-    truncated: list[bool]
+    @property
+    def vectors(self) -> FloatArray: ...
+    @property
+    def truncated(self) -> list[bool]: ...
 
 
 class EmbeddingBackend(Protocol):
@@ -42,6 +44,32 @@ class EmbeddingBackend(Protocol):
     def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
                         dimensions: int | None = None, batch_size: int = 32,
                         token_budget: int = 2048) -> EmbedOutputLike: ...
+
+
+class ModelDescription(Protocol):
+    """What the worker reads of the model's manifest (worker.engine.bundle.Manifest has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def prompts(self) -> Mapping[str, str]: ...
+    @property
+    def matryoshka_dims(self) -> Sequence[int]: ...
+
+
+class Engine(EmbeddingBackend, Protocol):
+    """The model as the worker is wired to it (worker.engine.Embedder satisfies it): a contract to
+    publish, a tokenizer for the decoder, and vectors for the pipeline."""
+
+    @property
+    def manifest(self) -> ModelDescription: ...
+    @property
+    def model_fingerprint(self) -> str: ...
+    def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]: ...
 
 
 @dataclass(slots=True)

@@ -1,0 +1,111 @@
+"""The decoder and the batch pipeline with a fake engine and no Redis: pure logic, no stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from aiokafka import ConsumerRecord, TopicPartition
+
+from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
+from worker.cache import VectorCache
+from worker.consumer import ModelContract, RequestDecoder
+from worker.engine.tokenize import TokenizedText
+from worker.jobs import Job, Rejection
+from worker.metrics import WorkerMetrics
+from worker.pipeline import BatchProcessor
+from worker.records import RawRecord
+from worker.salvage import Unreadable
+
+MODEL = ModelContract(name="m", fingerprint="f" * 64, dim=4, tasks=frozenset(), dimensions=frozenset({4}))
+
+
+def tokenize(texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
+    """One token per word, cut at 8 (the fake model's limit)."""
+    return [TokenizedText(list(range(min(8, len(t.split())))), len(t.split()) > 8) for t in texts]
+
+
+def decoder(max_kept: int = 1 << 20) -> RequestDecoder:
+    return RequestDecoder(model=MODEL, tokenize=tokenize, limits=RequestLimits(),
+                          reply_to_pattern=r"embed\.results.*", default_reply_topic="embed.results",
+                          max_kept_value_bytes=max_kept)
+
+
+def record(value: bytes | None, offset: int = 0,
+           headers: Sequence[tuple[str, bytes]] = ()) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic="embed.requests", partition=0, offset=offset, timestamp=0, timestamp_type=0,
+                          key=None, value=value, checksum=None, serialized_key_size=-1,
+                          serialized_value_size=len(value or b""), headers=tuple(headers))
+
+
+def test_a_valid_request_carries_its_tokens_and_releases_its_bytes() -> None:
+    value = json.dumps({"id": "a", "text": "one two three"}).encode()
+    [job] = decoder().decode([record(value)])
+    assert isinstance(job, Job)
+    assert job.tokens.ids == [0, 1, 2] and not job.tokens.truncated
+    assert job.raw.value is None and job.raw.original_size == len(value)
+
+
+def test_rejections_keep_only_what_their_dead_letter_can_carry() -> None:
+    huge = b'{"id": "x", "text": "' + b"a" * (2 << 20) + b'"}'
+    [rejection] = decoder(max_kept=1000).decode([record(huge)])
+    assert isinstance(rejection, Rejection) and rejection.error.code == ErrorCode.MESSAGE_TOO_LARGE
+    assert rejection.raw.value == huge[:1000] and rejection.raw.original_size == len(huge)
+
+
+def test_an_error_goes_to_the_readable_reply_to_when_it_is_allowed() -> None:
+    mine = json.dumps({"id": "a", "text": 5, "reply_to": "embed.results.mine"}).encode()
+    other = json.dumps({"id": "b", "text": 5, "reply_to": "__consumer_offsets"}).encode()
+    first, second = decoder().decode([record(mine, 0), record(other, 1)])
+    assert isinstance(first, Rejection) and first.reply_topic == "embed.results.mine"
+    assert isinstance(second, Rejection) and second.reply_topic == "embed.results"
+
+
+def test_an_unreadable_record_is_answered_when_its_id_can_be_read() -> None:
+    raw = RawRecord(7, 0, None, json.dumps({"id": "z", "text": "t", "reply_to": "embed.results.me"}).encode(),
+                    [(b"\xff\xfe", b"v")])
+    rejection = decoder().reject_unreadable(Unreadable(TopicPartition("embed.requests", 2), 7, 8, 0,
+                                                       "header name is not valid UTF-8", raw))
+    assert rejection.error.code == ErrorCode.INVALID_HEADERS and rejection.error.request_id == "z"
+    assert rejection.reply_topic == "embed.results.me"
+    assert (HEADER_DLQ_HEADERS_REPAIRED, b"1") in rejection.raw.notes
+    assert rejection.source.offset == 7 and rejection.source.partition == 2
+
+
+@dataclass
+class _Output:
+    vectors: np.ndarray
+    truncated: list[bool]
+
+
+class FakeEngine:
+    """Vectors from the token count; NaN for texts containing NAN (an FP16 overflow)."""
+
+    def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
+                        dimensions: int | None = None, batch_size: int = 32,
+                        token_budget: int = 2048) -> _Output:
+        vectors = np.array([[len(t.ids), 1.0, 0.0, 0.0] for t in tokenized], dtype=np.float32)
+        vectors[[("NAN" in text) for text in texts]] = np.nan
+        return _Output(vectors, [t.truncated for t in tokenized])
+
+
+async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() -> None:
+    metrics = WorkerMetrics()
+    processor = BatchProcessor(backend=FakeEngine(), cache=VectorCache(
+        None, key_prefix="p", model_name="m", ttl_s=0, metrics=metrics), metrics=metrics, model_name="m",
+        inference_batch_size=32, token_budget=2048)
+    values = [{"id": "a", "text": "same words here"}, {"id": "b", "text": "same words here"},
+              {"id": "c", "text": "NAN here"}, {"id": "d", "text": " ".join(["w"] * 20)}]
+    jobs = decoder().decode([record(json.dumps(v).encode(), i) for i, v in enumerate(values)])
+    assert all(isinstance(j, Job) for j in jobs)
+    outcome = await processor.process([j for j in jobs if isinstance(j, Job)])
+    processor.close()
+    results = {job.request.id: result for job, result in outcome.results}
+    assert set(results) == {"a", "b", "d"}
+    assert results["a"].key == results["b"].key and results["d"].truncated
+    [failure] = outcome.failures
+    assert failure.error.code == ErrorCode.INFERENCE_FAILED and failure.error.request_id == "c"
+    assert failure.request is not None  # its dead letter is re-encoded from the request
+    assert metrics.batch_duplicates._value.get() == 1
