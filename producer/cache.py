@@ -1,15 +1,14 @@
 """Redis, read-only: the model contract the workers publish and the vectors they cache.
 
-Vectors live in HASHes ``{prefix}:{model}:{dim}:{content hash}`` (field ``vector`` = little-endian
-float32). The contract lives in ``{prefix}:models:{model}``. Every read fails open: on an error or a
-timeout the call carries on as if the cache were empty, and Redis is skipped for ``retry_after_s``.
+Where things are is ``schemas.cache_layout`` (the workers follow the same module). Every read fails
+open: on an error or a timeout the call carries on as if the cache were empty, and Redis is skipped
+for ``retry_after_s``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from redis.exceptions import RedisError
 
 from producer.config import ClientConfig
 from producer.errors import Vector
+from schemas.cache_layout import VECTOR_FIELD, contract_key, vector_key
 
 log = logging.getLogger(__name__)
-VECTOR_FIELD = "vector"
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -62,17 +61,6 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def safe_model_name(name: str) -> str:
-    """The model name as it appears in cache keys (the workers' rule)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def vector_key(prefix: str, model_name: str, dim: int, key: str) -> str:
-    return f"{prefix}:{safe_model_name(model_name)}:{dim}:{key}"
-
-
-def contract_key(prefix: str, model_name: str) -> str:
-    return f"{prefix}:models:{model_name}"
 
 
 def connect(config: ClientConfig) -> redis.Redis | None:

@@ -14,7 +14,6 @@ one timeout per interval rather than one per batch. It recovers by itself.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 
@@ -22,11 +21,19 @@ import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from schemas.cache_layout import (
+    DIM_FIELD,
+    MODEL_FIELD,
+    VECTOR_FIELD,
+    contract_key,
+    index_name,
+    vector_key,
+    vector_key_prefix,
+)
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-VECTOR_FIELD = "vector"
 
 
 def redis_client(url: str, *, username: str = "", password: str = "", timeout_s: float = 0.25,
@@ -89,10 +96,8 @@ class VectorCache:
         self._client = client
         self._model_name_bytes = model_name.encode()
         self.healthy = True  # False while Redis fails (the cache is skipped: degraded, not down)
-        safe_model = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
         self._key_prefix = key_prefix
-        self._prefix = f"{key_prefix}:{safe_model}"
-        self._index_prefix = f"{key_prefix}-{safe_model}"
+        self._model_name = model_name
         self._ttl_s = ttl_s
         self._metrics = metrics
         self._retry_after_s = retry_after_s
@@ -104,10 +109,10 @@ class VectorCache:
         return self._client is not None
 
     def redis_key(self, key: str, dim: int) -> str:
-        return f"{self._prefix}:{dim}:{key}"
+        return vector_key(self._key_prefix, self._model_name, dim, key)
 
     def index_name(self, dim: int) -> str:
-        return f"{self._index_prefix}-{dim}"
+        return index_name(self._key_prefix, self._model_name, dim)
 
     def _available(self) -> bool:
         return self._client is not None and time.monotonic() >= self._skip_until
@@ -132,7 +137,7 @@ class VectorCache:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         for key, dim in keys:
-            pipe.hmget(self.redis_key(key, dim), [VECTOR_FIELD, "model", "dim"])
+            pipe.hmget(self.redis_key(key, dim), [VECTOR_FIELD, MODEL_FIELD, DIM_FIELD])
         try:
             raw: list[list[bytes | None]] = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
@@ -172,8 +177,8 @@ class VectorCache:
         for key, vector in entries:
             dim = int(vector.shape[0])
             name = self.redis_key(key, dim)
-            pipe.hset(name, mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), "model": model,
-                                     "dim": dim})
+            pipe.hset(name, mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), MODEL_FIELD: model,
+                                     DIM_FIELD: dim})
             if self._ttl_s > 0:
                 pipe.expire(name, self._ttl_s)
         try:
@@ -188,7 +193,8 @@ class VectorCache:
         assert self._client is not None
         try:
             await self._client.execute_command(  # type: ignore[no-untyped-call]
-                "FT.CREATE", self.index_name(dim), "ON", "HASH", "PREFIX", "1", f"{self._prefix}:{dim}:",
+                "FT.CREATE", self.index_name(dim), "ON", "HASH", "PREFIX", "1",
+                vector_key_prefix(self._key_prefix, self._model_name, dim),
                 "SCHEMA", VECTOR_FIELD, "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(dim),
                 "DISTANCE_METRIC", "COSINE", "model", "TAG")
         except ResponseError as exc:
@@ -212,7 +218,7 @@ class VectorCache:
             return
         assert self._client is not None
         try:
-            await self._client.hset(f"{self._key_prefix}:models:{name}", mapping=fields)  # type: ignore[arg-type]
+            await self._client.hset(contract_key(self._key_prefix, name), mapping=fields)  # type: ignore[arg-type]
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("publish_model", exc)
 

@@ -7,7 +7,6 @@ both. The decoder knows the model only through ``ModelContract`` and a token cou
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from schemas import (
     decode_request,
     readable_fields,
 )
+from schemas.cache_layout import contract_fields
 from worker.config import WorkerConfig
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, RawMessage, Rejection, Source
@@ -51,9 +51,9 @@ class ModelContract:
     dimensions: frozenset[int]  # offered output widths (the full one included)
 
     def redis_fields(self, *, max_tokens: int) -> dict[str, str]:
-        """The contract as clients read it from Redis (``{prefix}:models:{name}``)."""
-        return {"fingerprint": self.fingerprint, "dim": str(self.dim), "max_tokens": str(max_tokens),
-                "tasks": json.dumps(sorted(self.tasks)), "dimensions": json.dumps(sorted(self.dimensions))}
+        """The contract as clients read it from Redis (``schemas.cache_layout``)."""
+        return contract_fields(fingerprint=self.fingerprint, dim=self.dim, max_tokens=max_tokens,
+                               tasks=self.tasks, dimensions=self.dimensions)
 
 
 class RequestDecoder:

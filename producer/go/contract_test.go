@@ -159,3 +159,43 @@ func TestDecodeVectorBase64RejectsBadInput(t *testing.T) {
 		}
 	}
 }
+
+// The cache layout, the contract record and the limits come from schemas/ (cache_layout.json),
+// which the Python worker and client are tested against too.
+func TestCacheLayoutVectors(t *testing.T) {
+	var file struct {
+		Keys []struct {
+			Prefix      string `json:"prefix"`
+			Model       string `json:"model"`
+			Dim         int    `json:"dim"`
+			ContentHash string `json:"content_hash"`
+			VectorKey   string `json:"vector_key"`
+			ContractKey string `json:"contract_key"`
+		} `json:"keys"`
+		Contract struct {
+			Fields map[string]string `json:"fields"`
+		} `json:"contract"`
+		Limits struct {
+			MaxTextBytes int `json:"max_text_bytes"`
+		} `json:"limits"`
+	}
+	readJSON(t, "cache_layout.json", &file)
+	if len(file.Keys) < 3 {
+		t.Fatalf("only %d key cases", len(file.Keys))
+	}
+	for _, k := range file.Keys {
+		if got := VectorKey(k.Prefix, k.Model, k.Dim, k.ContentHash); got != k.VectorKey {
+			t.Errorf("VectorKey(%q, %q, %d) = %q, want %q", k.Prefix, k.Model, k.Dim, got, k.VectorKey)
+		}
+		if got := ContractKey(k.Prefix, k.Model); got != k.ContractKey {
+			t.Errorf("ContractKey(%q, %q) = %q, want %q", k.Prefix, k.Model, got, k.ContractKey)
+		}
+	}
+	contract, ok := ParseModelContract(file.Contract.Fields)
+	if !ok || contract.Dim != 384 || contract.MaxTokens != 256 || len(contract.Tasks) != 2 || len(contract.Dimensions) != 2 {
+		t.Errorf("contract %+v ok=%v", contract, ok)
+	}
+	if MaxTextBytes != file.Limits.MaxTextBytes {
+		t.Errorf("MaxTextBytes = %d, the workers' limit is %d", MaxTextBytes, file.Limits.MaxTextBytes)
+	}
+}

@@ -15,9 +15,11 @@ from typing import Any, Final
 
 import msgspec
 
+from schemas import cache_layout
 from schemas.codec import (
     ContentType,
     RequestError,
+    RequestLimits,
     decode_request,
     encode_request,
     encode_result,
@@ -28,6 +30,7 @@ from schemas.messages import EmbedRequest, EmbedResult, ErrorCode, encode_vector
 TESTDATA_DIR: Final = Path(__file__).parent
 CONTENT_HASH_FILE: Final = TESTDATA_DIR / "content_hash.json"
 CODEC_FILE: Final = TESTDATA_DIR / "codec.json"
+CACHE_LAYOUT_FILE: Final = TESTDATA_DIR / "cache_layout.json"
 
 FINGERPRINT: Final = "all-minilm-l6-v2:int8-per-channel:9f2c1a7e"
 
@@ -267,6 +270,31 @@ def codec_vectors() -> dict[str, Any]:
     }
 
 
+def cache_layout_vectors() -> dict[str, Any]:
+    """Redis keys, the contract record and the request limits, as every worker and client use them."""
+    hash_ = content_hash("hello", model_fingerprint="f" * 64, task=None, dimensions=None)
+    keys = []
+    for prefix, model, dim in (("embedfleet", "all-MiniLM-L6-v2", 384),
+                               ("tenant-a", "org/model name:v2", 128),
+                               ("p", "nomic-embed-text-v1.5", 768)):
+        keys.append({"prefix": prefix, "model": model, "dim": dim, "content_hash": hash_,
+                     "vector_key": cache_layout.vector_key(prefix, model, dim, hash_),
+                     "index_name": cache_layout.index_name(prefix, model, dim),
+                     "contract_key": cache_layout.contract_key(prefix, model)})
+    limits = RequestLimits()
+    return {
+        "description": "schemas/cache_layout.py: cache keys and the model contract record; "
+                       "schemas/codec.py RequestLimits: the workers' default limits",
+        "keys": keys,
+        "contract": {"fields": cache_layout.contract_fields(
+            fingerprint="f" * 64, dim=384, max_tokens=256, tasks=["query", "document"],
+            dimensions=[384, 128])},
+        "limits": {"max_message_bytes": limits.max_message_bytes,
+                   "max_text_bytes": limits.max_text_bytes,
+                   "max_header_bytes": limits.max_header_bytes, "max_headers": limits.max_headers},
+    }
+
+
 def render(document: dict[str, Any]) -> str:
     # ASCII-only with \u escapes: an editor that normalises text on save cannot alter
     # the combining sequences the vectors are about.
@@ -276,7 +304,8 @@ def render(document: dict[str, Any]) -> str:
 def main() -> int:
     CONTENT_HASH_FILE.write_text(render(content_hash_vectors()), encoding="utf-8")
     CODEC_FILE.write_text(render(codec_vectors()), encoding="utf-8")
-    sys.stdout.write(f"wrote {CONTENT_HASH_FILE} and {CODEC_FILE}\n")
+    CACHE_LAYOUT_FILE.write_text(render(cache_layout_vectors()), encoding="utf-8")
+    sys.stdout.write(f"wrote {CONTENT_HASH_FILE}, {CODEC_FILE} and {CACHE_LAYOUT_FILE}\n")
     return 0
 
 

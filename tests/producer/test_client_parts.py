@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from producer import EmbedBatchError, EmbedTimeout, ModelContract, TextFailure
-from producer.cache import contract_key, vector_key
 from producer.replies import Expected, ReplyRouter
 from schemas import EmbedResult, encode_result, result_headers
+from schemas.cache_layout import contract_key, vector_key
 
 
 def test_model_contract_from_the_workers_hash() -> None:

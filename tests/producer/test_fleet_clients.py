@@ -21,8 +21,8 @@ import pytest
 from redis.asyncio import Redis
 
 from producer import Client, ClientConfig, EmbedBatchError, EmbedTimeout, embed_sync
-from producer.cache import vector_key
 from producer.keys import plan_requests
+from schemas.cache_layout import vector_key
 from tests.conftest import start_fleet
 from tests.fleet import Fleet
 

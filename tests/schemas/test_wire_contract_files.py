@@ -20,7 +20,7 @@ from schemas import (
 )
 from schemas.commands import add_arguments, run
 from schemas.json_schema import SCHEMA_FILE, contract_schema, render_schema
-from schemas.testdata.generate import CODEC_FILE, codec_vectors
+from schemas.testdata.generate import CACHE_LAYOUT_FILE, CODEC_FILE, cache_layout_vectors, codec_vectors
 
 CODEC = json.loads(CODEC_FILE.read_text(encoding="utf-8"))
 MSGPACK = [("content-type", b"application/msgpack")]
@@ -28,6 +28,30 @@ MSGPACK = [("content-type", b"application/msgpack")]
 
 def test_committed_codec_file_is_what_the_generator_writes() -> None:
     assert codec_vectors() == CODEC
+
+
+def test_committed_cache_layout_file_is_what_the_generator_writes() -> None:
+    """The Go client's tests read the same file (producer/go/contract_test.go)."""
+    assert cache_layout_vectors() == json.loads(CACHE_LAYOUT_FILE.read_text(encoding="utf-8"))
+
+
+def test_worker_and_client_write_and_read_the_same_keys() -> None:
+    from producer.cache import ModelContract
+    from worker.cache import VectorCache
+    from worker.consumer import ModelContract as ServedModel
+    from worker.metrics import WorkerMetrics
+
+    for case in cache_layout_vectors()["keys"]:
+        worker = VectorCache(None, key_prefix=case["prefix"], model_name=case["model"], ttl_s=0,
+                             metrics=WorkerMetrics())
+        assert worker.redis_key(case["content_hash"], case["dim"]) == case["vector_key"]
+        assert worker.index_name(case["dim"]) == case["index_name"]
+    served = ServedModel(name="m", fingerprint="f" * 64, dim=384, tasks=frozenset({"query", "document"}),
+                         dimensions=frozenset({384, 128}))
+    fields = served.redis_fields(max_tokens=256)
+    assert fields == cache_layout_vectors()["contract"]["fields"]
+    read = ModelContract.from_redis_fields(fields)
+    assert read is not None and (read.fingerprint, read.dim, read.max_tokens) == ("f" * 64, 384, 256)
 
 
 @pytest.mark.parametrize("case", CODEC["requests"], ids=lambda c: c["name"])
