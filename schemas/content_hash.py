@@ -19,8 +19,10 @@ where
 * ``dimensions`` is the decimal ASCII form of the integer with no sign, no leading
   zeros and no spaces (``"128"``), or the empty string when there is none;
 * ``text`` is the text after Unicode Normalization Form C and nothing else: no
-  stripping, no case folding, no NFKC. Workers embed this NFC text, so the key names
-  exactly the vector's input.
+  stripping, no case folding, no NFKC. Workers embed the text as it was sent, so two
+  texts that differ only in their NFC form share a key (and the first one's vector);
+  the model's tokenizer normalises Unicode itself (BERT's: NFD, accents stripped), so
+  for the default model their vectors are the same anyway.
 
 The length prefixes make the framing unambiguous (``("ab", "c")`` and ``("a", "bc")``
 differ). Text containing lone surrogates has no UTF-8 form: the codec rejects it and
@@ -48,7 +50,7 @@ LENGTH_PREFIX_BYTES: Final = 8
 
 
 def canonical_text(text: str) -> str:
-    """The text as hashed and embedded: Unicode NFC, nothing else."""
+    """The text as hashed: Unicode NFC, nothing else."""
     return unicodedata.normalize("NFC", text)
 
 
