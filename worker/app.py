@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -180,12 +181,12 @@ class Worker:
     async def run(self) -> None:
         background: list[asyncio.Task[None]] = []
         try:
+            if self.health_server is not None:  # first: a port in use fails before the group is joined
+                await self.health_server.start()
             await self.cluster.start()
             await self.delivery.start()
             self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
             await self.consumer.start()
-            if self.health_server is not None:
-                await self.health_server.start()
             if await self.cache.ping():
                 await self.cache.publish_model(self.model.name, self.model.redis_fields(
                     max_tokens=self._max_tokens))
@@ -617,6 +618,12 @@ async def serve(config: WorkerConfig, embedder: Engine, *, inference_threads: in
     except KafkaError as exc:
         log.error("%s", await explain_kafka_error(config, exc))
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.error("port %d on %s is in use (another worker?): set EMBEDFLEET_METRICS_PORT to a free one, "
+                  "or 0 to turn /metrics off", config.metrics_port, config.metrics_host)
+        return 2
     if worker.fatal is not None:
         log.error("stopped after a fatal error: %s: %s", type(worker.fatal).__name__, worker.fatal)
         return 1
