@@ -255,3 +255,13 @@ async def test_redis_down_results_keep_coming_and_the_cache_returns(fleet: Fleet
                 break
             assert asyncio.get_running_loop().time() < deadline, "the cache was not used again"
             await asyncio.sleep(1.0)
+
+
+async def test_a_metrics_port_in_use_is_a_one_line_error(fleet: Fleet) -> None:
+    taken = fleet.workers[0].metrics_port  # a running worker holds it
+    worker = fleet.start_worker("--metrics-port", str(taken))
+    code = await asyncio.to_thread(worker.process.wait, 60)
+    fleet.workers.remove(worker)
+    assert code == 2
+    assert f"port {taken} on 127.0.0.1 is in use" in worker.log()
+    assert "EMBEDFLEET_METRICS_PORT" in worker.log() and "Traceback" not in worker.log()
