@@ -208,7 +208,8 @@ async def test_a_bug_stops_the_worker_with_a_nonzero_status(
                                                   "EMBEDFLEET_WORKER_ID": f"broken-{fleet.tag}"}))
         async with FleetIO(fleet) as io:
             await io.send_texts(["this text meets a bug"])
-            status = await asyncio.wait_for(serve(config, _BrokenEngine()), timeout=120)
+            status = await asyncio.wait_for(serve(config, _BrokenEngine()),  # type: ignore[arg-type]
+                                            timeout=120)
         assert status == 1
     finally:
         await fleet.cleanup()

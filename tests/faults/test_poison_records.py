@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -223,13 +223,13 @@ def hash_of(text: str, fingerprint: str) -> str:
 
 
 async def contract(redis_url: str, prefix: str) -> tuple[str, str, int]:
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:models:*")]
-        fields = await client.hgetall(keys[0])
+        keys = [str(k) async for k in client.scan_iter(match=f"{prefix}:models:*")]
+        fields = cast(dict[str, str], await client.hgetall(keys[0]))
     finally:
         await client.aclose()
-    return keys[0].decode().rsplit(":", 1)[1], fields[b"fingerprint"].decode(), int(fields[b"dim"])
+    return keys[0].rsplit(":", 1)[1], fields["fingerprint"], int(fields["dim"])
 
 
 async def test_non_finite_vectors_are_never_served_or_stored(
@@ -276,7 +276,7 @@ async def test_non_finite_vectors_are_never_served_or_stored(
         for name in poisoned_cache:
             [result] = scenario.io.results[name]
             assert not result.get("cached") and all(math.isfinite(x) for x in result["vector"])
-            stored = await client.hgetall(keys[name])
+            stored = cast(dict[bytes, bytes], await client.hgetall(keys[name]))
             vector = np.frombuffer(stored[b"vector"], "<f4")
             assert stored[b"model"] == model.encode() and vector.shape == (dim,)
             assert np.isfinite(vector).all()

@@ -50,7 +50,7 @@ def test_worker_and_client_write_and_read_the_same_keys() -> None:
                          dimensions=frozenset({384, 128}))
     fields = served.redis_fields(max_tokens=256)
     assert fields == cache_layout_vectors()["contract"]["fields"]
-    read = ModelContract.from_redis_fields(fields)
+    read = ModelContract.from_redis_fields(dict(fields.items()))
     assert read is not None and (read.fingerprint, read.dim, read.max_tokens) == ("f" * 64, 384, 256)
 
 

@@ -106,7 +106,7 @@ def exactly_once(fail: dict[str, list[BaseException]] | None = None,
     consumer = FakeConsumer(committed or {})
     delivery = ExactlyOnce(consumer=consumer, publisher=FakePublisher(),  # type: ignore[arg-type]
                            cluster=FakeCluster(), metrics=WorkerMetrics(), group_id="g",  # type: ignore[arg-type]
-                           new_producer=lambda tid: FakeProducer(tid, log, fail or {}))  # type: ignore[arg-type,return-value]
+                           new_producer=lambda tid: FakeProducer(tid, log, fail or {}))
     return delivery, log, consumer
 
 

@@ -78,7 +78,7 @@ async def test_results_for_a_reply_topic_that_is_gone_become_errors_on_the_defau
     assert not outgoing.results
     [error_result, dead_letter] = outgoing.singles
     assert error_result[0] == "embed.results"
-    assert json.loads(error_result[2])["error"]["code"] == "reply_to_unavailable"
+    assert json.loads(error_result[2] or b"")["error"]["code"] == "reply_to_unavailable"
     assert dead_letter[0] == "embed.requests.dlq"
     headers = dict(dead_letter[3])
     assert headers["dlq-error-code"] == b"reply_to_unavailable" and headers[HEADER_DLQ_REENCODED] == b"1"
