@@ -1,76 +1,10 @@
 """Derive the INT8 (CPU) and FP16 (CUDA) variants from the FP32 graph.
 
-INT8 scheme (``to_int8``), chosen by measurement on all-MiniLM-L6-v2 (fused graph of export.py).
-Targets, INT8 vs FP32 on the first 2000 distinct corpus queries: min cosine >= 0.97, mean >= 0.99,
-top-10 neighbour overlap >= 0.88; file <= 30 MB; >= 1.5x FP32 throughput. Two more demands:
-
-* batch invariance: the fleet caches vectors by content hash, so a text must get the same vector
-  whatever batch it lands in;
-* every one of the 417 sentence-transformers reference texts at cosine >= 0.99.
-
-Chosen: **per-row (per-token) asymmetric dynamic activation quantization, built in the graph**
-(``quantize_matmuls_per_row``), every MatMul quantized, int8 embedding table:
-
-* weights: symmetric int8, one scale per output column, stored as uint8 + 128 with a weight
-  zero point of 128, so the GEMM is u8 x u8 (see ``_as_uint8``: u8 x s8 saturates on AVX2
-  CPUs without VNNI, where it cost INT8 0.02 of mean cosine. Measured on such a CPU (AMD EPYC,
-  AVX2, one thread, 1500 queries / 150 docs, 3 rounds side by side): u8 x u8 219-233 queries/s
-  and 20 docs/s against 241-269 and 22-26 for the saturating u8 x s8, and 203 / 18 for FP32);
-* activations: for each row of x (one token), lo = min(x, 0), hi = max(x, 0), scale =
-  (hi - lo) / 255, zero point = round(-lo / scale); ``QuantizeLinear`` per axis -> uint8
-  (u8 x s8 is MLAS's fast VNNI path; int8 x int8 ``MatMulIntegerToFloat`` ran at 71 queries/s);
-* ``MatMulIntegerToFloat`` (com.microsoft, per-column weight scales) then one ``Mul`` by the
-  row scale. The zero-point term ``-zp_r * colsum(Wq)`` is folded into the integer GEMM: the
-  quantized rows get J extra columns equal to zp_r and the weights J extra int8 rows summing to
-  ``-colsum(Wq)`` (``zero_point_rows``: J = 32..128 here, entries within +-64 so AVX2 kernels
-  without VNNI cannot saturate on them, K + J padded to a multiple of 16). That is exact integer
-  arithmetic and replaces an output-sized outer product + Sub (14% of the profile as float ops).
-
-Nothing in a row's result depends on another row, so it is batch-invariant: the same 200
-queries embedded in batches of 32, one at a time and shuffled differ by 0.0 (exactly).
-
-Measured (reference = 417 texts vs sentence-transformers; corpus = INT8 vs FP32, 2000 queries;
-"batch" = max |difference| of a vector between batched and one-at-a-time embedding):
-
-  scheme                                       ref min  <0.99  corpus min / mean / overlap  batch   MB
-  per-tensor (quantize_dynamic), all MatMuls    0.968    30    0.967 / 0.9932 / 0.878      4.0e-2  23.5
-  per-tensor, layer0+2 ffn_out FP32 (previous)  0.976     9    0.980 / 0.9953 / 0.900      3.6e-2  27.0
-  per-row symmetric (max|x|/127), all           0.981     3    0.983 / 0.9975 / 0.934      0       23.5
-  per-row symmetric, layer0+2 ffn_out FP32      0.983     3    0.989 / 0.9977 / 0.934      0       27.0
-  per-row sym., asymmetric for ffn_out only     0.981     1    0.990 / 0.9977 / 0.937      0       23.5
-  per-row asymmetric, all (chosen)              0.993     0    0.9955 / 0.9990 / 0.954     0       24.8
-  per-row asymmetric, layer0+2 ffn_out FP32     0.994     0    0.9953 / 0.9991 / 0.958     0       27.1
-  MatMulNBits bits=8 block 32, accuracy_level 4 0.998     0    0.998 / 0.9997 / 0.972      0       24.7
-
-The worst reference text is '?' in every scheme; LayerNorm outputs have one-sided outlier
-channels, so symmetric per-row scales waste half the range there (asymmetric only on the GELU
-input is not enough). With per-row asymmetric quantization no MatMul needs to stay FP32.
-MatMulNBits (8-bit, int8 compute, per-block activation quantization) is the most accurate but
-ran no faster than FP32 on this CPU (1.00x queries, 0.96x docs), and with block 128 it was not
-batch-invariant (5.8e-3), so it was not taken.
-
-Throughput, sorted batches of 32, 1000 queries / 300 docs, ratio to FP32 in the same run. The
-2-core machine was shared with other jobs (FP32 itself moved 420-870 queries/s between runs),
-so these are ranges over 3-5 runs of best-of-3..5; single-thread CPU time is the steadier one:
-
-                          previous per-tensor     chosen per-row
-  1 thread, CPU time      queries 1.71-1.84x      queries 1.67-1.78x
-                          docs    1.54-1.63x      docs    1.47-1.59x
-  2 threads, wall         queries 1.55-1.66x      queries 1.56-1.64x
-                          docs    1.43-1.59x      docs    1.36-1.45x
-
-Per-row costs ~3-7% against per-tensor (more on long docs with 2 threads: the extra
-ReduceMin/ReduceMax/QuantizeLinear/Concat/Mul passes are memory-bound and ~10% of the profile,
-while attention and SkipLayerNormalization stay FP32 and are ~40%). Queries stay above 1.5x;
-docs with 2 threads are under 1.5x, as they already were in some runs of the previous scheme.
-Folding the zero point into the GEMM instead of an output-side Sub + outer Mul gained ~3%;
-entries within +-64 instead of +-127 cost ~2%.
-
-The 30522x384 word-embedding table is half the bytes; it is stored as int8 rows with one scale
-per row and dequantized after the Gather (only the rows a batch uses). The attention core
-(softmax(QK^T)V) always runs in FP32 (MultiHeadAttention). Static calibration was not needed
-and would tie the model to a corpus. ``activations="per-tensor"`` keeps the previous ONNX
-Runtime ``quantize_dynamic`` scheme (used for imported graphs below opset 13).
+INT8 (``to_int8``): every MatMul with per-channel int8 weights (stored as uint8 + 128 with a weight
+zero point of 128, so the GEMM is u8 x u8, which cannot saturate on AVX2 CPUs without VNNI) and
+per-row (per-token) asymmetric uint8 activations computed in the graph, so a text's vector does
+not depend on its batch; the word-embedding table as int8 rows. Why this scheme, and the
+measurements of every scheme tried: ``QUANTIZATION.md`` beside this file.
 
 FP16 (``to_fp16``): onnxruntime.transformers.float16 with keep_io_types, so the I/O stays
 int64 ids / float32 hidden states; it is meant for the CUDA provider (the CPU has no FP16
