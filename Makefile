@@ -56,6 +56,7 @@ test: venv system-deps model
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker producer schemas deploy/local/stack.py
 
 bench: venv system-deps model stack-up

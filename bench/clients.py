@@ -73,10 +73,22 @@ def start_workers(env: dict[str, str], count: int, log_dir: Path, tag: str) -> l
     workers = []
     for index in range(count):
         with (log_dir / f"bench-worker-{index}.log").open("wb") as log:
-            workers.append(subprocess.Popen(
-                [EMBEDFLEET, "worker", "--worker-id", f"bench-{tag}-{index}",
-                 "--metrics-port", str(free_port())],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+            workers.append(
+                subprocess.Popen(
+                    [
+                        EMBEDFLEET,
+                        "worker",
+                        "--worker-id",
+                        f"bench-{tag}-{index}",
+                        "--metrics-port",
+                        str(free_port()),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
+            )
     return workers
 
 
@@ -94,19 +106,28 @@ def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
 async def own_fleet(args: argparse.Namespace) -> AsyncIterator[dict[str, str]]:
     """Workers on fresh topics and a fresh cache prefix, so the cold run really is cold."""
     tag = uuid.uuid4().hex[:8]
-    names = {"EMBEDFLEET_REQUESTS_TOPIC": f"embed.requests.bench-{tag}",
-             "EMBEDFLEET_RESULTS_TOPIC": f"embed.results.bench-{tag}",
-             "EMBEDFLEET_DLQ_TOPIC": f"embed.requests.dlq.bench-{tag}",
-             "EMBEDFLEET_GROUP_ID": f"embedfleet-bench-{tag}",
-             "EMBEDFLEET_CACHE_KEY_PREFIX": f"embedfleet-bench-{tag}"}
+    names = {
+        "EMBEDFLEET_REQUESTS_TOPIC": f"embed.requests.bench-{tag}",
+        "EMBEDFLEET_RESULTS_TOPIC": f"embed.results.bench-{tag}",
+        "EMBEDFLEET_DLQ_TOPIC": f"embed.requests.dlq.bench-{tag}",
+        "EMBEDFLEET_GROUP_ID": f"embedfleet-bench-{tag}",
+        "EMBEDFLEET_CACHE_KEY_PREFIX": f"embedfleet-bench-{tag}",
+    }
     admin = AIOKafkaAdminClient(bootstrap_servers=args.bootstrap)
     await admin.start()
-    topics = [NewTopic(names["EMBEDFLEET_REQUESTS_TOPIC"], 6, 1),
-              NewTopic(names["EMBEDFLEET_RESULTS_TOPIC"], 6, 1, topic_configs={"cleanup.policy": "compact"}),
-              NewTopic(names["EMBEDFLEET_DLQ_TOPIC"], 1, 1)]
+    topics = [
+        NewTopic(names["EMBEDFLEET_REQUESTS_TOPIC"], 6, 1),
+        NewTopic(names["EMBEDFLEET_RESULTS_TOPIC"], 6, 1, topic_configs={"cleanup.policy": "compact"}),
+        NewTopic(names["EMBEDFLEET_DLQ_TOPIC"], 1, 1),
+    ]
     await admin.create_topics(topics)
-    env = {**os.environ, **names, "EMBEDFLEET_KAFKA_BOOTSTRAP": args.bootstrap,
-           "EMBEDFLEET_REDIS_URL": args.redis_url, "EMBEDFLEET_INTRA_OP_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        **names,
+        "EMBEDFLEET_KAFKA_BOOTSTRAP": args.bootstrap,
+        "EMBEDFLEET_REDIS_URL": args.redis_url,
+        "EMBEDFLEET_INTRA_OP_THREADS": str(args.threads),
+    }
     if args.model:
         env["EMBEDFLEET_MODEL"] = args.model
     workers = start_workers(env, args.workers, Path(args.log_dir), tag)
@@ -123,7 +144,7 @@ async def own_fleet(args: argparse.Namespace) -> AsyncIterator[dict[str, str]]:
 
 def chunks(texts: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(texts), size):
-        yield texts[start:start + size]
+        yield texts[start : start + size]
 
 
 async def pipelined(client: Client, texts: Sequence[str], batch: int, in_flight: int) -> None:
@@ -158,24 +179,34 @@ async def wait_for_fleet(config: ClientConfig, timeout_s: float = 120) -> None:
 
 async def measure(args: argparse.Namespace, topics: dict[str, str]) -> list[Row]:
     config = ClientConfig.from_env(
-        kafka_bootstrap=args.bootstrap, redis_url=args.redis_url,
+        kafka_bootstrap=args.bootstrap,
+        redis_url=args.redis_url,
         requests_topic=topics.get("EMBEDFLEET_REQUESTS_TOPIC"),
         results_topic=topics.get("EMBEDFLEET_RESULTS_TOPIC"),
-        cache_key_prefix=topics.get("EMBEDFLEET_CACHE_KEY_PREFIX"))
+        cache_key_prefix=topics.get("EMBEDFLEET_CACHE_KEY_PREFIX"),
+    )
     await wait_for_fleet(config)
     texts = distinct_queries(Path(args.corpus), args.texts + args.naive_texts)
-    bulk, naive_texts = texts[:args.texts], texts[args.texts:]
+    bulk, naive_texts = texts[: args.texts], texts[args.texts :]
     rows = []
     async with Client(config, linger_ms=0, use_cache=False) as naive:
+
         async def one_by_one() -> None:
             for text in naive_texts:
                 await naive.embed([text], timeout=60)
+
         rows.append(await timed("naive (1 in flight)", naive, naive_texts, one_by_one()))
     async with Client(config) as client:
-        rows.append(await timed("client, cold cache", client, bulk,
-                                pipelined(client, bulk, args.batch, args.in_flight)))
-        rows.append(await timed("client, warm cache", client, bulk,
-                                pipelined(client, bulk, args.batch, args.in_flight)))
+        rows.append(
+            await timed(
+                "client, cold cache", client, bulk, pipelined(client, bulk, args.batch, args.in_flight)
+            )
+        )
+        rows.append(
+            await timed(
+                "client, warm cache", client, bulk, pipelined(client, bulk, args.batch, args.in_flight)
+            )
+        )
     return rows
 
 
@@ -183,8 +214,10 @@ def table(rows: list[Row]) -> str:
     base = rows[0].rate
     lines = [f"{'mode':<22}{'texts':>8}{'seconds':>10}{'texts/s':>11}{'produced':>10}{'x naive':>10}"]
     for row in rows:
-        lines.append(f"{row.name:<22}{row.texts:>8}{row.seconds:>10.2f}{row.rate:>11,.0f}"
-                     f"{row.produced:>10}{row.rate / base:>10.1f}")
+        lines.append(
+            f"{row.name:<22}{row.texts:>8}{row.seconds:>10.2f}{row.rate:>11,.0f}"
+            f"{row.produced:>10}{row.rate / base:>10.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -196,10 +229,15 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=8, help="client calls at once")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
-    parser.add_argument("--use-running", action="store_true",
-                        help="measure the fleet on the default topics instead of starting workers")
+    parser.add_argument(
+        "--use-running",
+        action="store_true",
+        help="measure the fleet on the default topics instead of starting workers",
+    )
     parser.add_argument("--bootstrap", default=os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    parser.add_argument("--redis-url", default=os.environ.get("EMBEDFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("EMBEDFLEET_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--model", default=os.environ.get("EMBEDFLEET_MODEL"), help="bundle directory")
     parser.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus" / "queries.jsonl"))
     parser.add_argument("--log-dir", default="/tmp/embedfleet-bench")

@@ -75,7 +75,7 @@ def corpus_queries(limit: int, *, distinct: bool, skip: int = 0) -> list[str]:
                 continue
             seen.add(text)
             texts.append(text)
-    return texts[skip: skip + limit]
+    return texts[skip : skip + limit]
 
 
 class Run:
@@ -94,8 +94,12 @@ class Run:
         admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(self.requests, 6, 1), NewTopic(
-                self.results, 6, 1, topic_configs={"cleanup.policy": "compact"})])
+            await admin.create_topics(
+                [
+                    NewTopic(self.requests, 6, 1),
+                    NewTopic(self.results, 6, 1, topic_configs={"cleanup.policy": "compact"}),
+                ]
+            )
         finally:
             await admin.close()
 
@@ -108,9 +112,15 @@ class Run:
             await admin.close()
 
     def start_worker(self, cache_prefix: str) -> None:
-        env = dict(os.environ, EMBEDFLEET_REQUESTS_TOPIC=self.requests, EMBEDFLEET_RESULTS_TOPIC=self.results,
-                   EMBEDFLEET_GROUP_ID=f"bench-{self.tag}", EMBEDFLEET_CACHE_KEY_PREFIX=cache_prefix,
-                   EMBEDFLEET_METRICS_PORT=str(self.metrics_port), EMBEDFLEET_LOG_LEVEL="WARNING")
+        env = dict(
+            os.environ,
+            EMBEDFLEET_REQUESTS_TOPIC=self.requests,
+            EMBEDFLEET_RESULTS_TOPIC=self.results,
+            EMBEDFLEET_GROUP_ID=f"bench-{self.tag}",
+            EMBEDFLEET_CACHE_KEY_PREFIX=cache_prefix,
+            EMBEDFLEET_METRICS_PORT=str(self.metrics_port),
+            EMBEDFLEET_LOG_LEVEL="WARNING",
+        )
         self.worker = subprocess.Popen([EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}"], env=env)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -133,8 +143,11 @@ class Run:
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
             text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + " ") or line.startswith(name + "{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
 
     def stop_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is None:
@@ -143,8 +156,9 @@ class Run:
 
     async def produce(self, texts: list[str], *, rate: float | None = None) -> None:
         """Produces one request per text, id = its index (optionally paced to `rate` per second)."""
-        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5,
-                                    max_batch_size=512 * 1024)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5, max_batch_size=512 * 1024
+        )
         await producer.start()
         headers = request_headers()
         try:
@@ -169,8 +183,9 @@ class Run:
     async def collect(self, count: int, timeout_s: float) -> tuple[list[int], list[int], int]:
         """Reads `count` results: (request timestamps, result timestamps, cached count)."""
         request_ts = await self._timestamps(self.requests, count, timeout_s)
-        consumer = AIOKafkaConsumer(self.results, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            self.results, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest", enable_auto_commit=False
+        )
         await consumer.start()
         result_ts: dict[str, int] = {}
         cached = 0
@@ -191,8 +206,9 @@ class Run:
         return request_ts, ordered_results, cached
 
     async def _timestamps(self, topic: str, count: int, timeout_s: float) -> list[int]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest", enable_auto_commit=False
+        )
         await consumer.start()
         stamps: dict[str, int] = {}
         deadline = time.monotonic() + timeout_s
@@ -209,8 +225,10 @@ class Run:
         deadline = time.monotonic() + timeout_s
         while self.metric("embedfleet_requests_total") < count:
             if time.monotonic() > deadline:
-                raise SystemExit(f"the worker answered {self.metric('embedfleet_requests_total'):.0f} "
-                                 f"of {count} within {timeout_s:.0f}s")
+                raise SystemExit(
+                    f"the worker answered {self.metric('embedfleet_requests_total'):.0f} "
+                    f"of {count} within {timeout_s:.0f}s"
+                )
             await asyncio.sleep(0.5)
 
 
@@ -244,8 +262,14 @@ async def latency_phase(texts: list[str], rate: float, cache_prefix: str) -> Pha
         run.stop_worker()
         request_ts, result_ts, cached = await run.collect(len(texts), timeout_s=120)
         latency = np.array(result_ts) - np.array(request_ts)
-        return Phase("e. latency at half capacity", len(texts), seconds, hit_rate=cached / len(texts),
-                     p50_ms=float(np.percentile(latency, 50)), p99_ms=float(np.percentile(latency, 99)))
+        return Phase(
+            "e. latency at half capacity",
+            len(texts),
+            seconds,
+            hit_rate=cached / len(texts),
+            p50_ms=float(np.percentile(latency, 50)),
+            p99_ms=float(np.percentile(latency, 99)),
+        )
     finally:
         run.stop_worker()
         await run.delete_topics()
@@ -264,7 +288,7 @@ def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
     model_batch = {"batch_size": config.inference_batch_size, "token_budget": config.inference_token_budget}
     embedder.embed(texts[:64], **model_batch)
     size = config.max_batch_size
-    chunks = [texts[start: start + size] for start in range(0, len(texts), size)]
+    chunks = [texts[start : start + size] for start in range(0, len(texts), size)]
     with ThreadPoolExecutor(max_workers=calls) as pool:
         started = time.perf_counter()
         list(pool.map(lambda chunk: embedder.embed(chunk, **model_batch), chunks))
@@ -290,9 +314,12 @@ async def main() -> int:
     config = WorkerConfig.from_env()
     run_id = uuid.uuid4().hex[:8]
     unique = corpus_queries(args.unique, distinct=True)
-    print(f"bench/e2e.py: model {config.model} ({config.variant}), window {config.batch_window_ms} ms, "
-          f"token budget {config.token_budget}, inference batch {config.inference_batch_size}, "
-          f"{os.cpu_count()} cores", flush=True)
+    print(
+        f"bench/e2e.py: model {config.model} ({config.variant}), window {config.batch_window_ms} ms, "
+        f"token budget {config.token_budget}, inference batch {config.inference_batch_size}, "
+        f"{os.cpu_count()} cores",
+        flush=True,
+    )
 
     engine, batch_seconds = await asyncio.to_thread(engine_phase, unique, config)
     print(f"  {engine.name}: {engine.throughput:.0f} texts/s", flush=True)
@@ -313,20 +340,31 @@ async def main() -> int:
 
     bound_ms = 4 * (config.batch_window_ms + batch_seconds * 1000)
     print()
-    print(f"{'phase':34} {'requests':>9} {'results/s':>10} {'hit rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'peak RSS MB':>12}")
+    print(
+        f"{'phase':34} {'requests':>9} {'results/s':>10} {'hit rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'peak RSS MB':>12}"
+    )
     for phase in (engine, misses, hits, mix, latency):
-        print(f"{phase.name:34} {phase.requests:9d} {phase.throughput:10.0f} {phase.hit_rate:9.1%} "
-              f"{phase.p50_ms:8.0f} {phase.p99_ms:8.0f} {phase.peak_rss_mb:12.0f}")
+        print(
+            f"{phase.name:34} {phase.requests:9d} {phase.throughput:10.0f} {phase.hit_rate:9.1%} "
+            f"{phase.p50_ms:8.0f} {phase.p99_ms:8.0f} {phase.peak_rss_mb:12.0f}"
+        )
     print()
     checks = [
         ("unique: worker / engine alone >= 0.85", misses.throughput / engine.throughput, 0.85),
         ("all hits / unique >= 10", hits.throughput / misses.throughput, 10.0),
         ("all hits results/s per worker >= 5000", hits.throughput, 5000.0),
-        (f"p99 at half capacity <= 4 x (window + batch of {config.inference_batch_size}: "
-         f"{batch_seconds * 1000:.0f} ms) = {bound_ms:.0f} ms: bound / p99", bound_ms / latency.p99_ms, 1.0),
-        (f"peak worker RSS <= 500 MB with a {args.hits}-message backlog: 500 / RSS",
-         500 / hits.peak_rss_mb, 1.0),
+        (
+            f"p99 at half capacity <= 4 x (window + batch of {config.inference_batch_size}: "
+            f"{batch_seconds * 1000:.0f} ms) = {bound_ms:.0f} ms: bound / p99",
+            bound_ms / latency.p99_ms,
+            1.0,
+        ),
+        (
+            f"peak worker RSS <= 500 MB with a {args.hits}-message backlog: 500 / RSS",
+            500 / hits.peak_rss_mb,
+            1.0,
+        ),
     ]
     for label, value, target in checks:
         print(f"{'PASS' if value >= target else 'FAIL'}  {label}: {value:.2f}")

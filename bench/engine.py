@@ -69,9 +69,7 @@ def measure(
     else:
         tokens = run_sorted(embedder, texts, batch, budget)
     elapsed = time.perf_counter() - start
-    return Result(
-        embedder.variant, data, order, batch, budget, len(texts) / elapsed, tokens / elapsed
-    )
+    return Result(embedder.variant, data, order, batch, budget, len(texts) / elapsed, tokens / elapsed)
 
 
 def rss_child(model: Path, docs: Path) -> int:
@@ -125,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return next(
             r.texts_per_s
             for r in results
-            if (r.variant, r.data, r.order, r.batch_size, r.budget)
-            == (variant, data, order, batch, budget)
+            if (r.variant, r.data, r.order, r.batch_size, r.budget) == (variant, data, order, batch, budget)
         )
 
     print("\nratios (texts/s)")

@@ -61,8 +61,6 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-
-
 def connect(config: ClientConfig) -> redis.Redis | None:
     if not config.redis_url:
         return None
@@ -86,8 +84,9 @@ def connect(config: ClientConfig) -> redis.Redis | None:
 
 
 class CacheReader:
-    def __init__(self, client: redis.Redis | None, *, prefix: str, model_name: str,
-                 retry_after_s: float = 5.0) -> None:
+    def __init__(
+        self, client: redis.Redis | None, *, prefix: str, model_name: str, retry_after_s: float = 5.0
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._model_name = model_name
@@ -105,8 +104,13 @@ class CacheReader:
     def _failed(self, operation: str, exc: Exception) -> None:
         self.errors += 1
         if time.monotonic() >= self._skip_until:
-            log.warning("redis %s failed (%s: %s); going on without the cache for %.0fs",
-                        operation, type(exc).__name__, exc, self._retry_after_s)
+            log.warning(
+                "redis %s failed (%s: %s); going on without the cache for %.0fs",
+                operation,
+                type(exc).__name__,
+                exc,
+                self._retry_after_s,
+            )
         self._skip_until = time.monotonic() + self._retry_after_s
 
     async def read_contract(self) -> ModelContract | None:
@@ -134,8 +138,12 @@ class CacheReader:
             self._failed("lookup", exc)
             return [None] * len(keys)
         # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
-        return [np.frombuffer(value, dtype="<f4").astype(np.float32)
-                if value is not None and len(value) == dim * 4 else None for value in raw]
+        return [
+            np.frombuffer(value, dtype="<f4").astype(np.float32)
+            if value is not None and len(value) == dim * 4
+            else None
+            for value in raw
+        ]
 
     async def close(self) -> None:
         if self._client is not None:

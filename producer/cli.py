@@ -31,20 +31,31 @@ Outcome = list[tuple[Vector | None, TextFailure | None]]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", default="-", help="input file (default: - for stdin)")
-    parser.add_argument("--format", dest="input_format", choices=("jsonl", "lines"), default="jsonl",
-                        help="jsonl: {id, text} objects or JSON strings; lines: one plain text per line")
+    parser.add_argument(
+        "--format",
+        dest="input_format",
+        choices=("jsonl", "lines"),
+        default="jsonl",
+        help="jsonl: {id, text} objects or JSON strings; lines: one plain text per line",
+    )
     parser.add_argument("--output", "-o", help="JSONL file, or a .npy file for one matrix (default: stdout)")
     parser.add_argument("--task", help="prompt name of the model, e.g. query or document")
     parser.add_argument("--dimensions", type=int, help="Matryoshka truncation (if the model offers it)")
     parser.add_argument("--rate", type=float, help="send at most this many texts per second")
     parser.add_argument("--concurrency", type=int, default=4096, help="texts in flight at once")
     parser.add_argument("--batch-size", type=int, default=512, help="texts per client call")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds a batch may wait for its results")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="only produce the requests (writes {id, request_id} lines)")
-    parser.add_argument("--reply-mode", choices=("private", "shared"), default=None,
-                        help="private: a reply topic of this run's own (default); shared: read embed.results")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a batch may wait for its results"
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true", help="only produce the requests (writes {id, request_id} lines)"
+    )
+    parser.add_argument(
+        "--reply-mode",
+        choices=("private", "shared"),
+        default=None,
+        help="private: a reply topic of this run's own (default); shared: read embed.results",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not read the Redis cache first")
     parser.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (env EMBEDFLEET_KAFKA_BOOTSTRAP)")
     parser.add_argument("--redis-url", help="Redis URL of the cache, '' for none (env EMBEDFLEET_REDIS_URL)")
@@ -60,9 +71,13 @@ class Counts:
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     reply_mode = "none" if args.no_wait else args.reply_mode
-    return ClientConfig.from_env(kafka_bootstrap=args.kafka_bootstrap, redis_url=args.redis_url,
-                                 model_name=args.model_name, reply_mode=reply_mode,
-                                 use_cache=False if args.no_cache else None)
+    return ClientConfig.from_env(
+        kafka_bootstrap=args.kafka_bootstrap,
+        redis_url=args.redis_url,
+        model_name=args.model_name,
+        reply_mode=reply_mode,
+        use_cache=False if args.no_cache else None,
+    )
 
 
 def chunk_size(args: argparse.Namespace) -> int:
@@ -73,8 +88,9 @@ def chunk_size(args: argparse.Namespace) -> int:
 
 async def _embed_chunk(client: Client, items: list[InputText], args: argparse.Namespace) -> Outcome:
     try:
-        vectors = await client.embed([item.text for item in items], task=args.task,
-                                     dimensions=args.dimensions, timeout=args.timeout)
+        vectors = await client.embed(
+            [item.text for item in items], task=args.task, dimensions=args.dimensions, timeout=args.timeout
+        )
     except EmbedBatchError as exc:
         by_index = {failure.index: failure for failure in exc.failures}
         return [(exc.vectors[i], by_index.get(i)) for i in range(len(items))]
@@ -86,8 +102,14 @@ async def _next_chunk(items: Iterator[InputText], size: int) -> list[InputText]:
     return await asyncio.to_thread(take, items, size)
 
 
-async def embed_all(client: Client, items: Iterator[InputText], sink: Sink, args: argparse.Namespace,
-                    progress: Progress, counts: Counts) -> None:
+async def embed_all(
+    client: Client,
+    items: Iterator[InputText],
+    sink: Sink,
+    args: argparse.Namespace,
+    progress: Progress,
+    counts: Counts,
+) -> None:
     limiter = RateLimiter(args.rate)
     size = chunk_size(args)
     in_flight: deque[tuple[list[InputText], asyncio.Task[Outcome]]] = deque()
@@ -120,8 +142,14 @@ async def embed_all(client: Client, items: Iterator[InputText], sink: Sink, args
                 await task
 
 
-async def send_all(client: Client, items: Iterator[InputText], sink: Sink, args: argparse.Namespace,
-                   progress: Progress, counts: Counts) -> None:
+async def send_all(
+    client: Client,
+    items: Iterator[InputText],
+    sink: Sink,
+    args: argparse.Namespace,
+    progress: Progress,
+    counts: Counts,
+) -> None:
     limiter = RateLimiter(args.rate)
     size = chunk_size(args)
     while chunk := await _next_chunk(items, size):
@@ -137,12 +165,16 @@ async def send_all(client: Client, items: Iterator[InputText], sink: Sink, args:
 def summary(client: Client, counts: Counts, progress: Progress, *, no_wait: bool) -> str:
     stats = client.stats
     if no_wait:
-        return (f"produced {stats.produced} requests for {counts.read} texts (cached {stats.cached}, "
-                f"invalid {stats.failed}) in {progress.elapsed_s:.1f}s, "
-                f"{progress.rate(counts.done):,.0f} texts/s; results go to the workers' results topic")
-    return (f"sent {counts.read} texts ({stats.produced} requests produced): cached {stats.cached}, "
-            f"computed {stats.computed}, failed {stats.failed} in {progress.elapsed_s:.1f}s, "
-            f"{progress.rate(counts.done):,.0f} texts/s")
+        return (
+            f"produced {stats.produced} requests for {counts.read} texts (cached {stats.cached}, "
+            f"invalid {stats.failed}) in {progress.elapsed_s:.1f}s, "
+            f"{progress.rate(counts.done):,.0f} texts/s; results go to the workers' results topic"
+        )
+    return (
+        f"sent {counts.read} texts ({stats.produced} requests produced): cached {stats.cached}, "
+        f"computed {stats.computed}, failed {stats.failed} in {progress.elapsed_s:.1f}s, "
+        f"{progress.rate(counts.done):,.0f} texts/s"
+    )
 
 
 async def produce(args: argparse.Namespace, source: IO[str], sink: Sink, stderr: IO[str]) -> int:

@@ -81,8 +81,11 @@ class Client:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.stats = ClientStats()
-        self._cache = CacheReader(connect(config) if config.use_cache else None,
-                                  prefix=config.cache_key_prefix, model_name=config.model_name)
+        self._cache = CacheReader(
+            connect(config) if config.use_cache else None,
+            prefix=config.cache_key_prefix,
+            model_name=config.model_name,
+        )
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._router: ReplyRouter | None = None
@@ -96,8 +99,9 @@ class Client:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def start(self) -> None:
@@ -119,8 +123,9 @@ class Client:
                 partitions = await self._producer.partitions_for(topic)
             else:
                 partitions = await self._producer.partitions_for(topic)
-            self._consumer = await reply_consumer(config, topic, partitions,
-                                                  from_end=config.reply_mode == "shared")
+            self._consumer = await reply_consumer(
+                config, topic, partitions, from_end=config.reply_mode == "shared"
+            )
             self._router = ReplyRouter(self._consumer)
             self._router.start()
         except BaseException:
@@ -177,7 +182,11 @@ class Client:
 
     # The timeout is a parameter (not asyncio.timeout) because it decides what EmbedTimeout reports.
     async def embed(
-        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None,
+        self,
+        texts: Sequence[str],
+        *,
+        task: str | None = None,
+        dimensions: int | None = None,
         timeout: float = 30.0,  # noqa: ASYNC109
     ) -> list[Vector]:
         """One float32 vector per text, in order.
@@ -195,12 +204,17 @@ class Client:
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
         contract = await self.model_contract()
         width = dimensions or (contract.dim if contract is not None else None)
-        futures = {request_id: self._router.expect(request_id, Expected(
-            key=entry.key if plan.keyed_by_content_hash else None, dim=width))
-            for request_id, entry in requests}
+        futures = {
+            request_id: self._router.expect(
+                request_id, Expected(key=entry.key if plan.keyed_by_content_hash else None, dim=width)
+            )
+            for request_id, entry in requests
+        }
         try:
-            await asyncio.wait_for(self._produce(requests, task, dimensions, self.config.reply_topic),
-                                   max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(
+                self._produce(requests, task, dimensions, self.config.reply_topic),
+                max(0.0, deadline - loop.time()),
+            )
             if futures:
                 await asyncio.wait(futures.values(), timeout=max(0.0, deadline - loop.time()))
         except TimeoutError:
@@ -223,8 +237,9 @@ class Client:
             raise EmbedBatchError(failures, vectors)
         return [v for v in vectors if v is not None]
 
-    async def send(self, texts: Sequence[str], *, task: str | None = None,
-                   dimensions: int | None = None) -> list[str | None]:
+    async def send(
+        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None
+    ) -> list[str | None]:
         """Fire and forget: produce the misses and return each text's request id.
 
         None marks a text the cache answered or that could not be sent (see ``stats``). Results go to
@@ -247,8 +262,9 @@ class Client:
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
         contract = await self.model_contract()
-        plan = plan_requests(texts, fingerprint=contract.fingerprint if contract else None, task=task,
-                             dimensions=dimensions)
+        plan = plan_requests(
+            texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
+        )
         vectors: list[Vector | None] = [None] * len(texts)
         dim = dimensions or (contract.dim if contract else None)
         if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
@@ -263,8 +279,9 @@ class Client:
                 self.stats.cached += len(entry.indices)
         return _Prepared(plan, vectors, misses)
 
-    def _record(self, result: EmbedResult, entry: Distinct, vectors: list[Vector | None],
-                failures: list[TextFailure]) -> None:
+    def _record(
+        self, result: EmbedResult, entry: Distinct, vectors: list[Vector | None], failures: list[TextFailure]
+    ) -> None:
         if result.error is not None:
             failures.extend(TextFailure(i, result.error.code, result.error.message) for i in entry.indices)
             self.stats.failed += len(entry.indices)
@@ -288,19 +305,38 @@ class Client:
         for index in indices[1:]:
             vectors[index] = vector.copy()
 
-    async def _produce(self, requests: list[tuple[str, Distinct]], task: str | None,
-                       dimensions: int | None, reply_to: str | None) -> None:
+    async def _produce(
+        self,
+        requests: list[tuple[str, Distinct]],
+        task: str | None,
+        dimensions: int | None,
+        reply_to: str | None,
+    ) -> None:
         """Produces every request and waits for the broker's acks, retrying transient failures."""
         assert self._producer is not None
         headers = request_headers()
-        pending = [(entry.key.encode(), encode_request(
-            EmbedRequest(id=request_id, text=entry.text, task=task, dimensions=dimensions,
-                         encoding_format="base64", reply_to=reply_to), limits=None))
-                   for request_id, entry in requests]
+        pending = [
+            (
+                entry.key.encode(),
+                encode_request(
+                    EmbedRequest(
+                        id=request_id,
+                        text=entry.text,
+                        task=task,
+                        dimensions=dimensions,
+                        encoding_format="base64",
+                        reply_to=reply_to,
+                    ),
+                    limits=None,
+                ),
+            )
+            for request_id, entry in requests
+        ]
         topic = self.config.requests_topic
         for attempt in range(1, PRODUCE_ATTEMPTS + 1):
-            deliveries = [await self._producer.send(topic, value, key=key, headers=headers)
-                          for key, value in pending]
+            deliveries = [
+                await self._producer.send(topic, value, key=key, headers=headers) for key, value in pending
+            ]
             outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
             failed: list[tuple[bytes, bytes]] = []
             for message, outcome in zip(pending, outcomes, strict=True):
@@ -311,7 +347,8 @@ class Client:
                 else:
                     raise ServiceUnavailable(
                         f"could not produce to {topic!r} on {self.config.kafka_bootstrap}: {outcome!r}; "
-                        "does the topic exist (`embedfleet stack up` creates it)?") from outcome
+                        "does the topic exist (`embedfleet stack up` creates it)?"
+                    ) from outcome
             if not failed:
                 return
             log.warning("%d requests failed to produce (attempt %d); retrying", len(failed), attempt)

@@ -41,8 +41,14 @@ class EmbedBatchError(EmbeddingError):
 class EmbedTimeout(EmbeddingError):
     """Results were still missing at the deadline. ``vectors`` holds what did arrive."""
 
-    def __init__(self, missing: int, total: int, timeout: float, vectors: Sequence[Vector | None],
-                 failures: Sequence[TextFailure] = ()) -> None:
+    def __init__(
+        self,
+        missing: int,
+        total: int,
+        timeout: float,
+        vectors: Sequence[Vector | None],
+        failures: Sequence[TextFailure] = (),
+    ) -> None:
         self.missing = missing
         self.total = total
         self.timeout = timeout

@@ -22,22 +22,33 @@ class ServiceUnavailable(RuntimeError):
 
 def connection_options(config: ClientConfig) -> dict[str, Any]:
     return kafka_client_options(
-        bootstrap=config.kafka_bootstrap, client_id=f"embedfleet-{config.client_id}",
-        security_protocol=config.kafka_security_protocol, sasl_mechanism=config.kafka_sasl_mechanism,
-        sasl_username=config.kafka_sasl_username, sasl_password=config.kafka_sasl_password,
-        ssl_cafile=config.kafka_ssl_cafile, ssl_certfile=config.kafka_ssl_certfile,
-        ssl_keyfile=config.kafka_ssl_keyfile)
+        bootstrap=config.kafka_bootstrap,
+        client_id=f"embedfleet-{config.client_id}",
+        security_protocol=config.kafka_security_protocol,
+        sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username,
+        sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile,
+        ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile,
+    )
 
 
 def create_producer(config: ClientConfig) -> AIOKafkaProducer:
-    return AIOKafkaProducer(**connection_options(config), acks="all", enable_idempotence=True,
-                            linger_ms=config.linger_ms, max_batch_size=256 * 1024)
+    return AIOKafkaProducer(
+        **connection_options(config),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=config.linger_ms,
+        max_batch_size=256 * 1024,
+    )
 
 
 def unreachable(config: ClientConfig, exc: BaseException) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"cannot reach Kafka at {config.kafka_bootstrap} ({type(exc).__name__}: {exc}): start the local "
-        "stack with `embedfleet stack up`, or set EMBEDFLEET_KAFKA_BOOTSTRAP")
+        "stack with `embedfleet stack up`, or set EMBEDFLEET_KAFKA_BOOTSTRAP"
+    )
 
 
 async def create_topic(config: ClientConfig, name: str) -> None:
@@ -65,16 +76,22 @@ async def delete_topic(config: ClientConfig, name: str) -> None:
         await admin.close()
 
 
-async def reply_consumer(config: ClientConfig, topic: str, partitions: set[int], *,
-                         from_end: bool) -> AIOKafkaConsumer:
+async def reply_consumer(
+    config: ClientConfig, topic: str, partitions: set[int], *, from_end: bool
+) -> AIOKafkaConsumer:
     """A group-less consumer of ``partitions`` of ``topic``, positioned before the first reply.
 
     ``from_end``: start at the end offsets read now (a shared topic holds everyone's old results);
     otherwise at the beginning (a fresh private topic). Positions are fixed here, before the
     client produces anything, so no reply can be skipped.
     """
-    consumer = AIOKafkaConsumer(**connection_options(config), group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(
+        **connection_options(config),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
     await consumer.start()
     try:
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]

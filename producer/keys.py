@@ -54,8 +54,14 @@ class Plan:
     keyed_by_content_hash: bool
 
 
-def plan_requests(texts: Sequence[str], *, fingerprint: str | None, task: str | None,
-                  dimensions: int | None, limits: RequestLimits = DEFAULT_REQUEST_LIMITS) -> Plan:
+def plan_requests(
+    texts: Sequence[str],
+    *,
+    fingerprint: str | None,
+    task: str | None,
+    dimensions: int | None,
+    limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+) -> Plan:
     """Group texts by key (one request per distinct key) and set aside texts that cannot be sent."""
     by_key: dict[str, Distinct] = {}
     failures: list[TextFailure] = []

@@ -28,8 +28,10 @@ class Progress:
         return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def line(self, read: int, done: int, stats: ClientStats) -> str:
-        return (f"{done}/{read} texts  cached {stats.cached}  computed {stats.computed}  "
-                f"failed {stats.failed}  {self.rate(done):,.0f} texts/s")
+        return (
+            f"{done}/{read} texts  cached {stats.cached}  computed {stats.computed}  "
+            f"failed {stats.failed}  {self.rate(done):,.0f} texts/s"
+        )
 
     def update(self, read: int, done: int, stats: ClientStats, *, force: bool = False) -> None:
         now = time.monotonic()

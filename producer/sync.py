@@ -31,8 +31,9 @@ class SyncClient:
         await client.start()
         return client
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             if self._client is not None:
                 self._runner.run(self._client.close())
@@ -46,13 +47,26 @@ class SyncClient:
             raise RuntimeError("use SyncClient in a with block")
         return self._client
 
-    def embed(self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None,
-              timeout: float = 30.0) -> list[Vector]:
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        task: str | None = None,
+        dimensions: int | None = None,
+        timeout: float = 30.0,
+    ) -> list[Vector]:
         return self._runner.run(self.client.embed(texts, task=task, dimensions=dimensions, timeout=timeout))
 
 
-def embed_sync(texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None,
-               timeout: float = 30.0, config: ClientConfig | None = None, **overrides: Any) -> list[Vector]:
+def embed_sync(
+    texts: Sequence[str],
+    *,
+    task: str | None = None,
+    dimensions: int | None = None,
+    timeout: float = 30.0,
+    config: ClientConfig | None = None,
+    **overrides: Any,
+) -> list[Vector]:
     """One-shot: start a client, embed, close it (a client per call: use SyncClient for many calls)."""
     with SyncClient(config, **overrides) as client:
         return client.embed(texts, task=task, dimensions=dimensions, timeout=timeout)

@@ -46,8 +46,14 @@ def contract_key(prefix: str, model_name: str) -> str:
     return f"{prefix}:models:{model_name}"
 
 
-def contract_fields(*, fingerprint: str, dim: int, max_tokens: int, tasks: Iterable[str],
-                    dimensions: Iterable[int]) -> dict[str, str]:
+def contract_fields(
+    *, fingerprint: str, dim: int, max_tokens: int, tasks: Iterable[str], dimensions: Iterable[int]
+) -> dict[str, str]:
     """The contract HASH's fields, as the workers write them."""
-    return {"fingerprint": fingerprint, "dim": str(dim), "max_tokens": str(max_tokens),
-            "tasks": json.dumps(sorted(tasks)), "dimensions": json.dumps(sorted(dimensions))}
+    return {
+        "fingerprint": fingerprint,
+        "dim": str(dim),
+        "max_tokens": str(max_tokens),
+        "tasks": json.dumps(sorted(tasks)),
+        "dimensions": json.dumps(sorted(dimensions)),
+    }

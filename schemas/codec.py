@@ -108,8 +108,9 @@ class RequestError(Exception):
         self.message = truncate_message(message)
         self.request_id = request_id
         self.request = request
-        self.reply_to = reply_to if reply_to is not None else (
-            request.reply_to if request is not None else None)
+        self.reply_to = (
+            reply_to if reply_to is not None else (request.reply_to if request is not None else None)
+        )
         super().__init__(f"{code}: {self.message}")
 
     def to_result(self, *, key: str | None = None, model: str | None = None) -> EmbedResult:
@@ -301,14 +302,8 @@ def _check_rules(request: EmbedRequest, limits: RequestLimits) -> None:
         raise fail(ErrorCode.EMPTY_TEXT, "text is only whitespace")
     tasks, dimensions = limits.allowed_tasks, limits.allowed_dimensions
     if tasks is not None and request.task is not None and request.task not in tasks:
-        raise fail(
-            ErrorCode.UNKNOWN_TASK, f"unknown task {request.task!r}; known: {sorted(tasks)}"
-        )
-    if (
-        dimensions is not None
-        and request.dimensions is not None
-        and request.dimensions not in dimensions
-    ):
+        raise fail(ErrorCode.UNKNOWN_TASK, f"unknown task {request.task!r}; known: {sorted(tasks)}")
+    if dimensions is not None and request.dimensions is not None and request.dimensions not in dimensions:
         raise fail(
             ErrorCode.UNSUPPORTED_DIMENSIONS,
             f"dimensions {request.dimensions} not offered; offered: {sorted(dimensions)}",
@@ -352,17 +347,13 @@ def decode_request(
     content_type = content_type_of(headers)
     _check_schema_version(headers)
     _check_header_text(headers, value, content_type, limits)
-    decoder = (
-        _JSON_REQUEST_DECODER if content_type is ContentType.JSON else _MSGPACK_REQUEST_DECODER
-    )
+    decoder = _JSON_REQUEST_DECODER if content_type is ContentType.JSON else _MSGPACK_REQUEST_DECODER
     try:
         request = decoder.decode(value)
     except msgspec.ValidationError as exc:
         raise _undecodable(_code_for_validation_error(str(exc)), str(exc), value, content_type) from None
     except RecursionError:
-        raise RequestError(
-            ErrorCode.INVALID_ENCODING, f"{content_type} nests too deep"
-        ) from None
+        raise RequestError(ErrorCode.INVALID_ENCODING, f"{content_type} nests too deep") from None
     except _UNDECODABLE as exc:
         raise _undecodable(
             ErrorCode.INVALID_ENCODING, f"undecodable {content_type}: {exc}", value, content_type

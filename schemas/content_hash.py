@@ -84,9 +84,7 @@ def content_hash_payload(
     )
 
 
-def content_hash(
-    text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None
-) -> str:
+def content_hash(text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None) -> str:
     """SHA-256 hex of the canonical encoding described in this module's docstring."""
     payload = content_hash_payload(
         text, model_fingerprint=model_fingerprint, task=task, dimensions=dimensions

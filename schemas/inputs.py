@@ -22,8 +22,9 @@ class InputText:
     text: str
 
 
-def parse_jsonl(lines: Iterable[str], *,
-                hint: str = "for plain text use --format lines") -> Iterator[InputText]:
+def parse_jsonl(
+    lines: Iterable[str], *, hint: str = "for plain text use --format lines"
+) -> Iterator[InputText]:
     """``{"id": ..., "text": ...}`` or a bare JSON string per line; blank lines are skipped.
     ``hint`` ends the message of a line that is not JSON (what the user can do instead)."""
     for number, line in enumerate(lines, start=1):

@@ -40,9 +40,7 @@ def contract_schema(kind: SchemaKind = "all") -> dict[str, Any]:
             f"messages. Kafka headers: content-type, schema={SCHEMA_VERSION}."
         )
     # Only the definitions the chosen root reaches, so `--kind request` stays small.
-    wanted = {"request": {"EmbedRequest"}, "result": {"EmbedResult", "ErrorInfo"}}.get(
-        kind, set(components)
-    )
+    wanted = {"request": {"EmbedRequest"}, "result": {"EmbedResult", "ErrorInfo"}}.get(kind, set(components))
     document["$defs"] = {name: components[name] for name in sorted(wanted)}
     return document
 

@@ -192,9 +192,7 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """The answer to one request: a vector (``vector`` or ``vector_b64``) or an ``error``."""
 
     id: str | None = None
-    key: Annotated[
-        str | None, msgspec.Meta(description="Content hash: SHA-256 hex, the Kafka key.")
-    ] = None
+    key: Annotated[str | None, msgspec.Meta(description="Content hash: SHA-256 hex, the Kafka key.")] = None
     model: str | None = None
     dim: int | None = None
     vector: list[float] | None = None

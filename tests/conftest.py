@@ -30,8 +30,11 @@ def _require_listening(address: str, what: str) -> None:
     with socket.socket() as sock:
         sock.settimeout(1.0)
         if sock.connect_ex((host, port)) != 0:
-            pytest.fail(f"{what} is not listening on {address}: start the local stack with "
-                        "`make stack-up` (make test does this for you)", pytrace=False)
+            pytest.fail(
+                f"{what} is not listening on {address}: start the local stack with "
+                "`make stack-up` (make test does this for you)",
+                pytrace=False,
+            )
 
 
 @pytest.fixture(scope="session")
@@ -85,17 +88,20 @@ def model_dir() -> Path:
     home = Path(os.environ.get("EMBEDFLEET_HOME") or Path.home() / ".cache" / "embedfleet")
     path = Path(os.environ.get("EMBEDFLEET_MODEL") or home / "models" / "all-MiniLM-L6-v2")
     if not (path / "manifest.json").exists():
-        pytest.fail(f"no model bundle at {path}: run `make model` (make test does this for you)",
-                    pytrace=False)
+        pytest.fail(
+            f"no model bundle at {path}: run `make model` (make test does this for you)", pytrace=False
+        )
     return path
 
 
 @pytest.fixture(scope="module")
-async def fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
+async def fleet(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Fleet]:
     """Two real workers on fresh topics, shared by the tests of one module."""
-    running = await start_fleet(kafka_bootstrap, redis_url, model_dir,
-                                tmp_path_factory.mktemp("fleet-logs"), workers=2)
+    running = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("fleet-logs"), workers=2
+    )
     try:
         yield running
     finally:

@@ -110,20 +110,22 @@ class Fleet:
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "EMBEDFLEET_KAFKA_BOOTSTRAP": self.bootstrap,
-            "EMBEDFLEET_REDIS_URL": self.redis_url,
-            "EMBEDFLEET_MODEL": str(self.model_dir),
-            "EMBEDFLEET_REQUESTS_TOPIC": self.requests_topic,
-            "EMBEDFLEET_RESULTS_TOPIC": self.results_topic,
-            "EMBEDFLEET_DLQ_TOPIC": self.dlq_topic,
-            "EMBEDFLEET_GROUP_ID": self.group_id,
-            "EMBEDFLEET_CACHE_KEY_PREFIX": self.cache_prefix,
-            # Two workers share two cores in tests.
-            "EMBEDFLEET_INTRA_OP_THREADS": "1",
-            "EMBEDFLEET_INFERENCE_THREADS": "1",
-            "EMBEDFLEET_METRICS_HOST": "127.0.0.1",
-        })
+        env.update(
+            {
+                "EMBEDFLEET_KAFKA_BOOTSTRAP": self.bootstrap,
+                "EMBEDFLEET_REDIS_URL": self.redis_url,
+                "EMBEDFLEET_MODEL": str(self.model_dir),
+                "EMBEDFLEET_REQUESTS_TOPIC": self.requests_topic,
+                "EMBEDFLEET_RESULTS_TOPIC": self.results_topic,
+                "EMBEDFLEET_DLQ_TOPIC": self.dlq_topic,
+                "EMBEDFLEET_GROUP_ID": self.group_id,
+                "EMBEDFLEET_CACHE_KEY_PREFIX": self.cache_prefix,
+                # Two workers share two cores in tests.
+                "EMBEDFLEET_INTRA_OP_THREADS": "1",
+                "EMBEDFLEET_INFERENCE_THREADS": "1",
+                "EMBEDFLEET_METRICS_HOST": "127.0.0.1",
+            }
+        )
         env.update(self.extra_env)
         env.update(extra or {})
         return env
@@ -136,8 +138,7 @@ class Fleet:
     async def create_topics(self) -> None:
         partitions = self.partitions
         await create_topic(self.bootstrap, self.requests_topic, partitions)
-        await create_topic(self.bootstrap, self.results_topic, partitions,
-                           {"cleanup.policy": "compact"})
+        await create_topic(self.bootstrap, self.results_topic, partitions, {"cleanup.policy": "compact"})
         await create_topic(self.bootstrap, self.dlq_topic, 1, self.dlq_configs)
 
     async def delete_topics(self) -> None:
@@ -157,7 +158,11 @@ class Fleet:
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [EMBEDFLEET, "worker", "--worker-id", name, "--metrics-port", str(port), *args],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env(env), cwd=REPO_ROOT)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(env),
+                cwd=REPO_ROOT,
+            )
         worker = WorkerProcess(name, process, port, log_path)
         self.workers.append(worker)
         return worker
@@ -197,8 +202,9 @@ class Fleet:
         return sum(w.metric(name, labels) for w in self.workers if w.alive)
 
 
-async def start_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path,
-                      workers: int, **extra_env: str) -> Fleet:
+async def start_fleet(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path, workers: int, **extra_env: str
+) -> Fleet:
     fleet = Fleet(kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env))
     await fleet.create_topics()
     for _ in range(workers):
@@ -225,8 +231,9 @@ class FleetIO:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5,
-                                         max_request_size=16 << 20)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=fleet.bootstrap, acks="all", linger_ms=5, max_request_size=16 << 20
+        )
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.arrivals: list[float] = []  # monotonic time of each result, for stall measurements
         self.result_keys: dict[str, list[bytes | None]] = {}
@@ -236,11 +243,17 @@ class FleetIO:
 
     async def __aenter__(self) -> FleetIO:
         await self.producer.start()
-        for topic, handler in ((self.fleet.results_topic, self._on_result),
-                               (self.fleet.dlq_topic, self._on_dead_letter)):
-            consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.fleet.bootstrap,
-                                        auto_offset_reset="earliest", enable_auto_commit=False,
-                                        isolation_level="read_committed")
+        for topic, handler in (
+            (self.fleet.results_topic, self._on_result),
+            (self.fleet.dlq_topic, self._on_dead_letter),
+        ):
+            consumer = AIOKafkaConsumer(
+                topic,
+                bootstrap_servers=self.fleet.bootstrap,
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+            )
             await consumer.start()
             self._consumers.append(consumer)
             self._tasks.append(asyncio.create_task(self._read(consumer, handler)))
@@ -272,8 +285,9 @@ class FleetIO:
     def _on_dead_letter(self, record: Any) -> None:
         self.dead_letters.append((record.value, {k: v for k, v in record.headers}))
 
-    async def send(self, value: bytes | None, *, key: bytes | None = None,
-                   headers: list[tuple[str, bytes]] | None = None) -> None:
+    async def send(
+        self, value: bytes | None, *, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
         await self.producer.send(self.fleet.requests_topic, value, key=key, headers=headers)
 
     async def send_texts(self, texts: Iterable[str], **fields: Any) -> list[str]:

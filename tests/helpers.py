@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int = 1,
-                       configs: dict[str, str] | None = None) -> None:
+async def create_topic(
+    bootstrap: str, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -102,9 +102,16 @@ class _HoldOnce:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, embedder: Engine, *, metrics: WorkerMetrics | None = None,
-                 inference_threads: int = 1, dlq_record_limit: int = 1 << 20,
-                 hold_marker: str | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        embedder: Engine,
+        *,
+        metrics: WorkerMetrics | None = None,
+        inference_threads: int = 1,
+        dlq_record_limit: int = 1 << 20,
+        hold_marker: str | None = None,
+    ) -> None:
         self.config = config
         self.embedder = embedder
         self.metrics = metrics or WorkerMetrics()
@@ -112,21 +119,30 @@ class Worker:
         self.fatal: BaseException | None = None
         manifest = embedder.manifest
         self.model = ModelContract(
-            name=manifest.name, fingerprint=embedder.model_fingerprint, dim=manifest.dim,
+            name=manifest.name,
+            fingerprint=embedder.model_fingerprint,
+            dim=manifest.dim,
             tasks=frozenset(manifest.prompts),
-            dimensions=frozenset({*manifest.matryoshka_dims, manifest.dim}))
+            dimensions=frozenset({*manifest.matryoshka_dims, manifest.dim}),
+        )
         self._max_tokens = int(manifest.max_tokens)
         self.decoder = RequestDecoder(
-            model=self.model, tokenize=embedder.tokenize,
-            limits=RequestLimits(max_message_bytes=config.max_message_bytes,
-                                 max_text_bytes=config.max_text_bytes),
-            reply_to_pattern=config.reply_to_pattern, default_reply_topic=config.results_topic,
-            max_kept_value_bytes=dlq_record_limit)
+            model=self.model,
+            tokenize=embedder.tokenize,
+            limits=RequestLimits(
+                max_message_bytes=config.max_message_bytes, max_text_bytes=config.max_text_bytes
+            ),
+            reply_to_pattern=config.reply_to_pattern,
+            default_reply_topic=config.results_topic,
+            max_kept_value_bytes=dlq_record_limit,
+        )
         # Decoding and tokenizing run here, off the event loop (long texts would stall heartbeats).
         self._decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.batcher: MicroBatcher[Job | Rejection] = MicroBatcher(
-            window_s=config.batch_window_ms / 1000, token_budget=config.token_budget,
-            max_size=config.max_batch_size)
+            window_s=config.batch_window_ms / 1000,
+            token_budget=config.token_budget,
+            max_size=config.max_batch_size,
+        )
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         connection = kafka_connection_options(config)
         self.cluster = ClusterView(connection)
@@ -135,33 +151,64 @@ class Worker:
         exactly_once = config.guarantee == "exactly-once"
         self._isolation = READ_COMMITTED if exactly_once else READ_UNCOMMITTED
         self.consumer: AIOKafkaConsumer = create_consumer(config, read_committed=exactly_once)
-        self.publisher = ResultPublisher(self.cluster, results_topic=config.results_topic,
-                                         dlq_topic=config.dlq_topic, worker_id=config.worker_id,
-                                         model=manifest.name, max_dlq_record_bytes=dlq_record_limit)
+        self.publisher = ResultPublisher(
+            self.cluster,
+            results_topic=config.results_topic,
+            dlq_topic=config.dlq_topic,
+            worker_id=config.worker_id,
+            model=manifest.name,
+            max_dlq_record_bytes=dlq_record_limit,
+        )
         self.delivery: Delivery
         if exactly_once:
             self.delivery = ExactlyOnce(
-                consumer=self.consumer, publisher=self.publisher, cluster=self.cluster,
-                metrics=self.metrics, group_id=config.group_id,
+                consumer=self.consumer,
+                publisher=self.publisher,
+                cluster=self.cluster,
+                metrics=self.metrics,
+                group_id=config.group_id,
                 new_producer=lambda transactional_id: create_producer(
-                    config, transactional_id=transactional_id, record_limit=dlq_record_limit),
-                hold=_HoldOnce(hold_marker) if hold_marker else None)
+                    config, transactional_id=transactional_id, record_limit=dlq_record_limit
+                ),
+                hold=_HoldOnce(hold_marker) if hold_marker else None,
+            )
         else:
-            self.delivery = AtLeastOnce(create_producer(config, record_limit=dlq_record_limit),
-                                        self.publisher, self.cluster, self.metrics)
+            self.delivery = AtLeastOnce(
+                create_producer(config, record_limit=dlq_record_limit),
+                self.publisher,
+                self.cluster,
+                self.metrics,
+            )
         client = None
         if config.redis_url:
-            client = redis_client(config.redis_url, username=config.redis_username,
-                                  password=config.redis_password, timeout_s=config.redis_timeout_s,
-                                  ssl_ca_certs=config.redis_ssl_cafile)
-        self.cache = VectorCache(client, key_prefix=config.cache_key_prefix, model_name=manifest.name,
-                                 ttl_s=config.cache_ttl_s, metrics=self.metrics)
+            client = redis_client(
+                config.redis_url,
+                username=config.redis_username,
+                password=config.redis_password,
+                timeout_s=config.redis_timeout_s,
+                ssl_ca_certs=config.redis_ssl_cafile,
+            )
+        self.cache = VectorCache(
+            client,
+            key_prefix=config.cache_key_prefix,
+            model_name=manifest.name,
+            ttl_s=config.cache_ttl_s,
+            metrics=self.metrics,
+        )
         self.processor = BatchProcessor(
-            backend=embedder, cache=self.cache, metrics=self.metrics, model_name=manifest.name,
-            inference_batch_size=config.inference_batch_size, token_budget=config.inference_token_budget,
-            inference_threads=inference_threads)
-        self.health_server = HealthServer(self.health, self.metrics.exposition, config.metrics_host,
-                                          config.metrics_port) if config.metrics_port else None
+            backend=embedder,
+            cache=self.cache,
+            metrics=self.metrics,
+            model_name=manifest.name,
+            inference_batch_size=config.inference_batch_size,
+            token_budget=config.inference_token_budget,
+            inference_threads=inference_threads,
+        )
+        self.health_server = (
+            HealthServer(self.health, self.metrics.exposition, config.metrics_host, config.metrics_port)
+            if config.metrics_port
+            else None
+        )
         self._stopping = asyncio.Event()
         self._fetch_allowed = asyncio.Event()  # cleared while a revoke finishes in-flight work
         self._fetch_allowed.set()
@@ -172,9 +219,15 @@ class Worker:
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
-        self.metrics.model.info({
-            "name": manifest.name, "fingerprint": embedder.model_fingerprint, "dim": str(manifest.dim),
-            "variant": str(getattr(embedder, "variant", config.variant)), "device": config.device})
+        self.metrics.model.info(
+            {
+                "name": manifest.name,
+                "fingerprint": embedder.model_fingerprint,
+                "dim": str(manifest.dim),
+                "variant": str(getattr(embedder, "variant", config.variant)),
+                "device": config.device,
+            }
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -188,11 +241,18 @@ class Worker:
             self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
             await self.consumer.start()
             if await self.cache.ping():
-                await self.cache.publish_model(self.model.name, self.model.redis_fields(
-                    max_tokens=self._max_tokens))
-            log.info("worker %s started: group %s, topic %s, model %s (%s), %s", self.config.worker_id,
-                     self.config.group_id, self.config.requests_topic, self.model.name,
-                     self.model.fingerprint[:12], self.config.guarantee)
+                await self.cache.publish_model(
+                    self.model.name, self.model.redis_fields(max_tokens=self._max_tokens)
+                )
+            log.info(
+                "worker %s started: group %s, topic %s, model %s (%s), %s",
+                self.config.worker_id,
+                self.config.group_id,
+                self.config.requests_topic,
+                self.model.name,
+                self.model.fingerprint[:12],
+                self.config.guarantee,
+            )
             background = [
                 asyncio.create_task(watch_event_loop(self.metrics.event_loop_lag), name="loop-lag"),
                 asyncio.create_task(self._health_loop(), name="health-loop"),
@@ -252,7 +312,8 @@ class Worker:
             await self._fetch_allowed.wait()
             self._apply_backpressure()
             fetch = asyncio.ensure_future(
-                self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS))
+                self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS)
+            )
             stop = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
@@ -284,8 +345,12 @@ class Worker:
         if not records and not extra:
             return
         for record in records:
-            size = (len(record.value or b"") + len(record.key or b"") + RECORD_OVERHEAD_BYTES
-                    + sum(len(k) + len(v or b"") for k, v in record.headers or ()))
+            size = (
+                len(record.value or b"")
+                + len(record.key or b"")
+                + RECORD_OVERHEAD_BYTES
+                + sum(len(k) + len(v or b"") for k, v in record.headers or ())
+            )
             self.offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
         self._observe_in_flight()
         loop = asyncio.get_running_loop()
@@ -300,21 +365,32 @@ class Worker:
     async def _salvage(self, error: Exception) -> None:
         """getmany failed on a record it cannot unpack: find it, hand over the good records before
         it and a rejection for it, and move its partition past it (worker.salvage)."""
-        log.warning("the Kafka client could not unpack a fetched record (%s: %s); locating it",
-                    type(error).__name__, error)
+        log.warning(
+            "the Kafka client could not unpack a fetched record (%s: %s); locating it",
+            type(error).__name__,
+            error,
+        )
 
         async def position_of(tp: TopicPartition) -> int | None:
             return self.offsets.position(tp)
 
         try:
-            found = await salvage(self.consumer, self.cluster, [tp for tp in self.consumer.assignment()
-                                                                if tp in self._owned],
-                                  position_of, max_bytes=self.config.max_message_bytes + (64 << 10),
-                                  isolation_level=self._isolation,
-                                  max_expanded_bytes=max_expanded_bytes(self.config))
+            found = await salvage(
+                self.consumer,
+                self.cluster,
+                [tp for tp in self.consumer.assignment() if tp in self._owned],
+                position_of,
+                max_bytes=self.config.max_message_bytes + (64 << 10),
+                isolation_level=self._isolation,
+                max_expanded_bytes=max_expanded_bytes(self.config),
+            )
         except Exception as exc:  # never fatal: the next fetch fails the same way and we try again
-            log.warning("could not locate the unreadable record yet (%s: %s); retrying in 1s",
-                        type(exc).__name__, exc, exc_info=not isinstance(exc, KafkaError))
+            log.warning(
+                "could not locate the unreadable record yet (%s: %s); retrying in 1s",
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, KafkaError),
+            )
             await asyncio.sleep(1.0)
             return
         if not found.unreadable:
@@ -324,8 +400,9 @@ class Worker:
         rejections = []
         for unreadable in found.unreadable:
             self.metrics.unreadable_records.inc()
-            self.offsets.track(unreadable.tp, unreadable.offset, RECORD_OVERHEAD_BYTES,
-                               next_offset=unreadable.next_offset)
+            self.offsets.track(
+                unreadable.tp, unreadable.offset, RECORD_OVERHEAD_BYTES, next_offset=unreadable.next_offset
+            )
             rejections.append(self.decoder.reject_unreadable(unreadable))
         await self._take(found.records, rejections)
 
@@ -336,12 +413,16 @@ class Worker:
     def _apply_backpressure(self) -> None:
         count, size = self.offsets.in_flight, self.offsets.in_flight_bytes
         assignment = self.consumer.assignment()
-        if not self._paused and (count >= self.config.max_in_flight
-                                 or size >= self.config.max_in_flight_bytes):
+        if not self._paused and (
+            count >= self.config.max_in_flight or size >= self.config.max_in_flight_bytes
+        ):
             self.consumer.pause(*assignment)
             self._paused = True
-        elif self._paused and count < self.config.max_in_flight // 2 \
-                and size < self.config.max_in_flight_bytes // 2:
+        elif (
+            self._paused
+            and count < self.config.max_in_flight // 2
+            and size < self.config.max_in_flight_bytes // 2
+        ):
             self.consumer.resume(*[tp for tp in assignment if tp in self._owned])
             self._paused = False
         self.metrics.paused.set(len(self.consumer.paused()))
@@ -409,8 +490,9 @@ class Worker:
             self.fatal = self.fatal or task.exception()
             self.stop()
 
-    async def _process(self, items: list[Job | Rejection], sequence: int,
-                       model_done: Callable[[], None]) -> None:
+    async def _process(
+        self, items: list[Job | Rejection], sequence: int, model_done: Callable[[], None]
+    ) -> None:
         jobs = [i for i in items if isinstance(i, Job)]
         rejections = [i for i in items if isinstance(i, Rejection)]
         try:
@@ -428,8 +510,9 @@ class Worker:
                 self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
         for rejection in [*rejections, *delivered.rejected]:
             self.metrics.dlq.labels(rejection.error.code.value).inc()
-        self.metrics.requests.labels("rejected").inc(len(rejections) - len(outcome.failures)
-                                                      + len(delivered.rejected))
+        self.metrics.requests.labels("rejected").inc(
+            len(rejections) - len(outcome.failures) + len(delivered.rejected)
+        )
         spans: dict[int, list[int]] = {}
         for item in items:
             tp = TopicPartition(item.source.topic, item.source.partition)
@@ -441,22 +524,30 @@ class Worker:
         self._observe_in_flight()
         self._commit_wanted.set()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("batch done", extra={
-                "batch_size": len(items), "results": len(outcome.results), "rejected": len(rejections),
-                "cached": sum(r.cached for _, r in outcome.results),
-                "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())}})
+            log.debug(
+                "batch done",
+                extra={
+                    "batch_size": len(items),
+                    "results": len(outcome.results),
+                    "rejected": len(rejections),
+                    "cached": sum(r.cached for _, r in outcome.results),
+                    "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())},
+                },
+            )
 
     def _lose(self, partitions: set[TopicPartition]) -> None:
         """Partitions another worker owns now (fenced): drop their queued work and pause them;
         the group's next rebalance hands them out properly."""
         self._owned -= partitions
-        self.batcher.discard(lambda item: TopicPartition(item.source.topic, item.source.partition)
-                             in partitions)
+        self.batcher.discard(
+            lambda item: TopicPartition(item.source.topic, item.source.partition) in partitions
+        )
         self.offsets.forget(partitions)
         with contextlib.suppress(Exception):
             self.consumer.pause(*[tp for tp in partitions if tp in self.consumer.assignment()])
-        log.warning("gave up partitions %s (fenced by their new owner)",
-                    sorted(tp.partition for tp in partitions))
+        log.warning(
+            "gave up partitions %s (fenced by their new owner)", sorted(tp.partition for tp in partitions)
+        )
 
     # --- commits, health and rebalances --------------------------------------------------------
 
@@ -498,8 +589,10 @@ class Worker:
             self.metrics.ready.set(1 if self.health.ready else 0)
             reclaim = self.delivery.reclaimable(set(self.consumer.assignment()))
             if reclaim:
-                log.info("taking back partitions %s (still assigned here after a fence)",
-                         sorted(tp.partition for tp in reclaim))
+                log.info(
+                    "taking back partitions %s (still assigned here after a fence)",
+                    sorted(tp.partition for tp in reclaim),
+                )
                 await self._assign(reclaim)
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
@@ -515,7 +608,8 @@ class Worker:
         try:
             lost = set(revoked)
             dropped = self.batcher.discard(
-                lambda item: TopicPartition(item.source.topic, item.source.partition) in lost)
+                lambda item: TopicPartition(item.source.topic, item.source.partition) in lost
+            )
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             # Polling is fine here: a revoke is rare and its wait is bounded by the running batches.
             while self.offsets.in_flight_of(revoked) > len(dropped) and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -527,8 +621,11 @@ class Worker:
             for tp in revoked:
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(tp.topic, str(tp.partition))
-            log.info("partitions revoked: %s (%d queued requests left to the new owner)",
-                     sorted(tp.partition for tp in revoked), len(dropped))
+            log.info(
+                "partitions revoked: %s (%d queued requests left to the new owner)",
+                sorted(tp.partition for tp in revoked),
+                len(dropped),
+            )
         finally:
             self._fetch_allowed.set()
 
@@ -536,8 +633,10 @@ class Worker:
         self.metrics.assignments.inc()
         await self._assign(assigned)
         self.health.group_joined = True
-        self.health.details["partitions"] = ",".join(str(tp.partition) for tp in sorted(
-            self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition)))
+        self.health.details["partitions"] = ",".join(
+            str(tp.partition)
+            for tp in sorted(self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        )
         self.metrics.ready.set(1 if self.health.ready else 0)
         self._paused = False
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
@@ -560,12 +659,17 @@ class Worker:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     WorkerConfig.add_cli_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the settings and exit")
-    parser.add_argument("--fault-marker", default=None,
-                        help="testing only: inference fails for texts containing this marker")
-    parser.add_argument("--fault-kind", default="raise", choices=("raise", "nan", "hold-transaction"),
-                        help="testing only: what the marker does: the model raises, the model gives "
-                             "NaN vectors, or (exactly-once) the batch's transaction is held open "
-                             f"for {FAULT_HOLD_S:.0f}s before it commits")
+    parser.add_argument(
+        "--fault-marker", default=None, help="testing only: inference fails for texts containing this marker"
+    )
+    parser.add_argument(
+        "--fault-kind",
+        default="raise",
+        choices=("raise", "nan", "hold-transaction"),
+        help="testing only: what the marker does: the model raises, the model gives "
+        "NaN vectors, or (exactly-once) the batch's transaction is held open "
+        f"for {FAULT_HOLD_S:.0f}s before it commits",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -585,10 +689,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("model: %d call(s) side by side, %d ONNX Runtime thread(s) each", calls, per_call)
     try:
         embedder = Embedder.from_bundle(
-            config.model, variant=config.variant, device=config.device,  # type: ignore[arg-type]
+            config.model,
+            variant=config.variant,
+            device=config.device,  # type: ignore[arg-type]
             intra_op_threads=per_call,
             fault_marker=args.fault_marker if args.fault_kind != "hold-transaction" else None,
-            fault_kind=args.fault_kind)
+            fault_kind=args.fault_kind,
+        )
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -596,8 +703,9 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, embedder, inference_threads=calls, hold_marker=hold))
 
 
-async def serve(config: WorkerConfig, embedder: Engine, *, inference_threads: int = 1,
-                hold_marker: str | None = None) -> int:
+async def serve(
+    config: WorkerConfig, embedder: Engine, *, inference_threads: int = 1, hold_marker: str | None = None
+) -> int:
     """Runs a worker until SIGTERM/SIGINT (0) or a fatal error (1: a failed start, or a bug that
     stopped the pipeline; 2: a configuration problem)."""
     # A refused Redis login is a configuration error, not an outage: never run without the cache
@@ -608,8 +716,13 @@ async def serve(config: WorkerConfig, embedder: Engine, *, inference_threads: in
         return 2
     guard_kafka_decompression(max_expanded_bytes(config))
     dlq_limit = await topic_record_limit(kafka_connection_options(config), config.dlq_topic)
-    worker = Worker(config, embedder, inference_threads=inference_threads, dlq_record_limit=dlq_limit,
-                    hold_marker=hold_marker)
+    worker = Worker(
+        config,
+        embedder,
+        inference_threads=inference_threads,
+        dlq_record_limit=dlq_limit,
+        hold_marker=hold_marker,
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
@@ -621,8 +734,12 @@ async def serve(config: WorkerConfig, embedder: Engine, *, inference_threads: in
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        log.error("port %d on %s is in use (another worker?): set EMBEDFLEET_METRICS_PORT to a free one, "
-                  "or 0 to turn /metrics off", config.metrics_port, config.metrics_host)
+        log.error(
+            "port %d on %s is in use (another worker?): set EMBEDFLEET_METRICS_PORT to a free one, "
+            "or 0 to turn /metrics off",
+            config.metrics_port,
+            config.metrics_host,
+        )
         return 2
     if worker.fatal is not None:
         log.error("stopped after a fatal error: %s: %s", type(worker.fatal).__name__, worker.fatal)

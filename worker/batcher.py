@@ -46,8 +46,14 @@ class Batch(Generic[T]):
 
 
 class MicroBatcher(Generic[T]):
-    def __init__(self, *, window_s: float, token_budget: int, max_size: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        window_s: float,
+        token_budget: int,
+        max_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if token_budget <= 0 or max_size <= 0 or window_s < 0:
             raise ValueError("token_budget and max_size must be > 0, window_s >= 0")
         self.window_s = window_s
@@ -94,8 +100,11 @@ class MicroBatcher(Generic[T]):
         partition's jobs: their offsets stay uncommitted, so the new owner gets them)."""
         removed: list[T] = []
         for batch in [self._open, *self._closed]:
-            kept = [(item, tokens) for item, tokens in zip(batch.items, batch.tokens, strict=True)
-                    if not predicate(item)]
+            kept = [
+                (item, tokens)
+                for item, tokens in zip(batch.items, batch.tokens, strict=True)
+                if not predicate(item)
+            ]
             removed.extend(item for item in batch.items if predicate(item))
             batch.items = [item for item, _ in kept]
             batch.tokens = [tokens for _, tokens in kept]
@@ -104,8 +113,7 @@ class MicroBatcher(Generic[T]):
 
     def poll(self) -> Batch[T] | None:
         """The next closed batch, closing the open one first if its window has ended."""
-        if not self._closed and self._open.items and \
-                self._clock() - self._open.opened_at >= self.window_s:
+        if not self._closed and self._open.items and self._clock() - self._open.opened_at >= self.window_s:
             self._close_open()
         return self._closed.popleft() if self._closed else None
 

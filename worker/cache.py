@@ -36,12 +36,15 @@ from worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 
-def redis_client(url: str, *, username: str = "", password: str = "", timeout_s: float = 0.25,
-                 ssl_ca_certs: str = "") -> redis.Redis:
+def redis_client(
+    url: str, *, username: str = "", password: str = "", timeout_s: float = 0.25, ssl_ca_certs: str = ""
+) -> redis.Redis:
     """A client for the cache; credentials come from the config (the environment), never the URL log."""
     kwargs: dict[str, object] = {
-        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-        "health_check_interval": 10, "retry_on_timeout": False,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 10,
+        "retry_on_timeout": False,
     }
     if username:
         kwargs["username"] = username
@@ -62,7 +65,7 @@ async def drop_cache_prefix(client: redis.Redis, prefix: str) -> int:
             await client.execute_command("FT.DROPINDEX", name, "DD")  # type: ignore[no-untyped-call]
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
     for start in range(0, len(keys), 1000):
-        dropped += await client.delete(*keys[start: start + 1000])
+        dropped += await client.delete(*keys[start : start + 1000])
     return dropped
 
 
@@ -71,18 +74,27 @@ async def redis_login_problem(config: WorkerConfig) -> str | None:
     slow: then the cache fails open as usual)."""
     if not config.redis_url:
         return None
-    client = redis_client(config.redis_url, username=config.redis_username, password=config.redis_password,
-                          timeout_s=max(config.redis_timeout_s, 2.0), ssl_ca_certs=config.redis_ssl_cafile)
+    client = redis_client(
+        config.redis_url,
+        username=config.redis_username,
+        password=config.redis_password,
+        timeout_s=max(config.redis_timeout_s, 2.0),
+        ssl_ca_certs=config.redis_ssl_cafile,
+    )
     user = config.redis_username or "default"
     try:
         await client.ping()
     except AuthenticationError as exc:
-        return (f"redis authentication failed for user {user!r} ({exc}): check "
-                "EMBEDFLEET_REDIS_USERNAME and EMBEDFLEET_REDIS_PASSWORD")
+        return (
+            f"redis authentication failed for user {user!r} ({exc}): check "
+            "EMBEDFLEET_REDIS_USERNAME and EMBEDFLEET_REDIS_PASSWORD"
+        )
     except ResponseError as exc:
         if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            return (f"redis refused user {user!r} ({exc}): check EMBEDFLEET_REDIS_USERNAME, "
-                    "EMBEDFLEET_REDIS_PASSWORD and the user's ACL")
+            return (
+                f"redis refused user {user!r} ({exc}): check EMBEDFLEET_REDIS_USERNAME, "
+                "EMBEDFLEET_REDIS_PASSWORD and the user's ACL"
+            )
     except (RedisError, OSError, TimeoutError):
         pass  # down or slow: not a credentials problem
     finally:
@@ -91,8 +103,16 @@ async def redis_login_problem(config: WorkerConfig) -> str | None:
 
 
 class VectorCache:
-    def __init__(self, client: redis.Redis | None, *, key_prefix: str, model_name: str, ttl_s: int,
-                 metrics: WorkerMetrics, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        *,
+        key_prefix: str,
+        model_name: str,
+        ttl_s: int,
+        metrics: WorkerMetrics,
+        retry_after_s: float = 1.0,
+    ) -> None:
         self._client = client
         self._model_name_bytes = model_name.encode()
         self.healthy = True  # False while Redis fails (the cache is skipped: degraded, not down)
@@ -126,8 +146,13 @@ class VectorCache:
         self.healthy = False
         self._metrics.cache_up.set(0)
         if time.monotonic() >= self._skip_until:
-            log.warning("redis %s failed (%s: %s); computing without the cache for %.1fs",
-                        operation, type(exc).__name__, exc, self._retry_after_s)
+            log.warning(
+                "redis %s failed (%s: %s); computing without the cache for %.1fs",
+                operation,
+                type(exc).__name__,
+                exc,
+                self._retry_after_s,
+            )
         self._skip_until = time.monotonic() + self._retry_after_s
 
     async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[np.ndarray | None]:
@@ -154,13 +179,18 @@ class VectorCache:
         self._metrics.cache_hits.inc(sum(v is not None for v in found))
         return found
 
-    def _valid(self, value: bytes | None, model: bytes | None, stored_dim: bytes | None,
-               dim: int) -> np.ndarray | None:
+    def _valid(
+        self, value: bytes | None, model: bytes | None, stored_dim: bytes | None, dim: int
+    ) -> np.ndarray | None:
         """The entry's vector if it can be served: written for this model and width, of the right
         size, every number finite. Anything else (another writer, a corrupted entry) is a miss,
         so the model computes it and the store overwrites the entry."""
-        if value is None or len(value) != dim * 4 or model != self._model_name_bytes \
-                or stored_dim != str(dim).encode():
+        if (
+            value is None
+            or len(value) != dim * 4
+            or model != self._model_name_bytes
+            or stored_dim != str(dim).encode()
+        ):
             return None
         vector = np.frombuffer(value, dtype="<f4")
         return vector if bool(np.isfinite(vector).all()) else None
@@ -177,8 +207,10 @@ class VectorCache:
         for key, vector in entries:
             dim = int(vector.shape[0])
             name = self.redis_key(key, dim)
-            pipe.hset(name, mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), MODEL_FIELD: model,
-                                     DIM_FIELD: dim})
+            pipe.hset(
+                name,
+                mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), MODEL_FIELD: model, DIM_FIELD: dim},
+            )
             if self._ttl_s > 0:
                 pipe.expire(name, self._ttl_s)
         try:
@@ -193,10 +225,27 @@ class VectorCache:
         assert self._client is not None
         try:
             await self._client.execute_command(  # type: ignore[no-untyped-call]
-                "FT.CREATE", self.index_name(dim), "ON", "HASH", "PREFIX", "1",
+                "FT.CREATE",
+                self.index_name(dim),
+                "ON",
+                "HASH",
+                "PREFIX",
+                "1",
                 vector_key_prefix(self._key_prefix, self._model_name, dim),
-                "SCHEMA", VECTOR_FIELD, "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", str(dim),
-                "DISTANCE_METRIC", "COSINE", "model", "TAG")
+                "SCHEMA",
+                VECTOR_FIELD,
+                "VECTOR",
+                "HNSW",
+                "6",
+                "TYPE",
+                "FLOAT32",
+                "DIM",
+                str(dim),
+                "DISTANCE_METRIC",
+                "COSINE",
+                "model",
+                "TAG",
+            )
         except ResponseError as exc:
             message = str(exc).lower()
             if "already exists" in message:

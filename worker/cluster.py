@@ -46,8 +46,14 @@ class TopicMissing(KafkaError):  # type: ignore[misc]
 
 
 class ClusterView:
-    def __init__(self, connection: dict[str, Any], *, request_timeout_ms: int = 10_000,
-                 found_ttl_s: float = 5.0, missing_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        connection: dict[str, Any],
+        *,
+        request_timeout_ms: int = 10_000,
+        found_ttl_s: float = 5.0,
+        missing_ttl_s: float = 5.0,
+    ) -> None:
         self._client = AIOKafkaClient(**connection, request_timeout_ms=request_timeout_ms)
         self._found_ttl_s = found_ttl_s
         self._missing_ttl_s = missing_ttl_s
@@ -70,8 +76,9 @@ class ClusterView:
         KafkaError when the cluster cannot be asked (then nothing is known either way)."""
         known = self._topics.get(topic)
         now = time.monotonic()
-        if known is not None and now - known[1] < (self._found_ttl_s if known[0] is not None
-                                                   else self._missing_ttl_s):
+        if known is not None and now - known[1] < (
+            self._found_ttl_s if known[0] is not None else self._missing_ttl_s
+        ):
             return known[0]
         async with self._lock:
             response = await self._send_any(MetadataRequest([topic], allow_auto_topic_creation=False))
@@ -94,14 +101,16 @@ class ClusterView:
     async def probe(self, timeout_s: float = 5.0) -> bool:
         """True when some broker answers a metadata request within ``timeout_s``."""
         try:
-            await asyncio.wait_for(self._send_any(MetadataRequest([], allow_auto_topic_creation=False)),
-                                   timeout_s)
+            await asyncio.wait_for(
+                self._send_any(MetadataRequest([], allow_auto_topic_creation=False)), timeout_s
+            )
         except (KafkaError, OSError, TimeoutError):
             return False
         return True
 
-    async def fetch_raw(self, tp: TopicPartition, offset: int, max_bytes: int,
-                        isolation_level: int) -> RawFetch:
+    async def fetch_raw(
+        self, tp: TopicPartition, offset: int, max_bytes: int, isolation_level: int
+    ) -> RawFetch:
         """The record bytes of one partition from ``offset``, as the broker sends them."""
         leader = self._client.cluster.leader_for_partition(tp)
         if leader is None or leader < 0:
@@ -109,8 +118,9 @@ class ClusterView:
             leader = self._client.cluster.leader_for_partition(tp)
             if leader is None or leader < 0:
                 raise KafkaError(f"no leader known for {tp}")
-        request = FetchRequest(0, 0, max_bytes, isolation_level,
-                               [(tp.topic, [(tp.partition, offset, max_bytes)])])
+        request = FetchRequest(
+            0, 0, max_bytes, isolation_level, [(tp.topic, [(tp.partition, offset, max_bytes)])]
+        )
         response = await self._client.send(leader, request)
         for topic, partitions in response.topics:
             for partition, error_code, _highwater, *part_data in partitions:
@@ -158,8 +168,12 @@ async def topic_record_limit(connection: dict[str, Any], topic: str) -> int:
                     if entry[0] == "max.message.bytes" and entry[1]:
                         return int(entry[1])
     except (KafkaError, OSError, ValueError, TimeoutError) as exc:
-        log.warning("cannot read max.message.bytes of %s (%s); assuming Kafka's default %d", topic,
-                    exc, DEFAULT_MAX_MESSAGE_BYTES)
+        log.warning(
+            "cannot read max.message.bytes of %s (%s); assuming Kafka's default %d",
+            topic,
+            exc,
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )
     finally:
         with contextlib.suppress(Exception):
             await admin.close()

@@ -34,8 +34,15 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def setting(env: str, help: str, *, default: Any = None, secret: bool = False,
-            choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+def setting(
+    env: str,
+    help: str,
+    *,
+    default: Any = None,
+    secret: bool = False,
+    choices: tuple[str, ...] | None = None,
+    factory: Any = None,
+) -> Any:
     metadata = {"env": env, "help": help, "secret": secret, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -45,99 +52,143 @@ def setting(env: str, help: str, *, default: Any = None, secret: bool = False,
 @dataclass(frozen=True)
 class WorkerConfig:
     # Kafka
-    kafka_bootstrap: str = setting("EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers",
-                                   default="127.0.0.1:9092")
+    kafka_bootstrap: str = setting(
+        "EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers", default="127.0.0.1:9092"
+    )
     group_id: str = setting("EMBEDFLEET_GROUP_ID", "consumer group of the fleet", default="embedfleet")
-    requests_topic: str = setting("EMBEDFLEET_REQUESTS_TOPIC", "topic the jobs arrive on",
-                                  default="embed.requests")
-    results_topic: str = setting("EMBEDFLEET_RESULTS_TOPIC", "default topic for results",
-                                 default="embed.results")
-    dlq_topic: str = setting("EMBEDFLEET_DLQ_TOPIC", "dead-letter topic for bad input",
-                             default="embed.requests.dlq")
+    requests_topic: str = setting(
+        "EMBEDFLEET_REQUESTS_TOPIC", "topic the jobs arrive on", default="embed.requests"
+    )
+    results_topic: str = setting(
+        "EMBEDFLEET_RESULTS_TOPIC", "default topic for results", default="embed.results"
+    )
+    dlq_topic: str = setting(
+        "EMBEDFLEET_DLQ_TOPIC", "dead-letter topic for bad input", default="embed.requests.dlq"
+    )
     reply_to_pattern: str = setting(
         "EMBEDFLEET_REPLY_TO_PATTERN",
         "regular expression a request's reply_to must match in full (allow-list)",
-        default=r"embed\.results.*")
-    worker_id: str = setting("EMBEDFLEET_WORKER_ID",
-                             "this worker's id (Kafka client id, logs, the dlq-worker header)",
-                             factory=default_worker_id)
-    guarantee: Guarantee = setting("EMBEDFLEET_GUARANTEE", "delivery guarantee",
-                                   default="at-least-once", choices=("at-least-once", "exactly-once"))
+        default=r"embed\.results.*",
+    )
+    worker_id: str = setting(
+        "EMBEDFLEET_WORKER_ID",
+        "this worker's id (Kafka client id, logs, the dlq-worker header)",
+        factory=default_worker_id,
+    )
+    guarantee: Guarantee = setting(
+        "EMBEDFLEET_GUARANTEE",
+        "delivery guarantee",
+        default="at-least-once",
+        choices=("at-least-once", "exactly-once"),
+    )
     kafka_security_protocol: str = setting(
-        "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
-        default="PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+        "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        default="PLAINTEXT",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
     kafka_sasl_mechanism: str = setting(
-        "EMBEDFLEET_KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", default="PLAIN",
-        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+        "EMBEDFLEET_KAFKA_SASL_MECHANISM",
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+        default="PLAIN",
+        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    )
     kafka_sasl_username: str = setting("EMBEDFLEET_KAFKA_SASL_USERNAME", "SASL user name", default="")
-    kafka_sasl_password: str = setting("EMBEDFLEET_KAFKA_SASL_PASSWORD",
-                                       "SASL password (environment only)", default="", secret=True)
+    kafka_sasl_password: str = setting(
+        "EMBEDFLEET_KAFKA_SASL_PASSWORD", "SASL password (environment only)", default="", secret=True
+    )
     kafka_ssl_cafile: str = setting("EMBEDFLEET_KAFKA_SSL_CAFILE", "CA bundle for Kafka TLS", default="")
-    kafka_ssl_certfile: str = setting("EMBEDFLEET_KAFKA_SSL_CERTFILE",
-                                      "client certificate for Kafka mTLS", default="")
+    kafka_ssl_certfile: str = setting(
+        "EMBEDFLEET_KAFKA_SSL_CERTFILE", "client certificate for Kafka mTLS", default=""
+    )
     kafka_ssl_keyfile: str = setting("EMBEDFLEET_KAFKA_SSL_KEYFILE", "client key for Kafka mTLS", default="")
     # Redis cache
     redis_url: str = setting(
         "EMBEDFLEET_REDIS_URL",
         "Redis URL of the vector cache (rediss:// for TLS; empty disables the cache)",
-        default="redis://127.0.0.1:6379/0")
+        default="redis://127.0.0.1:6379/0",
+    )
     redis_username: str = setting("EMBEDFLEET_REDIS_USERNAME", "Redis ACL user", default="")
-    redis_password: str = setting("EMBEDFLEET_REDIS_PASSWORD", "Redis password (environment only)",
-                                  default="", secret=True)
+    redis_password: str = setting(
+        "EMBEDFLEET_REDIS_PASSWORD", "Redis password (environment only)", default="", secret=True
+    )
     redis_ssl_cafile: str = setting("EMBEDFLEET_REDIS_SSL_CAFILE", "CA bundle for Redis TLS", default="")
-    redis_timeout_s: float = setting("EMBEDFLEET_REDIS_TIMEOUT_S",
-                                     "Redis socket timeout; past it the cache fails open", default=0.25)
-    cache_ttl_s: int = setting("EMBEDFLEET_CACHE_TTL_S", "cache entry TTL in seconds (0 = no expiry)",
-                               default=30 * 24 * 3600)
-    cache_key_prefix: str = setting("EMBEDFLEET_CACHE_KEY_PREFIX", "prefix of the cache's Redis keys",
-                                    default="embedfleet")
+    redis_timeout_s: float = setting(
+        "EMBEDFLEET_REDIS_TIMEOUT_S", "Redis socket timeout; past it the cache fails open", default=0.25
+    )
+    cache_ttl_s: int = setting(
+        "EMBEDFLEET_CACHE_TTL_S", "cache entry TTL in seconds (0 = no expiry)", default=30 * 24 * 3600
+    )
+    cache_key_prefix: str = setting(
+        "EMBEDFLEET_CACHE_KEY_PREFIX", "prefix of the cache's Redis keys", default="embedfleet"
+    )
     # Model
     model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_model_dir)
-    variant: str = setting("EMBEDFLEET_VARIANT", "model variant", default="int8",
-                           choices=("int8", "fp32", "fp16"))
+    variant: str = setting(
+        "EMBEDFLEET_VARIANT", "model variant", default="int8", choices=("int8", "fp32", "fp16")
+    )
     device: str = setting("EMBEDFLEET_DEVICE", "inference device", default="cpu", choices=("cpu", "cuda"))
     intra_op_threads: int = setting(
         "EMBEDFLEET_INTRA_OP_THREADS",
-        "ONNX Runtime threads per model call (0 = physical cores / inference threads)", default=0)
+        "ONNX Runtime threads per model call (0 = physical cores / inference threads)",
+        default=0,
+    )
     inference_threads: int = setting(
         "EMBEDFLEET_INFERENCE_THREADS",
-        "model calls run side by side (0 = physical cores, each call single-threaded)", default=0)
+        "model calls run side by side (0 = physical cores, each call single-threaded)",
+        default=0,
+    )
     # Batching
-    batch_window_ms: float = setting("EMBEDFLEET_BATCH_WINDOW_MS",
-                                     "a micro-batch closes this long after its first message", default=5.0)
-    token_budget: int = setting("EMBEDFLEET_TOKEN_BUDGET",
-                                "padded tokens (longest x count) per batch", default=16384)
+    batch_window_ms: float = setting(
+        "EMBEDFLEET_BATCH_WINDOW_MS", "a micro-batch closes this long after its first message", default=5.0
+    )
+    token_budget: int = setting(
+        "EMBEDFLEET_TOKEN_BUDGET", "padded tokens (longest x count) per batch", default=16384
+    )
     max_batch_size: int = setting("EMBEDFLEET_MAX_BATCH_SIZE", "messages per micro-batch", default=256)
-    inference_batch_size: int = setting("EMBEDFLEET_INFERENCE_BATCH_SIZE",
-                                        "texts per model call (length-sorted)", default=32)
+    inference_batch_size: int = setting(
+        "EMBEDFLEET_INFERENCE_BATCH_SIZE", "texts per model call (length-sorted)", default=32
+    )
     inference_token_budget: int = setting(
         "EMBEDFLEET_INFERENCE_TOKEN_BUDGET",
-        "padded tokens per model call (small calls stay in the CPU caches)", default=2048)
-    max_in_flight: int = setting("EMBEDFLEET_MAX_IN_FLIGHT",
-                                 "messages consumed but not yet committed; above it partitions pause",
-                                 default=4096)
+        "padded tokens per model call (small calls stay in the CPU caches)",
+        default=2048,
+    )
+    max_in_flight: int = setting(
+        "EMBEDFLEET_MAX_IN_FLIGHT",
+        "messages consumed but not yet committed; above it partitions pause",
+        default=4096,
+    )
     max_in_flight_bytes: int = setting(
         "EMBEDFLEET_MAX_IN_FLIGHT_BYTES",
         "bytes of messages consumed but not yet committed (each counted at its size + 16 KiB for "
         "its tokens, vector and result); above it partitions pause. Fetches are sized to match",
-        default=256 * 1024 * 1024)
+        default=256 * 1024 * 1024,
+    )
     transaction_timeout_ms: int = setting(
         "EMBEDFLEET_TRANSACTION_TIMEOUT_MS",
         "exactly-once: the broker aborts a killed worker's open transaction after this long "
-        "(read_committed readers wait for it at most this long)", default=10_000)
+        "(read_committed readers wait for it at most this long)",
+        default=10_000,
+    )
     # Limits
-    max_message_bytes: int = setting("EMBEDFLEET_MAX_MESSAGE_BYTES", "largest request message",
-                                     default=1024 * 1024)
-    max_text_bytes: int = setting("EMBEDFLEET_MAX_TEXT_BYTES", "largest text (UTF-8 bytes)",
-                                  default=64 * 1024)
+    max_message_bytes: int = setting(
+        "EMBEDFLEET_MAX_MESSAGE_BYTES", "largest request message", default=1024 * 1024
+    )
+    max_text_bytes: int = setting(
+        "EMBEDFLEET_MAX_TEXT_BYTES", "largest text (UTF-8 bytes)", default=64 * 1024
+    )
     # Operations
-    metrics_host: str = setting("EMBEDFLEET_METRICS_HOST", "bind address of /metrics, /healthz, /readyz",
-                                default="127.0.0.1")
+    metrics_host: str = setting(
+        "EMBEDFLEET_METRICS_HOST", "bind address of /metrics, /healthz, /readyz", default="127.0.0.1"
+    )
     metrics_port: int = setting("EMBEDFLEET_METRICS_PORT", "port of /metrics (0 = off)", default=9400)
-    log_format: str = setting("EMBEDFLEET_LOG_FORMAT", "log lines as json or text", default="text",
-                              choices=("json", "text"))
-    log_level: str = setting("EMBEDFLEET_LOG_LEVEL", "log level", default="INFO",
-                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = setting(
+        "EMBEDFLEET_LOG_FORMAT", "log lines as json or text", default="text", choices=("json", "text")
+    )
+    log_level: str = setting(
+        "EMBEDFLEET_LOG_LEVEL", "log level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
 
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
@@ -148,7 +199,8 @@ class WorkerConfig:
             raise ValueError("inference batch size must be > 0 and max in flight >= max batch size")
         if self.max_in_flight_bytes < 4 * self.max_message_bytes:
             raise ValueError(
-                "EMBEDFLEET_MAX_IN_FLIGHT_BYTES must be at least 4 x EMBEDFLEET_MAX_MESSAGE_BYTES")
+                "EMBEDFLEET_MAX_IN_FLIGHT_BYTES must be at least 4 x EMBEDFLEET_MAX_MESSAGE_BYTES"
+            )
         if self.transaction_timeout_ms < 1000:
             raise ValueError("EMBEDFLEET_TRANSACTION_TIMEOUT_MS must be >= 1000")
         re.compile(self.reply_to_pattern)
@@ -170,7 +222,9 @@ class WorkerConfig:
             if f.metadata["secret"]:
                 continue
             parser.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
                 type=_converter(f),
                 help=f"{f.metadata['help']} (env {f.metadata['env']})",
             )

@@ -39,7 +39,6 @@ Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 MAX_KEY_BYTES = 1024
 
 
-
 @dataclass(frozen=True, slots=True)
 class ModelContract:
     """What requests may ask of the served model, and what feeds the content hash."""
@@ -52,20 +51,35 @@ class ModelContract:
 
     def redis_fields(self, *, max_tokens: int) -> dict[str, str]:
         """The contract as clients read it from Redis (``schemas.cache_layout``)."""
-        return contract_fields(fingerprint=self.fingerprint, dim=self.dim, max_tokens=max_tokens,
-                               tasks=self.tasks, dimensions=self.dimensions)
+        return contract_fields(
+            fingerprint=self.fingerprint,
+            dim=self.dim,
+            max_tokens=max_tokens,
+            tasks=self.tasks,
+            dimensions=self.dimensions,
+        )
 
 
 class RequestDecoder:
-    def __init__(self, *, model: ModelContract, tokenize: Tokenize, limits: RequestLimits,
-                 reply_to_pattern: str, default_reply_topic: str,
-                 max_kept_value_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        *,
+        model: ModelContract,
+        tokenize: Tokenize,
+        limits: RequestLimits,
+        reply_to_pattern: str,
+        default_reply_topic: str,
+        max_kept_value_bytes: int = 1 << 20,
+    ) -> None:
         self._model = model
         self._tokenize = tokenize
         self._limits = RequestLimits(
-            max_message_bytes=limits.max_message_bytes, max_text_bytes=limits.max_text_bytes,
-            max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
-            allowed_tasks=model.tasks, allowed_dimensions=model.dimensions,
+            max_message_bytes=limits.max_message_bytes,
+            max_text_bytes=limits.max_text_bytes,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            allowed_tasks=model.tasks,
+            allowed_dimensions=model.dimensions,
         )
         # A rejected value is kept only as far as its dead-letter copy can carry it.
         self._max_kept_value_bytes = max_kept_value_bytes
@@ -87,8 +101,9 @@ class RequestDecoder:
         """Jobs and rejections, in record order. Runs off the event loop (it tokenizes)."""
         decoded: list[Job | Rejection | None] = [None] * len(records)
         # Valid requests wait here, grouped by task, so each task is tokenized in one call.
-        by_task: dict[str | None, list[tuple[int, Source, RawMessage, Any, ContentType, str]]] = \
-            defaultdict(list)
+        by_task: dict[str | None, list[tuple[int, Source, RawMessage, Any, ContentType, str]]] = defaultdict(
+            list
+        )
         for index, record in enumerate(records):
             source = Source(record.topic, record.partition, record.offset, record.timestamp)
             headers = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
@@ -96,62 +111,96 @@ class RequestDecoder:
             content_type = ContentType.JSON
             try:
                 if record.key is not None and len(record.key) > MAX_KEY_BYTES:
-                    raise RequestError(ErrorCode.MESSAGE_TOO_LARGE,
-                                       f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}")
+                    raise RequestError(
+                        ErrorCode.MESSAGE_TOO_LARGE,
+                        f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}",
+                    )
                 content_type = content_type_of(headers)
                 request = decode_request(record.value, headers, self._limits)
                 reply_topic = request.reply_to or self._default_reply_topic
                 if not self.reply_topic_allowed(reply_topic):
-                    raise RequestError(ErrorCode.REPLY_TO_NOT_ALLOWED,
-                                       f"reply_to {reply_topic[:64]!r} is not an allowed results topic",
-                                       request.id, request=request)
-                key = content_hash(request.text, model_fingerprint=self._model.fingerprint,
-                                   task=request.task, dimensions=request.dimensions)
+                    raise RequestError(
+                        ErrorCode.REPLY_TO_NOT_ALLOWED,
+                        f"reply_to {reply_topic[:64]!r} is not an allowed results topic",
+                        request.id,
+                        request=request,
+                    )
+                key = content_hash(
+                    request.text,
+                    model_fingerprint=self._model.fingerprint,
+                    task=request.task,
+                    dimensions=request.dimensions,
+                )
             except RequestError as error:
-                decoded[index] = Rejection(source, self._kept(raw), error, self._error_reply_topic(error),
-                                           content_type, request=error.request)
+                decoded[index] = Rejection(
+                    source,
+                    self._kept(raw),
+                    error,
+                    self._error_reply_topic(error),
+                    content_type,
+                    request=error.request,
+                )
                 continue
             except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
                 hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)
-                decoded[index] = Rejection(source, self._kept(raw), hash_error, self._default_reply_topic,
-                                           content_type)
+                decoded[index] = Rejection(
+                    source, self._kept(raw), hash_error, self._default_reply_topic, content_type
+                )
                 continue
             by_task[request.task].append((index, source, raw, request, content_type, key))
         for task, pending in by_task.items():
             tokenized = self._tokenize([p[3].text for p in pending], task)
-            for (index, source, raw, request, content_type, key), tokens in zip(pending, tokenized,
-                                                                                  strict=True):
+            for (index, source, raw, request, content_type, key), tokens in zip(
+                pending, tokenized, strict=True
+            ):
                 reply_topic = request.reply_to or self._default_reply_topic
                 # The value is released: a dead-letter copy is re-encoded from the request.
                 released = RawMessage(raw.key, None, raw.headers, original_size=len(raw.value or b""))
-                decoded[index] = Job(source, released, request, key,
-                                     request.dimensions or self._model.dim, tokens, reply_topic,
-                                     content_type)
+                decoded[index] = Job(
+                    source,
+                    released,
+                    request,
+                    key,
+                    request.dimensions or self._model.dim,
+                    tokens,
+                    reply_topic,
+                    content_type,
+                )
         return [d for d in decoded if d is not None]
 
     def _kept(self, raw: RawMessage) -> RawMessage:
         if raw.value is None or len(raw.value) <= self._max_kept_value_bytes:
             return raw
-        return RawMessage(raw.key, raw.value[: self._max_kept_value_bytes], raw.headers,
-                          original_size=len(raw.value))
+        return RawMessage(
+            raw.key, raw.value[: self._max_kept_value_bytes], raw.headers, original_size=len(raw.value)
+        )
 
     def reject_unreadable(self, unreadable: Unreadable) -> Rejection:
         """A record the Kafka client could not unpack: dead-lettered with what could be read of
         it, and answered when its id (and reply_to) can be read from the value."""
-        source = Source(unreadable.tp.topic, unreadable.tp.partition, unreadable.offset,
-                        unreadable.timestamp_ms)
+        source = Source(
+            unreadable.tp.topic, unreadable.tp.partition, unreadable.offset, unreadable.timestamp_ms
+        )
         record = unreadable.record
         if record is None:  # a whole batch: nothing of it can be read; its bytes are the copy
-            raw = self._kept(RawMessage(None, unreadable.batch, [],
-                                        notes=[(HEADER_DLQ_RAW_BATCH, b"1")]))
+            raw = self._kept(RawMessage(None, unreadable.batch, [], notes=[(HEADER_DLQ_RAW_BATCH, b"1")]))
             code = ErrorCode.MESSAGE_TOO_LARGE if unreadable.too_large else ErrorCode.INVALID_ENCODING
-            return Rejection(source, raw, RequestError(code, unreadable.reason),
-                             self._default_reply_topic, ContentType.JSON)
-        raw = self._kept(RawMessage(record.key, record.value, record.text_headers(),
-                                    notes=[(HEADER_DLQ_HEADERS_REPAIRED, b"1")]))
+            return Rejection(
+                source,
+                raw,
+                RequestError(code, unreadable.reason),
+                self._default_reply_topic,
+                ContentType.JSON,
+            )
+        raw = self._kept(
+            RawMessage(
+                record.key, record.value, record.text_headers(), notes=[(HEADER_DLQ_HEADERS_REPAIRED, b"1")]
+            )
+        )
         readable = readable_fields(record.value)
-        error = RequestError(ErrorCode.INVALID_HEADERS, unreadable.reason, readable.request_id,
-                             reply_to=readable.reply_to)
+        error = RequestError(
+            ErrorCode.INVALID_HEADERS, unreadable.reason, readable.request_id, reply_to=readable.reply_to
+        )
         return Rejection(source, raw, error, self._error_reply_topic(error), ContentType.JSON)
 
 
@@ -167,8 +216,9 @@ def create_consumer(config: WorkerConfig, *, read_committed: bool) -> AIOKafkaCo
         # returns at least one batch), and one fetch a fraction of the in-flight byte budget, since
         # fetched records wait in the client until they are taken.
         max_partition_fetch_bytes=max(config.max_message_bytes + (64 << 10), 1 << 20),
-        fetch_max_bytes=max(config.max_message_bytes + (64 << 10),
-                            min(50 << 20, config.max_in_flight_bytes // 8)),
+        fetch_max_bytes=max(
+            config.max_message_bytes + (64 << 10), min(50 << 20, config.max_in_flight_bytes // 8)
+        ),
         max_poll_interval_ms=300_000,
         session_timeout_ms=10_000,
         # How long the group waits for this member to rejoin: a revoke finishes the running

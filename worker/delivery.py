@@ -67,7 +67,7 @@ class Delivery(Protocol):
 
 
 def _backoff(attempt: int) -> float:
-    return float(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt))
+    return float(min(MAX_BACKOFF_S, 0.25 * 2**attempt))
 
 
 def _source(item: Job | Rejection) -> TopicPartition:
@@ -77,8 +77,13 @@ def _source(item: Job | Rejection) -> TopicPartition:
 class AtLeastOnce:
     commits_offsets = False
 
-    def __init__(self, producer: AIOKafkaProducer, publisher: ResultPublisher, cluster: ClusterView,
-                 metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        publisher: ResultPublisher,
+        cluster: ClusterView,
+        metrics: WorkerMetrics,
+    ) -> None:
         self._producer = producer
         self._publisher = publisher
         self._cluster = cluster
@@ -117,8 +122,13 @@ class AtLeastOnce:
                 error = exc
             attempt += 1
             self._metrics.publish_retries.inc()
-            log.warning("publishing a batch failed (%s: %s); sending it again in %.1fs (attempt %d)",
-                        type(error).__name__, error, _backoff(attempt), attempt + 1)
+            log.warning(
+                "publishing a batch failed (%s: %s); sending it again in %.1fs (attempt %d)",
+                type(error).__name__,
+                error,
+                _backoff(attempt),
+                attempt + 1,
+            )
             await asyncio.sleep(_backoff(attempt))
 
 
@@ -132,9 +142,17 @@ class _Part:
 class ExactlyOnce:
     commits_offsets = True
 
-    def __init__(self, *, consumer: AIOKafkaConsumer, new_producer: Callable[[str], AIOKafkaProducer],
-                 publisher: ResultPublisher, cluster: ClusterView, metrics: WorkerMetrics,
-                 group_id: str, hold: Callable[[BatchWork], float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        consumer: AIOKafkaConsumer,
+        new_producer: Callable[[str], AIOKafkaProducer],
+        publisher: ResultPublisher,
+        cluster: ClusterView,
+        metrics: WorkerMetrics,
+        group_id: str,
+        hold: Callable[[BatchWork], float] | None = None,
+    ) -> None:
         self._consumer = consumer
         self._hold = hold  # fault injection (tests): seconds to keep a batch's transaction open
         self._new_producer = new_producer
@@ -218,8 +236,9 @@ class ExactlyOnce:
             await self._turn.wait_for(lambda: self._next_sequence == sequence)
             hold_s = self._hold(work) if self._hold is not None else 0.0
             try:
-                outcomes = await asyncio.gather(*(self._transaction(tp, part, hold_s)
-                                                  for tp, part in parts.items()))
+                outcomes = await asyncio.gather(
+                    *(self._transaction(tp, part, hold_s) for tp, part in parts.items())
+                )
             finally:
                 self._next_sequence = sequence + 1
                 self._turn.notify_all()
@@ -231,8 +250,9 @@ class ExactlyOnce:
                 delivered.rejected.extend(outcome)
         return delivered
 
-    async def _transaction(self, tp: TopicPartition, part: _Part,
-                           hold_s: float = 0.0) -> list[Rejection] | None:
+    async def _transaction(
+        self, tp: TopicPartition, part: _Part, hold_s: float = 0.0
+    ) -> list[Rejection] | None:
         """Publishes one partition's part of a batch with its offsets in one transaction; None when
         the partition is no longer this worker's (revoked, or fenced by a new owner)."""
         attempt = 0
@@ -263,8 +283,12 @@ class ExactlyOnce:
                 self._metrics.commits.labels("ok").inc()
                 return outgoing.rejected
             except FENCED as exc:
-                log.warning("partition %s: this worker's producer was fenced (%s): another worker "
-                            "owns it now; giving it up", tp, type(exc).__name__)
+                log.warning(
+                    "partition %s: this worker's producer was fenced (%s): another worker "
+                    "owns it now; giving it up",
+                    tp,
+                    type(exc).__name__,
+                )
                 self._metrics.fenced_partitions.inc()
                 self._lost_at[tp] = time.monotonic()
                 await self._stop_producers([tp])
@@ -273,8 +297,13 @@ class ExactlyOnce:
                 attempt += 1
                 self._metrics.commits.labels("failed").inc()
                 self._metrics.publish_retries.inc()
-                log.warning("transaction for %s failed (%s: %s); retrying in %.1fs", tp,
-                            type(exc).__name__, exc, _backoff(attempt))
+                log.warning(
+                    "transaction for %s failed (%s: %s); retrying in %.1fs",
+                    tp,
+                    type(exc).__name__,
+                    exc,
+                    _backoff(attempt),
+                )
                 with contextlib.suppress(Exception):
                     await producer.abort_transaction()
                 with contextlib.suppress(Exception):

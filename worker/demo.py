@@ -68,11 +68,16 @@ def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
     processes = []
     for index in range(count):
         port = METRICS_PORTS[index] if index < len(METRICS_PORTS) else 9401 + index
-        env = dict(os.environ, EMBEDFLEET_METRICS_PORT=str(port), EMBEDFLEET_INTRA_OP_THREADS=threads,
-                   EMBEDFLEET_INFERENCE_THREADS="1")
+        env = dict(
+            os.environ,
+            EMBEDFLEET_METRICS_PORT=str(port),
+            EMBEDFLEET_INTRA_OP_THREADS=threads,
+            EMBEDFLEET_INFERENCE_THREADS="1",
+        )
         env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")  # keep the demo's own output readable
-        processes.append(subprocess.Popen(
-            [executable, "worker", "--worker-id", f"demo-{index + 1}"], env=env))
+        processes.append(
+            subprocess.Popen([executable, "worker", "--worker-id", f"demo-{index + 1}"], env=env)
+        )
     return processes
 
 
@@ -91,20 +96,28 @@ def wait_ready(ports: list[int], timeout_s: float = 90) -> None:
             time.sleep(0.3)
 
 
-async def demo(config: WorkerConfig, texts: list[str], fingerprint: str,
-               workers: list[subprocess.Popen[bytes]], timeout_s: float) -> int:
+async def demo(
+    config: WorkerConfig,
+    texts: list[str],
+    fingerprint: str,
+    workers: list[subprocess.Popen[bytes]],
+    timeout_s: float,
+) -> int:
     ports = [METRICS_PORTS[i] if i < len(METRICS_PORTS) else 9401 + i for i in range(len(workers))]
     print(f"starting {len(workers)} workers ...", flush=True)
     await asyncio.to_thread(wait_ready, ports)
 
     results_reader = AIOKafkaConsumer(bootstrap_servers=config.kafka_bootstrap, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=config.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
     await results_reader.start()
     await producer.start()
     try:
-        partitions = [TopicPartition(config.results_topic, p)
-                      for p in sorted(await producer.partitions_for(config.results_topic))]
+        partitions = [
+            TopicPartition(config.results_topic, p)
+            for p in sorted(await producer.partitions_for(config.results_topic))
+        ]
         results_reader.assign(partitions)
         await results_reader.seek_to_end(*partitions)  # only this run's results
 
@@ -129,8 +142,12 @@ async def demo(config: WorkerConfig, texts: list[str], fingerprint: str,
                 for record in records:
                     result = decode_result(record.value, record.headers)
                     if result.id in sent_at and result.id not in received:
-                        received[result.id] = (now - sent_at[result.id], result.cached, result.ok,
-                                               result.vector)
+                        received[result.id] = (
+                            now - sent_at[result.id],
+                            result.cached,
+                            result.ok,
+                            result.vector,
+                        )
             print(f"\r  results {len(received)}/{len(texts)}", end="", flush=True)
         elapsed = time.perf_counter() - started
         print()
@@ -146,15 +163,19 @@ async def demo(config: WorkerConfig, texts: list[str], fingerprint: str,
         request_id = f"demo-{run_tag}-{index}"
         if request_id in received:
             vector = received[request_id][3] or []
-            print(f"  {texts[index][:60]!r:64} -> [{', '.join(f'{v:+.4f}' for v in vector[:4])}, ...] "
-                  f"cached={received[request_id][1]}")
+            print(
+                f"  {texts[index][:60]!r:64} -> [{', '.join(f'{v:+.4f}' for v in vector[:4])}, ...] "
+                f"cached={received[request_id][1]}"
+            )
     print("\nsummary")
     print(f"  results        {len(received)} of {len(texts)} ({failed} errors)")
     print(f"  cache hit rate {cached / max(1, len(received)):.1%} (served from Redis)")
     print(f"  throughput     {len(received) / elapsed:.0f} results/s ({elapsed:.1f} s for all)")
     if len(latencies):
-        print(f"  end-to-end     p50 {np.percentile(latencies, 50):.0f} ms, "
-              f"p99 {np.percentile(latencies, 99):.0f} ms (send -> result received, under full load)")
+        print(
+            f"  end-to-end     p50 {np.percentile(latencies, 50):.0f} ms, "
+            f"p99 {np.percentile(latencies, 99):.0f} ms (send -> result received, under full load)"
+        )
     print_metrics(ports)
     return 0 if len(received) == len(texts) else 1
 
@@ -165,9 +186,14 @@ def print_metrics(ports: list[int]) -> None:
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as reply:
             lines = reply.read().decode().splitlines()
-        wanted = ("embedfleet_requests_total", "embedfleet_cache_hits_total",
-                  "embedfleet_cache_lookups_total", "embedfleet_batch_size_sum",
-                  "embedfleet_batch_size_count", "process_resident_memory_bytes")
+        wanted = (
+            "embedfleet_requests_total",
+            "embedfleet_cache_hits_total",
+            "embedfleet_cache_lookups_total",
+            "embedfleet_batch_size_sum",
+            "embedfleet_batch_size_count",
+            "process_resident_memory_bytes",
+        )
         shown = [line for line in lines if line.startswith(wanted)]
         print(f"  {url}")
         for line in shown:

@@ -79,8 +79,9 @@ def escape_text(text: str) -> str:
         elif char.isprintable():
             out.append(char)
         else:
-            out.append(f"\\x{code:02x}" if code < 0x100 else
-                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
     return "".join(out)
 
 
@@ -136,19 +137,26 @@ class DeadLetter:
 
     def line(self) -> str:
         value_size = "null" if self.value is None else f"{len(self.value)} B"
-        return (f"{self.partition}:{self.offset}  {escape_text(self.code)}  "
-                f"from {escape_text(self.source)}  reason: {escape_text(self.reason)}\n"
-                f"    key {preview(self.key, 40)}  value ({value_size}) {preview(self.value)}")
+        return (
+            f"{self.partition}:{self.offset}  {escape_text(self.code)}  "
+            f"from {escape_text(self.source)}  reason: {escape_text(self.reason)}\n"
+            f"    key {preview(self.key, 40)}  value ({value_size}) {preview(self.value)}"
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "partition": self.partition, "offset": self.offset, "error_code": self.code,
-            "reason": self.reason, "source_topic": self.header("dlq-source-topic"),
+            "partition": self.partition,
+            "offset": self.offset,
+            "error_code": self.code,
+            "reason": self.reason,
+            "source_topic": self.header("dlq-source-topic"),
             "source_partition": self.header("dlq-source-partition"),
-            "source_offset": self.header("dlq-source-offset"), "worker": self.header("dlq-worker"),
+            "source_offset": self.header("dlq-source-offset"),
+            "worker": self.header("dlq-worker"),
             "key": None if self.key is None else self.key.decode("utf-8", "backslashreplace"),
             "value_bytes": None if self.value is None else len(self.value),
-            "value_preview": None if self.value is None
+            "value_preview": None
+            if self.value is None
             else self.value[:PREVIEW_BYTES].decode("utf-8", "backslashreplace"),
             "incomplete": self.incomplete(),
         }
@@ -170,22 +178,29 @@ def _header_name(name: str | bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
-async def read_dead_letters(config: WorkerConfig, scan: Scan, *,
-                            from_offset: int | None) -> AsyncIterator[DeadLetter]:
+async def read_dead_letters(
+    config: WorkerConfig, scan: Scan, *, from_offset: int | None
+) -> AsyncIterator[DeadLetter]:
     """Every dead letter from the start (or ``from_offset``) up to the end offsets of now."""
     options = kafka_connection_options(config)
     options["client_id"] = f"embedfleet-dlq-{config.worker_id}"
     consumer = AIOKafkaConsumer(
-        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-        isolation_level="read_committed")
+        **options,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
     try:
         await consumer.start()
         # A consumer without subscriptions keeps no topic metadata: ask the cluster once.
         metadata = await consumer._client.fetch_all_metadata()
         partitions = metadata.partitions_for_topic(config.dlq_topic)
         if not partitions:
-            raise DlqError(f"the DLQ topic {config.dlq_topic!r} does not exist on "
-                           f"{config.kafka_bootstrap}: check EMBEDFLEET_DLQ_TOPIC")
+            raise DlqError(
+                f"the DLQ topic {config.dlq_topic!r} does not exist on "
+                f"{config.kafka_bootstrap}: check EMBEDFLEET_DLQ_TOPIC"
+            )
         tps = [TopicPartition(config.dlq_topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
@@ -210,9 +225,12 @@ async def read_dead_letters(config: WorkerConfig, scan: Scan, *,
                     scan.total += 1
                     scan.next_offsets[tp.partition] = record.offset + 1
                     yield DeadLetter(
-                        partition=tp.partition, offset=record.offset, key=record.key,
+                        partition=tp.partition,
+                        offset=record.offset,
+                        key=record.key,
                         value=record.value,
-                        headers=tuple((_header_name(k), bytes(v or b"")) for k, v in record.headers))
+                        headers=tuple((_header_name(k), bytes(v or b"")) for k, v in record.headers),
+                    )
             for tp in list(pending):
                 # position() also moves past transaction markers and aborted records.
                 if await consumer.position(tp) >= ends[tp] or scan.next_offsets[tp.partition] >= ends[tp]:
@@ -222,8 +240,11 @@ async def read_dead_letters(config: WorkerConfig, scan: Scan, *,
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > STALL_TIMEOUT_S:
                 stuck = ", ".join(f"{tp.partition}@{scan.next_offsets[tp.partition]}" for tp in pending)
-                print(f"warning: no records for {STALL_TIMEOUT_S:.0f}s before the end offsets "
-                      f"(partition@offset {stuck}); stopping there", file=sys.stderr)
+                print(
+                    f"warning: no records for {STALL_TIMEOUT_S:.0f}s before the end offsets "
+                    f"(partition@offset {stuck}); stopping there",
+                    file=sys.stderr,
+                )
                 return
     finally:
         await consumer.stop()
@@ -247,8 +268,9 @@ async def list_dead_letters(config: WorkerConfig, args: argparse.Namespace, out:
             continue
         shown += 1
         print(json.dumps(letter.as_json(), ensure_ascii=True) if args.json else letter.line(), file=out)
-    summary = (f"{config.dlq_topic}: {scan.total} dead letter(s) read, {matched} matched, {shown} shown"
-               + (f" (--limit {args.limit})" if args.limit is not None and matched > shown else ""))
+    summary = f"{config.dlq_topic}: {scan.total} dead letter(s) read, {matched} matched, {shown} shown" + (
+        f" (--limit {args.limit})" if args.limit is not None and matched > shown else ""
+    )
     print(summary, file=sys.stderr if args.json else out)
     return 0
 
@@ -278,11 +300,15 @@ async def replay_dead_letters(config: WorkerConfig, args: argparse.Namespace, ou
             await producer.start()
             # Fails fast for a missing topic instead of blocking max_block_ms on the first send.
             if target not in await _topics(producer):
-                raise DlqError(f"the topic {target!r} does not exist: check --to or "
-                               "EMBEDFLEET_REQUESTS_TOPIC")
+                raise DlqError(
+                    f"the topic {target!r} does not exist: check --to or EMBEDFLEET_REQUESTS_TOPIC"
+                )
         verb = "would replay" if args.dry_run else "replaying"
-        print(f"{verb} dead letters from {config.dlq_topic} to {target}"
-              + (f" (codes: {', '.join(args.reason)})" if args.reason else ""), file=out)
+        print(
+            f"{verb} dead letters from {config.dlq_topic} to {target}"
+            + (f" (codes: {', '.join(args.reason)})" if args.reason else ""),
+            file=out,
+        )
         last_progress = time.monotonic()
         async for letter in read_dead_letters(config, scan, from_offset=args.from_offset):
             if not matches(letter, args.reason):
@@ -293,16 +319,23 @@ async def replay_dead_letters(config: WorkerConfig, args: argparse.Namespace, ou
                 report.skipped.append((letter, why))
                 continue
             if producer is not None:
-                acks.append(await producer.send(target, letter.value, key=letter.key,
-                                                headers=letter.original_headers()))
+                acks.append(
+                    await producer.send(
+                        target, letter.value, key=letter.key, headers=letter.original_headers()
+                    )
+                )
             report.replayed += 1
             if time.monotonic() - last_progress >= PROGRESS_INTERVAL_S:
                 last_progress = time.monotonic()
                 ends = sum(scan.end_offsets.values())
                 done = sum(scan.next_offsets.values())
-                print(f"  ... read to offset {done} of {ends}: matched {report.matched}, "
-                      f"{'would replay' if args.dry_run else 'sent'} {report.replayed}, "
-                      f"skipped {len(report.skipped)}", file=out, flush=True)
+                print(
+                    f"  ... read to offset {done} of {ends}: matched {report.matched}, "
+                    f"{'would replay' if args.dry_run else 'sent'} {report.replayed}, "
+                    f"skipped {len(report.skipped)}",
+                    file=out,
+                    flush=True,
+                )
         if acks:
             await asyncio.gather(*acks)
     finally:
@@ -311,12 +344,14 @@ async def replay_dead_letters(config: WorkerConfig, args: argparse.Namespace, ou
     for letter, why in report.skipped:
         print(f"  skipped {letter.partition}:{letter.offset} ({escape_text(letter.code)}): {why}", file=out)
     replayed = "would replay" if args.dry_run else "replayed"
-    print(f"{config.dlq_topic} -> {target}: read {scan.total}, matched {report.matched}, "
-          f"{replayed} {report.replayed}, skipped {len(report.skipped)}"
-          + (" (dry run: nothing sent)" if args.dry_run else ""), file=out)
+    print(
+        f"{config.dlq_topic} -> {target}: read {scan.total}, matched {report.matched}, "
+        f"{replayed} {report.replayed}, skipped {len(report.skipped)}"
+        + (" (dry run: nothing sent)" if args.dry_run else ""),
+        file=out,
+    )
     if len(scan.next_offsets) == 1:
-        print(f"dead letters after these: --from-offset {next(iter(scan.next_offsets.values()))}",
-              file=out)
+        print(f"dead letters after these: --from-offset {next(iter(scan.next_offsets.values()))}", file=out)
     elif scan.next_offsets:
         resume = ", ".join(f"{p}: {o}" for p, o in sorted(scan.next_offsets.items()))
         print(f"next offsets (partition: offset): {resume}", file=out)
@@ -349,21 +384,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (__doc__ or "").split("\n\n")[0]
     sub = parser.add_subparsers(dest="dlq_action", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--reason", action="append", type=_code, metavar="CODE",
-                        help="only dead letters with this dlq-error-code (repeatable)")
-    common.add_argument("--from-offset", type=_non_negative, default=None, metavar="N",
-                        help="start at this offset of each DLQ partition (default: the beginning)")
-    listing = sub.add_parser("list", parents=[common], help="print dead letters",
-                             description="Print the DLQ's dead letters (read up to its end, then stop).")
-    listing.add_argument("--limit", type=_non_negative, default=None, metavar="N",
-                         help="print at most N dead letters (all are still counted)")
+    common.add_argument(
+        "--reason",
+        action="append",
+        type=_code,
+        metavar="CODE",
+        help="only dead letters with this dlq-error-code (repeatable)",
+    )
+    common.add_argument(
+        "--from-offset",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="start at this offset of each DLQ partition (default: the beginning)",
+    )
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="print dead letters",
+        description="Print the DLQ's dead letters (read up to its end, then stop).",
+    )
+    listing.add_argument(
+        "--limit",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="print at most N dead letters (all are still counted)",
+    )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     replay = sub.add_parser(
-        "replay", parents=[common], help="re-send dead letters to the requests topic",
-        description="Re-send dead letters (original key, value and headers; dlq-* headers removed).")
+        "replay",
+        parents=[common],
+        help="re-send dead letters to the requests topic",
+        description="Re-send dead letters (original key, value and headers; dlq-* headers removed).",
+    )
     replay.add_argument("--dry-run", action="store_true", help="report what would be sent; send nothing")
-    replay.add_argument("--to", default=None, metavar="TOPIC",
-                        help="topic to send to (default EMBEDFLEET_REQUESTS_TOPIC)")
+    replay.add_argument(
+        "--to", default=None, metavar="TOPIC", help="topic to send to (default EMBEDFLEET_REQUESTS_TOPIC)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

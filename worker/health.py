@@ -35,11 +35,17 @@ class HealthState:
         return self.model_loaded and self.group_joined and self.kafka_reachable and not self.stopping
 
     def as_json(self) -> bytes:
-        return json.dumps({
-            "ready": self.ready, "model_loaded": self.model_loaded, "group_joined": self.group_joined,
-            "kafka": "ok" if self.kafka_reachable else "unreachable",
-            "cache": "ok" if self.cache_ok else "degraded", "stopping": self.stopping, **self.details,
-        }).encode()
+        return json.dumps(
+            {
+                "ready": self.ready,
+                "model_loaded": self.model_loaded,
+                "group_joined": self.group_joined,
+                "kafka": "ok" if self.kafka_reachable else "unreachable",
+                "cache": "ok" if self.cache_ok else "degraded",
+                "stopping": self.stopping,
+                **self.details,
+            }
+        ).encode()
 
 
 async def watch_event_loop(lag: Histogram, interval_s: float = 0.1) -> None:
@@ -94,8 +100,11 @@ class HealthServer:
         else:
             status, body, kind = 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain"
         reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()

@@ -28,67 +28,113 @@ class WorkerMetrics:
         PlatformCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "embedfleet_requests", "Requests handled, by outcome: computed (by the model), cached "
+            "embedfleet_requests",
+            "Requests handled, by outcome: computed (by the model), cached "
             "(served from Redis or a duplicate in the same batch), rejected (bad input), failed "
-            "(inference error)", ["outcome"], registry=r)
-        self.cache_lookups = Counter("embedfleet_cache_lookups", "Distinct keys looked up in Redis",
-                                     registry=r)
+            "(inference error)",
+            ["outcome"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "embedfleet_cache_lookups", "Distinct keys looked up in Redis", registry=r
+        )
         self.cache_hits = Counter("embedfleet_cache_hits", "Distinct keys found in Redis", registry=r)
         self.cache_invalid = Counter(
-            "embedfleet_cache_invalid_entries", "Cache entries found but not served (another model or "
-            "width, wrong size, non-finite numbers): treated as misses and overwritten", registry=r)
-        self.cache_errors = Counter("embedfleet_cache_errors", "Redis operations that failed (fail open)",
-                                    ["operation"], registry=r)
+            "embedfleet_cache_invalid_entries",
+            "Cache entries found but not served (another model or "
+            "width, wrong size, non-finite numbers): treated as misses and overwritten",
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "embedfleet_cache_errors", "Redis operations that failed (fail open)", ["operation"], registry=r
+        )
         self.batch_duplicates = Counter(
-            "embedfleet_batch_duplicates", "Requests answered by another identical request of the same "
-            "batch (computed once)", registry=r)
-        self.computed_texts = Counter("embedfleet_computed_texts", "Texts run through the model",
-                                      registry=r)
-        self.truncated_texts = Counter("embedfleet_truncated_texts",
-                                       "Texts cut to the model's maximum tokens", registry=r)
-        self.batch_size = Histogram("embedfleet_batch_size", "Requests per micro-batch",
-                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("embedfleet_batch_tokens",
-                                      "Padded tokens (longest x count) per micro-batch",
-                                      buckets=TOKEN_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("embedfleet_inference_duration_seconds",
-                                           "Model time per micro-batch (its cache misses)",
-                                           buckets=LATENCY_BUCKETS, registry=r)
+            "embedfleet_batch_duplicates",
+            "Requests answered by another identical request of the same batch (computed once)",
+            registry=r,
+        )
+        self.computed_texts = Counter("embedfleet_computed_texts", "Texts run through the model", registry=r)
+        self.truncated_texts = Counter(
+            "embedfleet_truncated_texts", "Texts cut to the model's maximum tokens", registry=r
+        )
+        self.batch_size = Histogram(
+            "embedfleet_batch_size", "Requests per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "embedfleet_batch_tokens",
+            "Padded tokens (longest x count) per micro-batch",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "embedfleet_inference_duration_seconds",
+            "Model time per micro-batch (its cache misses)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
             "embedfleet_end_to_end_latency_seconds",
-            "From the request's Kafka timestamp to its result acknowledged", buckets=LATENCY_BUCKETS,
-            registry=r)
-        self.in_flight = Gauge("embedfleet_in_flight_messages",
-                               "Messages consumed and not yet committed", registry=r)
-        self.paused = Gauge("embedfleet_partitions_paused", "Partitions paused for backpressure",
-                            registry=r)
-        self.lag = Gauge("embedfleet_consumer_lag", "Messages behind the end of each assigned partition",
-                         ["topic", "partition"], registry=r)
-        self.dlq = Counter("embedfleet_dlq_messages", "Messages sent to the dead-letter topic, by reason",
-                           ["reason"], registry=r)
+            "From the request's Kafka timestamp to its result acknowledged",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "embedfleet_in_flight_messages", "Messages consumed and not yet committed", registry=r
+        )
+        self.paused = Gauge("embedfleet_partitions_paused", "Partitions paused for backpressure", registry=r)
+        self.lag = Gauge(
+            "embedfleet_consumer_lag",
+            "Messages behind the end of each assigned partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.dlq = Counter(
+            "embedfleet_dlq_messages",
+            "Messages sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.event_loop_lag = Histogram(
-            "embedfleet_event_loop_lag_seconds", "How late the event loop wakes a 100 ms timer: a "
-            "blocked loop misses Kafka heartbeats and health probes", buckets=LATENCY_BUCKETS, registry=r)
+            "embedfleet_event_loop_lag_seconds",
+            "How late the event loop wakes a 100 ms timer: a "
+            "blocked loop misses Kafka heartbeats and health probes",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.publish_retries = Counter(
-            "embedfleet_publish_retries", "Batches whose results had to be sent again (broker outage)",
-            registry=r)
+            "embedfleet_publish_retries",
+            "Batches whose results had to be sent again (broker outage)",
+            registry=r,
+        )
         self.unreadable_records = Counter(
-            "embedfleet_unreadable_records", "Records the Kafka client could not unpack (dead-lettered "
-            "and skipped)", registry=r)
-        self.in_flight_bytes = Gauge("embedfleet_in_flight_bytes",
-                                     "Bytes of messages consumed and not yet committed", registry=r)
+            "embedfleet_unreadable_records",
+            "Records the Kafka client could not unpack (dead-lettered and skipped)",
+            registry=r,
+        )
+        self.in_flight_bytes = Gauge(
+            "embedfleet_in_flight_bytes", "Bytes of messages consumed and not yet committed", registry=r
+        )
         self.fenced_partitions = Counter(
-            "embedfleet_fenced_partitions", "Partitions given up because another worker's producer "
-            "fenced this one (exactly-once)", registry=r)
+            "embedfleet_fenced_partitions",
+            "Partitions given up because another worker's producer fenced this one (exactly-once)",
+            registry=r,
+        )
         self.assignments = Counter(
-            "embedfleet_assignments", "Partition assignments received (one per rebalance this worker "
-            "takes part in): a rise without scaling means members are being expelled", registry=r)
-        self.fetch_errors = Counter("embedfleet_fetch_errors", "Fetches from Kafka that failed (retried)",
-                                    registry=r)
+            "embedfleet_assignments",
+            "Partition assignments received (one per rebalance this worker "
+            "takes part in): a rise without scaling means members are being expelled",
+            registry=r,
+        )
+        self.fetch_errors = Counter(
+            "embedfleet_fetch_errors", "Fetches from Kafka that failed (retried)", registry=r
+        )
         self.commits = Counter("embedfleet_commits", "Offset commits", ["outcome"], registry=r)
         self.model = Info("embedfleet_model", "The model this worker serves", registry=r)
-        self.ready = Gauge("embedfleet_ready", "1 when /readyz answers 200: model loaded, group joined, "
-                           "Kafka reachable, not stopping", registry=r)
+        self.ready = Gauge(
+            "embedfleet_ready",
+            "1 when /readyz answers 200: model loaded, group joined, Kafka reachable, not stopping",
+            registry=r,
+        )
         self.cache_up = Gauge("embedfleet_cache_up", "1 while the Redis cache answers", registry=r)
 
     def exposition(self) -> bytes:

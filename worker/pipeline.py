@@ -41,9 +41,14 @@ class EmbeddingBackend(Protocol):
     """What the pipeline needs of the engine (worker.engine.Embedder satisfies it): vectors for
     texts the decoder already tokenized (``texts`` only for diagnostics)."""
 
-    def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
-                        dimensions: int | None = None, batch_size: int = 32,
-                        token_budget: int = 2048) -> EmbedOutputLike: ...
+    def embed_tokenized(
+        self,
+        tokenized: Sequence[TokenizedText],
+        texts: Sequence[str],
+        dimensions: int | None = None,
+        batch_size: int = 32,
+        token_budget: int = 2048,
+    ) -> EmbedOutputLike: ...
 
 
 class ModelDescription(Protocol):
@@ -86,9 +91,17 @@ class _Computed:
 
 
 class BatchProcessor:
-    def __init__(self, *, backend: EmbeddingBackend, cache: VectorCache, metrics: WorkerMetrics,
-                 model_name: str, inference_batch_size: int, token_budget: int,
-                 inference_threads: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        backend: EmbeddingBackend,
+        cache: VectorCache,
+        metrics: WorkerMetrics,
+        model_name: str,
+        inference_batch_size: int,
+        token_budget: int,
+        inference_threads: int = 1,
+    ) -> None:
         self._backend = backend
         self._cache = cache
         self._metrics = metrics
@@ -127,10 +140,20 @@ class BatchProcessor:
         first_of_key: set[str] = set()
         for job in jobs:
             if job.key in computed.failed:
-                error = RequestError(ErrorCode.INFERENCE_FAILED, computed.failed[job.key],
-                                     job.request.id, request=job.request)
-                outcome.failures.append(Rejection(job.source, job.raw, error, job.reply_topic,
-                                                  job.content_type, key=job.key, request=job.request))
+                error = RequestError(
+                    ErrorCode.INFERENCE_FAILED, computed.failed[job.key], job.request.id, request=job.request
+                )
+                outcome.failures.append(
+                    Rejection(
+                        job.source,
+                        job.raw,
+                        error,
+                        job.reply_topic,
+                        job.content_type,
+                        key=job.key,
+                        request=job.request,
+                    )
+                )
                 self._metrics.requests.labels("failed").inc()
                 continue
             from_cache = job.key in cached
@@ -143,11 +166,22 @@ class BatchProcessor:
                 outcome_label = "computed"
             first_of_key.add(job.key)
             self._metrics.requests.labels(outcome_label).inc()
-            outcome.results.append((job, EmbedResult.success(
-                request_id=job.request.id, key=job.key, model=self._model_name, vector=vector,
-                encoding_format=job.request.encoding_format, cached=from_cache,
-                # Known for every job (it was tokenized when decoded), cached or computed.
-                truncated=job.tokens.truncated, metadata=job.request.metadata)))
+            outcome.results.append(
+                (
+                    job,
+                    EmbedResult.success(
+                        request_id=job.request.id,
+                        key=job.key,
+                        model=self._model_name,
+                        vector=vector,
+                        encoding_format=job.request.encoding_format,
+                        cached=from_cache,
+                        # Known for every job (it was tokenized when decoded), cached or computed.
+                        truncated=job.tokens.truncated,
+                        metadata=job.request.metadata,
+                    ),
+                )
+            )
         return outcome
 
     # --- in the inference thread ---------------------------------------------------------------
@@ -161,12 +195,17 @@ class BatchProcessor:
             self._compute_isolating(group, task, dimensions, computed)
         return computed
 
-    def _compute_isolating(self, jobs: Sequence[Job], task: str | None, dimensions: int | None,
-                           computed: _Computed) -> None:
+    def _compute_isolating(
+        self, jobs: Sequence[Job], task: str | None, dimensions: int | None, computed: _Computed
+    ) -> None:
         try:
             output = self._backend.embed_tokenized(
-                [j.tokens for j in jobs], [j.request.text for j in jobs], dimensions=dimensions,
-                batch_size=self._inference_batch_size, token_budget=self._token_budget)
+                [j.tokens for j in jobs],
+                [j.request.text for j in jobs],
+                dimensions=dimensions,
+                batch_size=self._inference_batch_size,
+                token_budget=self._token_budget,
+            )
         except Exception as exc:  # any engine failure: isolate the texts that cause it
             if len(jobs) == 1:
                 log.warning("inference failed for request %s: %s", jobs[0].request.id, exc)

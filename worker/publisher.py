@@ -48,8 +48,9 @@ MAX_DLQ_KEY_BYTES = 1024
 MAX_DLQ_HEADERS = 64
 
 
-def create_producer(config: WorkerConfig, *, transactional_id: str | None = None,
-                    record_limit: int = 1 << 20) -> AIOKafkaProducer:
+def create_producer(
+    config: WorkerConfig, *, transactional_id: str | None = None, record_limit: int = 1 << 20
+) -> AIOKafkaProducer:
     """``record_limit``: the smallest max.message.bytes among the topics written to; batches stay
     within it (several dead letters in one batch must not exceed what one may be)."""
     options: dict[str, Any] = dict(
@@ -80,7 +81,8 @@ class Outgoing:
 
     # (topic, partition) -> records, for results (one record batch per partition)
     results: dict[tuple[str, int], list[tuple[bytes, bytes, Headers]]] = field(
-        default_factory=lambda: defaultdict(list))
+        default_factory=lambda: defaultdict(list)
+    )
     # single records: (topic, key, value, headers) for error results and dead letters
     singles: list[tuple[str, bytes | None, bytes | None, Headers]] = field(default_factory=list)
     # rejections made here (reply topic gone), for the caller's counters
@@ -91,8 +93,17 @@ class Outgoing:
 
 
 class ResultPublisher:
-    def __init__(self, cluster: ClusterView, *, results_topic: str, dlq_topic: str, worker_id: str,
-                 model: str, max_dlq_record_bytes: int, max_dlq_header_bytes: int = 16 * 1024) -> None:
+    def __init__(
+        self,
+        cluster: ClusterView,
+        *,
+        results_topic: str,
+        dlq_topic: str,
+        worker_id: str,
+        model: str,
+        max_dlq_record_bytes: int,
+        max_dlq_header_bytes: int = 16 * 1024,
+    ) -> None:
         self._cluster = cluster
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
@@ -107,13 +118,15 @@ class ResultPublisher:
         """The topics every worker writes to (reply topics come and go)."""
         return [self._results_topic, self._dlq_topic]
 
-    async def prepare(self, results: Sequence[tuple[Job, EmbedResult]],
-                      rejections: Sequence[Rejection]) -> Outgoing:
+    async def prepare(
+        self, results: Sequence[tuple[Job, EmbedResult]], rejections: Sequence[Rejection]
+    ) -> Outgoing:
         """The records of a batch, with every reply topic checked. Raises KafkaError when the
         cluster cannot be asked (the caller retries)."""
         outgoing = Outgoing()
-        partitions = await self._partitions_of({job.reply_topic for job, _ in results}
-                                               | {r.reply_topic for r in rejections})
+        partitions = await self._partitions_of(
+            {job.reply_topic for job, _ in results} | {r.reply_topic for r in rejections}
+        )
         for job, result in results:
             targets = partitions[job.reply_topic]
             if targets is None:
@@ -126,7 +139,8 @@ class ResultPublisher:
             # it, so results for one content hash always land on one partition (compaction needs it).
             partition = targets[(murmur2(key) & 0x7FFFFFFF) % len(targets)]
             outgoing.results[(job.reply_topic, partition)].append(
-                (key, encode_result(result, job.content_type), result_headers(job.content_type)))
+                (key, encode_result(result, job.content_type), result_headers(job.content_type))
+            )
         for rejection in rejections:
             if partitions[rejection.reply_topic] is None:
                 rejection = _redirect(rejection, self._results_topic)
@@ -142,19 +156,35 @@ class ResultPublisher:
         return found
 
     def reply_topic_gone(self, job: Job) -> Rejection:
-        error = RequestError(ErrorCode.REPLY_TO_UNAVAILABLE,
-                             f"reply_to topic {job.reply_topic!r} does not exist (deleted, or never "
-                             "created): the result is dead-lettered", job.request.id, request=job.request)
-        return Rejection(job.source, job.raw, error, self._results_topic, job.content_type, key=job.key,
-                         request=job.request)
+        error = RequestError(
+            ErrorCode.REPLY_TO_UNAVAILABLE,
+            f"reply_to topic {job.reply_topic!r} does not exist (deleted, or never "
+            "created): the result is dead-lettered",
+            job.request.id,
+            request=job.request,
+        )
+        return Rejection(
+            job.source,
+            job.raw,
+            error,
+            self._results_topic,
+            job.content_type,
+            key=job.key,
+            request=job.request,
+        )
 
     def _add_rejection(self, outgoing: Outgoing, rejection: Rejection) -> None:
         error = rejection.error
         if error.request_id is not None:
             result = error.to_result(key=rejection.key, model=self._model)
-            outgoing.singles.append((rejection.reply_topic, error_result_key(error.request_id),
-                                     encode_result(result, rejection.content_type),
-                                     result_headers(rejection.content_type)))
+            outgoing.singles.append(
+                (
+                    rejection.reply_topic,
+                    error_result_key(error.request_id),
+                    encode_result(result, rejection.content_type),
+                    result_headers(rejection.content_type),
+                )
+            )
         key, value, headers = self.dead_letter(rejection)
         outgoing.singles.append((self._dlq_topic, key, value, headers))
 
@@ -183,8 +213,9 @@ class ResultPublisher:
                     batch.append(key=key, value=value, timestamp=None, headers=headers)
             acks.append((topic, await producer.send_batch(batch, topic, partition=partition)))
         for topic, single_key, single_value, headers in outgoing.singles:
-            acks.append((topic, await producer.send(topic, value=single_value, key=single_key,
-                                                    headers=headers)))
+            acks.append(
+                (topic, await producer.send(topic, value=single_value, key=single_key, headers=headers))
+            )
         return acks
 
     def dead_letter(self, rejection: Rejection) -> tuple[bytes | None, bytes | None, Headers]:
@@ -204,27 +235,52 @@ class ResultPublisher:
         if len(original_headers) > MAX_DLQ_HEADERS or header_bytes > self._max_headers:
             notes.append((HEADER_DLQ_DROPPED_HEADERS, str(len(original_headers)).encode()))
             original_headers = []
-        headers = [*original_headers, *notes, *dlq_headers(
-            code=error.code, reason=error.message, source_topic=rejection.source.topic,
-            source_partition=rejection.source.partition, source_offset=rejection.source.offset,
-            worker=self._worker_id)]
-        room = self._max_dlq_record - DLQ_FRAMING_BYTES - len(key or b"") - \
-            sum(len(k.encode()) + len(v) + 64 for k, v in headers)  # headers of the note below too
-        original_size = raw.original_size if raw.original_size is not None and raw.value is not None \
+        headers = [
+            *original_headers,
+            *notes,
+            *dlq_headers(
+                code=error.code,
+                reason=error.message,
+                source_topic=rejection.source.topic,
+                source_partition=rejection.source.partition,
+                source_offset=rejection.source.offset,
+                worker=self._worker_id,
+            ),
+        ]
+        room = (
+            self._max_dlq_record
+            - DLQ_FRAMING_BYTES
+            - len(key or b"")
+            - sum(len(k.encode()) + len(v) + 64 for k, v in headers)
+        )  # headers of the note below too
+        original_size = (
+            raw.original_size
+            if raw.original_size is not None and raw.value is not None
             else len(value or b"")
+        )
         if value is not None and (len(value) > room or original_size > len(value)):
             headers.append((HEADER_DLQ_TRUNCATED_VALUE, str(original_size).encode()))
-            value = value[:max(0, room)]
+            value = value[: max(0, room)]
         return key, value, headers
 
 
 def _redirect(rejection: Rejection, topic: str) -> Rejection:
-    return Rejection(rejection.source, rejection.raw, rejection.error, topic, rejection.content_type,
-                     key=rejection.key, request=rejection.request)
+    return Rejection(
+        rejection.source,
+        rejection.raw,
+        rejection.error,
+        topic,
+        rejection.content_type,
+        key=rejection.key,
+        request=rejection.request,
+    )
 
 
 async def acknowledged(acks: list[tuple[str, Ack]]) -> list[tuple[str, BaseException]]:
     """Waits for every ack; returns the failed ones (topic, error)."""
     outcomes = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
-    return [(topic, outcome) for (topic, _), outcome in zip(acks, outcomes, strict=True)
-            if isinstance(outcome, BaseException)]
+    return [
+        (topic, outcome)
+        for (topic, _), outcome in zip(acks, outcomes, strict=True)
+        if isinstance(outcome, BaseException)
+    ]

@@ -55,8 +55,7 @@ class ExpandsTooFar(ValueError):
 # they are written) and fails past it, so a bomb costs at most the limit.
 
 
-def _into(decompress_into: Callable[[bytes, Any], int], name: str,
-          limit: int) -> Callable[[bytes], bytes]:
+def _into(decompress_into: Callable[[bytes, Any], int], name: str, limit: int) -> Callable[[bytes], bytes]:
     def decode(payload: bytes) -> bytes:
         out = np.empty(limit + 1, dtype=np.uint8)
         try:
@@ -94,7 +93,7 @@ def _snappy(limit: int) -> Callable[[bytes], bytes]:
             blocks, cursor = [], 16
             while cursor + 4 <= len(data):
                 size = struct.unpack_from(">i", data, cursor)[0]
-                blocks.append(data[cursor + 4:cursor + 4 + size])
+                blocks.append(data[cursor + 4 : cursor + 4 + size])
                 cursor += 4 + size
         total = 0
         for block in blocks:  # a raw snappy block starts with its expanded length (varint)
@@ -191,18 +190,36 @@ def read_batches(data: bytes, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYT
     view = memoryview(data)
     pos = 0
     while len(view) - pos >= BATCH_HEADER_BYTES:
-        (base_offset, length, _epoch, magic, crc, attributes, last_delta, base_timestamp, _max_ts,
-         producer_id, _producer_epoch, _base_sequence, count) = BATCH_HEADER.unpack_from(view, pos)
+        (
+            base_offset,
+            length,
+            _epoch,
+            magic,
+            crc,
+            attributes,
+            last_delta,
+            base_timestamp,
+            _max_ts,
+            producer_id,
+            _producer_epoch,
+            _base_sequence,
+            count,
+        ) = BATCH_HEADER.unpack_from(view, pos)
         start, end = pos, pos + 12 + length  # the length counts from after itself
         if length < BATCH_HEADER_BYTES - 12 or end > len(view):
             return
         pos = end
-        batch = RawBatch(base_offset, base_offset + last_delta + 1, producer_id,
-                         bool(attributes & TRANSACTIONAL), bool(attributes & CONTROL))
-        body = view[start + BATCH_HEADER_BYTES:end]
+        batch = RawBatch(
+            base_offset,
+            base_offset + last_delta + 1,
+            producer_id,
+            bool(attributes & TRANSACTIONAL),
+            bool(attributes & CONTROL),
+        )
+        body = view[start + BATCH_HEADER_BYTES : end]
         if magic != 2:
             batch.problem = f"record batch of magic {magic} (only v2 is read)"
-        elif calc_crc32c(bytes(view[start + CRC_START:end])) != crc:
+        elif calc_crc32c(bytes(view[start + CRC_START : end])) != crc:
             batch.problem = "record batch CRC mismatch (corrupt data)"
         else:
             _read_records(batch, body, attributes, base_timestamp, count, decompressors)
@@ -211,8 +228,14 @@ def read_batches(data: bytes, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYT
         yield batch
 
 
-def _read_records(batch: RawBatch, body: memoryview, attributes: int, base_timestamp: int,
-                  count: int, decompressors: Decompressors) -> None:
+def _read_records(
+    batch: RawBatch,
+    body: memoryview,
+    attributes: int,
+    base_timestamp: int,
+    count: int,
+    decompressors: Decompressors,
+) -> None:
     compression = attributes & COMPRESSION_MASK
     records: bytes | memoryview = body
     if compression:
@@ -288,4 +311,4 @@ class _Reader:
             return None
         start = self.pos
         self.skip(length)
-        return bytes(self.data[start:self.pos])
+        return bytes(self.data[start : self.pos])

@@ -53,9 +53,16 @@ class Salvaged:
 PositionOf = Callable[[TopicPartition], Awaitable[int | None]]
 
 
-async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: Iterable[TopicPartition],
-                  position_of: PositionOf, *, max_bytes: int, isolation_level: int,
-                  max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES) -> Salvaged:
+async def salvage(
+    consumer: AIOKafkaConsumer,
+    cluster: ClusterView,
+    partitions: Iterable[TopicPartition],
+    position_of: PositionOf,
+    *,
+    max_bytes: int,
+    isolation_level: int,
+    max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> Salvaged:
     """Restores the positions of ``partitions`` and reads past the first unreadable record of each
     (see the module docstring). ``position_of`` gives where the pipeline stands on a partition
     (None: unknown, start from the committed offset)."""
@@ -75,23 +82,39 @@ async def salvage(consumer: AIOKafkaConsumer, cluster: ClusterView, partitions: 
         except (KafkaError, OSError) as exc:
             log.warning("raw fetch of %s at %d failed: %s", tp, position, exc)
             continue
-        records, unreadable = scan(tp, fetched.records, position, fetched.aborted_transactions,
-                                   read_committed=isolation_level == READ_COMMITTED,
-                                   max_expanded_bytes=max_expanded_bytes)
+        records, unreadable = scan(
+            tp,
+            fetched.records,
+            position,
+            fetched.aborted_transactions,
+            read_committed=isolation_level == READ_COMMITTED,
+            max_expanded_bytes=max_expanded_bytes,
+        )
         if unreadable is None:
             continue  # this partition reads fine: the consumer fetches it again from `position`
         found.records.extend(records)
         found.unreadable.append(unreadable)
         consumer.seek(tp, unreadable.next_offset)
-        log.warning("partition %s: %s at offset %d; %d good records before it handed over, "
-                    "continuing at %d", tp, unreadable.reason, unreadable.offset, len(records),
-                    unreadable.next_offset)
+        log.warning(
+            "partition %s: %s at offset %d; %d good records before it handed over, continuing at %d",
+            tp,
+            unreadable.reason,
+            unreadable.offset,
+            len(records),
+            unreadable.next_offset,
+        )
     return found
 
 
-def scan(tp: TopicPartition, data: bytes, position: int, aborted: list[tuple[int, int]], *,
-         read_committed: bool, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
-         ) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
+def scan(
+    tp: TopicPartition,
+    data: bytes,
+    position: int,
+    aborted: list[tuple[int, int]],
+    *,
+    read_committed: bool,
+    max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
     """The records from ``position`` up to the first one aiokafka cannot unpack, and that one
     (None when every record reads). Aborted transactions and control batches are skipped the way
     aiokafka skips them."""
@@ -118,23 +141,38 @@ def scan(tp: TopicPartition, data: bytes, position: int, aborted: list[tuple[int
                 continue
             reason = record.unreadable_reason()
             if reason is not None:
-                return good, Unreadable(tp, record.offset, record.offset + 1, record.timestamp_ms,
-                                        reason, record)
+                return good, Unreadable(
+                    tp, record.offset, record.offset + 1, record.timestamp_ms, reason, record
+                )
             good.append(_consumer_record(tp, record))
     return good, None
 
 
 def _unreadable_batch(tp: TopicPartition, batch: RawBatch, position: int) -> Unreadable:
     first = max(batch.base_offset, position)
-    return Unreadable(tp, first, batch.next_offset, 0,
-                      f"{batch.problem}: offsets {first}-{batch.next_offset - 1}", None,
-                      batch=batch.raw, too_large=batch.too_large)
+    return Unreadable(
+        tp,
+        first,
+        batch.next_offset,
+        0,
+        f"{batch.problem}: offsets {first}-{batch.next_offset - 1}",
+        None,
+        batch=batch.raw,
+        too_large=batch.too_large,
+    )
 
 
 def _consumer_record(tp: TopicPartition, record: RawRecord) -> ConsumerRecord[bytes, bytes]:
     return ConsumerRecord(
-        topic=tp.topic, partition=tp.partition, offset=record.offset, timestamp=record.timestamp_ms,
-        timestamp_type=CREATE_TIME, key=record.key, value=record.value, checksum=None,
+        topic=tp.topic,
+        partition=tp.partition,
+        offset=record.offset,
+        timestamp=record.timestamp_ms,
+        timestamp_type=CREATE_TIME,
+        key=record.key,
+        value=record.value,
+        checksum=None,
         serialized_key_size=len(record.key) if record.key is not None else -1,
         serialized_value_size=len(record.value) if record.value is not None else -1,
-        headers=tuple(record.text_headers()))
+        headers=tuple(record.text_headers()),
+    )

@@ -16,13 +16,19 @@ STACK_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "local" / "st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("stack_args", nargs=argparse.REMAINDER,
-                        help="passed on to deploy/local/stack.py (e.g. --service redis)")
+    parser.add_argument(
+        "stack_args",
+        nargs=argparse.REMAINDER,
+        help="passed on to deploy/local/stack.py (e.g. --service redis)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if not STACK_SCRIPT.exists():
-        print(f"error: {STACK_SCRIPT} not found. The local stack runs from a source checkout of "
-              "embedfleet (git clone, then `make stack-up`).", file=sys.stderr)
+        print(
+            f"error: {STACK_SCRIPT} not found. The local stack runs from a source checkout of "
+            "embedfleet (git clone, then `make stack-up`).",
+            file=sys.stderr,
+        )
         return 2
     return subprocess.call([sys.executable, str(STACK_SCRIPT), args.action, *args.stack_args])

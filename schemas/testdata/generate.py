@@ -84,9 +84,7 @@ def content_hash_vectors() -> dict[str, Any]:
                 "payload_hex": content_hash_payload(
                     text, model_fingerprint=fingerprint, task=task, dimensions=dimensions
                 ).hex(),
-                "key": content_hash(
-                    text, model_fingerprint=fingerprint, task=task, dimensions=dimensions
-                ),
+                "key": content_hash(text, model_fingerprint=fingerprint, task=task, dimensions=dimensions),
             }
         )
     return {
@@ -132,9 +130,7 @@ def _floats_vector_cases() -> list[dict[str, Any]]:
             {
                 "name": name,
                 # The float32 values, widened exactly: what a JSON `vector` carries.
-                "vector": EmbedResult.success(
-                    request_id="x", key="k", model="m", vector=floats
-                ).vector,
+                "vector": EmbedResult.success(request_id="x", key="k", model="m", vector=floats).vector,
                 "vector_b64": encode_vector_b64(floats),
             }
         )
@@ -147,9 +143,7 @@ def _results() -> list[tuple[str, EmbedResult]]:
     return [
         (
             "success_float",
-            EmbedResult.success(
-                request_id="req-1", key=key, model="all-MiniLM-L6-v2", vector=vector
-            ),
+            EmbedResult.success(request_id="req-1", key=key, model="all-MiniLM-L6-v2", vector=vector),
         ),
         (
             "success_base64_cached",
@@ -175,9 +169,7 @@ def _results() -> list[tuple[str, EmbedResult]]:
         ),
         (
             "failure_without_id",
-            EmbedResult.failure(
-                request_id=None, code=ErrorCode.INVALID_ENCODING, message="undecodable"
-            ),
+            EmbedResult.failure(request_id=None, code=ErrorCode.INVALID_ENCODING, message="undecodable"),
         ),
     ]
 
@@ -208,10 +200,7 @@ def _hex_or_text(value: bytes, content_type: ContentType) -> dict[str, str]:
 
 def _fields(message: EmbedRequest | EmbedResult) -> dict[str, Any]:
     """Every field, defaults included (the wire form omits defaults)."""
-    return {
-        field: msgspec.to_builtins(getattr(message, field))
-        for field in message.__struct_fields__
-    }
+    return {field: msgspec.to_builtins(getattr(message, field)) for field in message.__struct_fields__}
 
 
 def codec_vectors() -> dict[str, Any]:
@@ -223,9 +212,7 @@ def codec_vectors() -> dict[str, Any]:
                 # All fields after decoding, defaults included.
                 "fields": _fields(request),
                 **_hex_or_text(encode_request(request, ContentType.JSON), ContentType.JSON),
-                **_hex_or_text(
-                    encode_request(request, ContentType.MSGPACK), ContentType.MSGPACK
-                ),
+                **_hex_or_text(encode_request(request, ContentType.MSGPACK), ContentType.MSGPACK),
             }
         )
     results = []
@@ -274,24 +261,42 @@ def cache_layout_vectors() -> dict[str, Any]:
     """Redis keys, the contract record and the request limits, as every worker and client use them."""
     hash_ = content_hash("hello", model_fingerprint="f" * 64, task=None, dimensions=None)
     keys = []
-    for prefix, model, dim in (("embedfleet", "all-MiniLM-L6-v2", 384),
-                               ("tenant-a", "org/model name:v2", 128),
-                               ("p", "nomic-embed-text-v1.5", 768)):
-        keys.append({"prefix": prefix, "model": model, "dim": dim, "content_hash": hash_,
-                     "vector_key": cache_layout.vector_key(prefix, model, dim, hash_),
-                     "index_name": cache_layout.index_name(prefix, model, dim),
-                     "contract_key": cache_layout.contract_key(prefix, model)})
+    for prefix, model, dim in (
+        ("embedfleet", "all-MiniLM-L6-v2", 384),
+        ("tenant-a", "org/model name:v2", 128),
+        ("p", "nomic-embed-text-v1.5", 768),
+    ):
+        keys.append(
+            {
+                "prefix": prefix,
+                "model": model,
+                "dim": dim,
+                "content_hash": hash_,
+                "vector_key": cache_layout.vector_key(prefix, model, dim, hash_),
+                "index_name": cache_layout.index_name(prefix, model, dim),
+                "contract_key": cache_layout.contract_key(prefix, model),
+            }
+        )
     limits = RequestLimits()
     return {
         "description": "schemas/cache_layout.py: cache keys and the model contract record; "
-                       "schemas/codec.py RequestLimits: the workers' default limits",
+        "schemas/codec.py RequestLimits: the workers' default limits",
         "keys": keys,
-        "contract": {"fields": cache_layout.contract_fields(
-            fingerprint="f" * 64, dim=384, max_tokens=256, tasks=["query", "document"],
-            dimensions=[384, 128])},
-        "limits": {"max_message_bytes": limits.max_message_bytes,
-                   "max_text_bytes": limits.max_text_bytes,
-                   "max_header_bytes": limits.max_header_bytes, "max_headers": limits.max_headers},
+        "contract": {
+            "fields": cache_layout.contract_fields(
+                fingerprint="f" * 64,
+                dim=384,
+                max_tokens=256,
+                tasks=["query", "document"],
+                dimensions=[384, 128],
+            )
+        },
+        "limits": {
+            "max_message_bytes": limits.max_message_bytes,
+            "max_text_bytes": limits.max_text_bytes,
+            "max_header_bytes": limits.max_header_bytes,
+            "max_headers": limits.max_headers,
+        },
     }
 
 

@@ -29,10 +29,24 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 MAKEFILE = REPO_ROOT / "Makefile"
 
 # PromQL words that look like metric names but are not.
-PROMQL_KEYWORDS = frozenset({
-    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-    "offset", "atan2", "inf", "nan",
-})
+PROMQL_KEYWORDS = frozenset(
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "atan2",
+        "inf",
+        "nan",
+    }
+)
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGES = re.compile(r"\[[^\[\]]*\]")
@@ -44,8 +58,11 @@ def require_promtool() -> str:
     """promtool's path; a clear failure (not a skip) when it is missing."""
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is not installed: run `bash deploy/local/system-deps.sh` (Debian package "
-                    "`prometheus`), or `make test`, which runs it", pytrace=False)
+        pytest.fail(
+            "promtool is not installed: run `bash deploy/local/system-deps.sh` (Debian package "
+            "`prometheus`), or `make test`, which runs it",
+            pytrace=False,
+        )
     return path
 
 
@@ -102,8 +119,12 @@ def dashboard_panels() -> Iterator[dict[str, Any]]:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every panel target and every templating query."""
-    queries = [(panel["title"], target["expr"]) for panel in dashboard_panels()
-               for target in panel.get("targets", []) if target.get("expr")]
+    queries = [
+        (panel["title"], target["expr"])
+        for panel in dashboard_panels()
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
     for variable in dashboard()["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]

@@ -82,8 +82,12 @@ def test_compose_init_creates_the_three_topics() -> None:
     init = services()["kafka-init"]
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
     script = "\n".join(init["command"])
-    creates = {m.group(1): m.group(0) for m in re.finditer(
-        r"--create --if-not-exists --topic (\S+)(?:[^\n]|\\\n)*(?:\n\s+--config[^\n]*)*", script)}
+    creates = {
+        m.group(1): m.group(0)
+        for m in re.finditer(
+            r"--create --if-not-exists --topic (\S+)(?:[^\n]|\\\n)*(?:\n\s+--config[^\n]*)*", script
+        )
+    }
     assert set(creates) == {"embed.requests", "embed.results", "embed.requests.dlq"}
     assert "--partitions 6" in creates["embed.requests"]
     assert "cleanup.policy=compact" in creates["embed.results"]
@@ -171,15 +175,21 @@ def test_the_dockerfile_targets() -> None:
         assert len(healthchecks) == 1 and "/healthz" in healthchecks[0] and "urllib" in healthchecks[0]
         assert 'ENTRYPOINT ["embedfleet"]' in stage and 'CMD ["worker"]' in stage
         assert any(line.startswith("COPY --from=") and "/opt/venv" in line for line in stage)
-        resolved = {k: v.replace("${MODEL_DIR}", BAKED_MODEL) for k, v in env.items()
-                    if k.startswith("EMBEDFLEET_") and k != "EMBEDFLEET_HOME"}
+        resolved = {
+            k: v.replace("${MODEL_DIR}", BAKED_MODEL)
+            for k, v in env.items()
+            if k.startswith("EMBEDFLEET_") and k != "EMBEDFLEET_HOME"
+        }
         WorkerConfig.from_env(resolved)
     assert f"ARG MODEL_DIR={BAKED_MODEL}" in dockerfile_lines()
 
 
 def test_dockerignore_keeps_state_and_secrets_out() -> None:
-    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", ".state", "tests", "deploy"} <= ignored
     # ... but not what the image is built from.
     for needed in ("pyproject.toml", "README.md", "worker", "schemas", "producer"):

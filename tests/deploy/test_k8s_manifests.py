@@ -12,8 +12,8 @@ import pytest
 from tests.deploy.deployfiles import K8S, load_yaml, load_yaml_documents
 from worker.config import WorkerConfig
 
-DRAIN_S = 120          # the worker drains for up to this long after SIGTERM
-PARTITIONS = 6         # embed.requests
+DRAIN_S = 120  # the worker drains for up to this long after SIGTERM
+PARTITIONS = 6  # embed.requests
 METRICS_PORT = 9400
 API_VERSIONS = {
     "Namespace": "v1",
@@ -84,8 +84,10 @@ def test_deployment_probes_grace_and_strategy() -> None:
     deployment = one("Deployment")
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment)
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"][
-        "metadata"]["labels"].items()
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -158,8 +160,10 @@ def test_service_and_servicemonitor_agree() -> None:
 def test_pdb() -> None:
     pdb, deployment = one("PodDisruptionBudget"), one("Deployment")
     assert pdb["spec"]["maxUnavailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"][
-        "metadata"]["labels"].items()
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_keda_scales_on_the_group_lag_within_the_partitions() -> None:

@@ -53,15 +53,19 @@ def used_names() -> dict[str, set[str]]:
 
 
 def test_the_name_extractor() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(embedfleet_batch_size_bucket{job=~"$job",'
-            'le!="+Inf"}[$__rate_interval]))) / on () group_left sum(embedfleet:x:rate5m) > 1.2e9 '
-            'or vector(0) and up offset 5m')
+    expr = (
+        'histogram_quantile(0.99, sum by (le) (rate(embedfleet_batch_size_bucket{job=~"$job",'
+        'le!="+Inf"}[$__rate_interval]))) / on () group_left sum(embedfleet:x:rate5m) > 1.2e9 '
+        "or vector(0) and up offset 5m"
+    )
     assert metric_names(expr) == {"embedfleet_batch_size_bucket", "embedfleet:x:rate5m", "up"}
 
 
 def test_the_exposition_parser() -> None:
-    text = ("# HELP a_total x\n# TYPE a_total counter\n# TYPE h histogram\n"
-            'h_bucket{le="1"} 0\n# TYPE g gauge\ng{p="1"} 2\n')
+    text = (
+        "# HELP a_total x\n# TYPE a_total counter\n# TYPE h histogram\n"
+        'h_bucket{le="1"} 0\n# TYPE g gauge\ng{p="1"} 2\n'
+    )
     assert exported_names(text) == {"a_total", "h", "h_bucket", "h_sum", "h_count", "g"}
 
 
@@ -77,11 +81,15 @@ async def test_every_queried_metric_is_exported_by_a_live_worker(fleet: Fleet) -
     recorded = recorded_names()
     used = used_names()
     assert used, "no metric names found in the dashboard and the rules"
-    unknown = {name: sorted(where) for name, where in used.items()
-               if name not in exported and name not in recorded and name not in NOT_FROM_THE_WORKER}
+    unknown = {
+        name: sorted(where)
+        for name, where in used.items()
+        if name not in exported and name not in recorded and name not in NOT_FROM_THE_WORKER
+    }
     assert not unknown, (
         "queried but not exported by `embedfleet worker` (nor recorded by rules.yaml, nor listed in "
-        f"NOT_FROM_THE_WORKER): {unknown}")
+        f"NOT_FROM_THE_WORKER): {unknown}"
+    )
     # A recording rule named in a query must be one rules.yaml defines (typos otherwise vanish).
     undefined = {name for name in used if ":" in name and name not in recorded}
     assert not undefined, f"recording rules used but not defined: {sorted(undefined)}"

@@ -39,8 +39,9 @@ SEVERITIES = {"critical", "warning", "info"}
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_promtool(), *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, check=False)
+    return subprocess.run(
+        [require_promtool(), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False
+    )
 
 
 def test_promtool_check_rules() -> None:
@@ -62,9 +63,13 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     """Each dashboard query, Grafana variables substituted, as a recording rule promtool parses."""
     queries = dashboard_queries()
     assert queries
-    group: dict[str, Any] = {"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
-        for i, (_, expr) in enumerate(queries)]}
+    group: dict[str, Any] = {
+        "name": "dashboard",
+        "rules": [
+            {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+            for i, (_, expr) in enumerate(queries)
+        ],
+    }
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [group]}))
     result = promtool("check", "rules", str(path))
@@ -90,12 +95,13 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     for name in alerts():
         assert cases.get(name) == {True, False}, (
             f"{name}: rules_test.yaml needs a case where it fires and one where it does not "
-            f"(has: {sorted(cases.get(name, set()))})")
+            f"(has: {sorted(cases.get(name, set()))})"
+        )
 
 
 def test_the_kubernetes_prometheusrule_is_the_rules_file() -> None:
     assert prometheusrule.PROMETHEUS_RULE.read_text() == prometheusrule.render(), (
-        "deploy/k8s/prometheusrule.yaml is out of date: "
-        "run `.venv/bin/python -m tests.deploy.prometheusrule`")
+        "deploy/k8s/prometheusrule.yaml is out of date: run `.venv/bin/python -m tests.deploy.prometheusrule`"
+    )
     document = load_yaml(prometheusrule.PROMETHEUS_RULE)
     assert document["spec"]["groups"] == load_yaml(RULES)["groups"]

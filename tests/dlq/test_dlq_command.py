@@ -35,8 +35,15 @@ class Scenario:
 
 
 def dlq(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EMBEDFLEET, "dlq", *args], env=fleet.env(), cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [EMBEDFLEET, "dlq", *args],
+        env=fleet.env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def run_dlq(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
@@ -64,14 +71,21 @@ async def read_topic(bootstrap: str, topic: str) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scenario]:
+async def scenario(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Scenario]:
     """One worker with a small text limit; three texts over it, two unknown tasks, one message
     over the message limit and the DLQ's record limit (its DLQ copy is cut), one undecodable
     message and one good request."""
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("dlq"),
-                              workers=1, EMBEDFLEET_MAX_TEXT_BYTES=str(SMALL_TEXT_LIMIT),
-                              EMBEDFLEET_MAX_MESSAGE_BYTES=str(MESSAGE_LIMIT))
+    fleet = await start_fleet(
+        kafka_bootstrap,
+        redis_url,
+        model_dir,
+        tmp_path_factory.mktemp("dlq"),
+        workers=1,
+        EMBEDFLEET_MAX_TEXT_BYTES=str(SMALL_TEXT_LIMIT),
+        EMBEDFLEET_MAX_MESSAGE_BYTES=str(MESSAGE_LIMIT),
+    )
     try:
         async with FleetIO(fleet) as io:
             state = Scenario(fleet, io)
@@ -80,19 +94,24 @@ async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
                 request_id = f"long-{i}-{salt}"
                 value = json.dumps({"id": request_id, "text": f"{salt} long text {i} " + "word " * 60})
                 state.too_long[request_id] = value.encode()
-                await io.send(value.encode(), key=f"key-{request_id}".encode(),
-                              headers=state.headers_of(request_id))
+                await io.send(
+                    value.encode(), key=f"key-{request_id}".encode(), headers=state.headers_of(request_id)
+                )
             for i in range(2):
                 request_id = f"task-{i}-{salt}"
                 state.unknown_task.append(request_id)
                 # An ANSI escape in the task name: `dlq list` must not pass it to the terminal.
-                await io.send(json.dumps({"id": request_id, "text": "short",
-                                          "task": "no-such-task\x1b[31m"}).encode())
+                await io.send(
+                    json.dumps({"id": request_id, "text": "short", "task": "no-such-task\x1b[31m"}).encode()
+                )
             request_id = f"large-{salt}"
             state.too_large.append(request_id)
             # Larger than the DLQ topic takes (1 MiB): its copy is cut, so replay skips it.
-            await io.send(json.dumps({"id": request_id, "text": "x" * 100,
-                                      "metadata": {"pad": "p" * (1536 << 10)}}).encode())
+            await io.send(
+                json.dumps(
+                    {"id": request_id, "text": "x" * 100, "metadata": {"pad": "p" * (1536 << 10)}}
+                ).encode()
+            )
             # Not JSON, with raw terminal escapes: the DLQ keeps the bytes, `list` must escape them.
             await io.send(b"\x1b[2J\x1b]0;pwned\x07 not a request")
             good = (await io.send_texts(["a perfectly fine request"]))[0]
@@ -106,8 +125,12 @@ async def scenario(kafka_bootstrap: str, redis_url: str, model_dir: Path,
             for request_id in state.unknown_task:
                 assert results[request_id]["error"]["code"] == "unknown_task"
             codes = sorted(h["dlq-error-code"].decode() for _, h in io.dead_letters)
-            assert codes == ["invalid_encoding", "message_too_large", *["text_too_long"] * 3,
-                             *["unknown_task"] * 2]
+            assert codes == [
+                "invalid_encoding",
+                "message_too_large",
+                *["text_too_long"] * 3,
+                *["unknown_task"] * 2,
+            ]
             yield state
     finally:
         fleet.stop_all()
@@ -131,8 +154,7 @@ async def test_list_prints_dead_letters_safely(scenario: Scenario) -> None:
     as_json = await run_dlq(scenario.fleet, "list", "--json", "--reason", "text_too_long")
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert {r["key"] for r in rows} == {f"key-{i}" for i in scenario.too_long}
-    assert all(r["source_topic"] == scenario.fleet.requests_topic and r["incomplete"] is None
-               for r in rows)
+    assert all(r["source_topic"] == scenario.fleet.requests_topic and r["incomplete"] is None for r in rows)
 
     later = await run_dlq(scenario.fleet, "list", "--from-offset", "5")
     assert "2 dead letter(s) read" in later.stdout
@@ -141,17 +163,24 @@ async def test_list_prints_dead_letters_safely(scenario: Scenario) -> None:
 async def test_unknown_code_and_missing_topic_say_what_to_do(scenario: Scenario) -> None:
     bad_code = await asyncio.to_thread(dlq, scenario.fleet, "list", "--reason", "no_such_code")
     assert bad_code.returncode == 2 and "known:" in bad_code.stderr and "text_too_long" in bad_code.stderr
-    missing = await asyncio.to_thread(subprocess.run, [EMBEDFLEET, "dlq", "list"],
-                                      env=scenario.fleet.env({"EMBEDFLEET_DLQ_TOPIC": "no.such.topic"}),
-                                      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    missing = await asyncio.to_thread(
+        subprocess.run,
+        [EMBEDFLEET, "dlq", "list"],
+        env=scenario.fleet.env({"EMBEDFLEET_DLQ_TOPIC": "no.such.topic"}),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and "EMBEDFLEET_DLQ_TOPIC" in missing.stderr, missing.stderr
 
 
 async def test_dry_run_sends_nothing(scenario: Scenario) -> None:
     fleet = scenario.fleet
     before = len(await read_topic(fleet.bootstrap, fleet.requests_topic))
-    dry = await run_dlq(fleet, "replay", "--reason", "text_too_long", "--reason", "message_too_large",
-                        "--dry-run")
+    dry = await run_dlq(
+        fleet, "replay", "--reason", "text_too_long", "--reason", "message_too_large", "--dry-run"
+    )
     assert "matched 4, would replay 3, skipped 1 (dry run: nothing sent)" in dry.stdout, dry.stdout
     assert "value was truncated" in dry.stdout
     await asyncio.sleep(1.0)

@@ -6,11 +6,23 @@ from worker.dlq_command import DeadLetter, escape_text, preview
 
 
 def letter(value: bytes | None, *extra: tuple[str, bytes]) -> DeadLetter:
-    return DeadLetter(partition=0, offset=7, key=b"k", value=value, headers=(
-        ("content-type", b"application/json"), ("x-trace", b"t"), *extra,
-        ("dlq-error-code", b"text_too_long"), ("dlq-reason", b"text is \x1b[2J too long"),
-        ("dlq-source-topic", b"embed.requests"), ("dlq-source-partition", b"3"),
-        ("dlq-source-offset", b"41"), ("dlq-worker", b"w1")))
+    return DeadLetter(
+        partition=0,
+        offset=7,
+        key=b"k",
+        value=value,
+        headers=(
+            ("content-type", b"application/json"),
+            ("x-trace", b"t"),
+            *extra,
+            ("dlq-error-code", b"text_too_long"),
+            ("dlq-reason", b"text is \x1b[2J too long"),
+            ("dlq-source-topic", b"embed.requests"),
+            ("dlq-source-partition", b"3"),
+            ("dlq-source-offset", b"41"),
+            ("dlq-worker", b"w1"),
+        ),
+    )
 
 
 def test_terminal_control_characters_are_escaped() -> None:
@@ -31,7 +43,8 @@ def test_original_headers_lose_every_dlq_header() -> None:
 def test_incomplete_copies_are_refused() -> None:
     assert letter(b"{}").incomplete() is None
     assert "value was truncated (original 5000 bytes)" in str(
-        letter(b"{}", ("dlq-truncated-value", b"5000")).incomplete())
+        letter(b"{}", ("dlq-truncated-value", b"5000")).incomplete()
+    )
     assert "key was truncated" in str(letter(b"{}", ("dlq-truncated-key", b"2000")).incomplete())
     assert "headers were dropped" in str(letter(b"{}", ("dlq-dropped-headers", b"9")).incomplete())
     assert "no value" in str(letter(None).incomplete())

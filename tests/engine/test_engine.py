@@ -33,9 +33,7 @@ def test_fp32_matches_sentence_transformers_reference(fp32: Embedder, shared_dir
 
 
 def test_int8_quality_floor(fp32: Embedder, int8: Embedder, shared_dir: Path) -> None:
-    texts = quality.first_distinct(
-        quality.read_jsonl_strings(shared_dir / "corpus" / "queries.jsonl"), 2000
-    )
+    texts = quality.first_distinct(quality.read_jsonl_strings(shared_dir / "corpus" / "queries.jsonl"), 2000)
     assert len(texts) == 2000
     result = quality.agreement(int8.embed(texts).vectors, fp32.embed(texts).vectors)
     assert result.mean_cosine >= 0.99
@@ -73,9 +71,7 @@ def test_zero_point_rows_fold_the_correction_exactly() -> None:
     weights[:, 0] = 127  # a column whose sum needs several rows
     rows = quantize.zero_point_rows(weights, align=16)
     assert (weights.shape[0] + len(rows)) % 16 == 0
-    np.testing.assert_array_equal(
-        rows.astype(np.int64).sum(axis=0), -weights.astype(np.int64).sum(axis=0)
-    )
+    np.testing.assert_array_equal(rows.astype(np.int64).sum(axis=0), -weights.astype(np.int64).sum(axis=0))
     q = rng.integers(0, 256, size=(5, 48))
     zp = rng.integers(0, 256, size=(5, 1))
     extended = np.concatenate([q, np.repeat(zp, len(rows), axis=1)], axis=1)
@@ -149,9 +145,7 @@ def test_cls_pooling_matches_numpy(derive_bundle: DeriveBundle, bundle: Bundle) 
     embedder = Embedder.from_bundle(derive_bundle(pooling="cls"), variant="fp32")
     texts = ["a short one", "a somewhat longer text about vector databases and caches"]
     encoded = embedder.prepare(texts)
-    session = ort.InferenceSession(
-        str(bundle.variant_path("fp32")), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(bundle.variant_path("fp32")), providers=["CPUExecutionProvider"])
     hidden = session.run(
         ["last_hidden_state"],
         {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask},
@@ -257,13 +251,9 @@ def test_import_foreign_onnx(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> 
 
 def test_embed_command_end_to_end(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
-    source.write_text(
-        '{"id": "a", "text": "first text"}\n"second text"\n\n{"text": "third text"}\n'
-    )
+    source.write_text('{"id": "a", "text": "first text"}\n"second text"\n\n{"text": "third text"}\n')
     out = tmp_path / "out.jsonl"
-    code = cli_main(
-        ["embed", str(source), "--model", str(bundle.path), "--variant", "fp32", "-o", str(out)]
-    )
+    code = cli_main(["embed", str(source), "--model", str(bundle.path), "--variant", "fp32", "-o", str(out)])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 2, 4]

@@ -55,8 +55,9 @@ def fault_ledger() -> FaultLedger:
 
 
 @pytest.fixture
-async def two_workers(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                      tmp_path: Path) -> AsyncIterator[Fleet]:
+async def two_workers(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> AsyncIterator[Fleet]:
     """Two workers on fresh topics, stopped and cleaned up after the test."""
     fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
     yield fleet
@@ -69,14 +70,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     write = terminalreporter.write_line
     write("")
-    write("fault-injection report (sent / answered / error results / DLQ / missing / duplicates / "
-          "longest stall / peak RSS)")
-    write(f"{'scenario':48} {'sent':>6} {'answered':>9} {'errors':>6} {'dlq':>5} {'missing':>8} "
-          f"{'dups':>6} {'stall s':>8} {'RSS MB':>7}  notes")
+    write(
+        "fault-injection report (sent / answered / error results / DLQ / missing / duplicates / "
+        "longest stall / peak RSS)"
+    )
+    write(
+        f"{'scenario':48} {'sent':>6} {'answered':>9} {'errors':>6} {'dlq':>5} {'missing':>8} "
+        f"{'dups':>6} {'stall s':>8} {'RSS MB':>7}  notes"
+    )
     for row in _LEDGER.rows:
-        write(f"{row.scenario:48} {row.sent:6d} {row.answered:9d} {row.errors:6d} {row.dlq:5d} "
-              f"{row.missing:8d} {row.duplicates:6d} {row.recovery_s:8.1f} {row.peak_rss_mb:7.0f}  "
-              f"{row.notes}")
+        write(
+            f"{row.scenario:48} {row.sent:6d} {row.answered:9d} {row.errors:6d} {row.dlq:5d} "
+            f"{row.missing:8d} {row.duplicates:6d} {row.recovery_s:8.1f} {row.peak_rss_mb:7.0f}  "
+            f"{row.notes}"
+        )
 
 
 def scenario_texts(shared_dir: Path, count: int = REQUESTS_PER_SCENARIO) -> list[str]:
@@ -113,14 +120,18 @@ class Audit:
 
 async def read_topics(bootstrap: str, topics: list[str], timeout_s: float = 60) -> list[Any]:
     """Every committed record of ``topics`` (all partitions), from the beginning to the current end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     found: list[Any] = []
     try:
         metadata = await consumer._client.fetch_all_metadata()  # as tests/dlq does: no auto-creation
-        partitions = [TopicPartition(topic, p) for topic in topics
-                      for p in sorted(metadata.partitions_for_topic(topic) or ())]
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(metadata.partitions_for_topic(topic) or ())
+        ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
@@ -156,9 +167,15 @@ async def audit(fleet: Fleet, ids: list[str], timeout_s: float = 60) -> tuple[in
     return found.answered(ids), found.missing(ids), found.duplicates(ids)
 
 
-async def run_scenario(fleet: Fleet, texts: list[str], fault: Callable[[], Awaitable[str | None]], *,
-                       at_fraction: float = 0.3, timeout_s: float = 300,
-                       **request_fields: Any) -> tuple[FleetIO, list[str], float, str]:
+async def run_scenario(
+    fleet: Fleet,
+    texts: list[str],
+    fault: Callable[[], Awaitable[str | None]],
+    *,
+    at_fraction: float = 0.3,
+    timeout_s: float = 300,
+    **request_fields: Any,
+) -> tuple[FleetIO, list[str], float, str]:
     """Sends the texts, runs `fault` when `at_fraction` of them are answered, waits for all.
     Returns the IO (results as seen live), the ids, the longest stall after the fault and notes."""
     async with FleetIO(fleet) as io:

@@ -28,21 +28,28 @@ STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
 
 
 def stack(action: str, service: str) -> None:
-    done = subprocess.run([sys.executable, str(STACK), action, "--service", service],
-                          capture_output=True, text=True, check=False, timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(STACK), action, "--service", service],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-async def record(ledger: FaultLedger, name: str, fleet: Fleet, ids: list[str], stall: float,
-                 notes: str = "") -> FaultReport:
+async def record(
+    ledger: FaultLedger, name: str, fleet: Fleet, ids: list[str], stall: float, notes: str = ""
+) -> FaultReport:
     answered, missing, duplicates = await audit(fleet, ids)
     row = FaultReport(name, len(ids), answered, missing, duplicates, stall, notes)
     ledger.rows.append(row)
     return row
 
 
-async def test_kill_9_mid_batch_the_survivor_takes_over(two_workers: Fleet, shared_dir: Path,
-                                                        fault_ledger: FaultLedger) -> None:
+async def test_kill_9_mid_batch_the_survivor_takes_over(
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     victim = two_workers.workers[0]
 
     async def kill() -> str:
@@ -56,7 +63,8 @@ async def test_kill_9_mid_batch_the_survivor_takes_over(two_workers: Fleet, shar
 
 
 async def test_sigterm_drains_commits_and_leaves_without_duplicates(
-        two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     leaver = two_workers.workers[0]
 
     async def terminate() -> str:
@@ -71,8 +79,9 @@ async def test_sigterm_drains_commits_and_leaves_without_duplicates(
     assert "stopped" in leaver.log()
 
 
-async def test_redis_down_for_10s_then_back(two_workers: Fleet, shared_dir: Path,
-                                            fault_ledger: FaultLedger) -> None:
+async def test_redis_down_for_10s_then_back(
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     warm_texts = [f"warm cache entry {i}" for i in range(50)]
     async with FleetIO(two_workers) as io:
         await io.wait_for(await io.send_texts(warm_texts))
@@ -84,8 +93,9 @@ async def test_redis_down_for_10s_then_back(two_workers: Fleet, shared_dir: Path
         return "Redis stopped for 10 s"
 
     try:
-        _, ids, stall, notes = await run_scenario(two_workers, scenario_texts(shared_dir), outage,
-                                                  at_fraction=0.1)
+        _, ids, stall, notes = await run_scenario(
+            two_workers, scenario_texts(shared_dir), outage, at_fraction=0.1
+        )
     finally:
         await asyncio.to_thread(stack, "up", "redis")  # idempotent: never leave Redis down
     assert two_workers.metric("embedfleet_cache_errors_total") > 0
@@ -98,14 +108,21 @@ async def test_redis_down_for_10s_then_back(two_workers: Fleet, shared_dir: Path
             if hits == len(warm_texts) or asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(1)
-    row = await record(fault_ledger, "Redis down 10 s", two_workers, ids, stall,
-                       f"{notes}; warm hits after: {hits}/{len(warm_texts)}")
+    row = await record(
+        fault_ledger,
+        "Redis down 10 s",
+        two_workers,
+        ids,
+        stall,
+        f"{notes}; warm hits after: {hits}/{len(warm_texts)}",
+    )
     assert row.missing == 0
     assert hits == len(warm_texts)
 
 
-async def test_broker_restart_mid_run(two_workers: Fleet, shared_dir: Path,
-                                      fault_ledger: FaultLedger) -> None:
+async def test_broker_restart_mid_run(
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     async def restart() -> str:
         await asyncio.to_thread(stack, "down", "kafka")
         await asyncio.sleep(2)
@@ -121,24 +138,31 @@ async def test_broker_restart_mid_run(two_workers: Fleet, shared_dir: Path,
     assert row.missing == 0
 
 
-async def test_rebalance_when_a_third_worker_joins(two_workers: Fleet, shared_dir: Path,
-                                                   fault_ledger: FaultLedger) -> None:
+async def test_rebalance_when_a_third_worker_joins(
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     async def join() -> str:
         newcomer = two_workers.start_worker()
         await two_workers.wait_ready([newcomer])
         return "a third worker joined"
 
     # Early and with a longer backlog, so the newcomer gets partitions that still hold work.
-    _, ids, stall, notes = await run_scenario(two_workers, scenario_texts(shared_dir, 8000), join,
-                                              at_fraction=0.02)
+    _, ids, stall, notes = await run_scenario(
+        two_workers, scenario_texts(shared_dir, 8000), join, at_fraction=0.02
+    )
     row = await record(fault_ledger, "rebalance: third worker joins", two_workers, ids, stall, notes)
     assert row.missing == 0
     assert two_workers.workers[2].metric("embedfleet_requests_total") > 0
 
 
-async def test_poison_text_is_isolated(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                                       tmp_path: Path, shared_dir: Path,
-                                       fault_ledger: FaultLedger) -> None:
+async def test_poison_text_is_isolated(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    shared_dir: Path,
+    fault_ledger: FaultLedger,
+) -> None:
     fleet = Fleet(kafka_bootstrap, redis_url, model_dir, tmp_path)
     await fleet.create_topics()
     try:
@@ -166,9 +190,17 @@ async def test_poison_text_is_isolated(kafka_bootstrap: str, redis_url: str, mod
         good = [request_id for index, request_id in enumerate(ids) if index not in poisoned]
         found = await audit_fleet(fleet)
         bad = [ids[index] for index in sorted(poisoned)]
-        row = FaultReport("poison texts (inference fails)", len(ids), found.answered(good),
-                          found.missing(good), found.duplicates(good), stall, notes,
-                          errors=sum(found.error_codes(bad).values()), dlq=len(found.dead_letters))
+        row = FaultReport(
+            "poison texts (inference fails)",
+            len(ids),
+            found.answered(good),
+            found.missing(good),
+            found.duplicates(good),
+            stall,
+            notes,
+            errors=sum(found.error_codes(bad).values()),
+            dlq=len(found.dead_letters),
+        )
         fault_ledger.rows.append(row)
         assert row.missing == 0 and row.duplicates == 0
         assert found.error_codes(bad) == {"inference_failed": len(poisoned)} and row.dlq == len(poisoned)
@@ -177,12 +209,17 @@ async def test_poison_text_is_isolated(kafka_bootstrap: str, redis_url: str, mod
         await fleet.cleanup()
 
 
-async def test_exactly_once_kill_9_leaves_no_duplicates(kafka_bootstrap: str, redis_url: str,
-                                                        model_dir: Path, tmp_path: Path,
-                                                        shared_dir: Path,
-                                                        fault_ledger: FaultLedger) -> None:
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2,
-                              EMBEDFLEET_GUARANTEE="exactly-once")
+async def test_exactly_once_kill_9_leaves_no_duplicates(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    shared_dir: Path,
+    fault_ledger: FaultLedger,
+) -> None:
+    fleet = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2, EMBEDFLEET_GUARANTEE="exactly-once"
+    )
     try:
         victim = fleet.workers[0]
 

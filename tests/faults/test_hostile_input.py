@@ -55,16 +55,24 @@ def hostile_messages() -> list[Hostile]:
         ("empty id", js({"id": "", "text": "x"}), [], None),
         ("id too long", js({"id": "i" * 10_000, "text": "x"}), [], None),
         ("id with control characters", js({"id": "bad\nid\x07", "text": "x"}), [], None),
-        ("metadata too many entries", js({**ok, "id": "m1", "metadata": {str(i): "v" for i in range(1000)}}),
-         [], None),
+        (
+            "metadata too many entries",
+            js({**ok, "id": "m1", "metadata": {str(i): "v" for i in range(1000)}}),
+            [],
+            None,
+        ),
         ("metadata value not a string", js({**ok, "id": "m2", "metadata": {"k": {"nested": 1}}}), [], None),
         ("whitespace text", js({"id": "w1", "text": " \t\n "}), [], None),
         ("text too long", js({"id": "l1", "text": "y" * (70 * 1024)}), [], None),
         ("unknown task", js({**ok, "id": "t2", "task": "rm -rf /"}), [], None),
         ("unknown encoding_format", js({**ok, "id": "e1", "encoding_format": "int8"}), [], None),
         ("msgpack garbage", b"\xc1\xc1\xc1\xc1", [("content-type", b"application/msgpack")], None),
-        ("msgpack wrong types", msgspec.msgpack.encode({"id": 5, "text": b"\x00\x01"}),
-         [("content-type", b"application/msgpack")], None),
+        (
+            "msgpack wrong types",
+            msgspec.msgpack.encode({"id": 5, "text": b"\x00\x01"}),
+            [("content-type", b"application/msgpack")],
+            None,
+        ),
         ("number too large", b'{"id": "big2", "text": "x", "dimensions": 1' + b"0" * 400 + b"}", [], None),
         ("unknown schema version", js({**ok, "id": "v1"}), [("schema", b"99")], None),
         ("BOM before json", b"\xef\xbb\xbf" + js({**ok, "id": "bom1"}), [], None),
@@ -81,13 +89,21 @@ def worker_rss_mb(fleet: Fleet) -> float:
 
 
 async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
-        kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> None:
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2,
-                              EMBEDFLEET_MAX_MESSAGE_BYTES=str(12 * 1024 * 1024))
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    fleet = await start_fleet(
+        kafka_bootstrap,
+        redis_url,
+        model_dir,
+        tmp_path,
+        workers=2,
+        EMBEDFLEET_MAX_MESSAGE_BYTES=str(12 * 1024 * 1024),
+    )
     hostile = hostile_messages()
     assert len(hostile) >= 30
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=12 * 1024 * 1024,
-                                acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, max_request_size=12 * 1024 * 1024, acks="all"
+    )
     await producer.start()
     try:
         async with FleetIO(fleet) as io:
@@ -98,8 +114,9 @@ async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
                     good_id, good_value = request(f"good neighbour of {name} {round_} {uuid.uuid4().hex}")
                     good_ids.append(good_id)
                     await producer.send_and_wait(fleet.requests_topic, good_value, partition=0)
-                    sent = await producer.send_and_wait(fleet.requests_topic, value, key=key,
-                                                        headers=headers, partition=0)
+                    sent = await producer.send_and_wait(
+                        fleet.requests_topic, value, key=key, headers=headers, partition=0
+                    )
                     bad_offsets[sent.offset] = name
             results = await io.wait_for(good_ids, timeout_s=120)
             assert all("vector" in r for r in results.values())

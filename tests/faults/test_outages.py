@@ -37,8 +37,13 @@ OUTAGE_S = 60
 
 
 def stack(action: str, service: str) -> None:
-    done = subprocess.run([sys.executable, str(STACK), action, "--service", service],
-                          capture_output=True, text=True, check=False, timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(STACK), action, "--service", service],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -47,8 +52,9 @@ def readyz(worker: WorkerProcess) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body)
 
 
-async def test_kafka_down_longer_than_the_request_timeout(two_workers: Fleet, shared_dir: Path,
-                                                          fault_ledger: FaultLedger) -> None:
+async def test_kafka_down_longer_than_the_request_timeout(
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     seen: dict[str, Any] = {}
 
     async def outage() -> str:
@@ -68,15 +74,23 @@ async def test_kafka_down_longer_than_the_request_timeout(two_workers: Fleet, sh
         return f"Kafka stopped for {OUTAGE_S} s"
 
     try:
-        _, ids, stall, notes = await run_scenario(two_workers, scenario_texts(shared_dir, 2000), outage,
-                                                  at_fraction=0.3, timeout_s=400)
+        _, ids, stall, notes = await run_scenario(
+            two_workers, scenario_texts(shared_dir, 2000), outage, at_fraction=0.3, timeout_s=400
+        )
     finally:
         await asyncio.to_thread(stack, "up", "kafka")
     found = await audit_fleet(two_workers)
     not_ready_after = [round(seen[w.name], 1) for w in two_workers.workers if w.name in seen]
-    row = FaultReport(f"Kafka down {OUTAGE_S} s", len(ids), found.answered(ids), found.missing(ids),
-                      found.duplicates(ids), stall,
-                      f"{notes}; /readyz 503 after {not_ready_after} s", peak_rss_mb=peak_rss_mb(two_workers))
+    row = FaultReport(
+        f"Kafka down {OUTAGE_S} s",
+        len(ids),
+        found.answered(ids),
+        found.missing(ids),
+        found.duplicates(ids),
+        stall,
+        f"{notes}; /readyz 503 after {not_ready_after} s",
+        peak_rss_mb=peak_rss_mb(two_workers),
+    )
     fault_ledger.rows.append(row)
     assert row.missing == 0
     assert all(w.alive for w in two_workers.workers)
@@ -124,7 +138,8 @@ def long_texts(shared_dir: Path, distinct: int, size: int) -> list[str]:
 
 
 async def test_a_backlog_of_64_kib_texts_never_blocks_the_loop(
-        two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    two_workers: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     assignments = two_workers.metric("embedfleet_assignments_total")
     texts = long_texts(shared_dir, 50, 64 * 1024 - 16)
     probes: list[float] = []
@@ -149,14 +164,23 @@ async def test_a_backlog_of_64_kib_texts_never_blocks_the_loop(
         await prober
     found = await audit_fleet(two_workers)
     p99 = float(np.percentile(probes, 99))
-    loop_lag = [w.metric("embedfleet_event_loop_lag_seconds_sum") / max(1.0, w.metric(
-        "embedfleet_event_loop_lag_seconds_count")) for w in two_workers.workers]
-    row = FaultReport("backlog: 2000 requests of 64 KiB", len(ids), found.answered(ids),
-                      found.missing(ids), found.duplicates(ids), 0.0,
-                      f"{elapsed:.0f} s; /healthz p50 {statistics.median(probes) * 1000:.0f} ms, "
-                      f"p99 {p99 * 1000:.0f} ms over {len(probes)} probes; mean loop lag "
-                      f"{max(loop_lag) * 1000:.1f} ms; no new assignment",
-                      peak_rss_mb=peak_rss_mb(two_workers))
+    loop_lag = [
+        w.metric("embedfleet_event_loop_lag_seconds_sum")
+        / max(1.0, w.metric("embedfleet_event_loop_lag_seconds_count"))
+        for w in two_workers.workers
+    ]
+    row = FaultReport(
+        "backlog: 2000 requests of 64 KiB",
+        len(ids),
+        found.answered(ids),
+        found.missing(ids),
+        found.duplicates(ids),
+        0.0,
+        f"{elapsed:.0f} s; /healthz p50 {statistics.median(probes) * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms over {len(probes)} probes; mean loop lag "
+        f"{max(loop_lag) * 1000:.1f} ms; no new assignment",
+        peak_rss_mb=peak_rss_mb(two_workers),
+    )
     fault_ledger.rows.append(row)
     assert row.missing == 0 and row.duplicates == 0
     assert two_workers.metric("embedfleet_assignments_total") == assignments, "a worker was expelled"
@@ -188,9 +212,14 @@ class _BrokenEngine:
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
         return [TokenizedText([101, 102], False) for _ in texts]
 
-    def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
-                        dimensions: int | None = None, batch_size: int = 32,
-                        token_budget: int = 2048) -> Any:
+    def embed_tokenized(
+        self,
+        tokenized: Sequence[TokenizedText],
+        texts: Sequence[str],
+        dimensions: int | None = None,
+        batch_size: int = 32,
+        token_budget: int = 2048,
+    ) -> Any:
         @dataclass
         class Output:
             vectors: np.ndarray
@@ -200,16 +229,20 @@ class _BrokenEngine:
 
 
 async def test_a_bug_stops_the_worker_with_a_nonzero_status(
-        kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> None:
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
     fleet = Fleet(kafka_bootstrap, redis_url, model_dir, tmp_path)
     await fleet.create_topics()
     try:
-        config = WorkerConfig.from_env(fleet.env({"EMBEDFLEET_METRICS_PORT": "0",
-                                                  "EMBEDFLEET_WORKER_ID": f"broken-{fleet.tag}"}))
+        config = WorkerConfig.from_env(
+            fleet.env({"EMBEDFLEET_METRICS_PORT": "0", "EMBEDFLEET_WORKER_ID": f"broken-{fleet.tag}"})
+        )
         async with FleetIO(fleet) as io:
             await io.send_texts(["this text meets a bug"])
-            status = await asyncio.wait_for(serve(config, _BrokenEngine()),  # type: ignore[arg-type]
-                                            timeout=120)
+            status = await asyncio.wait_for(
+                serve(config, _BrokenEngine()),  # type: ignore[arg-type]
+                timeout=120,
+            )
         assert status == 1
     finally:
         await fleet.cleanup()

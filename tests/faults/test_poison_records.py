@@ -64,9 +64,16 @@ def peak_rss_mb(fleet: Fleet) -> float:
     return peak
 
 
-async def run_poison(fleet: Fleet, shared_dir: Path, bad: list[SendBad], *, dead_letters: int,
-                     error_results: dict[str, str], extra_topics: list[str] | None = None,
-                     timeout_s: float = 240) -> Scenario:
+async def run_poison(
+    fleet: Fleet,
+    shared_dir: Path,
+    bad: list[SendBad],
+    *,
+    dead_letters: int,
+    error_results: dict[str, str],
+    extra_topics: list[str] | None = None,
+    timeout_s: float = 240,
+) -> Scenario:
     """Sends GOOD good requests with the bad ones after a third; waits for every good result, the
     dead letters and the error results (id -> code) on the fleet's topic or ``extra_topics``."""
     assignments = fleet.metric("embedfleet_assignments_total")
@@ -78,15 +85,17 @@ async def run_poison(fleet: Fleet, shared_dir: Path, bad: list[SendBad], *, dead
         # From here the workers have the bad records (the sends above wait for the broker's ack,
         # which for a 256 MiB value takes the test itself seconds to compress).
         bad_at = time.monotonic()
-        rest = await io.send_texts(texts[GOOD // 3:])
+        rest = await io.send_texts(texts[GOOD // 3 :])
         good_ids = first + rest
         await io.wait_for(good_ids, timeout_s=timeout_s)
         await io.wait_for_dead_letters(dead_letters, timeout_s=60)
         deadline = time.monotonic() + 60
         while True:
             found = await audit_fleet(fleet, extra_topics)
-            if all(code in found.errors.get(i, []) for i, code in error_results.items()) \
-                    or time.monotonic() > deadline:
+            if (
+                all(code in found.errors.get(i, []) for i, code in error_results.items())
+                or time.monotonic() > deadline
+            ):
                 break
             await asyncio.sleep(0.5)
         after = sorted(t for t in io.arrivals if t >= bad_at)
@@ -97,14 +106,23 @@ async def run_poison(fleet: Fleet, shared_dir: Path, bad: list[SendBad], *, dead
     return scenario
 
 
-def check_and_record(ledger: FaultLedger, name: str, scenario: Scenario, *, dead_letters: int,
-                     error_results: dict[str, str]) -> FaultReport:
+def check_and_record(
+    ledger: FaultLedger, name: str, scenario: Scenario, *, dead_letters: int, error_results: dict[str, str]
+) -> FaultReport:
     found = scenario.audit
     errors = found.error_codes(list(error_results))
-    row = FaultReport(name, len(scenario.good_ids) + dead_letters, found.answered(scenario.good_ids),
-                      found.missing(scenario.good_ids), found.duplicates(scenario.good_ids),
-                      scenario.stall_s, "; ".join(scenario.notes), errors=sum(errors.values()),
-                      dlq=len(found.dead_letters), peak_rss_mb=scenario.peak_rss_mb)
+    row = FaultReport(
+        name,
+        len(scenario.good_ids) + dead_letters,
+        found.answered(scenario.good_ids),
+        found.missing(scenario.good_ids),
+        found.duplicates(scenario.good_ids),
+        scenario.stall_s,
+        "; ".join(scenario.notes),
+        errors=sum(errors.values()),
+        dlq=len(found.dead_letters),
+        peak_rss_mb=scenario.peak_rss_mb,
+    )
     ledger.rows.append(row)
     assert row.missing == 0 and row.duplicates == 0
     assert row.dlq == dead_letters, found.dlq_codes()
@@ -127,8 +145,16 @@ def kcat(fleet: Fleet, value: bytes, partition: int, headers: list[bytes]) -> No
     """kcat writes header names as raw bytes (aiokafka and Kafka's Java client encode str names)."""
     path = Path(fleet.workers[0].log_path).with_suffix(f".{uuid.uuid4().hex}.msg")
     path.write_bytes(value)
-    args: list[str | bytes] = [shutil.which("kcat") or "kcat", "-P", "-b", fleet.bootstrap, "-t",
-                               fleet.requests_topic, "-p", str(partition)]
+    args: list[str | bytes] = [
+        shutil.which("kcat") or "kcat",
+        "-P",
+        "-b",
+        fleet.bootstrap,
+        "-t",
+        fleet.requests_topic,
+        "-p",
+        str(partition),
+    ]
     for header in headers:
         args += ["-H", header]
     args.append(str(path))
@@ -137,13 +163,15 @@ def kcat(fleet: Fleet, value: bytes, partition: int, headers: list[bytes]) -> No
 
 
 async def test_header_poison_is_dead_lettered_and_answered_on_the_reply_topic(
-        fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     private = f"{fleet.results_topic}.private"
     await create_topic(fleet.bootstrap, private, 1)
 
     def bad(request_id: str, **fields: Any) -> bytes:
-        return json.dumps({"id": request_id, "text": "a poisoned neighbour", "reply_to": private,
-                           **fields}).encode()
+        return json.dumps(
+            {"id": request_id, "text": "a poisoned neighbour", "reply_to": private, **fields}
+        ).encode()
 
     async def send_bad(io: FleetIO) -> None:
         # A header name that is not UTF-8: aiokafka fails inside getmany() on this record.
@@ -156,17 +184,35 @@ async def test_header_poison_is_dead_lettered_and_answered_on_the_reply_topic(
         await io.send(bad("text-is-a-number", text=5))
         await io.producer.flush()
 
-    errors = {"bad-name-p0": "invalid_headers", "bad-name-p3": "invalid_headers",
-              "bad-value": "invalid_headers", "many-headers": "invalid_headers",
-              "big-headers": "message_too_large", "text-is-a-number": "invalid_request"}
+    errors = {
+        "bad-name-p0": "invalid_headers",
+        "bad-name-p3": "invalid_headers",
+        "bad-value": "invalid_headers",
+        "many-headers": "invalid_headers",
+        "big-headers": "message_too_large",
+        "text-is-a-number": "invalid_request",
+    }
     try:
-        scenario = await run_poison(fleet, shared_dir, [send_bad], dead_letters=len(errors),
-                                    error_results=errors, extra_topics=[private])
+        scenario = await run_poison(
+            fleet,
+            shared_dir,
+            [send_bad],
+            dead_letters=len(errors),
+            error_results=errors,
+            extra_topics=[private],
+        )
         in_private = {i for i in errors if i in scenario.audit.errors}
-        scenario.notes.append(f"header name/value not UTF-8, 65 headers, 20 KB header, "
-                              f"invalid text; {len(in_private)} errors on the private reply topic")
-        check_and_record(fault_ledger, "poison headers (kcat \\xff\\xfe name, ...)", scenario,
-                         dead_letters=len(errors), error_results=errors)
+        scenario.notes.append(
+            f"header name/value not UTF-8, 65 headers, 20 KB header, "
+            f"invalid text; {len(in_private)} errors on the private reply topic"
+        )
+        check_and_record(
+            fault_ledger,
+            "poison headers (kcat \\xff\\xfe name, ...)",
+            scenario,
+            dead_letters=len(errors),
+            error_results=errors,
+        )
         # They reached the requester's own topic, not the default one.
         private_only = await audit_fleet(fleet)
         assert not any(i in private_only.errors for i in errors)
@@ -180,7 +226,8 @@ async def test_header_poison_is_dead_lettered_and_answered_on_the_reply_topic(
 
 
 async def test_a_reply_topic_that_is_gone_gets_reply_to_unavailable(
-        fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     gone = f"{fleet.results_topic}.closed-client"
     never = f"{fleet.results_topic}.never-created"
     await create_topic(fleet.bootstrap, gone, 2)
@@ -196,18 +243,25 @@ async def test_a_reply_topic_that_is_gone_gets_reply_to_unavailable(
 
     async def send_bad(io: FleetIO) -> None:
         for i in range(3):
-            await io.send(json.dumps({"id": f"after-close-{i}", "text": f"late {i}",
-                                      "reply_to": gone}).encode())
+            await io.send(
+                json.dumps({"id": f"after-close-{i}", "text": f"late {i}", "reply_to": gone}).encode()
+            )
         await io.send(json.dumps({"id": "never", "text": "nobody", "reply_to": never}).encode())
         await io.producer.flush()
 
-    errors = {**{f"after-close-{i}": "reply_to_unavailable" for i in range(3)},
-              "never": "reply_to_unavailable"}
-    scenario = await run_poison(fleet, shared_dir, [send_bad], dead_letters=len(errors),
-                                error_results=errors)
+    errors = {
+        **{f"after-close-{i}": "reply_to_unavailable" for i in range(3)},
+        "never": "reply_to_unavailable",
+    }
+    scenario = await run_poison(fleet, shared_dir, [send_bad], dead_letters=len(errors), error_results=errors)
     scenario.notes.append("reply_to deleted after first use (3) and never created (1)")
-    check_and_record(fault_ledger, "reply_to topic deleted / never created", scenario,
-                     dead_letters=len(errors), error_results=errors)
+    check_and_record(
+        fault_ledger,
+        "reply_to topic deleted / never created",
+        scenario,
+        dead_letters=len(errors),
+        error_results=errors,
+    )
     # The workers never created the topics again (the local broker auto-creates on metadata requests).
     admin = AIOKafkaAdminClient(bootstrap_servers=fleet.bootstrap)
     await admin.start()
@@ -233,8 +287,13 @@ async def contract(redis_url: str, prefix: str) -> tuple[str, str, int]:
 
 
 async def test_non_finite_vectors_are_never_served_or_stored(
-        kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path, shared_dir: Path,
-        fault_ledger: FaultLedger) -> None:
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    shared_dir: Path,
+    fault_ledger: FaultLedger,
+) -> None:
     fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2)
     for worker in list(fleet.workers):  # the same fleet, with NaN from the model for marked texts
         fleet.stop_worker(worker)
@@ -246,12 +305,13 @@ async def test_non_finite_vectors_are_never_served_or_stored(
         model, fingerprint, dim = await contract(redis_url, fleet.cache_prefix)
         client = redis.Redis.from_url(redis_url)
         poisoned_cache = {
-            "cache: NaN vector": {"vector": np.full(dim, np.nan, "<f4").tobytes(), "model": model,
-                                  "dim": dim},
-            "cache: another model": {"vector": np.ones(dim, "<f4").tobytes(), "model": "other",
-                                     "dim": dim},
-            "cache: wrong width": {"vector": np.ones(dim // 2, "<f4").tobytes(), "model": model,
-                                   "dim": dim},
+            "cache: NaN vector": {
+                "vector": np.full(dim, np.nan, "<f4").tobytes(),
+                "model": model,
+                "dim": dim,
+            },
+            "cache: another model": {"vector": np.ones(dim, "<f4").tobytes(), "model": "other", "dim": dim},
+            "cache: wrong width": {"vector": np.ones(dim // 2, "<f4").tobytes(), "model": model, "dim": dim},
         }
         salt = uuid.uuid4().hex[:6]
         cache_texts = {name: f"{name} {salt}" for name in poisoned_cache}
@@ -270,8 +330,13 @@ async def test_non_finite_vectors_are_never_served_or_stored(
         errors = {f"nan-{i}": "inference_failed" for i in range(3)}
         scenario = await run_poison(fleet, shared_dir, [send_bad], dead_letters=3, error_results=errors)
         scenario.notes.append("3 NaN vectors from the model, 3 bad cache entries (NaN, model, width)")
-        check_and_record(fault_ledger, "non-finite vectors (model and Redis)", scenario,
-                         dead_letters=3, error_results=errors)
+        check_and_record(
+            fault_ledger,
+            "non-finite vectors (model and Redis)",
+            scenario,
+            dead_letters=3,
+            error_results=errors,
+        )
         # The bad cache entries were misses: computed, finite, and overwritten with good ones.
         for name in poisoned_cache:
             [result] = scenario.io.results[name]
@@ -292,10 +357,12 @@ async def test_non_finite_vectors_are_never_served_or_stored(
 
 
 async def test_dead_letters_that_would_exceed_the_broker_limit_are_cut_to_fit(
-        fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     """The DLQ topic takes 1 MiB records (Kafka's default); the requests topic takes 10 MiB."""
-    big = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, compression_type="gzip",
-                           max_request_size=16 << 20, acks="all")
+    big = AIOKafkaProducer(
+        bootstrap_servers=fleet.bootstrap, compression_type="gzip", max_request_size=16 << 20, acks="all"
+    )
     await big.start()
 
     async def send_bad(io: FleetIO) -> None:
@@ -315,20 +382,23 @@ async def test_dead_letters_that_would_exceed_the_broker_limit_are_cut_to_fit(
     finally:
         await big.stop()
     scenario.notes.append("gzip 3 MiB request; 1 MiB invalid request; DLQ limit 1 MiB")
-    check_and_record(fault_ledger, "dead letters over the DLQ record limit", scenario,
-                     dead_letters=2, error_results=errors)
+    check_and_record(
+        fault_ledger, "dead letters over the DLQ record limit", scenario, dead_letters=2, error_results=errors
+    )
     cut = [h for h in scenario.audit.dead_letters if "dlq-truncated-value" in h]
     assert len(cut) == 2
     assert {h["dlq-error-code"] for h in cut} == {b"message_too_large", b"invalid_request"}
 
 
 async def test_a_zstd_bomb_is_rejected_within_the_memory_limit(
-        fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger) -> None:
+    fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     """256 MiB of zeros in zstd is about 8 KB on the wire. The workers decompress a fetched batch
     only up to 64 MiB (worker.records.guard_kafka_decompression): the batch is dead-lettered as it
     came (still compressed) and memory never sees the 256 MiB."""
-    bomb = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap, compression_type="zstd",
-                            max_request_size=300 << 20, acks="all")
+    bomb = AIOKafkaProducer(
+        bootstrap_servers=fleet.bootstrap, compression_type="zstd", max_request_size=300 << 20, acks="all"
+    )
     await bomb.start()
     zeros = b'{"id": "bomb", "text": "' + bytes(256 << 20) + b'"}'
     wire: list[int] = []
@@ -342,13 +412,14 @@ async def test_a_zstd_bomb_is_rejected_within_the_memory_limit(
         scenario = await run_poison(fleet, shared_dir, [send_bad], dead_letters=2, error_results={})
     finally:
         await bomb.stop()
-    scenario.notes.append(f"2 x 256 MiB zstd values; peak RSS {scenario.peak_rss_mb:.0f} MB "
-                          f"(limit {MEMORY_LIMIT_MB})")
-    check_and_record(fault_ledger, "zstd bomb (2 x 256 MiB values)", scenario, dead_letters=2,
-                     error_results={})
+    scenario.notes.append(
+        f"2 x 256 MiB zstd values; peak RSS {scenario.peak_rss_mb:.0f} MB (limit {MEMORY_LIMIT_MB})"
+    )
+    check_and_record(
+        fault_ledger, "zstd bomb (2 x 256 MiB values)", scenario, dead_letters=2, error_results={}
+    )
     assert scenario.audit.dlq_codes() == {"message_too_large": 2}
     assert all(h["dlq-raw-batch"] == b"1" for h in scenario.audit.dead_letters)
     assert all(b"expands past" in h["dlq-reason"] for h in scenario.audit.dead_letters)
     # Bounded by the expansion limit, far below one copy of the value (the limit is 1.5 GiB).
     assert scenario.peak_rss_mb < 256 + BASELINE_RSS_MB
-

@@ -32,8 +32,9 @@ REQUESTS = 2000
 
 @pytest.fixture
 async def eos_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> Any:
-    fleet = Fleet(kafka_bootstrap, redis_url, model_dir, tmp_path,
-                  extra_env={"EMBEDFLEET_GUARANTEE": "exactly-once"})
+    fleet = Fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path, extra_env={"EMBEDFLEET_GUARANTEE": "exactly-once"}
+    )
     await fleet.create_topics()
     for _ in range(2):
         fleet.start_worker(*HOLD)
@@ -57,8 +58,9 @@ async def holder(fleet: Fleet, timeout_s: float = 60) -> WorkerProcess:
     raise AssertionError("no worker held a transaction open")
 
 
-async def zombie_scenario(fleet: Fleet, shared_dir: Path,
-                          fault: Any) -> tuple[FleetIO, list[str], float, str]:
+async def zombie_scenario(
+    fleet: Fleet, shared_dir: Path, fault: Any
+) -> tuple[FleetIO, list[str], float, str]:
     texts = scenario_texts(shared_dir, REQUESTS)
     async with FleetIO(fleet) as io:
         ids = await io.send_texts(texts[: REQUESTS // 4])
@@ -66,15 +68,16 @@ async def zombie_scenario(fleet: Fleet, shared_dir: Path,
         victim = await holder(fleet)
         fault_at = time.monotonic()
         notes = await fault(victim)
-        ids += await io.send_texts(texts[REQUESTS // 4:])
+        ids += await io.send_texts(texts[REQUESTS // 4 :])
         await io.wait_for(ids + marked, timeout_s=300)
         after = sorted(t for t in io.arrivals if t >= fault_at)
         gaps = [b - a for a, b in zip([fault_at, *after], after, strict=False)]
         return io, ids + marked, max(gaps, default=0.0), notes
 
 
-async def test_a_frozen_worker_cannot_commit_after_it_wakes(eos_fleet: Fleet, shared_dir: Path,
-                                                             fault_ledger: FaultLedger) -> None:
+async def test_a_frozen_worker_cannot_commit_after_it_wakes(
+    eos_fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     async def freeze(victim: WorkerProcess) -> str:
         os.kill(victim.process.pid, signal.SIGSTOP)
         await asyncio.sleep(15)  # > session timeout (10 s): the group moves on without it
@@ -85,9 +88,15 @@ async def test_a_frozen_worker_cannot_commit_after_it_wakes(eos_fleet: Fleet, sh
     await asyncio.sleep(5)  # let the zombie try to commit
     found = await audit_fleet(eos_fleet)
     fenced = eos_fleet.metric("embedfleet_fenced_partitions_total")
-    row = FaultReport("zombie: SIGSTOP in a transaction (exactly-once)", len(ids), found.answered(ids),
-                      found.missing(ids), found.duplicates(ids), stall,
-                      f"{notes}; {fenced:.0f} partition(s) fenced")
+    row = FaultReport(
+        "zombie: SIGSTOP in a transaction (exactly-once)",
+        len(ids),
+        found.answered(ids),
+        found.missing(ids),
+        found.duplicates(ids),
+        stall,
+        f"{notes}; {fenced:.0f} partition(s) fenced",
+    )
     fault_ledger.rows.append(row)
     assert row.missing == 0
     assert row.duplicates == 0
@@ -95,8 +104,9 @@ async def test_a_frozen_worker_cannot_commit_after_it_wakes(eos_fleet: Fleet, sh
     assert "fenced" in "".join(w.log() for w in eos_fleet.workers)
 
 
-async def test_kill_9_in_a_transaction_then_a_new_worker(eos_fleet: Fleet, shared_dir: Path,
-                                                         fault_ledger: FaultLedger) -> None:
+async def test_kill_9_in_a_transaction_then_a_new_worker(
+    eos_fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
     async def kill(victim: WorkerProcess) -> str:
         os.kill(victim.process.pid, signal.SIGKILL)
         victim.process.wait(timeout=10)  # reaped before its replacement starts
@@ -105,9 +115,15 @@ async def test_kill_9_in_a_transaction_then_a_new_worker(eos_fleet: Fleet, share
 
     io, ids, stall, notes = await zombie_scenario(eos_fleet, shared_dir, kill)
     found = await audit_fleet(eos_fleet)
-    row = FaultReport("kill -9 in a transaction + new worker (exactly-once)", len(ids),
-                      found.answered(ids), found.missing(ids), found.duplicates(ids), stall,
-                      f"{notes}; the reader's longest stall is the stall column")
+    row = FaultReport(
+        "kill -9 in a transaction + new worker (exactly-once)",
+        len(ids),
+        found.answered(ids),
+        found.missing(ids),
+        found.duplicates(ids),
+        stall,
+        f"{notes}; the reader's longest stall is the stall column",
+    )
     fault_ledger.rows.append(row)
     assert row.missing == 0
     assert row.duplicates == 0

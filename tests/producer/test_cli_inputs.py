@@ -20,16 +20,30 @@ from worker.cli import build_parser
 
 
 def test_jsonl_objects_and_bare_strings() -> None:
-    lines = ['{"id": "a", "text": "first"}\n', "\n", '"second"\n', '{"text": "third"}\n',
-             '{"id": 7, "text": "x", "extra": 1}\n']
-    assert list(parse_jsonl(lines)) == [InputText("a", "first"), InputText(3, "second"),
-                                        InputText(4, "third"), InputText(7, "x")]
+    lines = [
+        '{"id": "a", "text": "first"}\n',
+        "\n",
+        '"second"\n',
+        '{"text": "third"}\n',
+        '{"id": 7, "text": "x", "extra": 1}\n',
+    ]
+    assert list(parse_jsonl(lines)) == [
+        InputText("a", "first"),
+        InputText(3, "second"),
+        InputText(4, "third"),
+        InputText(7, "x"),
+    ]
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("not json", "line 1: not JSON"), ('{"id": 1}', 'line 1: expected'), ("[1, 2]", "line 1: expected"),
-    ('{"text": 5}', "line 1: expected"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "line 1: not JSON"),
+        ('{"id": 1}', "line 1: expected"),
+        ("[1, 2]", "line 1: expected"),
+        ('{"text": 5}', "line 1: expected"),
+    ],
+)
 def test_jsonl_errors_name_the_line(line: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         list(parse_jsonl([line]))
@@ -37,8 +51,11 @@ def test_jsonl_errors_name_the_line(line: str, message: str) -> None:
 
 def test_plain_lines_keep_the_text_and_skip_blank_lines() -> None:
     lines = ["  indented text \n", "\n", "   \n", "{not json}\r\n", "last"]
-    assert list(parse_lines(lines)) == [InputText(1, "  indented text "), InputText(4, "{not json}"),
-                                        InputText(5, "last")]
+    assert list(parse_lines(lines)) == [
+        InputText(1, "  indented text "),
+        InputText(4, "{not json}"),
+        InputText(5, "last"),
+    ]
     assert list(parse(iter(["a\n"]), "lines")) == [InputText(1, "a")]
 
 
@@ -76,8 +93,26 @@ def test_npy_sink_keeps_rows_in_order_with_nan_for_failures(tmp_path: Path) -> N
 def test_produce_arguments_reach_the_client_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDFLEET_KAFKA_BOOTSTRAP", "env:9092")
     args = build_parser("produce").parse_args(
-        ["produce", "in.txt", "--format", "lines", "-o", "v.npy", "--task", "query", "--dimensions", "128",
-         "--rate", "100", "--concurrency", "64", "--no-cache", "--redis-url", ""])
+        [
+            "produce",
+            "in.txt",
+            "--format",
+            "lines",
+            "-o",
+            "v.npy",
+            "--task",
+            "query",
+            "--dimensions",
+            "128",
+            "--rate",
+            "100",
+            "--concurrency",
+            "64",
+            "--no-cache",
+            "--redis-url",
+            "",
+        ]
+    )
     assert (args.input, args.input_format, args.output) == ("in.txt", "lines", "v.npy")
     assert (args.task, args.dimensions, args.rate, args.concurrency) == ("query", 128, 100.0, 64)
     config = client_config(args)

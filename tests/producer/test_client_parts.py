@@ -15,9 +15,15 @@ from schemas.cache_layout import contract_key, vector_key
 
 
 def test_model_contract_from_the_workers_hash() -> None:
-    contract = ModelContract.from_redis_fields({
-        b"fingerprint": b"abc", b"dim": b"384", b"tasks": b'["document", "query"]',
-        b"dimensions": b"[128, 384]", b"max_tokens": b"256"})
+    contract = ModelContract.from_redis_fields(
+        {
+            b"fingerprint": b"abc",
+            b"dim": b"384",
+            b"tasks": b'["document", "query"]',
+            b"dimensions": b"[128, 384]",
+            b"max_tokens": b"256",
+        }
+    )
     assert contract == ModelContract("abc", 384, frozenset({"query", "document"}), frozenset({128, 384}), 256)
     assert ModelContract.from_redis_fields({}) is None
     assert ModelContract.from_redis_fields({b"fingerprint": b"x", b"dim": b"many"}) is None
@@ -51,11 +57,13 @@ async def test_router_resolves_by_id_and_ignores_strangers() -> None:
     router = ReplyRouter(consumer)  # type: ignore[arg-type]
     router.start()
     mine = router.expect("mine")
-    ok = EmbedResult.success(request_id="mine", key="k", model="m", vector=[1.0, 2.0],
-                             encoding_format="base64")
+    ok = EmbedResult.success(
+        request_id="mine", key="k", model="m", vector=[1.0, 2.0], encoding_format="base64"
+    )
     other = EmbedResult.success(request_id="someone-else", key="k", model="m", vector=[3.0])
-    await consumer.queue.put([_Record(b"garbage"), _Record(None), _Record(encode_result(other)),
-                              _Record(encode_result(ok))])
+    await consumer.queue.put(
+        [_Record(b"garbage"), _Record(None), _Record(encode_result(other)), _Record(encode_result(ok))]
+    )
     result = await asyncio.wait_for(mine, 2)
     assert result.vector_array().tolist() == [1.0, 2.0]
     assert router.undecodable == 1 and router.waiting == 0
@@ -74,8 +82,13 @@ async def test_router_accepts_only_the_key_and_width_it_asked_for() -> None:
     mine = router.expect("mine", Expected(key="k1", dim=2))
 
     def result(key: str, vector: list[float]) -> _Record:
-        return _Record(encode_result(EmbedResult.success(
-            request_id="mine", key=key, model="m", vector=vector, encoding_format="float")))
+        return _Record(
+            encode_result(
+                EmbedResult.success(
+                    request_id="mine", key=key, model="m", vector=vector, encoding_format="float"
+                )
+            )
+        )
 
     await consumer.queue.put([result("forged", [9.0, 9.0]), result("k1", [9.0, 9.0, 9.0])])
     await asyncio.sleep(0.05)

@@ -9,14 +9,23 @@ from producer import ClientConfig
 
 def test_reads_the_environment_and_keywords_win() -> None:
     env = {
-        "EMBEDFLEET_KAFKA_BOOTSTRAP": "k:9093", "EMBEDFLEET_REDIS_URL": "redis://r:1/2",
-        "EMBEDFLEET_MODEL_NAME": "m", "EMBEDFLEET_MODEL_FINGERPRINT": "fp", "EMBEDFLEET_MODEL_DIM": "8",
-        "EMBEDFLEET_REQUESTS_TOPIC": "req", "EMBEDFLEET_RESULTS_TOPIC": "embed.results.x",
-        "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "EMBEDFLEET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-        "EMBEDFLEET_KAFKA_SASL_USERNAME": "u", "EMBEDFLEET_KAFKA_SASL_PASSWORD": "kafka-secret",
-        "EMBEDFLEET_KAFKA_SSL_CAFILE": "/ca.pem", "EMBEDFLEET_REDIS_USERNAME": "ru",
-        "EMBEDFLEET_REDIS_PASSWORD": "redis-secret", "EMBEDFLEET_KAFKA_SSL_CERTFILE": "/client.pem",
-        "EMBEDFLEET_KAFKA_SSL_KEYFILE": "/client.key", "EMBEDFLEET_REDIS_SSL_CAFILE": "/redis-ca.pem",
+        "EMBEDFLEET_KAFKA_BOOTSTRAP": "k:9093",
+        "EMBEDFLEET_REDIS_URL": "redis://r:1/2",
+        "EMBEDFLEET_MODEL_NAME": "m",
+        "EMBEDFLEET_MODEL_FINGERPRINT": "fp",
+        "EMBEDFLEET_MODEL_DIM": "8",
+        "EMBEDFLEET_REQUESTS_TOPIC": "req",
+        "EMBEDFLEET_RESULTS_TOPIC": "embed.results.x",
+        "EMBEDFLEET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "EMBEDFLEET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "EMBEDFLEET_KAFKA_SASL_USERNAME": "u",
+        "EMBEDFLEET_KAFKA_SASL_PASSWORD": "kafka-secret",
+        "EMBEDFLEET_KAFKA_SSL_CAFILE": "/ca.pem",
+        "EMBEDFLEET_REDIS_USERNAME": "ru",
+        "EMBEDFLEET_REDIS_PASSWORD": "redis-secret",
+        "EMBEDFLEET_KAFKA_SSL_CERTFILE": "/client.pem",
+        "EMBEDFLEET_KAFKA_SSL_KEYFILE": "/client.key",
+        "EMBEDFLEET_REDIS_SSL_CAFILE": "/redis-ca.pem",
     }
     config = ClientConfig.from_env(env, requests_topic="override", model_dim=None)
     assert config.kafka_bootstrap == "k:9093" and config.redis_url == "redis://r:1/2"

@@ -47,15 +47,29 @@ def corpus_texts(start: int, count: int) -> list[str]:
                 seen.setdefault(text, None)
             if len(seen) >= start + count:
                 break
-    return list(seen)[start:start + count]
+    return list(seen)[start : start + count]
 
 
 def offline_vectors(fleet: Fleet, texts: list[str], workdir: Path, variant: str) -> np.ndarray:
     """`embedfleet embed` with the fleet's bundle: the reference the fleet must reproduce."""
     source, output = workdir / "texts.jsonl", workdir / "expected.jsonl"
     source.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
-    subprocess.run([EMBEDFLEET, "embed", str(source), "--model", str(fleet.model_dir), "--variant", variant,
-                    "--output", str(output)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            EMBEDFLEET,
+            "embed",
+            str(source),
+            "--model",
+            str(fleet.model_dir),
+            "--variant",
+            variant,
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     rows = [json.loads(line)["vector"] for line in output.read_text(encoding="utf-8").splitlines()]
     return np.asarray(rows, dtype=np.float32)
 
@@ -67,8 +81,13 @@ async def cached_vectors(client: Client, texts: list[str]) -> np.ndarray:
     plan = plan_requests(texts, fingerprint=contract.fingerprint, task=None, dimensions=None)
     redis = Redis.from_url(client.config.redis_url)
     try:
-        raw = [await redis.hget(vector_key(client.config.cache_key_prefix, client.config.model_name,
-                                           contract.dim, d.key), "vector") for d in plan.distinct]
+        raw = [
+            await redis.hget(
+                vector_key(client.config.cache_key_prefix, client.config.model_name, contract.dim, d.key),
+                "vector",
+            )
+            for d in plan.distinct
+        ]
     finally:
         await redis.aclose()
     return np.stack([np.frombuffer(value, dtype="<f4") for value in raw])
@@ -80,17 +99,25 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def fleet_config(fleet: Fleet, **overrides: Any) -> ClientConfig:
     settings: dict[str, Any] = {
-        "kafka_bootstrap": fleet.bootstrap, "redis_url": fleet.redis_url,
-        "requests_topic": fleet.requests_topic, "results_topic": fleet.results_topic,
-        "cache_key_prefix": fleet.cache_prefix, **overrides}
+        "kafka_bootstrap": fleet.bootstrap,
+        "redis_url": fleet.redis_url,
+        "requests_topic": fleet.requests_topic,
+        "results_topic": fleet.results_topic,
+        "cache_key_prefix": fleet.cache_prefix,
+        **overrides,
+    }
     return ClientConfig.from_env({}, **settings)
 
 
 def fleet_env(fleet: Fleet) -> dict[str, str]:
-    return {**os.environ, "EMBEDFLEET_KAFKA_BOOTSTRAP": fleet.bootstrap,
-            "EMBEDFLEET_REDIS_URL": fleet.redis_url, "EMBEDFLEET_REQUESTS_TOPIC": fleet.requests_topic,
-            "EMBEDFLEET_RESULTS_TOPIC": fleet.results_topic,
-            "EMBEDFLEET_CACHE_KEY_PREFIX": fleet.cache_prefix}
+    return {
+        **os.environ,
+        "EMBEDFLEET_KAFKA_BOOTSTRAP": fleet.bootstrap,
+        "EMBEDFLEET_REDIS_URL": fleet.redis_url,
+        "EMBEDFLEET_REQUESTS_TOPIC": fleet.requests_topic,
+        "EMBEDFLEET_RESULTS_TOPIC": fleet.results_topic,
+        "EMBEDFLEET_CACHE_KEY_PREFIX": fleet.cache_prefix,
+    }
 
 
 @pytest.fixture
@@ -100,7 +127,8 @@ async def client(fleet: Fleet) -> AsyncIterator[Client]:
 
 
 async def test_vectors_match_offline_embed_then_come_from_the_cache(
-        client: Client, fleet: Fleet, tmp_path: Path) -> None:
+    client: Client, fleet: Fleet, tmp_path: Path
+) -> None:
     texts = corpus_texts(0, 200)
     expected = offline_vectors(fleet, texts, tmp_path, "int8")
     vectors = await client.embed(texts, timeout=120)
@@ -123,9 +151,11 @@ async def test_vectors_match_offline_embed_then_come_from_the_cache(
 
 
 async def test_fp32_fleet_matches_offline_embed(
-        kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path) -> None:
-    fp32_fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path / "logs", workers=1,
-                                   EMBEDFLEET_VARIANT="fp32")
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    fp32_fleet = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path / "logs", workers=1, EMBEDFLEET_VARIANT="fp32"
+    )
     try:
         texts = corpus_texts(0, 200)
         expected = offline_vectors(fp32_fleet, texts, tmp_path, "fp32")
@@ -161,7 +191,8 @@ async def test_a_worker_error_comes_back_per_text(client: Client) -> None:
 
 
 async def test_no_worker_means_a_quick_timeout_not_a_hang(
-        fleet: Fleet, topic_factory: Callable[..., Awaitable[str]]) -> None:
+    fleet: Fleet, topic_factory: Callable[..., Awaitable[str]]
+) -> None:
     orphan_topic = await topic_factory(6)
     async with Client(fleet_config(fleet, requests_topic=orphan_topic)) as lonely:
         started = time.monotonic()
@@ -188,8 +219,9 @@ async def test_without_redis_the_client_still_embeds(fleet: Fleet) -> None:
 
 async def test_sync_client(fleet: Fleet) -> None:
     # The sync wrapper runs its own loop, so it is called from a thread here.
-    vectors = await asyncio.to_thread(embed_sync, [f"sync {time.time_ns()}"], timeout=60,
-                                      config=fleet_config(fleet))
+    vectors = await asyncio.to_thread(
+        embed_sync, [f"sync {time.time_ns()}"], timeout=60, config=fleet_config(fleet)
+    )
     assert vectors[0].shape == (384,)
 
 
@@ -197,16 +229,27 @@ def test_produce_command_writes_npy_and_jsonl(fleet: Fleet, tmp_path: Path) -> N
     lines = tmp_path / "texts.txt"
     lines.write_text("first line to embed\n\nsecond line to embed\nfirst line to embed\n", encoding="utf-8")
     matrix_path = tmp_path / "out.npy"
-    done = subprocess.run([EMBEDFLEET, "produce", str(lines), "--format", "lines", "-o", str(matrix_path)],
-                          env=fleet_env(fleet), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [EMBEDFLEET, "produce", str(lines), "--format", "lines", "-o", str(matrix_path)],
+        env=fleet_env(fleet),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     matrix = np.load(matrix_path)
     assert matrix.shape == (3, 384) and np.array_equal(matrix[0], matrix[2])
     assert "sent 3 texts" in done.stderr
 
     jsonl = '{"id": "a", "text": "json object input"}\n"a bare string"\n{"id": "bad", "text": " "}\n'
-    done = subprocess.run([EMBEDFLEET, "produce", "-q"], input=jsonl, env=fleet_env(fleet),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [EMBEDFLEET, "produce", "-q"],
+        input=jsonl,
+        env=fleet_env(fleet),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr  # one text failed
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["id"] for r in rows] == ["a", 2, "bad"]
@@ -215,11 +258,18 @@ def test_produce_command_writes_npy_and_jsonl(fleet: Fleet, tmp_path: Path) -> N
 
 
 async def test_produce_command_says_what_to_do_when_no_worker_answers(
-        fleet: Fleet, topic_factory: Callable[..., Awaitable[str]], tmp_path: Path) -> None:
+    fleet: Fleet, topic_factory: Callable[..., Awaitable[str]], tmp_path: Path
+) -> None:
     env = {**fleet_env(fleet), "EMBEDFLEET_REQUESTS_TOPIC": await topic_factory(6)}
     done = await asyncio.to_thread(
-        subprocess.run, [EMBEDFLEET, "produce", "--timeout", "2", "-q"], input='"lonely text"\n',
-        env=env, capture_output=True, text=True, timeout=60)
+        subprocess.run,
+        [EMBEDFLEET, "produce", "--timeout", "2", "-q"],
+        input='"lonely text"\n',
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "within 2s" in done.stderr and "embedfleet worker" in done.stderr
 
@@ -233,7 +283,13 @@ def test_go_client_against_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
     expected_path = tmp_path / "expected_vectors.json"
     expected_path.write_text(json.dumps({"texts": texts, "vectors": expected.astype(np.float64).tolist()}))
     env = {**fleet_env(fleet), "EMBEDFLEET_EXPECTED_VECTORS": str(expected_path)}
-    done = subprocess.run([go, "test", "-count=1", "-v", "./..."], cwd=REPO_ROOT / "producer" / "go", env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [go, "test", "-count=1", "-v", "./..."],
+        cwd=REPO_ROOT / "producer" / "go",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "--- PASS: TestIntegrationEmbed" in done.stdout, done.stdout[-4000:]

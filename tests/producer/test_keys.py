@@ -21,8 +21,12 @@ def test_keys_match_the_contract_test_vectors() -> None:
     for vector in vectors:
         if not vector["text"].strip() or not vector["model_fingerprint"]:
             continue  # such texts are never sent; an empty fingerprint means "no fingerprint"
-        plan = plan_requests([vector["text"]], fingerprint=vector["model_fingerprint"],
-                             task=vector["task"], dimensions=vector["dimensions"])
+        plan = plan_requests(
+            [vector["text"]],
+            fingerprint=vector["model_fingerprint"],
+            task=vector["task"],
+            dimensions=vector["dimensions"],
+        )
         assert plan.keyed_by_content_hash
         assert [d.key for d in plan.distinct] == [vector["key"]], vector["name"]
         checked += 1
@@ -49,15 +53,22 @@ def test_identical_and_canonically_equal_texts_make_one_request() -> None:
 
 
 def test_task_and_dimensions_change_the_key() -> None:
-    keys = {plan_requests(["x"], fingerprint="fp", task=task, dimensions=dims).distinct[0].key
-            for task, dims in [(None, None), ("query", None), (None, 128), ("query", 128)]}
+    keys = {
+        plan_requests(["x"], fingerprint="fp", task=task, dimensions=dims).distinct[0].key
+        for task, dims in [(None, None), ("query", None), (None, 128), ("query", 128)]
+    }
     assert len(keys) == 4
 
 
-@pytest.mark.parametrize(("text", "code"), [
-    ("", "empty_text"), ("  \n\t", "empty_text"), ("\ud800", "invalid_encoding"),
-    ("x" * (64 * 1024 + 1), "text_too_long"),
-])
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("", "empty_text"),
+        ("  \n\t", "empty_text"),
+        ("\ud800", "invalid_encoding"),
+        ("x" * (64 * 1024 + 1), "text_too_long"),
+    ],
+)
 def test_texts_no_worker_accepts_fail_locally(text: str, code: str) -> None:
     problem = local_problem(text)
     assert problem is not None and problem[0] == code

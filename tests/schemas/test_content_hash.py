@@ -36,10 +36,13 @@ def test_payload_layout() -> None:
     payload = content_hash_payload("é", model_fingerprint="m", task=None, dimensions=64)
     assert payload == (
         b"embedfleet-content-v1"
-        + (1).to_bytes(8, "big") + b"m"
+        + (1).to_bytes(8, "big")
+        + b"m"
         + (0).to_bytes(8, "big")
-        + (2).to_bytes(8, "big") + b"64"
-        + (2).to_bytes(8, "big") + "é".encode()
+        + (2).to_bytes(8, "big")
+        + b"64"
+        + (2).to_bytes(8, "big")
+        + "é".encode()
     )
 
 

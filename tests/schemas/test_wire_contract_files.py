@@ -42,12 +42,18 @@ def test_worker_and_client_write_and_read_the_same_keys() -> None:
     from worker.metrics import WorkerMetrics
 
     for case in cache_layout_vectors()["keys"]:
-        worker = VectorCache(None, key_prefix=case["prefix"], model_name=case["model"], ttl_s=0,
-                             metrics=WorkerMetrics())
+        worker = VectorCache(
+            None, key_prefix=case["prefix"], model_name=case["model"], ttl_s=0, metrics=WorkerMetrics()
+        )
         assert worker.redis_key(case["content_hash"], case["dim"]) == case["vector_key"]
         assert worker.index_name(case["dim"]) == case["index_name"]
-    served = ServedModel(name="m", fingerprint="f" * 64, dim=384, tasks=frozenset({"query", "document"}),
-                         dimensions=frozenset({384, 128}))
+    served = ServedModel(
+        name="m",
+        fingerprint="f" * 64,
+        dim=384,
+        tasks=frozenset({"query", "document"}),
+        dimensions=frozenset({384, 128}),
+    )
     fields = served.redis_fields(max_tokens=256)
     assert fields == cache_layout_vectors()["contract"]["fields"]
     read = ModelContract.from_redis_fields(dict(fields.items()))
@@ -59,9 +65,7 @@ def test_request_vectors(case: dict[str, object]) -> None:
     from_json = decode_request(str(case["json"]).encode(), [])
     from_msgpack = decode_request(bytes.fromhex(str(case["msgpack_hex"])), MSGPACK)
     assert from_json == from_msgpack
-    fields = {
-        name: msgspec.to_builtins(getattr(from_json, name)) for name in from_json.__struct_fields__
-    }
+    fields = {name: msgspec.to_builtins(getattr(from_json, name)) for name in from_json.__struct_fields__}
     assert fields == case["fields"]
     assert encode_request(from_json) == str(case["json"]).encode()
     assert encode_request(from_json, ContentType.MSGPACK).hex() == case["msgpack_hex"]
@@ -86,9 +90,7 @@ def test_base64_vectors(case: dict[str, object]) -> None:
 
 @pytest.mark.parametrize("case", CODEC["invalid_requests"], ids=lambda c: c["name"])
 def test_invalid_request_vectors(case: dict[str, object]) -> None:
-    headers = [] if case["content_type"] is None else [
-        ("content-type", str(case["content_type"]).encode())
-    ]
+    headers = [] if case["content_type"] is None else [("content-type", str(case["content_type"]).encode())]
     with pytest.raises(RequestError) as caught:
         decode_request(bytes.fromhex(str(case["value_hex"])), headers)
     assert caught.value.code == case["code"]

@@ -53,9 +53,7 @@ def test_success_and_failure() -> None:
     vector = np.array([0.25, -0.5], dtype=np.float32)
     as_floats = EmbedResult.success(request_id="a", key="k", model="m", vector=vector)
     assert as_floats.ok and as_floats.vector == [0.25, -0.5] and as_floats.vector_b64 is None
-    as_b64 = EmbedResult.success(
-        request_id="a", key="k", model="m", vector=vector, encoding_format="base64"
-    )
+    as_b64 = EmbedResult.success(request_id="a", key="k", model="m", vector=vector, encoding_format="base64")
     assert as_b64.vector is None and as_b64.dim == 2
     assert as_b64.vector_array().tolist() == [0.25, -0.5]
     failure = EmbedResult.failure(request_id="a", code=ErrorCode.TEXT_TOO_LONG, message="m" * 5000)

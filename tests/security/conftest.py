@@ -50,18 +50,21 @@ def stack_dir() -> Path:
 @pytest.fixture(scope="session")
 def sasl_credentials(kafka_bootstrap: str) -> SaslCredentials:
     path = stack_dir() / "kafka" / "sasl.json"
-    restart = ("`embedfleet stack down --service kafka && embedfleet stack up` "
-               "(a broker started before SASL was configured has no SASL listener)")
+    restart = (
+        "`embedfleet stack down --service kafka && embedfleet stack up` "
+        "(a broker started before SASL was configured has no SASL listener)"
+    )
     if not path.exists():
-        pytest.fail(f"no SASL credentials at {path}: restart the local stack with {restart}",
-                    pytrace=False)
+        pytest.fail(f"no SASL credentials at {path}: restart the local stack with {restart}", pytrace=False)
     record = json.loads(path.read_text())
     host, _, port = record["bootstrap"].rpartition(":")
     with socket.socket() as sock:
         sock.settimeout(1.0)
         if sock.connect_ex((host, int(port))) != 0:
-            pytest.fail(f"no SASL listener on {record['bootstrap']}: restart the local stack with "
-                        f"{restart}", pytrace=False)
+            pytest.fail(
+                f"no SASL listener on {record['bootstrap']}: restart the local stack with {restart}",
+                pytrace=False,
+            )
     return SaslCredentials(record["bootstrap"], record["username"], record["password"])
 
 
@@ -78,14 +81,20 @@ async def wait_exit(worker: WorkerProcess, timeout_s: float) -> bool:
 
 
 @pytest.fixture
-async def make_fleet(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                     tmp_path: Path) -> AsyncIterator[FleetFactory]:
+async def make_fleet(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> AsyncIterator[FleetFactory]:
     """Fresh topics (created over PLAINTEXT); the test starts its workers with its own env."""
     fleets: list[Fleet] = []
 
     async def make(**extra_env: str) -> Fleet:
-        fleet = Fleet(kafka_bootstrap, redis_url, model_dir, tmp_path / f"fleet-{len(fleets)}",
-                      extra_env=dict(extra_env))
+        fleet = Fleet(
+            kafka_bootstrap,
+            redis_url,
+            model_dir,
+            tmp_path / f"fleet-{len(fleets)}",
+            extra_env=dict(extra_env),
+        )
         await fleet.create_topics()
         fleets.append(fleet)
         return fleet
@@ -107,8 +116,15 @@ def redis_acl_user(redis_url: str) -> Iterator[RedisUser]:
     """A Redis ACL user with a password, made through the default connection; deleted afterwards."""
     client = redis.Redis.from_url(redis_url)
     user = RedisUser(f"embedfleet-test-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(18))
-    client.acl_setuser(user.username, enabled=True, reset=True, passwords=[f"+{user.password}"],
-                       keys=["*"], channels=["*"], commands=["+@all", "-@dangerous"])
+    client.acl_setuser(
+        user.username,
+        enabled=True,
+        reset=True,
+        passwords=[f"+{user.password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-@dangerous"],
+    )
     try:
         yield user
     finally:

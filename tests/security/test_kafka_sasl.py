@@ -17,9 +17,9 @@ EXIT_WITHIN_S = 30.0
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
-async def test_worker_over_sasl_processes_requests(make_fleet: FleetFactory,
-                                                   sasl_credentials: SaslCredentials,
-                                                   mechanism: str) -> None:
+async def test_worker_over_sasl_processes_requests(
+    make_fleet: FleetFactory, sasl_credentials: SaslCredentials, mechanism: str
+) -> None:
     fleet = await make_fleet()
     worker = fleet.start_worker(env=sasl_credentials.worker_env(mechanism))
     await fleet.wait_ready([worker])
@@ -31,8 +31,9 @@ async def test_worker_over_sasl_processes_requests(make_fleet: FleetFactory,
     assert "SaslAuthenticationFailed" not in worker.log()
 
 
-async def test_wrong_sasl_password_exits_with_a_clear_error(make_fleet: FleetFactory,
-                                                            sasl_credentials: SaslCredentials) -> None:
+async def test_wrong_sasl_password_exits_with_a_clear_error(
+    make_fleet: FleetFactory, sasl_credentials: SaslCredentials
+) -> None:
     fleet = await make_fleet()
     wrong = "not-the-password-" + sasl_credentials.password[:4][::-1]
     async with FleetIO(fleet) as io:

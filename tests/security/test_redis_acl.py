@@ -11,11 +11,16 @@ from tests.security.conftest import FleetFactory, RedisUser, wait_exit
 EXIT_WITHIN_S = 30.0
 
 
-async def test_worker_with_redis_acl_user_uses_the_cache(make_fleet: FleetFactory,
-                                                         redis_acl_user: RedisUser) -> None:
+async def test_worker_with_redis_acl_user_uses_the_cache(
+    make_fleet: FleetFactory, redis_acl_user: RedisUser
+) -> None:
     fleet = await make_fleet()
-    worker = fleet.start_worker(env={"EMBEDFLEET_REDIS_USERNAME": redis_acl_user.username,
-                                     "EMBEDFLEET_REDIS_PASSWORD": redis_acl_user.password})
+    worker = fleet.start_worker(
+        env={
+            "EMBEDFLEET_REDIS_USERNAME": redis_acl_user.username,
+            "EMBEDFLEET_REDIS_PASSWORD": redis_acl_user.password,
+        }
+    )
     await fleet.wait_ready([worker])
     text = f"redis acl cache check {fleet.tag}"
     async with FleetIO(fleet) as io:
@@ -27,14 +32,16 @@ async def test_worker_with_redis_acl_user_uses_the_cache(make_fleet: FleetFactor
     assert fleet.stop_worker(worker) == 0
 
 
-async def test_wrong_redis_password_stops_the_worker(make_fleet: FleetFactory,
-                                                     redis_acl_user: RedisUser) -> None:
+async def test_wrong_redis_password_stops_the_worker(
+    make_fleet: FleetFactory, redis_acl_user: RedisUser
+) -> None:
     fleet = await make_fleet()
     wrong = "wrong-" + redis_acl_user.password[::-1]
     async with FleetIO(fleet) as io:
         ids = await io.send_texts(["must not be processed without the cache login"])
-        worker = fleet.start_worker(env={"EMBEDFLEET_REDIS_USERNAME": redis_acl_user.username,
-                                         "EMBEDFLEET_REDIS_PASSWORD": wrong})
+        worker = fleet.start_worker(
+            env={"EMBEDFLEET_REDIS_USERNAME": redis_acl_user.username, "EMBEDFLEET_REDIS_PASSWORD": wrong}
+        )
         # Until the worker exits, or (the failure) answers the request anyway.
         for _ in range(int(EXIT_WITHIN_S / 0.5)):
             if await wait_exit(worker, 0.5) or any(i in io.results for i in ids):

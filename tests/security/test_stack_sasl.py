@@ -26,17 +26,27 @@ def test_credentials_and_config_are_private(sasl_credentials: SaslCredentials) -
 
 
 def test_status_names_the_sasl_listener(sasl_credentials: SaslCredentials) -> None:
-    result = subprocess.run([sys.executable, str(STACK_SCRIPT), "status", "--service", "kafka"],
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, str(STACK_SCRIPT), "status", "--service", "kafka"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert f"SASL_PLAINTEXT {sasl_credentials.bootstrap}" in result.stdout, result.stdout
     assert "not open" not in result.stdout
     assert sasl_credentials.password not in result.stdout + result.stderr
 
 
 async def login(credentials: SaslCredentials, mechanism: str, password: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=credentials.bootstrap, request_timeout_ms=5000,
-                                security_protocol="SASL_PLAINTEXT", sasl_mechanism=mechanism,
-                                sasl_plain_username=credentials.username, sasl_plain_password=password)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=credentials.bootstrap,
+        request_timeout_ms=5000,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=mechanism,
+        sasl_plain_username=credentials.username,
+        sasl_plain_password=password,
+    )
     try:
         await admin.start()
         await admin.describe_cluster()

@@ -21,11 +21,11 @@ async def consume_all(consumer: AIOKafkaConsumer, expected: int, timeout_s: floa
     return values
 
 
-async def test_round_trip_with_acks_all_and_idempotence(kafka_bootstrap: str,
-                                                        topic_factory: TopicFactory) -> None:
+async def test_round_trip_with_acks_all_and_idempotence(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
     topic = await topic_factory(partitions=3)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all",
-                                enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         sent = [f"message-{i}".encode() for i in range(200)]
@@ -35,8 +35,9 @@ async def test_round_trip_with_acks_all_and_idempotence(kafka_bootstrap: str,
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         received = await consume_all(consumer, len(sent))
@@ -45,8 +46,9 @@ async def test_round_trip_with_acks_all_and_idempotence(kafka_bootstrap: str,
     assert sorted(received) == sorted(sent)
 
 
-async def wait_for_assignment(consumers: list[AIOKafkaConsumer], partitions: int,
-                              timeout_s: float = 30.0) -> list[set[TopicPartition]]:
+async def wait_for_assignment(
+    consumers: list[AIOKafkaConsumer], partitions: int, timeout_s: float = 30.0
+) -> list[set[TopicPartition]]:
     """Polls every consumer (so each takes part in the group protocol) until the split settles."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -61,14 +63,21 @@ async def wait_for_assignment(consumers: list[AIOKafkaConsumer], partitions: int
 
 
 async def test_two_consumers_split_partitions_and_resume_from_commits(
-        kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
     topic = await topic_factory(partitions=6)
     group = f"group-{uuid.uuid4().hex[:8]}"
 
     def consumer() -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                heartbeat_interval_ms=500, session_timeout_ms=10000)
+        return AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=kafka_bootstrap,
+            group_id=group,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            heartbeat_interval_ms=500,
+            session_timeout_ms=10000,
+        )
 
     first, second = consumer(), consumer()
     await first.start()
@@ -110,8 +119,9 @@ async def test_two_consumers_split_partitions_and_resume_from_commits(
 
 async def test_transactions_commit_and_abort(kafka_bootstrap: str, topic_factory: TopicFactory) -> None:
     topic = await topic_factory(partitions=2)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap,
-                                transactional_id=f"tx-{uuid.uuid4().hex[:8]}")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex[:8]}"
+    )
     await producer.start()
     try:
         async with producer.transaction():
@@ -127,10 +137,18 @@ async def test_transactions_commit_and_abort(kafka_bootstrap: str, topic_factory
     finally:
         await producer.stop()
 
-    committed = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
-                                 auto_offset_reset="earliest", isolation_level="read_committed")
-    uncommitted = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
-                                   auto_offset_reset="earliest", isolation_level="read_uncommitted")
+    committed = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    uncommitted = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_uncommitted",
+    )
     await committed.start()
     await uncommitted.start()
     try:
@@ -140,6 +158,7 @@ async def test_transactions_commit_and_abort(kafka_bootstrap: str, topic_factory
         await committed.stop()
         await uncommitted.stop()
     assert sorted(seen_committed) == sorted(
-        [f"committed-a-{i}".encode() for i in range(5)] + [f"committed-b-{i}".encode() for i in range(5)])
+        [f"committed-a-{i}".encode() for i in range(5)] + [f"committed-b-{i}".encode() for i in range(5)]
+    )
     # The aborted records were written (a plain reader sees them); read_committed hides them.
     assert sum(v.startswith(b"aborted-") for v in seen_all) == 5

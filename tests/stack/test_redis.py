@@ -20,8 +20,7 @@ async def test_hnsw_knn_finds_the_exact_neighbour_first(redis_url: str) -> None:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     try:
         await client.ft(index).create_index(
-            [VectorField("vector", "HNSW", {"TYPE": "FLOAT32", "DIM": 384,
-                                            "DISTANCE_METRIC": "COSINE"})],
+            [VectorField("vector", "HNSW", {"TYPE": "FLOAT32", "DIM": 384, "DISTANCE_METRIC": "COSINE"})],
             definition=IndexDefinition(prefix=[prefix], index_type=IndexType.HASH),
         )
         pipe = client.pipeline(transaction=False)
@@ -31,8 +30,12 @@ async def test_hnsw_knn_finds_the_exact_neighbour_first(redis_url: str) -> None:
 
         for target in (0, 417, 999):
             probe = vectors[target] + 0.01 * rng.standard_normal(384).astype(np.float32)
-            query = (Query("*=>[KNN 5 @vector $probe AS distance]")
-                     .sort_by("distance").return_fields("distance").dialect(2))
+            query = (
+                Query("*=>[KNN 5 @vector $probe AS distance]")
+                .sort_by("distance")
+                .return_fields("distance")
+                .dialect(2)
+            )
             result = await client.ft(index).search(query, {"probe": probe.astype(np.float32).tobytes()})
             assert len(result.docs) == 5
             assert result.docs[0].id == f"{prefix}{target}"

@@ -18,8 +18,7 @@ class FakeClock:
 
 
 def test_closes_on_size_cap() -> None:
-    batcher: MicroBatcher[int] = MicroBatcher(window_s=10, token_budget=10_000, max_size=3,
-                                              clock=FakeClock())
+    batcher: MicroBatcher[int] = MicroBatcher(window_s=10, token_budget=10_000, max_size=3, clock=FakeClock())
     for i in range(7):
         batcher.add(i, tokens=5)
     assert batcher.poll().items == [0, 1, 2]  # type: ignore[union-attr]
@@ -29,8 +28,7 @@ def test_closes_on_size_cap() -> None:
 
 
 def test_closes_on_padded_token_budget() -> None:
-    batcher: MicroBatcher[str] = MicroBatcher(window_s=10, token_budget=100, max_size=100,
-                                              clock=FakeClock())
+    batcher: MicroBatcher[str] = MicroBatcher(window_s=10, token_budget=100, max_size=100, clock=FakeClock())
     batcher.add("short-1", tokens=10)
     batcher.add("short-2", tokens=10)
     # 3 x 40 = 120 padded tokens would exceed 100: the long one starts the next batch.
@@ -46,8 +44,7 @@ def test_closes_on_padded_token_budget() -> None:
 
 
 def test_oversized_job_runs_alone() -> None:
-    batcher: MicroBatcher[str] = MicroBatcher(window_s=10, token_budget=100, max_size=100,
-                                              clock=FakeClock())
+    batcher: MicroBatcher[str] = MicroBatcher(window_s=10, token_budget=100, max_size=100, clock=FakeClock())
     batcher.add("a", tokens=10)
     batcher.add("huge", tokens=500)
     assert [b.items for b in batcher.flush()] == [["a"], ["huge"]]
@@ -95,14 +92,14 @@ def test_rejects_nonsense_settings() -> None:
 
 
 def test_discard_removes_revoked_jobs_from_unstarted_batches() -> None:
-    batcher: MicroBatcher[tuple[int, int]] = MicroBatcher(window_s=10, token_budget=1000, max_size=2,
-                                                          clock=FakeClock())
+    batcher: MicroBatcher[tuple[int, int]] = MicroBatcher(
+        window_s=10, token_budget=1000, max_size=2, clock=FakeClock()
+    )
     for partition, offset in [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3)]:
         batcher.add((partition, offset), tokens=3)
     removed = batcher.discard(lambda item: item[0] == 1)
     assert sorted(removed) == [(1, 1), (1, 2)]
     assert [b.items for b in batcher.flush()] == [[(0, 1)], [(0, 2)], [(0, 3)]]
-
 
 
 def test_the_open_batch_keeps_growing_until_someone_asks() -> None:

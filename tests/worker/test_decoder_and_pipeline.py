@@ -28,16 +28,32 @@ def tokenize(texts: Sequence[str], task: str | None = None) -> list[TokenizedTex
 
 
 def decoder(max_kept: int = 1 << 20) -> RequestDecoder:
-    return RequestDecoder(model=MODEL, tokenize=tokenize, limits=RequestLimits(),
-                          reply_to_pattern=r"embed\.results.*", default_reply_topic="embed.results",
-                          max_kept_value_bytes=max_kept)
+    return RequestDecoder(
+        model=MODEL,
+        tokenize=tokenize,
+        limits=RequestLimits(),
+        reply_to_pattern=r"embed\.results.*",
+        default_reply_topic="embed.results",
+        max_kept_value_bytes=max_kept,
+    )
 
 
-def record(value: bytes | None, offset: int = 0,
-           headers: Sequence[tuple[str, bytes]] = ()) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(topic="embed.requests", partition=0, offset=offset, timestamp=0, timestamp_type=0,
-                          key=None, value=value, checksum=None, serialized_key_size=-1,
-                          serialized_value_size=len(value or b""), headers=tuple(headers))
+def record(
+    value: bytes | None, offset: int = 0, headers: Sequence[tuple[str, bytes]] = ()
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic="embed.requests",
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=None,
+        value=value,
+        checksum=None,
+        serialized_key_size=-1,
+        serialized_value_size=len(value or b""),
+        headers=tuple(headers),
+    )
 
 
 def test_a_valid_request_carries_its_tokens_and_releases_its_bytes() -> None:
@@ -64,10 +80,16 @@ def test_an_error_goes_to_the_readable_reply_to_when_it_is_allowed() -> None:
 
 
 def test_an_unreadable_record_is_answered_when_its_id_can_be_read() -> None:
-    raw = RawRecord(7, 0, None, json.dumps({"id": "z", "text": "t", "reply_to": "embed.results.me"}).encode(),
-                    [(b"\xff\xfe", b"v")])
-    rejection = decoder().reject_unreadable(Unreadable(TopicPartition("embed.requests", 2), 7, 8, 0,
-                                                       "header name is not valid UTF-8", raw))
+    raw = RawRecord(
+        7,
+        0,
+        None,
+        json.dumps({"id": "z", "text": "t", "reply_to": "embed.results.me"}).encode(),
+        [(b"\xff\xfe", b"v")],
+    )
+    rejection = decoder().reject_unreadable(
+        Unreadable(TopicPartition("embed.requests", 2), 7, 8, 0, "header name is not valid UTF-8", raw)
+    )
     assert rejection.error.code == ErrorCode.INVALID_HEADERS and rejection.error.request_id == "z"
     assert rejection.reply_topic == "embed.results.me"
     assert (HEADER_DLQ_HEADERS_REPAIRED, b"1") in rejection.raw.notes
@@ -83,9 +105,14 @@ class _Output:
 class FakeEngine:
     """Vectors from the token count; NaN for texts containing NAN (an FP16 overflow)."""
 
-    def embed_tokenized(self, tokenized: Sequence[TokenizedText], texts: Sequence[str],
-                        dimensions: int | None = None, batch_size: int = 32,
-                        token_budget: int = 2048) -> _Output:
+    def embed_tokenized(
+        self,
+        tokenized: Sequence[TokenizedText],
+        texts: Sequence[str],
+        dimensions: int | None = None,
+        batch_size: int = 32,
+        token_budget: int = 2048,
+    ) -> _Output:
         vectors = np.array([[len(t.ids), 1.0, 0.0, 0.0] for t in tokenized], dtype=np.float32)
         vectors[[("NAN" in text) for text in texts]] = np.nan
         return _Output(vectors, [t.truncated for t in tokenized])
@@ -93,11 +120,20 @@ class FakeEngine:
 
 async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() -> None:
     metrics = WorkerMetrics()
-    processor = BatchProcessor(backend=FakeEngine(), cache=VectorCache(
-        None, key_prefix="p", model_name="m", ttl_s=0, metrics=metrics), metrics=metrics, model_name="m",
-        inference_batch_size=32, token_budget=2048)
-    values = [{"id": "a", "text": "same words here"}, {"id": "b", "text": "same words here"},
-              {"id": "c", "text": "NAN here"}, {"id": "d", "text": " ".join(["w"] * 20)}]
+    processor = BatchProcessor(
+        backend=FakeEngine(),
+        cache=VectorCache(None, key_prefix="p", model_name="m", ttl_s=0, metrics=metrics),
+        metrics=metrics,
+        model_name="m",
+        inference_batch_size=32,
+        token_budget=2048,
+    )
+    values = [
+        {"id": "a", "text": "same words here"},
+        {"id": "b", "text": "same words here"},
+        {"id": "c", "text": "NAN here"},
+        {"id": "d", "text": " ".join(["w"] * 20)},
+    ]
     jobs = decoder().decode([record(json.dumps(v).encode(), i) for i, v in enumerate(values)])
     assert all(isinstance(j, Job) for j in jobs)
     outcome = await processor.process([j for j in jobs if isinstance(j, Job)])

@@ -90,8 +90,14 @@ class FakeConsumer:
 
 def rejection(partition: int, offset: int) -> Rejection:
     error = RequestError(ErrorCode.EMPTY_TEXT, "empty", "r")
-    return Rejection(Source(TOPIC, partition, offset, 0), RawMessage(None, b"{}", []), error,
-                     "embed.results", ContentType.JSON, request=EmbedRequest(id="r", text=" "))
+    return Rejection(
+        Source(TOPIC, partition, offset, 0),
+        RawMessage(None, b"{}", []),
+        error,
+        "embed.results",
+        ContentType.JSON,
+        request=EmbedRequest(id="r", text=" "),
+    )
 
 
 def work(*items: tuple[int, int]) -> BatchWork:
@@ -99,14 +105,20 @@ def work(*items: tuple[int, int]) -> BatchWork:
     return BatchWork(rejections, [], rejections)
 
 
-def exactly_once(fail: dict[str, list[BaseException]] | None = None,
-                 committed: dict[TopicPartition, int] | None = None,
-                 ) -> tuple[ExactlyOnce, list[str], FakeConsumer]:
+def exactly_once(
+    fail: dict[str, list[BaseException]] | None = None,
+    committed: dict[TopicPartition, int] | None = None,
+) -> tuple[ExactlyOnce, list[str], FakeConsumer]:
     log: list[str] = []
     consumer = FakeConsumer(committed or {})
-    delivery = ExactlyOnce(consumer=consumer, publisher=FakePublisher(),  # type: ignore[arg-type]
-                           cluster=FakeCluster(), metrics=WorkerMetrics(), group_id="g",  # type: ignore[arg-type]
-                           new_producer=lambda tid: FakeProducer(tid, log, fail or {}))
+    delivery = ExactlyOnce(
+        consumer=consumer,
+        publisher=FakePublisher(),  # type: ignore[arg-type]
+        cluster=FakeCluster(),
+        metrics=WorkerMetrics(),
+        group_id="g",  # type: ignore[arg-type]
+        new_producer=lambda tid: FakeProducer(tid, log, fail or {}),
+    )
     return delivery, log, consumer
 
 
@@ -131,8 +143,10 @@ async def test_exactly_once_commits_each_partition_with_its_offsets() -> None:
     delivered = await delivery.deliver(0, work((0, 5), (0, 6), (1, 9)))
     assert delivered.lost == set()
     assert [line for line in log if "-0 " in line] == [
-        "embedfleet-g-embed.requests-0 begin", "embedfleet-g-embed.requests-0 offsets 7",
-        "embedfleet-g-embed.requests-0 commit"]
+        "embedfleet-g-embed.requests-0 begin",
+        "embedfleet-g-embed.requests-0 offsets 7",
+        "embedfleet-g-embed.requests-0 commit",
+    ]
     assert "embedfleet-g-embed.requests-1 offsets 10" in log
 
 
@@ -180,7 +194,11 @@ async def test_batches_publish_in_the_order_they_were_cut() -> None:
 
 async def test_at_least_once_sends_again_until_acknowledged() -> None:
     publisher = FakePublisher(ack_errors=[KafkaTimeoutError(), KafkaTimeoutError()])
-    delivery = AtLeastOnce(FakeProducer("p", [], {}), publisher, FakeCluster(),  # type: ignore[arg-type]
-                           WorkerMetrics())
+    delivery = AtLeastOnce(
+        FakeProducer("p", [], {}),
+        publisher,
+        FakeCluster(),  # type: ignore[arg-type]
+        WorkerMetrics(),
+    )
     delivered = await delivery.deliver(0, work((0, 1)))
     assert delivered.lost == set() and publisher.sent == 3

@@ -26,8 +26,9 @@ def model_fingerprint(model_dir: Path, variant: str) -> str:
     return serving_fingerprint(load_bundle(model_dir).manifest, variant)
 
 
-async def check_a_thousand_texts(fleet: Fleet, shared_dir: Path, *, variant: str, per_text_floor: float,
-                                 mean_floor: float) -> None:
+async def check_a_thousand_texts(
+    fleet: Fleet, shared_dir: Path, *, variant: str, per_text_floor: float, mean_floor: float
+) -> None:
     """1000 texts in -> exactly one result per id, right key, vectors close to the reference;
     the same texts again -> all served from the cache."""
     reference_texts = read_jsonl_texts(shared_dir / REFERENCE / "texts.jsonl")
@@ -68,14 +69,25 @@ async def check_a_thousand_texts(fleet: Fleet, shared_dir: Path, *, variant: str
 
 
 async def test_a_thousand_texts_fp32_workers_match_the_reference(
-        kafka_bootstrap: str, redis_url: str, model_dir: Path, shared_dir: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    shared_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Workers serving the FP32 variant reproduce sentence-transformers on every reference text."""
-    fp32_fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("fp32"),
-                                   workers=2, EMBEDFLEET_VARIANT="fp32")
+    fp32_fleet = await start_fleet(
+        kafka_bootstrap,
+        redis_url,
+        model_dir,
+        tmp_path_factory.mktemp("fp32"),
+        workers=2,
+        EMBEDFLEET_VARIANT="fp32",
+    )
     try:
-        await check_a_thousand_texts(fp32_fleet, shared_dir, variant="fp32", per_text_floor=0.99,
-                                     mean_floor=0.9999)
+        await check_a_thousand_texts(
+            fp32_fleet, shared_dir, variant="fp32", per_text_floor=0.99, mean_floor=0.9999
+        )
     finally:
         fp32_fleet.stop_all()
         await fp32_fleet.cleanup()
@@ -124,7 +136,7 @@ async def test_two_workers_share_the_partitions(fleet: Fleet) -> None:
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     for worker in fleet.workers:  # lag is reported per partition each worker read from
         _, text = await asyncio.to_thread(worker.http, "/metrics")
-        assert 'embedfleet_consumer_lag{partition=' in text or 'embedfleet_consumer_lag{topic=' in text
+        assert "embedfleet_consumer_lag{partition=" in text or "embedfleet_consumer_lag{topic=" in text
 
 
 BAD_INPUTS: list[tuple[str, bytes, list[tuple[str, bytes]], str, str | None]] = [
@@ -133,28 +145,64 @@ BAD_INPUTS: list[tuple[str, bytes, list[tuple[str, bytes]], str, str | None]] = 
     ("wrong type", b'{"id": "bad-type", "text": 42}', [], "invalid_request", "bad-type"),
     ("missing text", b'{"id": "bad-missing"}', [], "invalid_request", "bad-missing"),
     ("empty text", b'{"id": "bad-empty", "text": "   "}', [], "empty_text", "bad-empty"),
-    ("oversize text", json.dumps({"id": "bad-long", "text": "x" * (70 * 1024)}).encode(), [],
-     "text_too_long", "bad-long"),
-    ("unknown task", b'{"id": "bad-task", "text": "hi", "task": "summarise"}', [],
-     "unknown_task", "bad-task"),
-    ("unsupported dimensions", b'{"id": "bad-dims", "text": "hi", "dimensions": 128}', [],
-     "unsupported_dimensions", "bad-dims"),
-    ("unknown encoding_format", b'{"id": "bad-fmt", "text": "hi", "encoding_format": "int8"}', [],
-     "unsupported_encoding_format", "bad-fmt"),
-    ("invalid msgpack", b"\xc1\xc1\xc1", [("content-type", b"application/msgpack")],
-     "invalid_encoding", None),
-    ("unknown content-type", b'{"id": "bad-ct", "text": "hi"}', [("content-type", b"text/csv")],
-     "unsupported_content_type", None),
-    ("reply_to not allowed", b'{"id": "bad-reply", "text": "hi", "reply_to": "embed.requests"}', [],
-     "reply_to_not_allowed", "bad-reply"),
+    (
+        "oversize text",
+        json.dumps({"id": "bad-long", "text": "x" * (70 * 1024)}).encode(),
+        [],
+        "text_too_long",
+        "bad-long",
+    ),
+    (
+        "unknown task",
+        b'{"id": "bad-task", "text": "hi", "task": "summarise"}',
+        [],
+        "unknown_task",
+        "bad-task",
+    ),
+    (
+        "unsupported dimensions",
+        b'{"id": "bad-dims", "text": "hi", "dimensions": 128}',
+        [],
+        "unsupported_dimensions",
+        "bad-dims",
+    ),
+    (
+        "unknown encoding_format",
+        b'{"id": "bad-fmt", "text": "hi", "encoding_format": "int8"}',
+        [],
+        "unsupported_encoding_format",
+        "bad-fmt",
+    ),
+    (
+        "invalid msgpack",
+        b"\xc1\xc1\xc1",
+        [("content-type", b"application/msgpack")],
+        "invalid_encoding",
+        None,
+    ),
+    (
+        "unknown content-type",
+        b'{"id": "bad-ct", "text": "hi"}',
+        [("content-type", b"text/csv")],
+        "unsupported_content_type",
+        None,
+    ),
+    (
+        "reply_to not allowed",
+        b'{"id": "bad-reply", "text": "hi", "reply_to": "embed.requests"}',
+        [],
+        "reply_to_not_allowed",
+        "bad-reply",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "headers", "code", "request_id"), BAD_INPUTS,
-                         ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("name", "value", "headers", "code", "request_id"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
 async def test_bad_input_goes_to_the_dlq_and_the_next_message_is_answered(
-        fleet: Fleet, name: str, value: bytes, headers: list[tuple[str, bytes]], code: str,
-        request_id: str | None) -> None:
+    fleet: Fleet, name: str, value: bytes, headers: list[tuple[str, bytes]], code: str, request_id: str | None
+) -> None:
     async with FleetIO(fleet) as io:
         dead_before = len(io.dead_letters)
         await io.send(value, key=b"k", headers=headers)
@@ -183,8 +231,9 @@ async def test_bad_input_goes_to_the_dlq_and_the_next_message_is_answered(
 
 async def test_msgpack_base64_and_metadata(fleet: Fleet) -> None:
     text = f"msgpack request {uuid.uuid4().hex}"
-    value = msgspec.msgpack.encode({"id": "mp-1", "text": text, "encoding_format": "base64",
-                                    "metadata": {"tenant": "acme"}})
+    value = msgspec.msgpack.encode(
+        {"id": "mp-1", "text": text, "encoding_format": "base64", "metadata": {"tenant": "acme"}}
+    )
     async with FleetIO(fleet) as io:
         await io.send(value, headers=[("content-type", b"application/msgpack")])
         await io.producer.flush()
@@ -205,17 +254,46 @@ async def test_kcat_speaks_the_contract(fleet: Fleet) -> None:
     request_id = f"kcat-{uuid.uuid4().hex[:8]}"
     line = json.dumps({"id": request_id, "text": "kcat says hello", "metadata": {"via": "kcat"}})
     produced = await asyncio.to_thread(
-        subprocess.run, ["kcat", "-P", "-b", fleet.bootstrap, "-t", fleet.requests_topic,
-                         "-H", "content-type=application/json"],
-        input=line.encode(), capture_output=True, timeout=30, check=False)
+        subprocess.run,
+        [
+            "kcat",
+            "-P",
+            "-b",
+            fleet.bootstrap,
+            "-t",
+            fleet.requests_topic,
+            "-H",
+            "content-type=application/json",
+        ],
+        input=line.encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert produced.returncode == 0, produced.stderr
     deadline = asyncio.get_running_loop().time() + 60
     found = None
     while found is None and asyncio.get_running_loop().time() < deadline:
         consumed = await asyncio.to_thread(
-            subprocess.run, ["kcat", "-C", "-b", fleet.bootstrap, "-t", fleet.results_topic,
-                             "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"],
-            capture_output=True, timeout=60, check=False)
+            subprocess.run,
+            [
+                "kcat",
+                "-C",
+                "-b",
+                fleet.bootstrap,
+                "-t",
+                fleet.results_topic,
+                "-o",
+                "beginning",
+                "-e",
+                "-q",
+                "-f",
+                "%k\t%s\n",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         for row in consumed.stdout.decode("utf-8", "replace").splitlines():
             key, _, value = row.partition("\t")
             if request_id in value:
@@ -234,8 +312,9 @@ async def test_redis_down_results_keep_coming_and_the_cache_returns(fleet: Fleet
     async with FleetIO(fleet) as io:
         warm = await io.send_texts([f"cached before the outage {i}" for i in range(20)])
         await io.wait_for(warm)
-        down = await asyncio.to_thread(subprocess.run, [python, *stack, "down", "--service", "redis"],
-                                       capture_output=True, check=False)
+        down = await asyncio.to_thread(
+            subprocess.run, [python, *stack, "down", "--service", "redis"], capture_output=True, check=False
+        )
         assert down.returncode == 0, down.stderr
         try:
             during = await io.send_texts([f"during the outage {uuid.uuid4().hex} {i}" for i in range(50)])
@@ -243,8 +322,9 @@ async def test_redis_down_results_keep_coming_and_the_cache_returns(fleet: Fleet
             assert all("vector" in r and not r.get("cached") for r in results.values())
             assert fleet.metric("embedfleet_cache_errors_total") > 0
         finally:
-            up = await asyncio.to_thread(subprocess.run, [python, *stack, "up", "--service", "redis"],
-                                         capture_output=True, check=False)
+            up = await asyncio.to_thread(
+                subprocess.run, [python, *stack, "up", "--service", "redis"], capture_output=True, check=False
+            )
             assert up.returncode == 0, up.stderr
         # The warm entries survived (Redis saves on shutdown); after the skip interval the cache is used.
         deadline = asyncio.get_running_loop().time() + 30

@@ -21,10 +21,18 @@ def test_json_formatter_carries_extra_fields() -> None:
     assert line["level"] == "info" and line["ts"].endswith("Z")
 
 
-async def test_a_worker_logs_json_batch_events(kafka_bootstrap: str, redis_url: str, model_dir: Path,
-                                               tmp_path: Path) -> None:
-    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, workers=1,
-                              EMBEDFLEET_LOG_FORMAT="json", EMBEDFLEET_LOG_LEVEL="DEBUG")
+async def test_a_worker_logs_json_batch_events(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    fleet = await start_fleet(
+        kafka_bootstrap,
+        redis_url,
+        model_dir,
+        tmp_path,
+        workers=1,
+        EMBEDFLEET_LOG_FORMAT="json",
+        EMBEDFLEET_LOG_LEVEL="DEBUG",
+    )
     try:
         async with FleetIO(fleet) as io:
             await io.wait_for(await io.send_texts([f"log me {uuid.uuid4().hex} {i}" for i in range(20)]))

@@ -33,15 +33,27 @@ class FakeCluster:
 
 def publisher(topics: dict[str, list[int]] | None = None) -> ResultPublisher:
     cluster = FakeCluster(topics if topics is not None else {"embed.results": [0, 1]})
-    return ResultPublisher(cluster, results_topic="embed.results", dlq_topic="embed.requests.dlq",  # type: ignore[arg-type]
-                           worker_id="w1", model="m", max_dlq_record_bytes=LIMIT)
+    return ResultPublisher(
+        cluster,
+        results_topic="embed.results",
+        dlq_topic="embed.requests.dlq",  # type: ignore[arg-type]
+        worker_id="w1",
+        model="m",
+        max_dlq_record_bytes=LIMIT,
+    )
 
 
-def rejection(value: bytes | None, *, original_size: int | None = None,
-              headers: list[tuple[str, bytes]] | None = None) -> Rejection:
+def rejection(
+    value: bytes | None, *, original_size: int | None = None, headers: list[tuple[str, bytes]] | None = None
+) -> Rejection:
     error = RequestError(ErrorCode.MESSAGE_TOO_LARGE, "too large", "r1")
-    return Rejection(SOURCE, RawMessage(None, value, headers or [], original_size=original_size), error,
-                     "embed.results", ContentType.JSON)
+    return Rejection(
+        SOURCE,
+        RawMessage(None, value, headers or [], original_size=original_size),
+        error,
+        "embed.results",
+        ContentType.JSON,
+    )
 
 
 def record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
@@ -66,14 +78,23 @@ def test_a_value_cut_by_the_decoder_says_how_big_it_was() -> None:
 
 def job(reply_topic: str) -> Job:
     request = EmbedRequest(id="j1", text="hello", reply_to=reply_topic)
-    return Job(SOURCE, RawMessage(b"k", None, [("content-type", b"application/json")], original_size=40),
-               request, "ab" * 32, 2, TokenizedText([101, 102], False), reply_topic, ContentType.JSON)
+    return Job(
+        SOURCE,
+        RawMessage(b"k", None, [("content-type", b"application/json")], original_size=40),
+        request,
+        "ab" * 32,
+        2,
+        TokenizedText([101, 102], False),
+        reply_topic,
+        ContentType.JSON,
+    )
 
 
 async def test_results_for_a_reply_topic_that_is_gone_become_errors_on_the_default_topic() -> None:
     gone = job("embed.results.client-closed")
-    result = EmbedResult.success(request_id="j1", key=gone.key, model="m", vector=[1.0, 0.0],
-                                 encoding_format="float")
+    result = EmbedResult.success(
+        request_id="j1", key=gone.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+    )
     outgoing = await publisher().prepare([(gone, result)], [])
     assert not outgoing.results
     [error_result, dead_letter] = outgoing.singles
@@ -88,10 +109,12 @@ async def test_results_for_a_reply_topic_that_is_gone_become_errors_on_the_defau
 
 async def test_results_for_an_existing_reply_topic_go_there() -> None:
     mine = job("embed.results.mine")
-    result = EmbedResult.success(request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0],
-                                 encoding_format="float")
+    result = EmbedResult.success(
+        request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+    )
     outgoing = await publisher({"embed.results": [0], "embed.results.mine": [0, 1, 2]}).prepare(
-        [(mine, result)], [rejection(b"bad")])
+        [(mine, result)], [rejection(b"bad")]
+    )
     assert [topic for topic, _ in outgoing.results] == ["embed.results.mine"]
     assert [single[0] for single in outgoing.singles] == ["embed.results", "embed.requests.dlq"]
     assert not outgoing.rejected

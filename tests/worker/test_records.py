@@ -27,12 +27,23 @@ from worker.salvage import scan
 TP = TopicPartition("embed.requests", 3)
 
 
-def batch(base_offset: int, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]], *,
-          compression: int = 0, transactional: bool = False, producer_id: int = -1) -> bytearray:
-    builder = DefaultRecordBatchBuilder(magic=2, compression_type=compression,
-                                        is_transactional=int(transactional), producer_id=producer_id,
-                                        producer_epoch=0 if transactional else -1,
-                                        base_sequence=0 if transactional else -1, batch_size=1 << 20)
+def batch(
+    base_offset: int,
+    records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+    *,
+    compression: int = 0,
+    transactional: bool = False,
+    producer_id: int = -1,
+) -> bytearray:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=compression,
+        is_transactional=int(transactional),
+        producer_id=producer_id,
+        producer_epoch=0 if transactional else -1,
+        base_sequence=0 if transactional else -1,
+        batch_size=1 << 20,
+    )
     for delta, (key, value, headers) in enumerate(records):
         builder.append(delta, timestamp=1_000 + delta, key=key, value=value, headers=headers)
     data = bytearray(builder.build())
@@ -44,26 +55,34 @@ def with_bad_header_name(data: bytearray, placeholder: bytes, replacement: bytes
     """Replace a header name's bytes (same length) and fix the CRC, like a client that writes raw
     bytes (kcat -H $'\\xff\\xfe=v') would have produced."""
     at = bytes(data).index(placeholder)
-    data[at:at + len(placeholder)] = replacement
+    data[at : at + len(placeholder)] = replacement
     struct.pack_into(">I", data, 17, calc_crc32c(bytes(data[CRC_START:])))
     return bytes(data)
 
 
 def test_reads_what_aiokafka_wrote() -> None:
-    data = bytes(batch(40, [(b"k", b"v0", [("content-type", b"application/json")]),
-                            (None, b"v1", [])]))
+    data = bytes(batch(40, [(b"k", b"v0", [("content-type", b"application/json")]), (None, b"v1", [])]))
     [read] = list(read_batches(data))
     assert read.problem is None and read.next_offset == 42
     assert [(r.offset, r.key, r.value, r.headers) for r in read.records] == [
-        (40, b"k", b"v0", [(b"content-type", b"application/json")]), (41, None, b"v1", [])]
+        (40, b"k", b"v0", [(b"content-type", b"application/json")]),
+        (41, None, b"v1", []),
+    ]
 
 
 def test_finds_the_record_with_a_header_name_that_is_not_utf8() -> None:
     data = with_bad_header_name(
-        batch(100, [(None, b'{"id":"a","text":"x"}', []),
-                    (None, b'{"id":"b","text":"y","reply_to":"embed.results.me"}', [("XX", b"v")]),
-                    (None, b'{"id":"c","text":"z"}', [])]),
-        b"XX", b"\xff\xfe")
+        batch(
+            100,
+            [
+                (None, b'{"id":"a","text":"x"}', []),
+                (None, b'{"id":"b","text":"y","reply_to":"embed.results.me"}', [("XX", b"v")]),
+                (None, b'{"id":"c","text":"z"}', []),
+            ],
+        ),
+        b"XX",
+        b"\xff\xfe",
+    )
     good, unreadable = scan(TP, data, 100, [], read_committed=False)
     assert [r.offset for r in good] == [100]
     assert unreadable is not None and unreadable.offset == 101 and unreadable.next_offset == 102
@@ -105,8 +124,12 @@ def test_aborted_transactions_are_skipped_under_read_committed() -> None:
 
 @pytest.mark.parametrize("codec_id", [1, 2, 3, 4])  # gzip, snappy, lz4, zstd
 def test_bounded_decompression_round_trips_and_stops_bombs(codec_id: int) -> None:
-    encode = {1: codec.gzip_encode, 2: lambda d: codec.snappy_encode(d, xerial_compatible=True),
-              3: codec.lz4_encode, 4: codec.zstd_encode}[codec_id]
+    encode = {
+        1: codec.gzip_encode,
+        2: lambda d: codec.snappy_encode(d, xerial_compatible=True),
+        3: codec.lz4_encode,
+        4: codec.zstd_encode,
+    }[codec_id]
     _, decode = bounded_decompressors(1 << 20)[codec_id]
     text = b"an ordinary batch of requests " * 1000
     assert decode(encode(text)) == text

@@ -190,12 +190,8 @@ class _staging:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if self.target.exists() and not _replaceable(self.target):
-            raise BundleError(
-                f"{self.target} exists and is not a model bundle; choose another --out"
-            )
-        self.stage = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent)
-        )
+            raise BundleError(f"{self.target} exists and is not a model bundle; choose another --out")
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
         self.stage.chmod(0o755)  # mkdtemp makes it owner-only; a bundle is readable by all
         return self.stage
 

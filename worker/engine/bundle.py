@@ -94,8 +94,7 @@ class Bundle:
         filename = self.manifest.variants.get(variant)
         if filename is None:
             raise BundleError(
-                f"{self.path / MANIFEST_FILE}: no variant {variant!r} "
-                f"(has {sorted(self.manifest.variants)})"
+                f"{self.path / MANIFEST_FILE}: no variant {variant!r} (has {sorted(self.manifest.variants)})"
             )
         file_path = self.path / filename
         if not file_path.is_file():

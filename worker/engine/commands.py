@@ -27,13 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = build.add_mutually_exclusive_group()
     source.add_argument("--source", type=Path, help="safetensors model directory (default: MiniLM)")
     source.add_argument("--from-onnx", type=Path, metavar="FILE", help="import an ONNX encoder")
-    build.add_argument(
-        "--out", type=Path, help="bundle directory (default: $EMBEDFLEET_HOME/models/NAME)"
-    )
+    build.add_argument("--out", type=Path, help="bundle directory (default: $EMBEDFLEET_HOME/models/NAME)")
     build.add_argument("--name", help="model name in the manifest")
-    build.add_argument(
-        "--variants", default="fp32,int8,fp16", help="comma-separated (default: %(default)s)"
-    )
+    build.add_argument("--variants", default="fp32,int8,fp16", help="comma-separated (default: %(default)s)")
     imported = build.add_argument_group("--from-onnx settings")
     imported.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: beside FILE)")
     imported.add_argument("--pooling", choices=("mean", "cls"), default="mean")
@@ -61,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument(
         "--reference", type=Path, help="reference dir (default: shared/reference/all-MiniLM-L6-v2)"
     )
-    check.add_argument(
-        "--corpus", type=Path, help="JSONL strings (default: shared/corpus/queries.jsonl)"
-    )
+    check.add_argument("--corpus", type=Path, help="JSONL strings (default: shared/corpus/queries.jsonl)")
     check.add_argument("--limit", type=int, default=2000, help="distinct corpus texts")
 
 

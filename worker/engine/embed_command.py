@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="prompt name declared by the model, e.g. query")
     parser.add_argument("--dimensions", type=int, help="Matryoshka truncation")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                        help="padded tokens per model call")
+    parser.add_argument(
+        "--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="padded tokens per model call"
+    )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
 

@@ -338,4 +338,3 @@ def _providers(device: Device, variant: str, cuda_device_id: int) -> list[str | 
     if variant == "int8":
         raise EngineError("the int8 variant uses CPU-only kernels; use variant='fp16' on CUDA")
     return [(CUDA_PROVIDER, {"device_id": str(cuda_device_id)}), CPU_PROVIDER]
-

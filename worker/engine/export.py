@@ -178,9 +178,10 @@ def build_bert_graph(
 
     word = g.const("word_embeddings", g.weight("embeddings.word_embeddings.weight"))
     # Token type is always 0 for single-text embedding: fold its row into the position rows.
-    positions = g.weight("embeddings.position_embeddings.weight") + g.weight(
-        "embeddings.token_type_embeddings.weight"
-    )[0]
+    positions = (
+        g.weight("embeddings.position_embeddings.weight")
+        + g.weight("embeddings.token_type_embeddings.weight")[0]
+    )
     g.const("position_embeddings", positions)
     g.const("zero_1d", np.array([0], dtype=np.int64))
     g.node("Shape", [INPUT_IDS], "sequence_length", start=1, end=2)
@@ -269,9 +270,7 @@ def build_bert_graph(
             helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, batch_seq),
             helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, batch_seq),
         ],
-        outputs=[
-            helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT, [*batch_seq, h])
-        ],
+        outputs=[helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT, [*batch_seq, h])],
         initializer=g.initializers,
     )
     model = helper.make_model(

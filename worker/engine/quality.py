@@ -61,9 +61,7 @@ def top_k_overlap(candidate: FloatArray, reference: FloatArray, k: int = 10) -> 
 def agreement(candidate: FloatArray, reference: FloatArray, k: int = 10) -> Agreement:
     cosines = row_cosines(candidate, reference)
     overlap = top_k_overlap(candidate, reference, k) if len(candidate) > k else 1.0
-    return Agreement(
-        float(cosines.min()), float(cosines.mean()), overlap, int(np.argmin(cosines))
-    )
+    return Agreement(float(cosines.min()), float(cosines.mean()), overlap, int(np.argmin(cosines)))
 
 
 def read_jsonl_strings(path: Path) -> list[str]:

@@ -78,9 +78,7 @@ def quantize_embedding_tables(model: onnx.ModelProto) -> int:
             helper.make_node(
                 "Cast", [f"{out}_int8"], [f"{out}_float"], name=f"{out}_float", to=TensorProto.FLOAT
             ),
-            helper.make_node(
-                "Gather", [f"{base}_row_scale", ids], [f"{out}_scale"], name=f"{out}_scale"
-            ),
+            helper.make_node("Gather", [f"{base}_row_scale", ids], [f"{out}_scale"], name=f"{out}_scale"),
             helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{out}_dequant"),
         ]
         for offset, new_node in enumerate(replacement):
@@ -226,9 +224,7 @@ def quantize_matmuls_per_row(model: onnx.ModelProto, exclude_nodes: Sequence[str
     if rewritten:
         present = {t.name for t in graph.initializer}
         graph.initializer.extend(
-            numpy_helper.from_array(value, name)
-            for name, value in shared.items()
-            if name not in present
+            numpy_helper.from_array(value, name) for name, value in shared.items() if name not in present
         )
     return rewritten
 
@@ -280,9 +276,7 @@ def _per_row_nodes(base: str, x: str, y: str, axes_as_input: bool) -> list[onnx.
     return replacement
 
 
-def _quantize_matmuls(
-    staged: Path, output: Path, exclude_nodes: Sequence[str], present: set[str]
-) -> None:
+def _quantize_matmuls(staged: Path, output: Path, exclude_nodes: Sequence[str], present: set[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
