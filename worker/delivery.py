@@ -34,6 +34,9 @@ from worker.publisher import ResultPublisher, acknowledged
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
+# One transaction attempt (begin, send, offsets, commit) normally takes milliseconds.
+TRANSACTION_ATTEMPT_TIMEOUT_S = 30.0
+CLEANUP_TIMEOUT_S = 5.0
 # A partition given up after a fence that the group still assigns to this worker this long after:
 # the fence was this worker's own expired transaction, not a new owner (who would have revoked it).
 RECLAIM_AFTER_S = 25.0
@@ -195,7 +198,8 @@ class ExactlyOnce:
                 await old.stop()
         producer = self._new_producer(self.transactional_id(tp))
         try:
-            await producer.start()  # InitProducerId: bumps the epoch, ends the previous transaction
+            # InitProducerId: bumps the epoch, ends the previous transaction.
+            await asyncio.wait_for(producer.start(), TRANSACTION_ATTEMPT_TIMEOUT_S)
         except BaseException:
             with contextlib.suppress(Exception):
                 await producer.stop()
@@ -269,19 +273,13 @@ class ExactlyOnce:
                 if await self._committed_past(tp, part.next_offset):
                     return []  # it had committed after all (only the answer was lost)
             try:
-                await producer.begin_transaction()
-                outgoing = await self._publisher.prepare(part.results, part.rejections)
-                acks = await self._publisher.send(producer, outgoing)
-                await producer.send_offsets_to_transaction({tp: part.next_offset}, self._group_id)
-                if hold_s:
-                    log.warning("holding the open transaction of %s for %.0fs (fault injection)", tp, hold_s)
-                    await asyncio.sleep(hold_s)
-                await producer.commit_transaction()
-                failed = await acknowledged(acks)
-                if failed:
-                    raise failed[0][1]
+                # A transaction that hangs (a coordinator that never answers) would hold back every
+                # later batch: past the limit it counts as failed, is aborted and retried.
+                rejected = await asyncio.wait_for(
+                    self._publish(producer, tp, part, hold_s), TRANSACTION_ATTEMPT_TIMEOUT_S + hold_s
+                )
                 self._metrics.commits.labels("ok").inc()
-                return outgoing.rejected
+                return rejected
             except FENCED as exc:
                 log.warning(
                     "partition %s: this worker's producer was fenced (%s): another worker "
@@ -293,7 +291,7 @@ class ExactlyOnce:
                 self._lost_at[tp] = time.monotonic()
                 await self._stop_producers([tp])
                 return None
-            except KafkaError as exc:
+            except (KafkaError, TimeoutError) as exc:
                 attempt += 1
                 self._metrics.commits.labels("failed").inc()
                 self._metrics.publish_retries.inc()
@@ -305,21 +303,38 @@ class ExactlyOnce:
                     _backoff(attempt),
                 )
                 with contextlib.suppress(Exception):
-                    await producer.abort_transaction()
+                    await asyncio.wait_for(producer.abort_transaction(), CLEANUP_TIMEOUT_S)
                 with contextlib.suppress(Exception):
-                    await producer.stop()
+                    await asyncio.wait_for(producer.stop(), CLEANUP_TIMEOUT_S)
                 if tp in self._producers:
                     self._producers[tp] = None
                 await asyncio.sleep(_backoff(attempt))
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, tp: TopicPartition, part: _Part, hold_s: float
+    ) -> list[Rejection]:
+        """One transaction: the part's results and dead letters, its offsets, then the commit."""
+        await producer.begin_transaction()
+        outgoing = await self._publisher.prepare(part.results, part.rejections)
+        acks = await self._publisher.send(producer, outgoing)
+        await producer.send_offsets_to_transaction({tp: part.next_offset}, self._group_id)
+        if hold_s:
+            log.warning("holding the open transaction of %s for %.0fs (fault injection)", tp, hold_s)
+            await asyncio.sleep(hold_s)
+        await producer.commit_transaction()
+        failed = await acknowledged(acks)
+        if failed:
+            raise failed[0][1]
+        return outgoing.rejected
 
     async def _restart(self, tp: TopicPartition) -> AIOKafkaProducer | None:
         """A fresh producer for ``tp`` (starting it completes or aborts the failed transaction),
         or None when the cluster cannot be reached yet."""
         producer = self._new_producer(self.transactional_id(tp))
         try:
-            await producer.start()
-        except KafkaError as exc:
-            log.warning("cannot restart the producer of %s yet (%s)", tp, exc)
+            await asyncio.wait_for(producer.start(), TRANSACTION_ATTEMPT_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("cannot restart the producer of %s yet (%s)", tp, type(exc).__name__)
             with contextlib.suppress(Exception):
                 await producer.stop()
             return None
