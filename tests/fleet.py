@@ -8,6 +8,7 @@ can be killed, stopped or restarted like in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -200,6 +201,16 @@ class Fleet:
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         return sum(w.metric(name, labels) for w in self.workers if w.alive)
+
+    def peak_rss_mb(self) -> float:
+        """The largest peak resident memory (VmHWM) among the running workers, in MB."""
+        peak = 0.0
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{worker.process.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+        return peak
 
 
 async def start_fleet(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -25,6 +27,21 @@ from tests.fleet import Fleet, FleetIO, start_fleet
 from tests.helpers import read_jsonl_texts
 
 REQUESTS_PER_SCENARIO = 5000
+
+
+STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
+
+
+def stack(action: str, service: str) -> None:
+    """Stops or starts one service of the local stack (`embedfleet stack up|down --service ...`)."""
+    done = subprocess.run(
+        [sys.executable, str(STACK), action, "--service", service],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @dataclass

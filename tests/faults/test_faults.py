@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.faults.conftest import (
@@ -21,21 +19,9 @@ from tests.faults.conftest import (
     audit_fleet,
     run_scenario,
     scenario_texts,
+    stack,
 )
 from tests.fleet import Fleet, FleetIO, start_fleet
-
-STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
-
-
-def stack(action: str, service: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(STACK), action, "--service", service],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def record(

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from tests.fleet import Fleet, FleetIO, request, start_fleet
+from tests.fleet import FleetIO, request, start_fleet
 
 BIG = 10 * 1024 * 1024 - 64 * 1024  # just under the local broker's 10 MiB message limit
 Hostile = tuple[str, bytes | None, list[tuple[str, bytes]], bytes | None]
@@ -79,15 +79,6 @@ def hostile_messages() -> list[Hostile]:
     ]
 
 
-def worker_rss_mb(fleet: Fleet) -> float:
-    rss = 0.0
-    for worker in fleet.workers:
-        for line in Path(f"/proc/{worker.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = max(rss, int(line.split()[1]) / 1024)
-    return rss
-
-
 async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
     kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -134,7 +125,7 @@ async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
                 assert headers["dlq-error-code"] and headers["dlq-reason"], bad_offsets[offset]
         assert all(w.alive for w in fleet.workers), "a worker died on hostile input"
         # Bounded memory: the 10 MB values pass through, but nothing accumulates.
-        assert worker_rss_mb(fleet) < 700
+        assert fleet.peak_rss_mb() < 700
     finally:
         await producer.stop()
         fleet.stop_all()

@@ -14,8 +14,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,26 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from tests.faults.conftest import FaultLedger, FaultReport, audit_fleet, run_scenario, scenario_texts
-from tests.faults.test_poison_records import MEMORY_LIMIT_MB, peak_rss_mb
+from tests.faults.conftest import (
+    FaultLedger,
+    FaultReport,
+    audit_fleet,
+    run_scenario,
+    scenario_texts,
+    stack,
+)
+from tests.faults.test_poison_records import MEMORY_LIMIT_MB
 from tests.fleet import Fleet, FleetIO, WorkerProcess
 from worker.app import serve
 from worker.config import WorkerConfig
+from worker.engine.embedder import EmbedOutput
 from worker.engine.tokenize import TokenizedText
 
-STACK = Path(__file__).resolve().parents[2] / "deploy" / "local" / "stack.py"
 OUTAGE_S = 60
-
-
-def stack(action: str, service: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(STACK), action, "--service", service],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def readyz(worker: WorkerProcess) -> tuple[int, dict[str, Any]]:
@@ -89,7 +83,7 @@ async def test_kafka_down_longer_than_the_request_timeout(
         found.duplicates(ids),
         stall,
         f"{notes}; /readyz 503 after {not_ready_after} s",
-        peak_rss_mb=peak_rss_mb(two_workers),
+        peak_rss_mb=two_workers.peak_rss_mb(),
     )
     fault_ledger.rows.append(row)
     assert row.missing == 0
@@ -179,7 +173,7 @@ async def test_a_backlog_of_64_kib_texts_never_blocks_the_loop(
         f"{elapsed:.0f} s; /healthz p50 {statistics.median(probes) * 1000:.0f} ms, "
         f"p99 {p99 * 1000:.0f} ms over {len(probes)} probes; mean loop lag "
         f"{max(loop_lag) * 1000:.1f} ms; no new assignment",
-        peak_rss_mb=peak_rss_mb(two_workers),
+        peak_rss_mb=two_workers.peak_rss_mb(),
     )
     fault_ledger.rows.append(row)
     assert row.missing == 0 and row.duplicates == 0
@@ -219,13 +213,8 @@ class _BrokenEngine:
         dimensions: int | None = None,
         batch_size: int = 32,
         token_budget: int = 2048,
-    ) -> Any:
-        @dataclass
-        class Output:
-            vectors: np.ndarray
-            truncated: list[bool]
-
-        return Output(np.ones((0, 4), np.float32), [])
+    ) -> EmbedOutput:
+        return EmbedOutput(np.ones((0, 4), np.float32), [], [])
 
 
 async def test_a_bug_stops_the_worker_with_a_nonzero_status(

@@ -10,7 +10,6 @@ The workers must stay alive, in the group (no new assignment) and never stall fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import shutil
@@ -54,16 +53,6 @@ class Scenario:
     notes: list[str] = field(default_factory=list)
 
 
-def peak_rss_mb(fleet: Fleet) -> float:
-    peak = 0.0
-    for worker in fleet.workers:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{worker.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-    return peak
-
-
 async def run_poison(
     fleet: Fleet,
     shared_dir: Path,
@@ -100,7 +89,7 @@ async def run_poison(
             await asyncio.sleep(0.5)
         after = sorted(t for t in io.arrivals if t >= bad_at)
         gaps = [b - a for a, b in zip([bad_at, *after], after, strict=False)]
-        scenario = Scenario(fleet, io, good_ids, found, max(gaps, default=0.0), peak_rss_mb(fleet))
+        scenario = Scenario(fleet, io, good_ids, found, max(gaps, default=0.0), fleet.peak_rss_mb())
     assert all(w.alive for w in fleet.workers), "a worker exited on a bad record"
     assert fleet.metric("embedfleet_assignments_total") == assignments, "a worker lost its group membership"
     return scenario

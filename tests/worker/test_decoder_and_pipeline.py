@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from aiokafka import ConsumerRecord, TopicPartition
@@ -12,6 +11,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
 from worker.cache import VectorCache
 from worker.consumer import ModelContract, RequestDecoder
+from worker.engine.embedder import EmbedOutput
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Rejection
 from worker.metrics import WorkerMetrics
@@ -96,12 +96,6 @@ def test_an_unreadable_record_is_answered_when_its_id_can_be_read() -> None:
     assert rejection.source.offset == 7 and rejection.source.partition == 2
 
 
-@dataclass
-class _Output:
-    vectors: np.ndarray
-    truncated: list[bool]
-
-
 class FakeEngine:
     """Vectors from the token count; NaN for texts containing NAN (an FP16 overflow)."""
 
@@ -112,10 +106,10 @@ class FakeEngine:
         dimensions: int | None = None,
         batch_size: int = 32,
         token_budget: int = 2048,
-    ) -> _Output:
+    ) -> EmbedOutput:
         vectors = np.array([[len(t.ids), 1.0, 0.0, 0.0] for t in tokenized], dtype=np.float32)
         vectors[[("NAN" in text) for text in texts]] = np.nan
-        return _Output(vectors, [t.truncated for t in tokenized])
+        return EmbedOutput(vectors, [t.truncated for t in tokenized], [len(t.ids) for t in tokenized])
 
 
 async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() -> None:
