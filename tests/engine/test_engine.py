@@ -266,3 +266,36 @@ def test_embed_command_rejects_bad_dimensions(bundle: Bundle, tmp_path: Path) ->
     source = tmp_path / "in.jsonl"
     source.write_text('"x"\n')
     assert cli_main(["embed", str(source), "--model", str(bundle.path), "--dimensions", "7"]) == 1
+
+
+def test_a_long_text_is_cut_before_tokenizing_without_changing_its_tokens(
+    bundle: Bundle, shared_dir: Path
+) -> None:
+    """TextTokenizer cuts a long text to 8 characters per model token before tokenizing (a 64 KiB
+    text would be tokenized whole, overflow windows kept); the kept tokens must be exactly those
+    of the whole text, also where the cut falls inside a word, in runs of spaces, in a word the
+    tokenizer maps to [UNK], or in text without spaces."""
+    from tokenizers import Tokenizer
+
+    from worker.engine.tokenize import TextTokenizer
+
+    max_tokens = bundle.manifest.max_tokens
+    capped = TextTokenizer.from_file(bundle.tokenizer_path, max_tokens)
+    whole = Tokenizer.from_file(str(bundle.tokenizer_path))
+    whole.no_padding()
+    whole.enable_truncation(max_length=max_tokens)
+    docs = quality.read_jsonl_strings(shared_dir / "corpus" / "docs.jsonl")[:150]
+    texts = [
+        *docs,
+        *(doc * 30 for doc in docs[:20]),
+        "a" * 5000 + " b" * 3000,
+        " " * 20_000 + "hello world " * 500,
+        "漢字" * 10_000,
+        "x" * 70_000,
+        "supercalifragilistic" * 2000 + " end",
+        ("word " * 409) + "internationalization " * 200,
+    ]
+    for text in texts:
+        mine, reference = capped.tokenize([text])[0], whole.encode(text)
+        assert mine.ids == reference.ids, text[:60]
+        assert mine.truncated == bool(reference.overflowing), text[:60]
