@@ -112,6 +112,8 @@ class ResultPublisher:
         self._max_dlq_record = max_dlq_record_bytes
         self._max_headers = max_dlq_header_bytes
         self._sending: weakref.WeakKeyDictionary[AIOKafkaProducer, int] = weakref.WeakKeyDictionary()
+        self._wrote_reply_topics: weakref.WeakSet[AIOKafkaProducer] = weakref.WeakSet()
+        self._base = frozenset(self.base_topics)
 
     @property
     def base_topics(self) -> list[str]:
@@ -193,13 +195,19 @@ class ResultPublisher:
 
         aiokafka keeps every topic a producer wrote to in its metadata requests, which allow
         auto-creation: a reply topic deleted later would be created again by the next refresh.
-        So once no send is under way, the producer's topics are reset to the base ones."""
+        So once no send is under way, a producer that wrote to a reply topic has its topics reset
+        to the base ones (sends to the base topics alone leave it as it is)."""
+        if any(topic not in self._base for topic, _ in outgoing.results) or any(
+            single[0] not in self._base for single in outgoing.singles
+        ):
+            self._wrote_reply_topics.add(producer)
         self._sending[producer] = self._sending.get(producer, 0) + 1
         try:
             return await self._send(producer, outgoing)
         finally:
             self._sending[producer] -= 1
-            if not self._sending[producer]:
+            if not self._sending[producer] and producer in self._wrote_reply_topics:
+                self._wrote_reply_topics.discard(producer)
                 producer.client.set_topics(self.base_topics)
 
     async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]:
