@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.helpers import create_topic, delete_topics
 from worker.cache import drop_cache_prefix
@@ -232,6 +232,44 @@ async def drop_cache(redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
+async def diagnose(fleet: Fleet) -> str:
+    """What a stalled fleet looks like, for a failing test's message: per partition, the group's
+    committed offset against the end of the requests, and the results' last stable offset (what a
+    read_committed reader can see) against their high watermark; then each worker's last warnings."""
+    lines = []
+    consumer = AIOKafkaConsumer(bootstrap_servers=fleet.bootstrap, group_id=fleet.group_id)
+    committed_reader = AIOKafkaConsumer(bootstrap_servers=fleet.bootstrap, isolation_level="read_committed")
+    try:
+        await consumer.start()
+        await committed_reader.start()
+        for topic in (fleet.requests_topic, fleet.results_topic):
+            partitions = [TopicPartition(topic, p) for p in range(fleet.partitions)]
+            ends = await consumer.end_offsets(partitions)
+            if topic == fleet.requests_topic:
+                for tp in partitions:
+                    committed = await consumer.committed(tp)
+                    lines.append(f"requests p{tp.partition}: committed {committed} of end {ends[tp]}")
+            else:
+                stable = await committed_reader.end_offsets(partitions)
+                for tp in partitions:
+                    lines.append(f"results p{tp.partition}: last stable {stable[tp]} of end {ends[tp]}")
+    except Exception as exc:  # a diagnosis never hides the failure it explains
+        lines.append(f"(offsets unavailable: {type(exc).__name__}: {exc})")
+    finally:
+        await consumer.stop()
+        await committed_reader.stop()
+    for worker in fleet.workers:
+        state = "running" if worker.alive else f"exited {worker.process.returncode}"
+        warnings = [
+            line
+            for line in worker.log().splitlines()
+            if any(level in line for level in (" WARNING ", " ERROR ", '"warning"', '"error"'))
+        ]
+        lines.append(f"--- {worker.name} ({state}); last warnings:")
+        lines.extend(line[:400] for line in warnings[-15:])
+    return "\n".join(lines)
+
+
 def request(text: str, **fields: Any) -> tuple[str, bytes]:
     request_id = fields.pop("id", None) or uuid.uuid4().hex
     return request_id, json.dumps({"id": request_id, "text": text, **fields}).encode()
@@ -316,7 +354,10 @@ class FleetIO:
         while not all(i in self.results for i in wanted):
             if time.monotonic() > deadline:
                 missing = [i for i in wanted if i not in self.results]
-                raise AssertionError(f"{len(missing)} of {len(wanted)} results missing, e.g. {missing[:3]}")
+                raise AssertionError(
+                    f"{len(missing)} of {len(wanted)} results missing, e.g. {missing[:3]}\n"
+                    + await diagnose(self.fleet)
+                )
             await asyncio.sleep(0.05)
         return {i: self.results[i][-1] for i in wanted}
 

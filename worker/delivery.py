@@ -142,6 +142,15 @@ class _Part:
     next_offset: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class _Ownership:
+    """One stretch of owning a partition, from taking it to losing it. Work started under one
+    ownership never touches the producer of a later one (the partition may come back to this
+    worker while an old transaction is still being retried)."""
+
+    producer: AIOKafkaProducer | None  # None while a failed transaction waits for a fresh producer
+
+
 class ExactlyOnce:
     commits_offsets = True
 
@@ -163,8 +172,7 @@ class ExactlyOnce:
         self._cluster = cluster
         self._metrics = metrics
         self._group_id = group_id
-        # Owned partitions; None while a failed transaction waits for a fresh producer.
-        self._producers: dict[TopicPartition, AIOKafkaProducer | None] = {}
+        self._owned: dict[TopicPartition, _Ownership] = {}
         self._lost_at: dict[TopicPartition, float] = {}
         # Batches publish in the order they were cut, so a partition's offsets only move forward.
         self._turn = asyncio.Condition()
@@ -177,7 +185,7 @@ class ExactlyOnce:
         return None
 
     async def close(self) -> None:
-        await self._stop_producers(list(self._producers))
+        await self._stop_producers(list(self._owned))
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
         """Fences the previous owners (their open transactions end), then moves each partition to
@@ -192,10 +200,7 @@ class ExactlyOnce:
         return failed
 
     async def _take(self, tp: TopicPartition) -> None:
-        old = self._producers.pop(tp, None)
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.stop()
+        await self._stop_producers([tp])
         producer = self._new_producer(self.transactional_id(tp))
         try:
             # InitProducerId: bumps the epoch, ends the previous transaction.
@@ -204,7 +209,7 @@ class ExactlyOnce:
             with contextlib.suppress(Exception):
                 await producer.stop()
             raise
-        self._producers[tp] = producer
+        self._owned[tp] = _Ownership(producer)
         self._lost_at.pop(tp, None)
         committed = await self._consumer.committed(tp)
         if committed is None:
@@ -222,8 +227,8 @@ class ExactlyOnce:
         return [tp for tp, at in self._lost_at.items() if tp in assigned and now - at > RECLAIM_AFTER_S]
 
     async def _stop_producers(self, partitions: list[TopicPartition]) -> None:
-        producers = [p for p in (self._producers.pop(tp, None) for tp in partitions) if p is not None]
-        for producer in producers:
+        owned = [self._owned.pop(tp, None) for tp in partitions]
+        for producer in [o.producer for o in owned if o is not None and o.producer is not None]:
             with contextlib.suppress(Exception):
                 await producer.stop()
 
@@ -259,13 +264,14 @@ class ExactlyOnce:
     ) -> list[Rejection] | None:
         """Publishes one partition's part of a batch with its offsets in one transaction; None when
         the partition is no longer this worker's (revoked, or fenced by a new owner)."""
+        ownership = self._owned.get(tp)
         attempt = 0
         while True:
-            if tp not in self._producers:
-                return None
-            producer = self._producers[tp]
+            if ownership is None or self._owned.get(tp) is not ownership:
+                return None  # revoked (or fenced) since the batch was cut
+            producer = ownership.producer
             if producer is None:  # the last transaction failed: a fresh producer ends it first
-                producer = await self._restart(tp)
+                producer = await self._restart(tp, ownership)
                 if producer is None:
                     attempt += 1
                     await asyncio.sleep(_backoff(attempt))
@@ -288,8 +294,9 @@ class ExactlyOnce:
                     type(exc).__name__,
                 )
                 self._metrics.fenced_partitions.inc()
-                self._lost_at[tp] = time.monotonic()
-                await self._stop_producers([tp])
+                if self._owned.get(tp) is ownership:
+                    self._lost_at[tp] = time.monotonic()
+                    await self._stop_producers([tp])
                 return None
             except (KafkaError, TimeoutError) as exc:
                 attempt += 1
@@ -306,8 +313,8 @@ class ExactlyOnce:
                     await asyncio.wait_for(producer.abort_transaction(), CLEANUP_TIMEOUT_S)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.stop(), CLEANUP_TIMEOUT_S)
-                if tp in self._producers:
-                    self._producers[tp] = None
+                if ownership.producer is producer:
+                    ownership.producer = None
                 await asyncio.sleep(_backoff(attempt))
 
     async def _publish(
@@ -327,9 +334,9 @@ class ExactlyOnce:
             raise failed[0][1]
         return outgoing.rejected
 
-    async def _restart(self, tp: TopicPartition) -> AIOKafkaProducer | None:
+    async def _restart(self, tp: TopicPartition, ownership: _Ownership) -> AIOKafkaProducer | None:
         """A fresh producer for ``tp`` (starting it completes or aborts the failed transaction),
-        or None when the cluster cannot be reached yet."""
+        or None when the cluster cannot be reached yet or the partition was lost meanwhile."""
         producer = self._new_producer(self.transactional_id(tp))
         try:
             await asyncio.wait_for(producer.start(), TRANSACTION_ATTEMPT_TIMEOUT_S)
@@ -338,11 +345,11 @@ class ExactlyOnce:
             with contextlib.suppress(Exception):
                 await producer.stop()
             return None
-        if tp not in self._producers:  # revoked meanwhile
+        if self._owned.get(tp) is not ownership:  # revoked meanwhile
             with contextlib.suppress(Exception):
                 await producer.stop()
             return None
-        self._producers[tp] = producer
+        ownership.producer = producer
         return producer
 
     async def _committed_past(self, tp: TopicPartition, next_offset: int) -> bool:

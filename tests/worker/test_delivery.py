@@ -178,6 +178,40 @@ async def test_a_failed_commit_is_retried_unless_it_went_through() -> None:
     assert "embedfleet-g-embed.requests-0 abort" in log
 
 
+async def test_a_transaction_retrying_across_a_revoke_never_uses_the_next_owners_producer() -> None:
+    """The partition is revoked and assigned back to this worker while a batch's transaction is
+    still failing: that batch is lost (its records are read again from the committed offset), and
+    the producer of the new ownership is neither replaced nor stopped by it."""
+    tp0 = TopicPartition(TOPIC, 0)
+    delivery, log, _ = exactly_once(fail={"commit": [KafkaTimeoutError()]})
+    await delivery.assigned([tp0])
+    retried = asyncio.Event()
+    real_backoff_sleep = asyncio.sleep
+
+    async def revoke_and_take_back(seconds: float) -> None:
+        if not retried.is_set():
+            retried.set()
+            await delivery.revoked([tp0])
+            await delivery.assigned([tp0])
+        await real_backoff_sleep(0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("worker.delivery.asyncio.sleep", revoke_and_take_back)
+        log.clear()
+        delivered = await delivery.deliver(0, work((0, 3)))
+    assert delivered.lost == {tp0}
+    # One start: the new ownership's producer. The old batch did not start another one.
+    assert log.count("embedfleet-g-embed.requests-0 start") == 1
+    assert log.count("embedfleet-g-embed.requests-0 commit") == 1  # the failed one, never again
+    log.clear()
+    assert (await delivery.deliver(1, work((0, 3)))).lost == set()
+    assert log == [
+        "embedfleet-g-embed.requests-0 begin",
+        "embedfleet-g-embed.requests-0 offsets 4",
+        "embedfleet-g-embed.requests-0 commit",
+    ]  # the new owner's producer, still running
+
+
 async def test_batches_publish_in_the_order_they_were_cut() -> None:
     tp0 = TopicPartition(TOPIC, 0)
     delivery, log, _ = exactly_once()
