@@ -1,8 +1,9 @@
 """The `embedfleet` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)``
-and ``run(args) -> int``. Modules are imported only when their subcommand runs,
-so `embedfleet stack up` does not load ONNX Runtime.
+Each subcommand lives in a module that exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+local-dev tooling (the stack, the demo) instead runs a script of the source checkout
+(worker.checkout). Modules are imported only when their subcommand runs, so `embedfleet stack up`
+does not load ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -11,45 +12,67 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
-# (subcommand, module, one-line help). The module provides add_arguments() and run().
-SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("stack", "worker.stack_command", "start, stop or inspect the local Kafka + Redis stack"),
-    ("model", "worker.engine.commands", "build or check a model bundle"),
-    ("embed", "worker.engine.embed_command", "embed JSONL texts offline with a model bundle"),
-    ("worker", "worker.app", "run a worker of the fleet"),
-    ("schema", "schemas.commands", "print the JSON Schema of the wire contract"),
-    ("produce", "producer.cli", "send texts to the fleet and collect their vectors"),
-    ("dlq", "worker.dlq_command", "inspect or replay the dead-letter topic"),
-    ("demo", "worker.demo", "run the main job: stack, two workers, a sample of jobs, a summary"),
+from worker.checkout import run_checkout_script
+
+
+class Subcommand(NamedTuple):
+    name: str
+    module: str  # imported only when this subcommand runs
+    help: str
+    # A checkout script (local-dev tooling): its arguments, --help included, go to the script.
+    script: str | None = None
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "stack", "worker.checkout", "start, stop or inspect the local Kafka + Redis stack", script="stack.py"
+    ),
+    Subcommand("model", "worker.engine.commands", "build or check a model bundle"),
+    Subcommand("embed", "worker.engine.embed_command", "embed JSONL texts offline with a model bundle"),
+    Subcommand("worker", "worker.app", "run a worker of the fleet"),
+    Subcommand("schema", "schemas.commands", "print the JSON Schema of the wire contract"),
+    Subcommand("produce", "producer.cli", "send texts to the fleet and collect their vectors"),
+    Subcommand("dlq", "worker.dlq_command", "inspect or replay the dead-letter topic"),
+    Subcommand(
+        "demo",
+        "worker.checkout",
+        "run the main job: two workers, a sample of jobs, a summary (needs the stack)",
+        script="demo.py",
+    ),
 )
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedfleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name, help_text in SUBCOMMANDS:
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+    for command in SUBCOMMANDS:
+        sub_parser = sub.add_parser(command.name, help=command.help, description=command.help)
         # Load a module's arguments only for the subcommand being run (or for --help of it).
-        if only == name:
-            module = importlib.import_module(module_name)
+        if only == command.name:
+            module = importlib.import_module(command.module)
             module.add_arguments(sub_parser)
-            sub_parser.set_defaults(_module=module)
+            sub_parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    known = {name for name, _, _ in SUBCOMMANDS}
+    known = {command.name for command in SUBCOMMANDS}
     chosen = next((a for a in args_list if not a.startswith("-")), None)
+    tool = next((c for c in SUBCOMMANDS if c.name == chosen and c.script), None)
+    if tool is not None and tool.script is not None:
+        rest = args_list[args_list.index(tool.name) + 1 :]
+        return run_checkout_script(tool.script, rest, f"`embedfleet {tool.name}`")
     parser = build_parser(chosen if chosen in known else None)
     args = parser.parse_args(args_list)
-    module = getattr(args, "_module", None)
-    if module is None:
+    run = getattr(args, "_run", None)
+    if run is None:
         parser.print_help()
         return 2
     try:
-        return int(module.run(args))
+        return int(run(args))
     except KeyboardInterrupt:
         return 130
 

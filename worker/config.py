@@ -19,15 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from worker.engine.bundle import default_bundle_dir
+
 Guarantee = Literal["at-least-once", "exactly-once"]
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("EMBEDFLEET_HOME") or Path.home() / ".cache" / "embedfleet")
-
-
-def default_model_dir() -> Path:
-    return default_home() / "models" / "all-MiniLM-L6-v2"
 
 
 def default_worker_id() -> str:
@@ -123,7 +117,7 @@ class WorkerConfig:
         "EMBEDFLEET_CACHE_KEY_PREFIX", "prefix of the cache's Redis keys", default="embedfleet"
     )
     # Model
-    model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_model_dir)
+    model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_bundle_dir)
     variant: str = setting(
         "EMBEDFLEET_VARIANT", "model variant", default="int8", choices=("int8", "fp32", "fp16")
     )

