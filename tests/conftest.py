@@ -37,6 +37,18 @@ def _require_listening(address: str, what: str) -> None:
             )
 
 
+# A test that uses any of these (directly or through another fixture) needs the local stack.
+STACK_FIXTURES = frozenset({"kafka_bootstrap", "redis_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test that needs the stack `stack`, so `pytest -m 'not stack'` runs the rest
+    (unit tests, engine, deploy files) with no stack running."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     address = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")

@@ -203,8 +203,7 @@ class ExactlyOnce:
         await self._stop_producers([tp])
         producer = self._new_producer(self.transactional_id(tp))
         try:
-            # InitProducerId: bumps the epoch, ends the previous transaction.
-            await asyncio.wait_for(producer.start(), TRANSACTION_ATTEMPT_TIMEOUT_S)
+            await asyncio.wait_for(self._fence(producer), TRANSACTION_ATTEMPT_TIMEOUT_S)
         except BaseException:
             with contextlib.suppress(Exception):
                 await producer.stop()
@@ -216,6 +215,16 @@ class ExactlyOnce:
             await self._consumer.seek_to_beginning(tp)
         else:
             self._consumer.seek(tp, committed)
+
+    @staticmethod
+    async def _fence(producer: AIOKafkaProducer) -> None:
+        """Starts ``producer`` and waits until its InitProducerId has gone through: the epoch is
+        bumped and the previous owner's transaction has ended (committed or aborted, its offsets
+        written). ``start()`` alone returns before that; beginning a transaction waits for it,
+        and aborting the empty transaction sends nothing."""
+        await producer.start()
+        await producer.begin_transaction()
+        await producer.abort_transaction()
 
     async def revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -339,7 +348,7 @@ class ExactlyOnce:
         or None when the cluster cannot be reached yet or the partition was lost meanwhile."""
         producer = self._new_producer(self.transactional_id(tp))
         try:
-            await asyncio.wait_for(producer.start(), TRANSACTION_ATTEMPT_TIMEOUT_S)
+            await asyncio.wait_for(self._fence(producer), TRANSACTION_ATTEMPT_TIMEOUT_S)
         except (KafkaError, TimeoutError) as exc:
             log.warning("cannot restart the producer of %s yet (%s)", tp, type(exc).__name__)
             with contextlib.suppress(Exception):

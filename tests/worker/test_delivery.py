@@ -74,11 +74,13 @@ class FakeCluster:
 
 
 class FakeConsumer:
-    def __init__(self, committed: dict[TopicPartition, int]) -> None:
+    def __init__(self, committed: dict[TopicPartition, int], log: list[str] | None = None) -> None:
         self.committed_offsets = committed
         self.positions: dict[TopicPartition, int] = {}
+        self.log = log if log is not None else []
 
     async def committed(self, tp: TopicPartition) -> int | None:
+        self.log.append(f"committed {tp.partition}")
         return self.committed_offsets.get(tp)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -110,7 +112,7 @@ def exactly_once(
     committed: dict[TopicPartition, int] | None = None,
 ) -> tuple[ExactlyOnce, list[str], FakeConsumer]:
     log: list[str] = []
-    consumer = FakeConsumer(committed or {})
+    consumer = FakeConsumer(committed or {}, log)
     delivery = ExactlyOnce(
         consumer=consumer,
         publisher=FakePublisher(),  # type: ignore[arg-type]
@@ -131,7 +133,14 @@ async def test_exactly_once_takes_partitions_by_fencing_then_reading_the_committ
     tp0, tp1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
     delivery, log, consumer = exactly_once(committed={tp0: 40})
     assert await delivery.assigned([tp0, tp1]) == set()
-    assert sorted(log) == ["embedfleet-g-embed.requests-0 start", "embedfleet-g-embed.requests-1 start"]
+    # The committed offset is read only once the new epoch is in place (start() alone returns
+    # before InitProducerId has ended the previous owner's transaction; beginning one waits).
+    assert [line for line in log if "-0 " in line or line == "committed 0"] == [
+        "embedfleet-g-embed.requests-0 start",
+        "embedfleet-g-embed.requests-0 begin",
+        "embedfleet-g-embed.requests-0 abort",
+        "committed 0",
+    ]
     assert consumer.positions == {tp0: 40, tp1: 0}
 
 
