@@ -57,7 +57,7 @@ test: venv system-deps model
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker producer schemas deploy/local/stack.py deploy/local/demo.py
+	$(BIN)/mypy worker producer schemas deploy/local/stack.py deploy/local/demo.py tests bench
 
 bench: venv system-deps model stack-up
 	$(BIN)/python bench/engine.py

@@ -285,20 +285,25 @@ def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
 
     calls, per_call = config.model_threads(physical_cpu_count())
     embedder = Embedder.from_bundle(config.model, variant=config.variant, intra_op_threads=per_call)
-    model_batch = {"batch_size": config.inference_batch_size, "token_budget": config.inference_token_budget}
-    embedder.embed(texts[:64], **model_batch)
+
+    def embed(batch: list[str]) -> object:
+        return embedder.embed(
+            batch, batch_size=config.inference_batch_size, token_budget=config.inference_token_budget
+        )
+
+    embed(texts[:64])
     size = config.max_batch_size
     chunks = [texts[start : start + size] for start in range(0, len(texts), size)]
     with ThreadPoolExecutor(max_workers=calls) as pool:
         started = time.perf_counter()
-        list(pool.map(lambda chunk: embedder.embed(chunk, **model_batch), chunks))
+        list(pool.map(embed, chunks))
         seconds = time.perf_counter() - started
     # One batch's inference time: a full model batch of typical texts, as one call runs it.
     batch = texts[: config.inference_batch_size]
     timings = []
     for _ in range(5):
         t0 = time.perf_counter()
-        embedder.embed(batch, **model_batch)
+        embed(batch)
         timings.append(time.perf_counter() - t0)
     phase = Phase(f"a. engine alone ({calls}x{per_call} threads)", len(texts), seconds)
     return phase, float(np.median(timings))

@@ -113,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {model}  ({len(datasets['queries'])} queries, {len(datasets['docs'])} docs)")
     print(f"{'variant':7} {'data':7} {'order':8} {'batch':>5} {'budget':>6} {'texts/s':>8} {'tok/s':>8}")
     for r in results:
-        budget = "-" if r.budget is None else str(r.budget)
+        budget_text = "-" if r.budget is None else str(r.budget)
         print(
-            f"{r.variant:7} {r.data:7} {r.order:8} {r.batch_size:5d} {budget:>6} "
+            f"{r.variant:7} {r.data:7} {r.order:8} {r.batch_size:5d} {budget_text:>6} "
             f"{r.texts_per_s:8.1f} {r.tokens_per_s:8.0f}"
         )
 

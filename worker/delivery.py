@@ -27,10 +27,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from schemas import EmbedResult
-from worker.cluster import ClusterView
 from worker.jobs import Job, Rejection
 from worker.metrics import WorkerMetrics
-from worker.publisher import ResultPublisher, acknowledged
+from worker.publisher import Ack, Outgoing, acknowledged
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -58,6 +57,19 @@ class Delivered:
     lost: set[TopicPartition] = field(default_factory=set)  # not published: no longer this worker's
 
 
+class BatchPublisher(Protocol):
+    """Turns a batch's outcome into records and sends them (worker.publisher.ResultPublisher)."""
+
+    async def prepare(
+        self, results: list[tuple[Job, EmbedResult]], rejections: list[Rejection]
+    ) -> Outgoing: ...
+    async def send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]: ...
+
+
+class KnownTopics(Protocol):
+    def forget(self, topic: str) -> None: ...
+
+
 class Delivery(Protocol):
     commits_offsets: bool  # True when offsets travel with the results (no separate commits)
 
@@ -83,8 +95,8 @@ class AtLeastOnce:
     def __init__(
         self,
         producer: AIOKafkaProducer,
-        publisher: ResultPublisher,
-        cluster: ClusterView,
+        publisher: BatchPublisher,
+        cluster: KnownTopics,
         metrics: WorkerMetrics,
     ) -> None:
         self._producer = producer
@@ -159,8 +171,8 @@ class ExactlyOnce:
         *,
         consumer: AIOKafkaConsumer,
         new_producer: Callable[[str], AIOKafkaProducer],
-        publisher: ResultPublisher,
-        cluster: ClusterView,
+        publisher: BatchPublisher,
+        cluster: KnownTopics,
         metrics: WorkerMetrics,
         group_id: str,
         hold: Callable[[BatchWork], float] | None = None,

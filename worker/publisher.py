@@ -17,7 +17,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -35,7 +35,6 @@ from schemas import (
     encode_result,
     result_headers,
 )
-from worker.cluster import ClusterView
 from worker.config import WorkerConfig
 from worker.jobs import Headers, Job, Rejection
 from worker.kafka_options import kafka_connection_options
@@ -92,10 +91,16 @@ class Outgoing:
         return len(self.results) + len(self.singles)
 
 
+class TopicPartitions(Protocol):
+    """What the publisher asks of the cluster (worker.cluster.ClusterView in the worker)."""
+
+    async def partitions_for(self, topic: str) -> list[int] | None: ...
+
+
 class ResultPublisher:
     def __init__(
         self,
-        cluster: ClusterView,
+        cluster: TopicPartitions,
         *,
         results_topic: str,
         dlq_topic: str,

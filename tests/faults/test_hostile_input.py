@@ -114,15 +114,15 @@ async def test_hostile_messages_go_to_the_dlq_and_good_ones_are_answered(
 
             deadline = time.monotonic() + 60
             while True:
-                seen = {int(h["dlq-source-offset"]): h for _, h in io.dead_letters}
+                seen = {int(dlq["dlq-source-offset"]): dlq for _, dlq in io.dead_letters}
                 missing = {o: n for o, n in bad_offsets.items() if o not in seen}
                 if not missing or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
             assert not missing, f"no dead letter for {sorted(set(missing.values()))}"
-            for offset, headers in seen.items():
+            for offset, dlq_headers in seen.items():
                 assert offset in bad_offsets, "a good message went to the DLQ"
-                assert headers["dlq-error-code"] and headers["dlq-reason"], bad_offsets[offset]
+                assert dlq_headers["dlq-error-code"] and dlq_headers["dlq-reason"], bad_offsets[offset]
         assert all(w.alive for w in fleet.workers), "a worker died on hostile input"
         # Bounded memory: the 10 MB values pass through, but nothing accumulates.
         assert fleet.peak_rss_mb() < 700

@@ -54,7 +54,7 @@ class _FakeConsumer:
 
 async def test_router_resolves_by_id_and_ignores_strangers() -> None:
     consumer = _FakeConsumer()
-    router = ReplyRouter(consumer)  # type: ignore[arg-type]
+    router = ReplyRouter(consumer)
     router.start()
     mine = router.expect("mine")
     ok = EmbedResult.success(
@@ -77,7 +77,7 @@ async def test_router_accepts_only_the_key_and_width_it_asked_for() -> None:
     """An id alone can be answered by anyone who may write the reply topic: a forged result
     (another key or width) is ignored and the request waits for the real one."""
     consumer = _FakeConsumer()
-    router = ReplyRouter(consumer)  # type: ignore[arg-type]
+    router = ReplyRouter(consumer)
     router.start()
     mine = router.expect("mine", Expected(key="k1", dim=2))
 
@@ -109,7 +109,7 @@ async def test_router_failure_reaches_the_waiting_callers() -> None:
             await asyncio.sleep(0.05)
             raise RuntimeError("broker gone")
 
-    router = ReplyRouter(Broken())  # type: ignore[arg-type]
+    router = ReplyRouter(Broken())
     waiting = router.expect("a")
     router.start()
     with pytest.raises(RuntimeError, match="broker gone"):

@@ -23,8 +23,7 @@ from redis.asyncio import Redis
 from producer import Client, ClientConfig, EmbedBatchError, EmbedTimeout, embed_sync
 from producer.keys import plan_requests
 from schemas.cache_layout import vector_key
-from tests.conftest import start_fleet
-from tests.fleet import Fleet
+from tests.fleet import Fleet, start_fleet
 
 pytestmark = pytest.mark.stack
 
@@ -90,11 +89,16 @@ async def cached_vectors(client: Client, texts: list[str]) -> np.ndarray:
         ]
     finally:
         await redis.aclose()
-    return np.stack([np.frombuffer(value, dtype="<f4") for value in raw])
+    assert all(isinstance(value, bytes) for value in raw), "a vector is missing from Redis"
+    vectors: np.ndarray = np.stack(
+        [np.frombuffer(value, dtype="<f4") for value in raw if isinstance(value, bytes)]
+    )
+    return vectors
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    result: np.ndarray = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return result
 
 
 def fleet_config(fleet: Fleet, **overrides: Any) -> ClientConfig:

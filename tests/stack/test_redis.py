@@ -21,7 +21,7 @@ async def test_hnsw_knn_finds_the_exact_neighbour_first(redis_url: str) -> None:
     try:
         await client.ft(index).create_index(
             [VectorField("vector", "HNSW", {"TYPE": "FLOAT32", "DIM": 384, "DISTANCE_METRIC": "COSINE"})],
-            definition=IndexDefinition(prefix=[prefix], index_type=IndexType.HASH),
+            definition=IndexDefinition(prefix=[prefix], index_type=IndexType.HASH),  # type: ignore[no-untyped-call]
         )
         pipe = client.pipeline(transaction=False)
         for i, vector in enumerate(vectors):

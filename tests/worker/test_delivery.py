@@ -115,10 +115,10 @@ def exactly_once(
     consumer = FakeConsumer(committed or {}, log)
     delivery = ExactlyOnce(
         consumer=consumer,
-        publisher=FakePublisher(),  # type: ignore[arg-type]
+        publisher=FakePublisher(),
         cluster=FakeCluster(),
         metrics=WorkerMetrics(),
-        group_id="g",  # type: ignore[arg-type]
+        group_id="g",
         new_producer=lambda tid: FakeProducer(tid, log, fail or {}),
     )
     return delivery, log, consumer
@@ -240,7 +240,7 @@ async def test_at_least_once_sends_again_until_acknowledged() -> None:
     delivery = AtLeastOnce(
         FakeProducer("p", [], {}),
         publisher,
-        FakeCluster(),  # type: ignore[arg-type]
+        FakeCluster(),
         WorkerMetrics(),
     )
     delivered = await delivery.deliver(0, work((0, 1)))

@@ -36,7 +36,7 @@ def publisher(topics: dict[str, list[int]] | None = None) -> ResultPublisher:
     return ResultPublisher(
         cluster,
         results_topic="embed.results",
-        dlq_topic="embed.requests.dlq",  # type: ignore[arg-type]
+        dlq_topic="embed.requests.dlq",
         worker_id="w1",
         model="m",
         max_dlq_record_bytes=LIMIT,
