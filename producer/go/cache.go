@@ -82,6 +82,16 @@ func newCacheReader(cfg Config) (*cacheReader, error) {
 	if cfg.RedisPassword != "" {
 		opts.Password = cfg.RedisPassword
 	}
+	if cfg.RedisSSLCAFile != "" {
+		if opts.TLSConfig == nil {
+			return nil, errors.New("embedfleet: EMBEDFLEET_REDIS_SSL_CAFILE is set but EMBEDFLEET_REDIS_URL is not rediss://")
+		}
+		pool, err := certPool(cfg.RedisSSLCAFile, "EMBEDFLEET_REDIS_SSL_CAFILE")
+		if err != nil {
+			return nil, err
+		}
+		opts.TLSConfig.RootCAs = pool
+	}
 	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = cfg.RedisTimeout, cfg.RedisTimeout, cfg.RedisTimeout
 	opts.MaxRetries = 1 // one retry (a pooled connection the server closed), then fail open
 	return &cacheReader{rdb: redis.NewClient(opts), prefix: cfg.CacheKeyPrefix, model: cfg.ModelName}, nil

@@ -95,16 +95,9 @@ func kafkaOptions(cfg Config) ([]kgo.Opt, error) {
 	switch cfg.KafkaSecurityProtocol {
 	case "", "PLAINTEXT", "SASL_PLAINTEXT":
 	case "SSL", "SASL_SSL":
-		tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
-		if cfg.KafkaSSLCAFile != "" {
-			pem, err := os.ReadFile(cfg.KafkaSSLCAFile)
-			if err != nil {
-				return nil, fmt.Errorf("embedfleet: EMBEDFLEET_KAFKA_SSL_CAFILE: %w", err)
-			}
-			tlsConfig.RootCAs = x509.NewCertPool()
-			if !tlsConfig.RootCAs.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("embedfleet: no certificate in %s", cfg.KafkaSSLCAFile)
-			}
+		tlsConfig, err := kafkaTLS(cfg)
+		if err != nil {
+			return nil, err
 		}
 		opts = append(opts, kgo.DialTLSConfig(tlsConfig))
 	default:
@@ -127,6 +120,43 @@ func kafkaOptions(cfg Config) ([]kgo.Opt, error) {
 		}
 	}
 	return opts, nil
+}
+
+// kafkaTLS is the TLS of SSL and SASL_SSL: the CA bundle, and the client certificate and key
+// when the brokers require mTLS (as the worker's and the Python client's EMBEDFLEET_KAFKA_SSL_*).
+func kafkaTLS(cfg Config) (*tls.Config, error) {
+	tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.KafkaSSLCAFile != "" {
+		pool, err := certPool(cfg.KafkaSSLCAFile, "EMBEDFLEET_KAFKA_SSL_CAFILE")
+		if err != nil {
+			return nil, err
+		}
+		tlsConfig.RootCAs = pool
+	}
+	if (cfg.KafkaSSLCertFile == "") != (cfg.KafkaSSLKeyFile == "") {
+		return nil, errors.New("embedfleet: mTLS needs both EMBEDFLEET_KAFKA_SSL_CERTFILE and EMBEDFLEET_KAFKA_SSL_KEYFILE")
+	}
+	if cfg.KafkaSSLCertFile != "" {
+		pair, err := tls.LoadX509KeyPair(cfg.KafkaSSLCertFile, cfg.KafkaSSLKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("embedfleet: EMBEDFLEET_KAFKA_SSL_CERTFILE/KEYFILE: %w", err)
+		}
+		tlsConfig.Certificates = []tls.Certificate{pair}
+	}
+	return tlsConfig, nil
+}
+
+// certPool reads a PEM CA bundle; setting names the variable that pointed to it.
+func certPool(path, setting string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("embedfleet: %s: %w", setting, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("embedfleet: %s: no certificate in %s", setting, path)
+	}
+	return pool, nil
 }
 
 // NewClient connects, creates the private reply topic and starts reading it.

@@ -19,9 +19,12 @@ type Config struct {
 	KafkaSASLUsername     string
 	KafkaSASLPassword     string
 	KafkaSSLCAFile        string
+	KafkaSSLCertFile      string // client certificate for Kafka mTLS (with KafkaSSLKeyFile)
+	KafkaSSLKeyFile       string
 	RedisURL              string // empty: no cache lookup and no model contract from Redis
 	RedisUsername         string
 	RedisPassword         string
+	RedisSSLCAFile        string // CA bundle for rediss:// URLs
 	RedisTimeout          time.Duration
 	CacheKeyPrefix        string // EMBEDFLEET_CACHE_KEY_PREFIX
 	ModelName             string // EMBEDFLEET_MODEL_NAME
@@ -63,6 +66,9 @@ func ConfigFromEnv() Config {
 	set("EMBEDFLEET_KAFKA_SASL_USERNAME", &c.KafkaSASLUsername)
 	set("EMBEDFLEET_KAFKA_SASL_PASSWORD", &c.KafkaSASLPassword)
 	set("EMBEDFLEET_KAFKA_SSL_CAFILE", &c.KafkaSSLCAFile)
+	set("EMBEDFLEET_KAFKA_SSL_CERTFILE", &c.KafkaSSLCertFile)
+	set("EMBEDFLEET_KAFKA_SSL_KEYFILE", &c.KafkaSSLKeyFile)
+	set("EMBEDFLEET_REDIS_SSL_CAFILE", &c.RedisSSLCAFile)
 	if v, ok := os.LookupEnv("EMBEDFLEET_REDIS_URL"); ok {
 		c.RedisURL = v // an explicitly empty URL turns the cache off
 	}

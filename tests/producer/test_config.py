@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from producer import ClientConfig
+from producer.config import ENVIRONMENT
 
 
 def test_reads_the_environment_and_keywords_win() -> None:
@@ -65,3 +69,10 @@ def test_rejects_bad_settings() -> None:
         ClientConfig(reply_mode="public")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown"):
         ClientConfig.from_env({}, bootstrap="x")
+
+
+def test_the_shared_list_of_client_variables_is_the_python_clients() -> None:
+    """schemas/testdata/client_environment.json is what the Go client's tests check their
+    ConfigFromEnv against (producer/go/config_test.go): both clients read the same variables."""
+    path = Path(__file__).resolve().parents[2] / "schemas" / "testdata" / "client_environment.json"
+    assert json.loads(path.read_text())["variables"] == sorted(ENVIRONMENT.values())
