@@ -43,7 +43,7 @@ from worker.cache import VectorCache, redis_client, redis_login_problem
 from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_record_limit
 from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
-from worker.delivery import AtLeastOnce, BatchWork, Delivery, ExactlyOnce
+from worker.delivery import AtLeastOnce, BatchWork, Delivered, Delivery, ExactlyOnce
 from worker.health import HealthServer, HealthState, watch_event_loop
 from worker.jobs import Job, Rejection
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
@@ -494,25 +494,16 @@ class Worker:
         self, items: list[Job | Rejection], sequence: int, model_done: Callable[[], None]
     ) -> None:
         jobs = [i for i in items if isinstance(i, Job)]
-        rejections = [i for i in items if isinstance(i, Rejection)]
+        refused = [i for i in items if isinstance(i, Rejection)]  # by the decoder
         try:
             outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
         finally:
             model_done()
-        rejections.extend(outcome.failures)
+        rejections = [*refused, *outcome.failures]
         delivered = await self.delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))
         if delivered.lost:
             self._lose(delivered.lost)
-        now = time.time()
-        gone = {(r.source.partition, r.source.offset) for r in delivered.rejected}
-        for job, _ in outcome.results:
-            if (job.source.partition, job.source.offset) not in gone:
-                self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
-        for rejection in [*rejections, *delivered.rejected]:
-            self.metrics.dlq.labels(rejection.error.code.value).inc()
-        self.metrics.requests.labels("rejected").inc(
-            len(rejections) - len(outcome.failures) + len(delivered.rejected)
-        )
+        self._count(outcome, refused, delivered)
         spans: dict[int, list[int]] = {}
         for item in items:
             tp = TopicPartition(item.source.topic, item.source.partition)
@@ -534,6 +525,22 @@ class Worker:
                     "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())},
                 },
             )
+
+    def _count(self, outcome: BatchOutcome, refused: list[Rejection], delivered: Delivered) -> None:
+        """Every request's outcome is counted here, once: served (cached, deduplicated, computed),
+        failed in the model, or rejected (by the decoder, or while publishing: reply topic gone);
+        every error result's dead letter by its code; end-to-end latency of the answered."""
+        for label, count in outcome.served.items():
+            self.metrics.requests.labels(label).inc(count)
+        self.metrics.requests.labels("failed").inc(len(outcome.failures))
+        self.metrics.requests.labels("rejected").inc(len(refused) + len(delivered.rejected))
+        for rejection in [*refused, *outcome.failures, *delivered.rejected]:
+            self.metrics.dlq.labels(rejection.error.code.value).inc()
+        now = time.time()
+        gone = {(r.source.partition, r.source.offset) for r in delivered.rejected}
+        for job, _ in outcome.results:
+            if (job.source.partition, job.source.offset) not in gone:
+                self.metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
 
     def _lose(self, partitions: set[TopicPartition]) -> None:
         """Partitions another worker owns now (fenced): drop their queued work and pause them;

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -81,6 +81,9 @@ class Engine(EmbeddingBackend, Protocol):
 class BatchOutcome:
     results: list[tuple[Job, EmbedResult]] = field(default_factory=list)
     failures: list[Rejection] = field(default_factory=list)
+    # How each result was served: "cached", "deduplicated" (same text earlier in the batch) or
+    # "computed". The worker counts every outcome in one place (worker.app), with the rejections.
+    served: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -154,7 +157,6 @@ class BatchProcessor:
                         request=job.request,
                     )
                 )
-                self._metrics.requests.labels("failed").inc()
                 continue
             from_cache = job.key in cached
             vector = cached[job.key] if from_cache else computed.vectors[job.key]
@@ -165,7 +167,7 @@ class BatchProcessor:
             else:
                 outcome_label = "computed"
             first_of_key.add(job.key)
-            self._metrics.requests.labels(outcome_label).inc()
+            outcome.served[outcome_label] += 1
             outcome.results.append(
                 (
                     job,

@@ -139,3 +139,4 @@ async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() 
     assert failure.error.code == ErrorCode.INFERENCE_FAILED and failure.error.request_id == "c"
     assert failure.request is not None  # its dead letter is re-encoded from the request
     assert metrics.batch_duplicates._value.get() == 1
+    assert outcome.served == {"computed": 2, "deduplicated": 1}  # counted by the worker, once
