@@ -1,4 +1,4 @@
-"""The decoder and the batch pipeline with a fake engine and no Redis: pure logic, no stack."""
+"""The decoder and the batch pipeline with a fake engine and an in-memory Redis: pure logic, no stack."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
+from tests.fakes import FakeRedis
 from worker.cache import VectorCache
 from worker.consumer import ModelContract, RequestDecoder
 from worker.engine.embedder import EmbedOutput
@@ -140,3 +141,63 @@ async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() 
     assert failure.request is not None  # its dead letter is re-encoded from the request
     assert metrics.batch_duplicates._value.get() == 1
     assert outcome.served == {"computed": 2, "deduplicated": 1}  # counted by the worker, once
+
+
+def cached_pipeline(redis: FakeRedis) -> tuple[BatchProcessor, WorkerMetrics]:
+    metrics = WorkerMetrics()
+    cache = VectorCache(redis, key_prefix="p", model_name="m", ttl_s=60, metrics=metrics)  # type: ignore[arg-type]
+    processor = BatchProcessor(
+        backend=FakeEngine(),
+        cache=cache,
+        metrics=metrics,
+        model_name="m",
+        inference_batch_size=32,
+        token_budget=2048,
+    )
+    return processor, metrics
+
+
+def jobs_of(*texts: str) -> list[Job]:
+    values = [json.dumps({"id": f"r{i}", "text": t}).encode() for i, t in enumerate(texts)]
+    decoded = decoder().decode([record(v, i) for i, v in enumerate(values)])
+    return [j for j in decoded if isinstance(j, Job)]
+
+
+async def test_the_pipeline_serves_a_second_batch_from_the_cache_it_filled() -> None:
+    redis = FakeRedis()
+    processor, _ = cached_pipeline(redis)
+    first = await processor.process(jobs_of("alpha beta", "gamma"))
+    assert first.served == {"computed": 2} and len(redis.hashes) == 2
+    assert set(redis.expiry.values()) == {60} and redis.indexes == {"p-m-4"}
+    second = await processor.process(jobs_of("gamma", "alpha beta", "delta"))
+    processor.close()
+    assert second.served == {"cached": 2, "computed": 1}
+    by_text = {job.request.text: result for job, result in second.results}
+    assert by_text["gamma"].cached and not by_text["delta"].cached
+    assert by_text["alpha beta"].vector == [2.0, 1.0, 0.0, 0.0]  # the stored bytes, read back
+
+
+async def test_a_corrupt_cache_entry_is_recomputed_and_overwritten() -> None:
+    redis = FakeRedis()
+    processor, metrics = cached_pipeline(redis)
+    await processor.process(jobs_of("alpha beta"))
+    [name] = redis.hashes
+    redis.hashes[name][b"vector"] = np.full(4, np.nan, dtype="<f4").tobytes()
+    outcome = await processor.process(jobs_of("alpha beta"))
+    processor.close()
+    assert outcome.served == {"computed": 1} and metrics.cache_invalid._value.get() == 1
+    assert np.isfinite(np.frombuffer(redis.hashes[name][b"vector"], dtype="<f4")).all()
+
+
+async def test_redis_down_fails_open_and_is_retried_later() -> None:
+    redis = FakeRedis()
+    processor, metrics = cached_pipeline(redis)
+    redis.down = True
+    outcome = await processor.process(jobs_of("alpha beta", "gamma"))
+    assert outcome.served == {"computed": 2} and not redis.hashes
+    assert metrics.cache_up._value.get() == 0
+    redis.down = False
+    trips = redis.round_trips
+    await processor.process(jobs_of("alpha beta"))  # within the retry pause: Redis is not asked
+    processor.close()
+    assert redis.round_trips == trips
