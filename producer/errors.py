@@ -21,7 +21,7 @@ class TextFailure:
 
 
 class EmbeddingError(Exception):
-    """Base of the client's errors about embedding results."""
+    """The producer package's exception root: every error the client raises derives from it."""
 
 
 class EmbedBatchError(EmbeddingError):

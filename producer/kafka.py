@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from producer.config import ClientConfig
+from producer.errors import EmbeddingError
 from schemas.kafka_options import kafka_client_options
 
 # A private reply topic outlives a client that dies without closing; a short retention bounds the
@@ -16,7 +17,7 @@ from schemas.kafka_options import kafka_client_options
 REPLY_TOPIC_CONFIGS = {"retention.ms": str(3600 * 1000), "cleanup.policy": "delete"}
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(EmbeddingError, RuntimeError):
     """Kafka (or the topic the client needs) cannot be reached: the message says what to do."""
 
 

@@ -25,6 +25,7 @@ from typing import Final
 
 import msgspec
 
+from schemas.errors import SchemaError
 from schemas.messages import (
     REQUEST_ID_MAX_CHARS,
     REQUEST_ID_PATTERN,
@@ -86,7 +87,7 @@ class RequestLimits:
 DEFAULT_REQUEST_LIMITS: Final = RequestLimits()
 
 
-class RequestError(Exception):
+class RequestError(SchemaError):
     """A request the worker must answer with an error result (and send to the DLQ).
 
     ``request_id`` is the requester's id when it could be read; ``request`` is the
@@ -125,7 +126,7 @@ class RequestError(Exception):
         )
 
 
-class ResultDecodeError(ValueError):
+class ResultDecodeError(SchemaError, ValueError):
     """A result message that is not a valid ``EmbedResult``."""
 
 

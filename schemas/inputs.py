@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Literal
 
+from schemas.errors import SchemaError
+
 InputFormat = Literal["jsonl", "lines"]
 
 
-class InputError(ValueError):
+class InputError(SchemaError, ValueError):
     """A line that cannot be read as the chosen format (the message names the line)."""
 
 

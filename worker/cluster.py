@@ -24,6 +24,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
+from worker.errors import WorkerError
+
 log = logging.getLogger(__name__)
 
 # Kafka error codes that mean "this topic is not there for you" (anything else is transient).
@@ -41,7 +43,7 @@ class RawFetch:
     error_code: int
 
 
-class TopicMissing(KafkaError):  # type: ignore[misc]
+class TopicMissing(WorkerError, KafkaError):  # type: ignore[misc]
     """A topic that the cluster says does not exist (or may not be written)."""
 
 

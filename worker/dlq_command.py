@@ -39,6 +39,7 @@ from schemas import (
     ErrorCode,
 )
 from worker.config import WorkerConfig
+from worker.errors import WorkerError
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
 
 DLQ_HEADER_PREFIX = "dlq-"
@@ -59,7 +60,7 @@ STALL_TIMEOUT_S = 15.0
 Headers = list[tuple[str, bytes]]
 
 
-class DlqError(RuntimeError):
+class DlqError(WorkerError, RuntimeError):
     """A problem the user can fix; the message says how."""
 
 

@@ -26,6 +26,8 @@ import cramjam
 import numpy as np
 from aiokafka.record.util import calc_crc32c
 
+from worker.errors import WorkerError
+
 log = logging.getLogger(__name__)
 
 BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")
@@ -42,11 +44,11 @@ DEFAULT_MAX_EXPANDED_BYTES = 64 << 20
 RawHeaders = list[tuple[bytes, bytes | None]]
 
 
-class Truncated(ValueError):
+class Truncated(WorkerError, ValueError):
     """The bytes end inside a record or batch."""
 
 
-class ExpandsTooFar(ValueError):
+class ExpandsTooFar(WorkerError, ValueError):
     """A compressed batch that would expand past the limit (a decompression bomb)."""
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 import msgspec
 
 from worker.checkout import default_home
+from worker.engine.errors import EngineError
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -27,7 +28,7 @@ REBUILD_HINT = "run `embedfleet model build`"
 Pooling = Literal["mean", "cls"]
 
 
-class BundleError(RuntimeError):
+class BundleError(EngineError):
     """A model bundle is missing, incomplete or corrupt."""
 
 

