@@ -16,6 +16,7 @@ import pytest
 
 from tests.fleet import Fleet, start_fleet
 from tests.helpers import create_topic, delete_topics
+from worker.engine.bundle import default_bundle_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +98,7 @@ async def topic_factory(kafka_bootstrap: str) -> AsyncIterator[object]:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The default bundle, built by `make model` (make test does this first)."""
-    home = Path(os.environ.get("EMBEDFLEET_HOME") or Path.home() / ".cache" / "embedfleet")
-    path = Path(os.environ.get("EMBEDFLEET_MODEL") or home / "models" / "all-MiniLM-L6-v2")
+    path = Path(os.environ.get("EMBEDFLEET_MODEL") or default_bundle_dir())
     if not (path / "manifest.json").exists():
         pytest.fail(
             f"no model bundle at {path}: run `make model` (make test does this for you)", pytrace=False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,19 @@ from worker.engine.export import WEIGHTS_FILE, default_source_dir
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """The default bundle: reuse $EMBEDFLEET_HOME's when it is built from the same weights by
-    the same builder version (an older bundle has the older INT8 scheme)."""
+    """The default bundle: reuse the built one (`make model`) when it is built from the same
+    weights by the same builder version (an older bundle has the older INT8 scheme)."""
     fingerprint = sha256_file(default_source_dir() / WEIGHTS_FILE)
-    if os.environ.get("EMBEDFLEET_HOME"):
-        try:
-            existing = load_bundle(default_bundle_dir())
-        except BundleError:
-            existing = None
-        if (
-            existing is not None
-            and existing.manifest.fingerprint == fingerprint
-            and existing.manifest.builder_version == BUILDER_VERSION
-        ):
-            return existing
+    try:
+        existing = load_bundle(default_bundle_dir())
+    except BundleError:
+        existing = None
+    if (
+        existing is not None
+        and existing.manifest.fingerprint == fingerprint
+        and existing.manifest.builder_version == BUILDER_VERSION
+    ):
+        return existing
     return build_from_source(tmp_path_factory.mktemp("bundle") / "all-MiniLM-L6-v2")
 
 
