@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, CorruptRecordException, KafkaError
+from aiokafka.errors import CorruptRecordException, KafkaError
 
 from schemas import RequestLimits
 from worker.batcher import Batch, MicroBatcher
@@ -178,6 +178,8 @@ class Worker:
                 self.publisher,
                 self.cluster,
                 self.metrics,
+                consumer=self.consumer,
+                offsets=self.offsets,
             )
         client = None
         if config.redis_url:
@@ -215,7 +217,6 @@ class Worker:
         self._paused = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_slots = asyncio.Semaphore(inference_threads + CONCURRENT_BATCHES - 1)
-        self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
@@ -568,24 +569,8 @@ class Worker:
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _commit(self) -> None:
-        if self.delivery.commits_offsets:
-            return  # offsets are committed inside each batch's transaction
-        async with self._commit_lock:
-            assignment = self.consumer.assignment()
-            offsets = {tp: o for tp, o in self.offsets.committable().items() if tp in assignment}
-            self._observe_in_flight()
-            if not offsets:
-                return
-            try:
-                await self.consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as exc:
-                # The group is rebalancing or the broker is away: the new owner re-reads from the
-                # last commit (duplicates, never losses); the next commit carries the progress.
-                self.metrics.commits.labels("failed").inc()
-                log.warning("offset commit failed (%s); will retry with the next batch", exc)
-                return
-            self.offsets.mark_committed(offsets)
-            self.metrics.commits.labels("ok").inc()
+        self._observe_in_flight()
+        await self.delivery.commit()
 
     async def _health_loop(self) -> None:
         """Keeps /readyz and embedfleet_ready truthful: Kafka answering, the group joined (a

@@ -1,5 +1,6 @@
 """Both delivery strategies with in-memory fakes for the producer, the consumer and the publisher:
-ordering, fencing, retries and the "did the lost commit go through?" check, without a broker."""
+ordering, fencing, retries, offset commits and the "did the lost commit go through?" check,
+without a broker."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import CommitFailedError, KafkaTimeoutError, ProducerFenced
 
 from schemas import ContentType, EmbedRequest, ErrorCode, RequestError
 from worker.delivery import AtLeastOnce, BatchWork, ExactlyOnce
 from worker.jobs import RawMessage, Rejection, Source
 from worker.metrics import WorkerMetrics
+from worker.offsets import OffsetTracker
 from worker.publisher import Outgoing
 
 TOPIC = "embed.requests"
@@ -78,6 +80,17 @@ class FakeConsumer:
         self.committed_offsets = committed
         self.positions: dict[TopicPartition, int] = {}
         self.log = log if log is not None else []
+        self.assigned: set[TopicPartition] = set()
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.fail_commits: list[BaseException] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+        if self.fail_commits:
+            raise self.fail_commits.pop(0)
 
     async def committed(self, tp: TopicPartition) -> int | None:
         self.log.append(f"committed {tp.partition}")
@@ -242,6 +255,30 @@ async def test_at_least_once_sends_again_until_acknowledged() -> None:
         publisher,
         FakeCluster(),
         WorkerMetrics(),
+        consumer=FakeConsumer({}),
+        offsets=OffsetTracker(),
     )
     delivered = await delivery.deliver(0, work((0, 1)))
     assert delivered.lost == set() and publisher.sent == 3
+
+
+async def test_at_least_once_commits_up_to_the_first_unanswered_record_of_assigned_partitions() -> None:
+    tp0, tp1, gone = (TopicPartition(TOPIC, p) for p in (0, 1, 2))
+    consumer = FakeConsumer({})
+    consumer.assigned = {tp0, tp1}
+    consumer.fail_commits = [CommitFailedError("rebalancing")]
+    offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+    for tp, offset in [(tp0, 5), (tp0, 6), (tp0, 7), (tp1, 3), (gone, 9)]:
+        offsets.track(tp, offset)
+    for tp, offset in [(tp0, 5), (tp0, 7), (tp1, 3), (gone, 9)]:
+        offsets.done(tp, offset)
+    metrics = WorkerMetrics()
+    delivery = AtLeastOnce(
+        FakeProducer("p", [], {}), FakePublisher(), FakeCluster(), metrics, consumer=consumer, offsets=offsets
+    )
+    await delivery.commit()  # refused (a rebalance): nothing is marked committed, it is tried again
+    await delivery.commit()
+    assert consumer.commits == [{tp0: 6, tp1: 4}, {tp0: 6, tp1: 4}]  # 6 is not answered yet
+    await delivery.commit()
+    assert len(consumer.commits) == 2  # nothing moved: nothing sent
+    assert metrics.commits.labels("failed")._value.get() == 1

@@ -16,6 +16,7 @@ from tests.worker.test_decoder_and_pipeline import FakeEngine, jobs_of
 from tests.worker.test_decoder_and_pipeline import tokenize as fake_tokenize
 from worker.app import Worker
 from worker.config import WorkerConfig
+from worker.delivery import AtLeastOnce
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Source
 
@@ -54,22 +55,30 @@ class FakeConsumer:
         self.commits.append(dict(offsets))
 
 
-class FakeDelivery:
-    commits_offsets = False
+class RecordingDelivery(AtLeastOnce):
+    """The real at-least-once commits, recording which partitions the worker let go."""
 
-    def __init__(self) -> None:
-        self.revoked_partitions: list[TopicPartition] = []
+    revoked_partitions: list[TopicPartition]
 
     async def revoked(self, partitions: list[TopicPartition]) -> None:
         self.revoked_partitions.extend(partitions)
 
 
-def worker_with_fakes() -> tuple[Worker, FakeConsumer, FakeDelivery]:
+def worker_with_fakes() -> tuple[Worker, FakeConsumer, RecordingDelivery]:
     config = WorkerConfig.from_env({"EMBEDFLEET_REDIS_URL": "", "EMBEDFLEET_METRICS_PORT": "0"})
     worker = Worker(config, Engine())
-    consumer, delivery = FakeConsumer({TP0, TP1}), FakeDelivery()
+    consumer = FakeConsumer({TP0, TP1})
+    delivery = RecordingDelivery(
+        worker.delivery._producer,  # type: ignore[attr-defined]
+        worker.publisher,
+        worker.cluster,
+        worker.metrics,
+        consumer=consumer,
+        offsets=worker.offsets,
+    )
+    delivery.revoked_partitions = []
     worker.consumer = consumer
-    worker.delivery = delivery  # type: ignore[assignment]
+    worker.delivery = delivery
     worker._owned = {TP0, TP1}
     return worker, consumer, delivery
 
