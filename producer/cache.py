@@ -84,6 +84,8 @@ def connect(config: ClientConfig) -> redis.Redis | None:
 
 
 class CacheReader:
+    """Reads the workers' Redis cache (model contract and vectors), failing open."""
+
     def __init__(
         self, client: redis.Redis | None, *, prefix: str, model_name: str, retry_after_s: float = 5.0
     ) -> None:

@@ -44,6 +44,8 @@ def new_client_id() -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
+    """Every setting of the client, read from the environment, overridable by keyword."""
+
     kafka_bootstrap: str = "127.0.0.1:9092"
     requests_topic: str = "embed.requests"
     results_topic: str = "embed.results"

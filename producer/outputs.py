@@ -14,6 +14,8 @@ from schemas.inputs import InputText
 
 
 class Sink(Protocol):
+    """Where `embedfleet produce` writes vectors (JSONL or .npy)."""
+
     def write(self, item: InputText, vector: Vector | None, failure: TextFailure | None) -> None: ...
 
     def write_sent(self, item: InputText, request_id: str | None) -> None: ...

@@ -10,6 +10,8 @@ from producer.client import ClientStats
 
 
 class Progress:
+    """Progress on stderr for long runs of `embedfleet produce`."""
+
     def __init__(self, stream: IO[str], *, enabled: bool, interval_s: float = 0.25) -> None:
         self._stream = stream
         self._in_place = enabled and stream.isatty()

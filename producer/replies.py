@@ -42,6 +42,8 @@ class Expected:
 
 
 class ReplyRouter:
+    """Reads the reply topic and resolves each waiting request by id (checking key and width)."""
+
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
         self._pending: dict[str, tuple[asyncio.Future[EmbedResult], Expected]] = {}

@@ -71,6 +71,8 @@ RECORD_OVERHEAD_BYTES = 16 * 1024
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands aiokafka's rebalance callbacks to the worker."""
+
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
@@ -102,6 +104,9 @@ class _HoldOnce:
 
 
 class Worker:
+    """One worker of the fleet: wires decoder, batcher, pipeline and delivery, runs the fetch,
+    batch, commit and health loops, and owns rebalances, backpressure and shutdown."""
+
     def __init__(
         self,
         config: WorkerConfig,

@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Batch(Generic[T]):
+    """Items cut together, with the token count of each (padding is planned from it)."""
+
     items: list[T] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     opened_at: float = 0.0
@@ -46,6 +48,9 @@ class Batch(Generic[T]):
 
 
 class MicroBatcher(Generic[T]):
+    """Coalesces items into batches: a batch is cut when its time window ends, when one more
+    item would pass the token budget, or at the size limit."""
+
     def __init__(
         self,
         *,

@@ -103,6 +103,9 @@ async def redis_login_problem(config: WorkerConfig) -> str | None:
 
 
 class VectorCache:
+    """The Redis vector cache: HASHes keyed by content hash, an HNSW index per width; fails
+    open (a Redis outage means misses, retried a second later)."""
+
     def __init__(
         self,
         client: redis.Redis | None,

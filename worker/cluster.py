@@ -48,6 +48,9 @@ class TopicMissing(WorkerError, KafkaError):  # type: ignore[misc]
 
 
 class ClusterView:
+    """What the worker knows of the cluster beyond its consumer: which topics exist (never
+    auto-creating one), their record limits, raw fetches for salvage, and reachability probes."""
+
     def __init__(
         self,
         connection: dict[str, Any],

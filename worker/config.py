@@ -46,6 +46,8 @@ def setting(
 @dataclass(frozen=True)
 class WorkerConfig:
     # Kafka
+    """Every setting of a worker: one field each, with its environment variable and help."""
+
     kafka_bootstrap: str = setting(
         "EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers", default="127.0.0.1:9092"
     )

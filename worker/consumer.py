@@ -61,6 +61,9 @@ class ModelContract:
 
 
 class RequestDecoder:
+    """Turns Kafka records into Jobs (request, content hash, tokens) or Rejections (error code
+    and the raw record), never raising on input."""
+
     def __init__(
         self,
         *,

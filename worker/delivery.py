@@ -95,6 +95,9 @@ def _source(item: Job | Rejection) -> TopicPartition:
 
 
 class AtLeastOnce:
+    """One idempotent producer; a batch is sent until every record is acknowledged, then its
+    offsets become committable."""
+
     def __init__(
         self,
         producer: AIOKafkaProducer,
@@ -192,6 +195,9 @@ class _Ownership:
 
 
 class ExactlyOnce:
+    """A transactional producer per input partition; each batch's part for a partition and that
+    partition's offsets commit in one transaction."""
+
     def __init__(
         self,
         *,

@@ -96,6 +96,8 @@ def preview(data: bytes | None, limit: int = PREVIEW_BYTES) -> str:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """One record of the dead-letter topic, with the reason and source its headers carry."""
+
     partition: int
     offset: int
     key: bytes | None

@@ -23,6 +23,8 @@ MAX_REQUEST_BYTES = 8192
 
 @dataclass
 class HealthState:
+    """What /healthz and /readyz report: model loaded, Kafka reachable, group joined, cache."""
+
     model_loaded: bool = False
     group_joined: bool = False
     kafka_reachable: bool = True
@@ -59,6 +61,8 @@ async def watch_event_loop(lag: Histogram, interval_s: float = 0.1) -> None:
 
 
 class HealthServer:
+    """Serves /metrics, /healthz and /readyz on the worker's event loop."""
+
     def __init__(self, state: HealthState, metrics: Callable[[], bytes], host: str, port: int) -> None:
         self._state = state
         self._metrics = metrics

@@ -13,6 +13,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, with the worker id and any ``extra`` fields."""
+
     def __init__(self, worker_id: str) -> None:
         super().__init__()
         self._worker_id = worker_id

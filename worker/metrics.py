@@ -22,6 +22,8 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 class WorkerMetrics:
+    """The worker's Prometheus metrics, in a registry of its own."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends

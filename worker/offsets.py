@@ -25,6 +25,8 @@ class _PartitionState:
 
 
 class OffsetTracker(Generic[P]):
+    """Per partition, the records not yet answered and the bytes they hold; what may be committed."""
+
     def __init__(self) -> None:
         self._partitions: dict[P, _PartitionState] = {}
         self._bytes = 0

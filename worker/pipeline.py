@@ -79,6 +79,8 @@ class Engine(EmbeddingBackend, Protocol):
 
 @dataclass(slots=True)
 class BatchOutcome:
+    """What the pipeline made of a batch's jobs."""
+
     results: list[tuple[Job, EmbedResult]] = field(default_factory=list)
     failures: list[Rejection] = field(default_factory=list)
     # How each result was served: "cached", "deduplicated" (same text earlier in the batch) or
@@ -94,6 +96,8 @@ class _Computed:
 
 
 class BatchProcessor:
+    """Dedup, cache lookup, the model for the misses (in the inference thread), cache store."""
+
     def __init__(
         self,
         *,

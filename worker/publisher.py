@@ -98,6 +98,10 @@ class TopicPartitions(Protocol):
 
 
 class ResultPublisher:
+    """Turns a batch's results, error results and dead letters into Kafka records and sends
+    them: results keyed by content hash to the results or reply topic, dead letters cut to the
+    DLQ topic's record limit."""
+
     def __init__(
         self,
         cluster: TopicPartitions,

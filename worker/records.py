@@ -150,6 +150,8 @@ def guard_kafka_decompression(limit: int = DEFAULT_MAX_EXPANDED_BYTES) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
+    """One record as the lenient reader found it (headers kept as bytes)."""
+
     offset: int
     timestamp_ms: int
     key: bytes | None
@@ -280,6 +282,8 @@ def _read_record(reader: _Reader, base_offset: int, base_timestamp: int) -> RawR
 
 
 class _Reader:
+    """A cursor over the bytes of a fetched batch that never reads past them."""
+
     def __init__(self, data: memoryview) -> None:
         self.data = data
         self.pos = 0

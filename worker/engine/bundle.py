@@ -33,6 +33,8 @@ class BundleError(EngineError):
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """A model bundle's manifest.json: what the model is and how to run and pool it."""
+
     name: str
     # SHA-256 of the source weights (the safetensors file, or the imported ONNX file):
     # the identity of the model in cache keys, whatever variant serves it.
@@ -84,6 +86,8 @@ def serving_fingerprint(manifest: Manifest, variant: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Bundle:
+    """A model bundle on disk: its manifest and its checked files."""
+
     path: Path
     manifest: Manifest
 

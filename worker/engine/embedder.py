@@ -40,6 +40,8 @@ class InjectedFault(EngineError):
 
 @dataclass(frozen=True, slots=True)
 class EmbedOutput:
+    """Vectors for a list of texts, with whether each was truncated and its token count."""
+
     vectors: FloatArray  # [n, dim] float32, in input order
     truncated: list[bool]
     token_counts: list[int]
