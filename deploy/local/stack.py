@@ -45,7 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KAFKA_MAIN_CLASS = "kafka.Kafka"
-# The wheel whose bundled OpenSSL 1.1 the Redis Stack binaries can use (DESIGN.md §9).
+# The Redis Stack binaries link OpenSSL 1.1, which current Debian lacks; this wheel bundles
+# copies of libssl/libcrypto 1.1 they can load.
 OPENSSL_WHEEL = "psycopg2-binary==2.9.5"
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0
