@@ -1,8 +1,7 @@
 """Build the ONNX graph of a BERT-family encoder from safetensors weights, without PyTorch.
 
 The graph is written directly with ONNX Runtime's fused ``com.microsoft`` operators, because
-fused operators matter more than anything else on the CPU (bench/engine.py measures it) and
-ORT's fuser only
+fused attention and layer norms are what make the encoder fast on a CPU, and ORT's fuser only
 recognises one particular eager attention shape:
 
 * embeddings: ``Gather`` (word) + position rows (token type 0 folded in) + ``LayerNormalization``.
