@@ -22,17 +22,7 @@ class ServiceUnavailable(EmbeddingError, RuntimeError):
 
 
 def connection_options(config: ClientConfig) -> dict[str, Any]:
-    return kafka_client_options(
-        bootstrap=config.kafka_bootstrap,
-        client_id=f"embedfleet-{config.client_id}",
-        security_protocol=config.kafka_security_protocol,
-        sasl_mechanism=config.kafka_sasl_mechanism,
-        sasl_username=config.kafka_sasl_username,
-        sasl_password=config.kafka_sasl_password,
-        ssl_cafile=config.kafka_ssl_cafile,
-        ssl_certfile=config.kafka_ssl_certfile,
-        ssl_keyfile=config.kafka_ssl_keyfile,
-    )
+    return kafka_client_options(config, client_id=f"embedfleet-{config.client_id}")
 
 
 def create_producer(config: ClientConfig) -> AIOKafkaProducer:

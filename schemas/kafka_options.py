@@ -5,40 +5,54 @@ arrows point down: cli -> worker/producer -> schemas)."""
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
 
-def kafka_client_options(
-    *,
-    bootstrap: str,
-    client_id: str,
-    security_protocol: str,
-    sasl_mechanism: str = "PLAIN",
-    sasl_username: str = "",
-    sasl_password: str = "",
-    ssl_cafile: str = "",
-    ssl_certfile: str = "",
-    ssl_keyfile: str = "",
-) -> dict[str, Any]:
+class KafkaSettings(Protocol):
+    """The Kafka connection settings; the worker's and the client's configurations both have them,
+    under the same names and EMBEDFLEET_KAFKA_* variables."""
+
+    @property
+    def kafka_bootstrap(self) -> str: ...
+    @property
+    def kafka_security_protocol(self) -> str: ...
+    @property
+    def kafka_sasl_mechanism(self) -> str: ...
+    @property
+    def kafka_sasl_username(self) -> str: ...
+    @property
+    def kafka_sasl_password(self) -> str: ...
+    @property
+    def kafka_ssl_cafile(self) -> str: ...
+    @property
+    def kafka_ssl_certfile(self) -> str: ...
+    @property
+    def kafka_ssl_keyfile(self) -> str: ...
+
+
+def kafka_client_options(settings: KafkaSettings, *, client_id: str) -> dict[str, Any]:
     """aiokafka connection keywords (bootstrap, TLS, SASL); shared by the worker and the client."""
+    protocol = settings.kafka_security_protocol
     options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
+        "bootstrap_servers": settings.kafka_bootstrap,
         "client_id": client_id,
-        "security_protocol": security_protocol,
+        "security_protocol": protocol,
     }
-    if security_protocol in ("SSL", "SASL_SSL"):
+    if protocol in ("SSL", "SASL_SSL"):
         from aiokafka.helpers import create_ssl_context  # aiokafka only where a connection is made
 
         context: ssl.SSLContext = create_ssl_context(
-            cafile=ssl_cafile or None, certfile=ssl_certfile or None, keyfile=ssl_keyfile or None
+            cafile=settings.kafka_ssl_cafile or None,
+            certfile=settings.kafka_ssl_certfile or None,
+            keyfile=settings.kafka_ssl_keyfile or None,
         )
         options["ssl_context"] = context
-    if security_protocol.startswith("SASL"):
-        if not sasl_username:
+    if protocol.startswith("SASL"):
+        if not settings.kafka_sasl_username:
             raise ValueError("SASL needs EMBEDFLEET_KAFKA_SASL_USERNAME and EMBEDFLEET_KAFKA_SASL_PASSWORD")
         options.update(
-            sasl_mechanism=sasl_mechanism,
-            sasl_plain_username=sasl_username,
-            sasl_plain_password=sasl_password,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password,
         )
     return options

@@ -17,17 +17,7 @@ DIAGNOSE_TIMEOUT_S = 5.0
 
 
 def kafka_connection_options(config: WorkerConfig) -> dict[str, Any]:
-    return kafka_client_options(
-        bootstrap=config.kafka_bootstrap,
-        client_id=f"embedfleet-{config.worker_id}",
-        security_protocol=config.kafka_security_protocol,
-        sasl_mechanism=config.kafka_sasl_mechanism,
-        sasl_username=config.kafka_sasl_username,
-        sasl_password=config.kafka_sasl_password,
-        ssl_cafile=config.kafka_ssl_cafile,
-        ssl_certfile=config.kafka_ssl_certfile,
-        ssl_keyfile=config.kafka_ssl_keyfile,
-    )
+    return kafka_client_options(config, client_id=f"embedfleet-{config.worker_id}")
 
 
 async def explain_kafka_error(config: WorkerConfig, exc: BaseException) -> str:

@@ -6,6 +6,7 @@ installed."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,9 +22,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A non-editable install of this checkout into its own directory (dependencies come from the
     test's environment); ``<dir>/bin/embedfleet`` is its command."""
     target = tmp_path_factory.mktemp("installed")
+    # Built from a copy of what the package is made of, so the build leaves nothing in the checkout.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("worker", "producer", "schemas"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "go"))
     pip_install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [*pip_install, "--target", str(target), str(REPO)],
+        [*pip_install, "--target", str(target), str(source)],
         check=True,
         capture_output=True,
     )
