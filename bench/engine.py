@@ -25,8 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from worker.commands.model import shared_dir  # noqa: E402
 from worker.engine.bundle import default_bundle_dir  # noqa: E402
-from worker.engine.commands import shared_dir  # noqa: E402
 from worker.engine.embedder import Embedder  # noqa: E402
 from worker.engine.quality import read_jsonl_strings  # noqa: E402
 

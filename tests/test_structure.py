@@ -1,6 +1,6 @@
-"""The package structure the README's module map promises: imports point down only
-(worker -> producer is the CLI's lazy table only; producer and schemas never import worker;
-schemas imports neither), and each package has one exception root."""
+"""The package structure the README's module map promises: imports point down only (the
+`embedfleet` command in worker/commands -> the worker runtime and the client -> schemas), and
+each package has one exception root."""
 
 from __future__ import annotations
 
@@ -51,6 +51,17 @@ def test_imports_point_down_only(package: str) -> None:
         if imported_packages(module) & FORBIDDEN[package]
     }
     assert offending == {}
+
+
+def test_only_the_commands_use_the_client() -> None:
+    """The `embedfleet` command (worker.commands) sits above both packages; the worker's runtime
+    never imports the client."""
+    offending = [
+        module
+        for module in modules("worker")
+        if not module.startswith("worker.commands") and "producer" in imported_packages(module)
+    ]
+    assert offending == []
 
 
 @pytest.mark.parametrize("package", sorted(ROOTS))

@@ -46,7 +46,7 @@ def embedfleet(
     if home is not None:
         env["EMBEDFLEET_HOME"] = home
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from worker.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from worker.commands import main; sys.exit(main())", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.dlq_command import DeadLetter, escape_text, preview
+from worker.commands.dlq import DeadLetter, escape_text, preview
 
 
 def letter(value: bytes | None, *extra: tuple[str, bytes]) -> DeadLetter:

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from worker.cli import main as cli_main
+from worker.commands import main as cli_main
 from worker.engine import quality, quantize
 from worker.engine.bundle import Bundle, BundleError, load_bundle
 from worker.engine.embedder import (

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.cli import chunk_size, client_config
 from producer.errors import TextFailure
 from producer.outputs import JsonlSink, NpySink, open_sink
 from producer.progress import Progress, RateLimiter
 from schemas.inputs import InputError, InputText, parse, parse_jsonl, parse_lines, take
-from worker.cli import build_parser
+from worker.commands import build_parser
+from worker.commands.produce import chunk_size, client_config
 
 
 def test_jsonl_objects_and_bare_strings() -> None:

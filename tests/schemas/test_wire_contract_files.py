@@ -18,9 +18,9 @@ from schemas import (
     encode_result,
     encode_vector_b64,
 )
-from schemas.commands import add_arguments, run
 from schemas.json_schema import SCHEMA_FILE, contract_schema, render_schema
 from schemas.testdata.generate import CACHE_LAYOUT_FILE, CODEC_FILE, cache_layout_vectors, codec_vectors
+from worker.commands.schema import add_arguments, run
 
 CODEC = json.loads(CODEC_FILE.read_text(encoding="utf-8"))
 MSGPACK = [("content-type", b"application/msgpack")]
@@ -122,7 +122,7 @@ def test_schema_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_schema_command_through_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from worker.cli import main
+    from worker.commands import main
 
     assert main(["schema"]) == 0
     assert capsys.readouterr().out == render_schema("all")

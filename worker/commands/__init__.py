@@ -1,9 +1,10 @@
-"""The `embedfleet` command: one entry point, one subcommand per job.
+"""The `embedfleet` command: one entry point, one subcommand per job, all in this package.
 
-Each subcommand lives in a module that exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-local-dev tooling (the stack, the demo) instead runs a script of the source checkout
-(worker.checkout). Modules are imported only when their subcommand runs, so `embedfleet stack up`
-does not load ONNX Runtime.
+Each subcommand is a module here that exposes ``add_arguments(parser)`` and ``run(args) -> int``
+(worker, model, embed, schema, produce, dlq); local-dev tooling (the stack, the demo) instead runs
+a script of the source checkout (worker.checkout). Modules are imported only when their
+subcommand runs, so `embedfleet stack up` does not load ONNX Runtime. This package sits above
+the worker runtime and the client (producer/), which never import it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "stack", "worker.checkout", "start, stop or inspect the local Kafka + Redis stack", script="stack.py"
     ),
-    Subcommand("model", "worker.engine.commands", "build or check a model bundle"),
-    Subcommand("embed", "worker.engine.embed_command", "embed JSONL texts offline with a model bundle"),
-    Subcommand("worker", "worker.app", "run a worker of the fleet"),
-    Subcommand("schema", "schemas.commands", "print the JSON Schema of the wire contract"),
-    Subcommand("produce", "producer.cli", "send texts to the fleet and collect their vectors"),
-    Subcommand("dlq", "worker.dlq_command", "inspect or replay the dead-letter topic"),
+    Subcommand("model", "worker.commands.model", "build or check a model bundle"),
+    Subcommand("embed", "worker.commands.embed", "embed JSONL texts offline with a model bundle"),
+    Subcommand("worker", "worker.commands.worker", "run a worker of the fleet"),
+    Subcommand("schema", "worker.commands.schema", "print the JSON Schema of the wire contract"),
+    Subcommand("produce", "worker.commands.produce", "send texts to the fleet and collect their vectors"),
+    Subcommand("dlq", "worker.commands.dlq", "inspect or replay the dead-letter topic"),
     Subcommand(
         "demo",
         "worker.checkout",
