@@ -258,15 +258,24 @@ async def diagnose(fleet: Fleet) -> str:
     finally:
         await consumer.stop()
         await committed_reader.stop()
+    for worker in fleet.workers:  # where each live worker's tasks wait (worker.health.log_task_stacks)
+        if worker.alive:
+            worker.process.send_signal(signal.SIGUSR1)
+    await asyncio.sleep(1.0)
     for worker in fleet.workers:
         state = "running" if worker.alive else f"exited {worker.process.returncode}"
+        if worker.alive:
+            wanted = ("embedfleet_in_flight", "embedfleet_partitions_paused", "embedfleet_commits_total")
+            with contextlib.suppress(OSError):
+                _, text = worker.http("/metrics")
+                lines.extend(f"{worker.name} {line}" for line in text.splitlines() if line.startswith(wanted))
         warnings = [
             line
             for line in worker.log().splitlines()
             if any(level in line for level in (" WARNING ", " ERROR ", '"warning"', '"error"'))
         ]
         lines.append(f"--- {worker.name} ({state}); last warnings:")
-        lines.extend(line[:400] for line in warnings[-15:])
+        lines.extend(line[:400] for line in warnings[-40:])
     return "\n".join(lines)
 
 

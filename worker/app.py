@@ -41,7 +41,7 @@ from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_
 from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
 from worker.delivery import AtLeastOnce, BatchWork, Delivered, Delivery, ExactlyOnce
-from worker.health import HealthServer, HealthState, watch_event_loop
+from worker.health import HealthServer, HealthState, log_task_stacks, watch_event_loop
 from worker.jobs import Job, Rejection
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
 from worker.metrics import WorkerMetrics
@@ -669,6 +669,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
+    loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     try:
         await worker.run()
     except KafkaError as exc:

@@ -14,6 +14,8 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import Histogram
 
@@ -58,6 +60,24 @@ async def watch_event_loop(lag: Histogram, interval_s: float = 0.1) -> None:
         started = loop.time()
         await asyncio.sleep(interval_s)
         lag.observe(max(0.0, loop.time() - started - interval_s))
+
+
+def log_task_stacks() -> None:
+    """Logs where every task of the loop waits, down its chain of awaits (SIGUSR1 on a worker):
+    what a stuck worker is stuck on, without stopping it."""
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    for task in tasks:
+        where: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(where) < 12:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                where.append(
+                    f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+                )
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        log.warning("task %s waits in %s", task.get_name(), " -> ".join(where) or "(done)")
+    log.warning("%d tasks", len(tasks))
 
 
 class HealthServer:

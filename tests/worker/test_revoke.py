@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 
 from tests.worker.test_decoder_and_pipeline import FakeEngine, jobs_of
@@ -18,6 +20,7 @@ from worker.app import Worker
 from worker.config import WorkerConfig
 from worker.delivery import AtLeastOnce
 from worker.engine.tokenize import TokenizedText
+from worker.health import log_task_stacks
 from worker.jobs import Job, Source
 
 TOPIC = "embed.requests"
@@ -124,3 +127,23 @@ async def test_a_revoke_of_nothing_only_marks_the_worker_not_ready() -> None:
     await worker.on_revoked([])
     assert not worker.health.group_joined and consumer.commits == [] and delivery.revoked_partitions == []
     worker.processor.close()
+
+
+async def test_sigusr1_logs_where_every_task_waits(caplog: pytest.LogCaptureFixture) -> None:
+    """What the fault tests' diagnosis asks a stuck worker: each task and its chain of awaits."""
+    gate = asyncio.Event()
+
+    async def inner_wait() -> None:
+        await gate.wait()
+
+    async def outer() -> None:
+        await inner_wait()
+
+    task = asyncio.create_task(outer(), name="stuck-task")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="worker.health"):
+        log_task_stacks()
+    gate.set()
+    await task
+    [line] = [r.getMessage() for r in caplog.records if "stuck-task" in r.getMessage()]
+    assert "outer" in line and "inner_wait" in line and line.index("outer") < line.index("inner_wait")
