@@ -221,6 +221,10 @@ class Worker:
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
+        # Each take of a partition (rebalance or reclaim) counts here; the fetch loop compares it
+        # with the count when its fetch began (see _owned_records).
+        self._takes = 0
+        self._taken_at: dict[TopicPartition, int] = {}
         self.metrics.model.info(
             {
                 "name": manifest.name,
@@ -313,6 +317,7 @@ class Worker:
         while not self._stopping.is_set():
             await self._fetch_allowed.wait()
             self._apply_backpressure()
+            takes_before = self._takes
             fetch = asyncio.ensure_future(
                 self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS)
             )
@@ -339,9 +344,23 @@ class Worker:
             except Exception as exc:  # raised while aiokafka unpacked a record: see worker.salvage
                 await self._salvage(exc)
                 continue
-            # A fetch that was in flight during a revoke may still carry the lost partitions.
-            records = [r for tp, batch in fetched.items() if tp in self._owned for r in batch]
-            await self._take(records)
+            await self._take(self._owned_records(fetched, takes_before))
+
+    def _owned_records(
+        self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]], takes_before: int
+    ) -> list[ConsumerRecord[Any, Any]]:
+        """The fetched records this worker may process: those of partitions it owns, taken before
+        this fetch began. The others are dropped, and nothing is lost by it: a partition being
+        taken is positioned at its committed offset when the take completes (aiokafka starts
+        fetching a new assignment before the rebalance callback has fenced the previous owner,
+        from a position that may be stale by then), and a partition no longer assigned is read
+        by its new owner from the committed offset."""
+        return [
+            record
+            for tp, batch in fetched.items()
+            if tp in self._owned and self._taken_at.get(tp, 0) <= takes_before
+            for record in batch
+        ]
 
     async def _take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
         if not records and not extra:
@@ -623,6 +642,9 @@ class Worker:
             self._fetch_allowed.set()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        # aiokafka already fetches the new assignment: hold it until each partition is taken.
+        with contextlib.suppress(Exception):
+            self.consumer.pause(*assigned)
         self.metrics.assignments.inc()
         await self._assign(assigned)
         self.health.group_joined = True
@@ -635,7 +657,12 @@ class Worker:
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
     async def _assign(self, partitions: list[TopicPartition]) -> None:
-        """Takes partitions into the pipeline (exactly-once: after fencing their previous owner)."""
+        """Takes partitions into the pipeline: the delivery positions each at its committed offset
+        (exactly-once: after fencing the previous owner); records fetched before that are not
+        processed (_owned_records)."""
+        self._takes += 1
+        for tp in partitions:
+            self._taken_at[tp] = self._takes
         failed = await self.delivery.assigned(partitions)
         taken = [tp for tp in partitions if tp not in failed]
         self._owned |= set(taken)

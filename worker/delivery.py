@@ -86,6 +86,14 @@ class Delivery(Protocol):
     def reclaimable(self, assigned: set[TopicPartition]) -> list[TopicPartition]: ...
 
 
+async def _seek_to_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    committed = await consumer.committed(tp)
+    if committed is None:
+        await consumer.seek_to_beginning(tp)
+    else:
+        consumer.seek(tp, committed)
+
+
 def _backoff(attempt: int) -> float:
     return float(min(MAX_BACKOFF_S, 0.25 * 2**attempt))
 
@@ -115,6 +123,7 @@ class AtLeastOnce:
         self._consumer = consumer
         self._offsets = offsets
         self._commit_lock = asyncio.Lock()
+        self._retry_at: dict[TopicPartition, float] = {}  # partitions whose take failed
 
     async def commit(self) -> None:
         """Commits each assigned partition up to its first record not yet answered (results are
@@ -143,13 +152,27 @@ class AtLeastOnce:
             await self._producer.stop()
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
-        return set()
+        """Positions each partition at its committed offset (where the worker reads it from; a
+        record fetched before is not processed). Returns the partitions it could not take."""
+        failed: set[TopicPartition] = set()
+        for tp in partitions:
+            try:
+                await _seek_to_committed(self._consumer, tp)
+            except KafkaError as exc:
+                log.warning("could not read the committed offset of %s (%s): retrying later", tp, exc)
+                failed.add(tp)
+                self._retry_at[tp] = time.monotonic() + MAX_BACKOFF_S
+            else:
+                self._retry_at.pop(tp, None)
+        return failed
 
     async def revoked(self, partitions: list[TopicPartition]) -> None:
-        return None
+        for tp in partitions:
+            self._retry_at.pop(tp, None)
 
     def reclaimable(self, assigned: set[TopicPartition]) -> list[TopicPartition]:
-        return []
+        now = time.monotonic()
+        return [tp for tp, at in self._retry_at.items() if tp in assigned and now >= at]
 
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered:
         """Sends the batch and waits for every ack; on any failure (a broker outage, a reply topic
@@ -257,11 +280,7 @@ class ExactlyOnce:
             raise
         self._owned[tp] = _Ownership(producer)
         self._lost_at.pop(tp, None)
-        committed = await self._consumer.committed(tp)
-        if committed is None:
-            await self._consumer.seek_to_beginning(tp)
-        else:
-            self._consumer.seek(tp, committed)
+        await _seek_to_committed(self._consumer, tp)
 
     @staticmethod
     async def _fence(producer: AIOKafkaProducer) -> None:

@@ -1,6 +1,7 @@
-"""The revoke path of the worker with in-memory fakes for Kafka (no stack): what runs finishes,
-what is queued for the revoked partitions is dropped (left to the new owner), progress is
-committed up to the first record not answered, and the partitions are let go."""
+"""Rebalances in the worker with in-memory fakes for Kafka (no stack). On revoke: what runs
+finishes, what is queued for the revoked partitions is dropped (left to the new owner), progress
+is committed up to the first record not answered, and the partitions are let go. On assign: a
+partition is processed only from where its take positioned it (records fetched before are not)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from tests.worker.test_decoder_and_pipeline import FakeEngine, jobs_of
+from tests.worker.test_decoder_and_pipeline import FakeEngine, jobs_of, record
 from tests.worker.test_decoder_and_pipeline import tokenize as fake_tokenize
 from worker.app import Worker
 from worker.config import WorkerConfig
@@ -45,17 +46,38 @@ class Engine(FakeEngine):
 
 
 class FakeConsumer:
-    """The consumer side of the revoke: its assignment and the offsets committed."""
+    """The consumer side of a rebalance: assignment, committed offsets, seeks, pauses, commits."""
 
-    def __init__(self, assignment: set[TopicPartition]) -> None:
+    def __init__(
+        self, assignment: set[TopicPartition], committed: dict[TopicPartition, int] | None = None
+    ) -> None:
         self._assignment = assignment
+        self.committed_offsets = committed or {}
         self.commits: list[dict[TopicPartition, int]] = []
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assignment)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
+        return self.committed_offsets.get(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.positions[tp] = 0
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused.difference_update(partitions)
 
 
 class RecordingDelivery(AtLeastOnce):
@@ -147,3 +169,36 @@ async def test_sigusr1_logs_where_every_task_waits(caplog: pytest.LogCaptureFixt
     await task
     [line] = [r.getMessage() for r in caplog.records if "stuck-task" in r.getMessage()]
     assert "outer" in line and "inner_wait" in line and line.index("outer") < line.index("inner_wait")
+
+
+def fetched(tp: TopicPartition, *offsets: int) -> dict[TopicPartition, list[Any]]:
+    return {tp: [record(b"{}", offset) for offset in offsets]}
+
+
+async def test_records_of_a_partition_fetched_before_its_take_are_not_processed() -> None:
+    """aiokafka fetches a new assignment before the rebalance callback has taken it (and, for
+    exactly-once, fenced its previous owner): those records are dropped, and the take positions
+    the partition at its committed offset, so they are read again from there; none is skipped."""
+    worker, consumer, _ = worker_with_fakes()
+    consumer.committed_offsets = {TP1: 40}
+    worker._owned = {TP0}
+    before = worker._takes
+    assign = asyncio.create_task(worker.on_assigned([TP1]))
+    await asyncio.sleep(0)  # the callback has begun: the new partition is held
+    assert TP1 in consumer.paused
+    # A fetch that began before the take, returned while it runs, and one processed after it.
+    assert [r.offset for r in worker._owned_records({**fetched(TP0, 7), **fetched(TP1, 35, 36)}, before)] == [
+        7
+    ]
+    await assign
+    assert [r.offset for r in worker._owned_records(fetched(TP1, 36), before)] == []
+    assert consumer.positions[TP1] == 40 and TP1 not in consumer.paused  # read again from the commit
+    assert [r.offset for r in worker._owned_records(fetched(TP1, 40, 41), worker._takes)] == [40, 41]
+    worker.processor.close()
+
+
+async def test_a_partition_without_a_committed_offset_is_read_from_its_beginning() -> None:
+    worker, consumer, _ = worker_with_fakes()
+    await worker.on_assigned([TP1])
+    assert consumer.positions[TP1] == 0
+    worker.processor.close()
