@@ -602,7 +602,7 @@ class Worker:
             reclaim = self.delivery.reclaimable(set(self.consumer.assignment()))
             if reclaim:
                 log.info(
-                    "taking back partitions %s (still assigned here after a fence)",
+                    "taking back partitions %s (still assigned here after a fence or a failed take)",
                     sorted(tp.partition for tp in reclaim),
                 )
                 await self._assign(reclaim)
