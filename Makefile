@@ -59,10 +59,17 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker producer schemas deploy/local/stack.py deploy/local/demo.py tests bench
 
+BENCH_DIR := $(EMBEDFLEET_HOME)/bench
+
+# Every benchmark in one run, then one table of every check (PASS/FAIL), as JSON and a PNG chart.
 bench: venv system-deps model stack-up
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/e2e.py
+	$(BIN)/pip install -q -e '.[bench]'
+	@mkdir -p $(BENCH_DIR)
+	$(BIN)/python bench/roofline.py --json $(BENCH_DIR)/roofline.json
+	$(BIN)/python bench/engine.py --json $(BENCH_DIR)/engine.json
+	$(BIN)/python bench/e2e.py --json $(BENCH_DIR)/e2e.json
 	$(BIN)/python bench/clients.py
+	$(BIN)/python bench/summary.py --dir $(BENCH_DIR)
 
 clean: stack-down
 	rm -rf $(VENV) .state .mypy_cache .ruff_cache .pytest_cache

@@ -1,6 +1,9 @@
-"""Throughput of the embedding engine: FP32 vs INT8, unsorted vs length-sorted batches.
+"""Throughput of the embedding engine: FP32 vs INT8, unsorted vs length-sorted batches, against
+a naive baseline measured in the same run.
 
-    .venv/bin/python bench/engine.py [--model DIR] [--queries 1000] [--docs 300]
+    .venv/bin/python bench/engine.py [--model DIR] [--queries 1000] [--docs 300] [--json FILE]
+
+The baseline is the naive loop: one FP32 model call per request (the same graph, batch of one).
 
 Texts/s and tokens/s include tokenization, padding and pooling (the whole `embed` path).
 "Unsorted" cuts fixed-size batches in arrival order; "sorted" is `Embedder.embed` (sorted by
@@ -47,6 +50,10 @@ class Result:
     tokens_per_s: float
 
 
+def _as_dict(result: Result) -> dict[str, object]:
+    return {name: getattr(result, name) for name in Result.__slots__}
+
+
 def run_unsorted(embedder: Embedder, texts: Sequence[str], batch_size: int) -> int:
     tokens = 0
     for start in range(0, len(texts), batch_size):
@@ -88,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="first N corpus queries")
     parser.add_argument("--docs", type=int, default=300, help="first N corpus docs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     model = args.model or default_bundle_dir()
@@ -100,6 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "docs": read_jsonl_strings(corpus / "docs.jsonl")[: args.docs],
     }
     results: list[Result] = []
+    naive = Embedder.from_bundle(model, variant="fp32", intra_op_threads=args.threads)
+    naive.embed(datasets["queries"][:16])
+    for data, texts in datasets.items():
+        start = time.perf_counter()
+        tokens = sum(naive.embed([text]).token_counts[0] for text in texts)
+        elapsed = time.perf_counter() - start
+        results.append(Result("fp32", data, "naive", 1, None, len(texts) / elapsed, tokens / elapsed))
+    print("  done naive per-request loop", file=sys.stderr, flush=True)
     for variant in ("fp32", "int8"):
         embedder = Embedder.from_bundle(model, variant=variant, intra_op_threads=args.threads)
         embedder.embed(datasets["queries"][:64])  # warm-up: first-run allocations
@@ -141,6 +157,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"  sorted/unsorted int8 {int8_sorted / int8_unsorted:.2f}"
                     f"  fp32 {fp32_sorted / fp32_unsorted:.2f}"
                 )
+    print("\nagainst the naive per-request FP32 loop (targets of issue 12)")
+    checks: list[tuple[str, float, float]] = []
+    for data, target in (("queries", 3.5), ("docs", 3.0)):
+        base = speed("fp32", data, "naive", 1, None)
+        best = max((r for r in results if r.data == data and r.order != "naive"), key=lambda r: r.texts_per_s)
+        label = f"{data}: fastest ({best.variant} b{best.batch_size} budget {best.budget}) / naive"
+        checks.append((label, best.texts_per_s / base, target))
+    for data in datasets:
+        int8_best = max(r.texts_per_s for r in results if r.data == data and r.variant == "int8")
+        fp32_best = max(
+            r.texts_per_s for r in results if r.data == data and r.variant == "fp32" and r.order != "naive"
+        )
+        checks.append((f"{data}: INT8 / FP32 (best of each)", int8_best / fp32_best, 2.0))
+    for label, value, target in checks:
+        print(f"{'PASS' if value >= target else 'FAIL'}  {label}: {value:.2f} (target {target:.1f})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": [_as_dict(r) for r in results],
+                    "checks": [{"label": lb, "value": v, "target": t} for lb, v, t in checks],
+                },
+                indent=2,
+            )
+        )
     int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=args.threads)
     sample = datasets["queries"][:200]
     batched = int8.embed(sample, batch_size=32).vectors
