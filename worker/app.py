@@ -221,10 +221,9 @@ class Worker:
         self._commit_wanted = asyncio.Event()
         self._batches_started = 0
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
-        # Each take of a partition (rebalance or reclaim) counts here; the fetch loop compares it
-        # with the count when its fetch began (see _owned_records).
-        self._takes = 0
-        self._taken_at: dict[TopicPartition, int] = {}
+        # Taken (fenced, for exactly-once) but not yet positioned: the fetch loop moves each to its
+        # committed offset between two fetches, then owns and resumes it (see _position_taken).
+        self._to_position: set[TopicPartition] = set()
         self.metrics.model.info(
             {
                 "name": manifest.name,
@@ -317,7 +316,8 @@ class Worker:
         while not self._stopping.is_set():
             await self._fetch_allowed.wait()
             self._apply_backpressure()
-            takes_before = self._takes
+            if self._to_position:
+                await self._position_taken()
             fetch = asyncio.ensure_future(
                 self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS)
             )
@@ -344,23 +344,43 @@ class Worker:
             except Exception as exc:  # raised while aiokafka unpacked a record: see worker.salvage
                 await self._salvage(exc)
                 continue
-            await self._take(self._owned_records(fetched, takes_before))
+            await self._take(self._owned_records(fetched))
 
     def _owned_records(
-        self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]], takes_before: int
+        self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
     ) -> list[ConsumerRecord[Any, Any]]:
-        """The fetched records this worker may process: those of partitions it owns, taken before
-        this fetch began. The others are dropped, and nothing is lost by it: a partition being
-        taken is positioned at its committed offset when the take completes (aiokafka starts
-        fetching a new assignment before the rebalance callback has fenced the previous owner,
-        from a position that may be stale by then), and a partition no longer assigned is read
-        by its new owner from the committed offset."""
-        return [
-            record
-            for tp, batch in fetched.items()
-            if tp in self._owned and self._taken_at.get(tp, 0) <= takes_before
-            for record in batch
-        ]
+        """The fetched records of the partitions this worker owns. Others are dropped, and nothing
+        is lost by it: a partition no longer assigned is read by its new owner from the committed
+        offset, and one being taken (aiokafka fetches a new assignment before the rebalance
+        callback has fenced the previous owner, from a position that may be stale by then) is
+        positioned at its committed offset by _position_taken before it is owned."""
+        return [record for tp, batch in fetched.items() if tp in self._owned for record in batch]
+
+    async def _position_taken(self) -> None:
+        """Moves each taken partition to its committed offset, then owns and resumes it. Runs in
+        the fetch loop between two fetches, so no fetch straddles the move: every record fetched
+        from then on comes from the committed offset on."""
+        assignment = self.consumer.assignment()
+        for tp in sorted(self._to_position, key=lambda tp: (tp.topic, tp.partition)):
+            if tp not in assignment:  # revoked meanwhile
+                self._to_position.discard(tp)
+                continue
+            try:
+                committed = await self.consumer.committed(tp)
+            except KafkaError as exc:
+                log.warning("could not read the committed offset of %s (%s); retrying", tp, exc)
+                await asyncio.sleep(1.0)
+                return
+            if tp not in self._to_position:  # revoked while the offset was read
+                continue
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+            self._to_position.discard(tp)
+            self._owned.add(tp)
+            if not self._paused:
+                self.consumer.resume(tp)
 
     async def _take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
         if not records and not extra:
@@ -627,6 +647,7 @@ class Worker:
             while self.offsets.in_flight_of(revoked) > len(dropped) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             self._owned -= lost
+            self._to_position -= lost
             await self._commit()
             await self.delivery.revoked(revoked)
             self.offsets.forget(revoked)
@@ -642,9 +663,6 @@ class Worker:
             self._fetch_allowed.set()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        # aiokafka already fetches the new assignment: hold it until each partition is taken.
-        with contextlib.suppress(Exception):
-            self.consumer.pause(*assigned)
         self.metrics.assignments.inc()
         await self._assign(assigned)
         self.health.group_joined = True
@@ -657,20 +675,13 @@ class Worker:
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
     async def _assign(self, partitions: list[TopicPartition]) -> None:
-        """Takes partitions into the pipeline: the delivery positions each at its committed offset
-        (exactly-once: after fencing the previous owner); records fetched before that are not
-        processed (_owned_records)."""
-        self._takes += 1
-        for tp in partitions:
-            self._taken_at[tp] = self._takes
-        failed = await self.delivery.assigned(partitions)
-        taken = [tp for tp in partitions if tp not in failed]
-        self._owned |= set(taken)
+        """Takes partitions (exactly-once: fences their previous owner); the fetch loop then
+        positions them at their committed offset and owns them (_position_taken). Until then
+        they stay paused: aiokafka already fetches a new assignment."""
         with contextlib.suppress(Exception):
-            if taken:
-                self.consumer.resume(*taken)
-            if failed:
-                self.consumer.pause(*failed)
+            self.consumer.pause(*partitions)
+        failed = await self.delivery.assigned(partitions)
+        self._to_position |= {tp for tp in partitions if tp not in failed}
 
 
 async def serve(

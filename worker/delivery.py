@@ -9,7 +9,7 @@ to offsets. One object, chosen when the worker is wired; nothing else asks which
   partition (the way Kafka Streams fenced zombies before KIP-447). A batch's results for a
   partition and that partition's offsets commit in one transaction. A worker taking a partition
   over starts its producer, which fences the previous owner's producer and ends its open
-  transaction, and only then reads the committed offset; a zombie (a paused or expelled worker
+  transaction; only then does the worker read the committed offset; a zombie (a paused or expelled worker
   that wakes up) is fenced on its next transaction and gives the partition up.
 """
 
@@ -86,14 +86,6 @@ class Delivery(Protocol):
     def reclaimable(self, assigned: set[TopicPartition]) -> list[TopicPartition]: ...
 
 
-async def _seek_to_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
-    committed = await consumer.committed(tp)
-    if committed is None:
-        await consumer.seek_to_beginning(tp)
-    else:
-        consumer.seek(tp, committed)
-
-
 def _backoff(attempt: int) -> float:
     return float(min(MAX_BACKOFF_S, 0.25 * 2**attempt))
 
@@ -123,7 +115,6 @@ class AtLeastOnce:
         self._consumer = consumer
         self._offsets = offsets
         self._commit_lock = asyncio.Lock()
-        self._retry_at: dict[TopicPartition, float] = {}  # partitions whose take failed
 
     async def commit(self) -> None:
         """Commits each assigned partition up to its first record not yet answered (results are
@@ -152,27 +143,13 @@ class AtLeastOnce:
             await self._producer.stop()
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
-        """Positions each partition at its committed offset (where the worker reads it from; a
-        record fetched before is not processed). Returns the partitions it could not take."""
-        failed: set[TopicPartition] = set()
-        for tp in partitions:
-            try:
-                await _seek_to_committed(self._consumer, tp)
-            except KafkaError as exc:
-                log.warning("could not read the committed offset of %s (%s): retrying later", tp, exc)
-                failed.add(tp)
-                self._retry_at[tp] = time.monotonic() + MAX_BACKOFF_S
-            else:
-                self._retry_at.pop(tp, None)
-        return failed
+        return set()
 
     async def revoked(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self._retry_at.pop(tp, None)
+        return None
 
     def reclaimable(self, assigned: set[TopicPartition]) -> list[TopicPartition]:
-        now = time.monotonic()
-        return [tp for tp, at in self._retry_at.items() if tp in assigned and now >= at]
+        return []
 
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered:
         """Sends the batch and waits for every ack; on any failure (a broker outage, a reply topic
@@ -258,8 +235,9 @@ class ExactlyOnce:
         await self._stop_producers(list(self._owned))
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
-        """Fences the previous owners (their open transactions end), then moves each partition to
-        its committed offset as it stands after that. Returns the partitions it could not take."""
+        """Fences the previous owners: once this returns, their open transactions have ended and
+        the committed offsets are final (the worker then reads them and positions each partition
+        there). Returns the partitions it could not take."""
         failed: set[TopicPartition] = set()
         results = await asyncio.gather(*(self._take(tp) for tp in partitions), return_exceptions=True)
         for tp, outcome in zip(partitions, results, strict=True):
@@ -280,7 +258,6 @@ class ExactlyOnce:
             raise
         self._owned[tp] = _Ownership(producer)
         self._lost_at.pop(tp, None)
-        await _seek_to_committed(self._consumer, tp)
 
     @staticmethod
     async def _fence(producer: AIOKafkaProducer) -> None:

@@ -175,30 +175,40 @@ def fetched(tp: TopicPartition, *offsets: int) -> dict[TopicPartition, list[Any]
     return {tp: [record(b"{}", offset) for offset in offsets]}
 
 
-async def test_records_of_a_partition_fetched_before_its_take_are_not_processed() -> None:
-    """aiokafka fetches a new assignment before the rebalance callback has taken it (and, for
-    exactly-once, fenced its previous owner): those records are dropped, and the take positions
-    the partition at its committed offset, so they are read again from there; none is skipped."""
+async def test_a_taken_partition_is_processed_only_from_its_committed_offset() -> None:
+    """aiokafka fetches a new assignment before the rebalance callback has taken it (for
+    exactly-once: before the previous owner is fenced), from a position that may be stale by then.
+    The worker holds the partition, takes it, and only between two fetches moves it to its
+    committed offset and owns it: records fetched before that are dropped and read again from the
+    committed offset; none is skipped, none is processed from the stale position."""
     worker, consumer, _ = worker_with_fakes()
     consumer.committed_offsets = {TP1: 40}
     worker._owned = {TP0}
-    before = worker._takes
-    assign = asyncio.create_task(worker.on_assigned([TP1]))
-    await asyncio.sleep(0)  # the callback has begun: the new partition is held
-    assert TP1 in consumer.paused
-    # A fetch that began before the take, returned while it runs, and one processed after it.
-    assert [r.offset for r in worker._owned_records({**fetched(TP0, 7), **fetched(TP1, 35, 36)}, before)] == [
-        7
-    ]
-    await assign
-    assert [r.offset for r in worker._owned_records(fetched(TP1, 36), before)] == []
-    assert consumer.positions[TP1] == 40 and TP1 not in consumer.paused  # read again from the commit
-    assert [r.offset for r in worker._owned_records(fetched(TP1, 40, 41), worker._takes)] == [40, 41]
+    await worker.on_assigned([TP1])
+    assert TP1 in consumer.paused and TP1 not in worker._owned  # taken, not yet positioned
+    # A fetch returned while the take ran: TP1's records (from aiokafka's own position) are dropped.
+    early = worker._owned_records({**fetched(TP0, 7), **fetched(TP1, 35, 36)})
+    assert [r.offset for r in early] == [7]
+    await worker._position_taken()  # what the fetch loop does before its next fetch
+    assert consumer.positions[TP1] == 40 and TP1 not in consumer.paused and TP1 in worker._owned
+    assert [r.offset for r in worker._owned_records(fetched(TP1, 40, 41))] == [40, 41]
+    worker.processor.close()
+
+
+async def test_a_partition_revoked_before_it_is_positioned_is_let_go() -> None:
+    worker, consumer, _ = worker_with_fakes()
+    worker._owned = {TP0}
+    await worker.on_assigned([TP1])
+    consumer._assignment = {TP0}  # the next rebalance took TP1 away
+    await worker._position_taken()
+    assert TP1 not in worker._owned and TP1 not in consumer.positions and not worker._to_position
     worker.processor.close()
 
 
 async def test_a_partition_without_a_committed_offset_is_read_from_its_beginning() -> None:
     worker, consumer, _ = worker_with_fakes()
+    worker._owned = {TP0}
     await worker.on_assigned([TP1])
+    await worker._position_taken()
     assert consumer.positions[TP1] == 0
     worker.processor.close()
