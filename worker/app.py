@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CorruptRecordException, KafkaError
+from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
 
 from schemas import RequestLimits
 from worker.batcher import Batch, MicroBatcher
@@ -224,6 +224,7 @@ class Worker:
         # Taken (fenced, for exactly-once) but not yet positioned: the fetch loop moves each to its
         # committed offset between two fetches, then owns and resumes it (see _position_taken).
         self._to_position: set[TopicPartition] = set()
+        self._rebalances = 0  # rebalance callbacks begun (revokes and assigns)
         self.metrics.model.info(
             {
                 "name": manifest.name,
@@ -359,24 +360,29 @@ class Worker:
     async def _position_taken(self) -> None:
         """Moves each taken partition to its committed offset, then owns and resumes it. Runs in
         the fetch loop between two fetches, so no fetch straddles the move: every record fetched
-        from then on comes from the committed offset on."""
-        assignment = self.consumer.assignment()
+        from then on comes from the committed offset on. A rebalance during the move (its awaits)
+        leaves the partition to the next round: the move may have applied to the old assignment."""
         for tp in sorted(self._to_position, key=lambda tp: (tp.topic, tp.partition)):
-            if tp not in assignment:  # revoked meanwhile
+            if tp not in self.consumer.assignment():  # revoked meanwhile
                 self._to_position.discard(tp)
                 continue
+            rebalances = self._rebalances
             try:
                 committed = await self.consumer.committed(tp)
+                if rebalances != self._rebalances:
+                    return
+                if committed is None:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+                if rebalances != self._rebalances:
+                    return
+            except IllegalStateError:  # no longer assigned: a rebalance is under way
+                return
             except KafkaError as exc:
                 log.warning("could not read the committed offset of %s (%s); retrying", tp, exc)
                 await asyncio.sleep(1.0)
                 return
-            if tp not in self._to_position:  # revoked while the offset was read
-                continue
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
             self._to_position.discard(tp)
             self._owned.add(tp)
             if not self._paused:
@@ -632,6 +638,7 @@ class Worker:
         """Finish what is already running for the revoked partitions, drop what has not started
         (uncommitted, so the new owner processes it once), commit, and let them go. Dropping keeps
         the revoke short: the group waits for it (rebalance_timeout_ms) before moving on."""
+        self._rebalances += 1
         self.health.group_joined = False
         self.metrics.ready.set(0)
         if not revoked:
@@ -663,6 +670,7 @@ class Worker:
             self._fetch_allowed.set()
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._rebalances += 1
         self.metrics.assignments.inc()
         await self._assign(assigned)
         self.health.group_joined = True

@@ -212,3 +212,20 @@ async def test_a_partition_without_a_committed_offset_is_read_from_its_beginning
     await worker._position_taken()
     assert consumer.positions[TP1] == 0
     worker.processor.close()
+
+
+async def test_a_rebalance_during_the_move_leaves_the_partition_to_the_next_round() -> None:
+    """The committed offset is read over the network; a rebalance meanwhile may have replaced the
+    assignment the seek would apply to, so the partition is positioned again in the next round."""
+    worker, consumer, _ = worker_with_fakes()
+    worker._owned = {TP0}
+    consumer.committed_offsets = {TP1: 40}
+    await worker.on_assigned([TP1])
+    reading = asyncio.create_task(worker._position_taken())
+    await asyncio.sleep(0)  # the offset is being read
+    worker._rebalances += 1  # what on_revoked / on_assigned do when a rebalance begins
+    await reading
+    assert TP1 not in worker._owned and TP1 in worker._to_position and TP1 in consumer.paused
+    await worker._position_taken()
+    assert TP1 in worker._owned and consumer.positions[TP1] == 40
+    worker.processor.close()
