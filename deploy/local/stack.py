@@ -203,6 +203,16 @@ class TrackedProcess:
         return True
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id that never starts with '-': the storage tool's argument parser
+    would read one as an option (1 random id in 64 did), so redraw, as Kafka's own
+    `Uuid.randomUuid` does."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def port_is_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -323,7 +333,7 @@ class KafkaService:
     def format_storage(self) -> None:
         if (self.data / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         say(f"formatting the KRaft log directory {self.data} (cluster id {cluster_id})")
         self.data.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
