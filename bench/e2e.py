@@ -122,7 +122,11 @@ class Run:
             EMBEDFLEET_METRICS_PORT=str(self.metrics_port),
             EMBEDFLEET_LOG_LEVEL="WARNING",
         )
-        self.worker = subprocess.Popen([EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}"], env=env)
+        # e.g. BENCH_WORKER_WRAPPER="py-spy record -o hits.svg --" to profile the worker.
+        wrapper = os.environ.get("BENCH_WORKER_WRAPPER", "").split()
+        self.worker = subprocess.Popen(
+            [*wrapper, EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}"], env=env
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:

@@ -222,9 +222,10 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         """A result carrying ``vector`` (float) or ``vector_b64`` (base64) as asked."""
         as_float32 = as_float32_vector(vector)
         if encoding_format == "float":
-            floats, encoded = float32_to_floats(as_float32), None
+            # float32 -> Python float is exact; as_float32 is already checked (not again here).
+            floats, encoded = as_float32.tolist(), None
         elif encoding_format == "base64":
-            floats, encoded = None, encode_vector_b64(as_float32)
+            floats, encoded = None, _b64_of_checked(as_float32)
         else:
             raise ValueError(f"unknown encoding_format {encoding_format!r}")
         return cls(
@@ -291,13 +292,16 @@ def as_float32_vector(vector: Sequence[float] | NDArray[np.floating]) -> NDArray
 
 def float32_to_floats(vector: Sequence[float] | NDArray[np.floating]) -> list[float]:
     """Float32 values widened exactly to Python floats (the JSON ``vector`` form)."""
-    return as_float32_vector(vector).astype(np.float64).tolist()  # type: ignore[no-any-return]
+    return as_float32_vector(vector).tolist()  # type: ignore[no-any-return]
 
 
 def encode_vector_b64(vector: Sequence[float] | NDArray[np.floating]) -> str:
     """Standard base64 (padded) of the little-endian float32 bytes."""
-    little_endian = as_float32_vector(vector).astype("<f4", copy=False)
-    return base64.b64encode(little_endian.tobytes()).decode("ascii")
+    return _b64_of_checked(as_float32_vector(vector))
+
+
+def _b64_of_checked(vector: NDArray[np.float32]) -> str:
+    return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
 def decode_vector_b64(encoded: str) -> NDArray[np.float32]:

@@ -3,17 +3,23 @@ that keeps hashes in a dict and can be switched off, in the spirit of httpx's Mo
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 
 class FakeRedis:
     """The part of redis.asyncio.Redis the vector cache uses: pipelines of HMGET, HSET and
-    EXPIRE, FT.CREATE, PING. ``down = True`` makes every call fail like a refused connection."""
+    EXPIRE, FT.CREATE, PING, and the lookup script (EVALSHA/EVAL, answered as the script's contract
+    says: the given fields of every key, flat; the script itself is tested on the real server).
+    ``down = True`` makes every call fail like a refused connection; ``scripts = False`` refuses
+    scripts like a server with scripting disabled."""
 
     def __init__(self) -> None:
+        self.scripts = True
+        self.loaded_scripts: set[str] = set()
         self.hashes: dict[str, dict[bytes, bytes]] = {}
         self.expiry: dict[str, int] = {}
         self.indexes: set[str] = set()
@@ -36,6 +42,27 @@ class FakeRedis:
             self.indexes.add(args[1])
             return b"OK"
         raise ResponseError(f"unknown command '{args[0]}'")
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> list[bytes | None]:
+        self._check()
+        self.round_trips += 1
+        if not self.scripts:
+            raise ResponseError("unknown command 'evalsha', with args beginning with: ")
+        if sha not in self.loaded_scripts:
+            raise NoScriptError("No matching script. Please use EVAL.")
+        return self._script_reply(numkeys, keys_and_args)
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> list[bytes | None]:
+        self._check()
+        self.round_trips += 1
+        if not self.scripts:
+            raise ResponseError("unknown command 'eval', with args beginning with: ")
+        self.loaded_scripts.add(hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest())
+        return self._script_reply(numkeys, keys_and_args)
+
+    def _script_reply(self, numkeys: int, keys_and_args: tuple[Any, ...]) -> list[bytes | None]:
+        keys, fields = keys_and_args[:numkeys], keys_and_args[numkeys:]
+        return [self.hashes.get(key, {}).get(field.encode()) for key in keys for field in fields]
 
     async def hset(self, name: str, mapping: dict[str, Any]) -> int:
         self._check()

@@ -5,7 +5,11 @@ A batch closes when the first of these happens:
 * the window ends (it starts with the batch's first job: a lone job waits at most one window);
 * the next job would push the batch's padded cost (longest job's tokens x number of jobs, what
   the model really computes after padding, as TEI's ``max_batch_tokens`` counts) past the budget;
-* the batch holds ``max_size`` jobs.
+* the batch holds ``max_size`` jobs;
+* the model is idle (``model_idle``): waiting only helps while the model is busy, since a batch
+  grows in the meantime at no cost to anyone. With nothing to wait behind, the open batch goes at
+  once, so cache hits at low load never wait out the window (continuous batching, as TEI's queue
+  does: the next batch is cut as soon as the backend is free).
 
 The window is checked when the pipeline asks for a batch, which it does only when it has room for
 one: while the model is busy the open batch keeps growing up to the budget or the size cap, so
@@ -58,6 +62,7 @@ class MicroBatcher(Generic[T]):
         token_budget: int,
         max_size: int,
         clock: Callable[[], float] = time.monotonic,
+        model_idle: Callable[[], bool] = lambda: False,
     ) -> None:
         if token_budget <= 0 or max_size <= 0 or window_s < 0:
             raise ValueError("token_budget and max_size must be > 0, window_s >= 0")
@@ -65,6 +70,7 @@ class MicroBatcher(Generic[T]):
         self.token_budget = token_budget
         self.max_size = max_size
         self._clock = clock
+        self._model_idle = model_idle
         self._open: Batch[T] = Batch()
         self._closed: deque[Batch[T]] = deque()
         self._changed = asyncio.Event()
@@ -116,9 +122,18 @@ class MicroBatcher(Generic[T]):
         self._closed = deque(b for b in self._closed if b.items)
         return removed
 
+    def wake(self) -> None:
+        """Something ``model_idle`` reads has changed: look at the open batch again."""
+        self._changed.set()
+
     def poll(self) -> Batch[T] | None:
-        """The next closed batch, closing the open one first if its window has ended."""
-        if not self._closed and self._open.items and self._clock() - self._open.opened_at >= self.window_s:
+        """The next closed batch, closing the open one first if its window has ended or the model
+        is idle."""
+        if (
+            not self._closed
+            and self._open.items
+            and (self._clock() - self._open.opened_at >= self.window_s or self._model_idle())
+        ):
             self._close_open()
         return self._closed.popleft() if self._closed else None
 

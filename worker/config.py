@@ -136,7 +136,10 @@ class WorkerConfig:
     )
     # Batching
     batch_window_ms: float = setting(
-        "EMBEDFLEET_BATCH_WINDOW_MS", "a micro-batch closes this long after its first message", default=5.0
+        "EMBEDFLEET_BATCH_WINDOW_MS",
+        "while the model is busy, a micro-batch closes this long after its first message "
+        "(at once when the model is idle)",
+        default=5.0,
     )
     token_budget: int = setting(
         "EMBEDFLEET_TOKEN_BUDGET", "padded tokens (longest x count) per batch", default=16384

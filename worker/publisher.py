@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 
 from schemas import (
     HEADER_DLQ_DROPPED_HEADERS,
@@ -38,6 +37,7 @@ from schemas import (
 from worker.config import WorkerConfig
 from worker.jobs import Headers, Job, Rejection
 from worker.kafka_options import kafka_connection_options
+from worker.partitioner import partition_hashes
 
 log = logging.getLogger(__name__)
 Ack = asyncio.Future[Any]
@@ -138,17 +138,17 @@ class ResultPublisher:
         partitions = await self._partitions_of(
             {job.reply_topic for job, _ in results} | {r.reply_topic for r in rejections}
         )
-        for job, result in results:
+        keys = [job.key.encode() for job, _ in results]
+        # The Java client's key -> partition mapping (murmur2), as every Kafka client computes
+        # it, so results for one content hash always land on one partition (compaction needs it).
+        for (job, result), key, key_hash in zip(results, keys, partition_hashes(keys), strict=True):
             targets = partitions[job.reply_topic]
             if targets is None:
                 gone = self.reply_topic_gone(job)
                 outgoing.rejected.append(gone)
                 self._add_rejection(outgoing, gone)
                 continue
-            key = job.key.encode()
-            # The Java client's key -> partition mapping (murmur2), as every Kafka client computes
-            # it, so results for one content hash always land on one partition (compaction needs it).
-            partition = targets[(murmur2(key) & 0x7FFFFFFF) % len(targets)]
+            partition = targets[key_hash % len(targets)]
             outgoing.results[(job.reply_topic, partition)].append(
                 (key, encode_result(result, job.content_type), result_headers(job.content_type))
             )

@@ -111,3 +111,33 @@ def test_the_open_batch_keeps_growing_until_someone_asks() -> None:
         clock.now += 0.004  # the window has long passed, but nobody polled
     batch = batcher.poll()
     assert batch is not None and batch.items == list(range(10))
+
+
+async def test_an_idle_model_takes_the_open_batch_at_once() -> None:
+    """Nothing to wait behind: a lone job (a cache hit at low load) never waits out the window."""
+    batcher: MicroBatcher[int] = MicroBatcher(
+        window_s=30, token_budget=1000, max_size=100, model_idle=lambda: True
+    )
+    waiter = asyncio.ensure_future(batcher.next_batch())
+    await asyncio.sleep(0)
+    batcher.add(1, tokens=3)
+    batch = await asyncio.wait_for(waiter, timeout=1)
+    assert batch.items == [1]
+
+
+async def test_a_busy_model_lets_the_batch_grow_until_it_is_idle() -> None:
+    busy = True
+    batcher: MicroBatcher[int] = MicroBatcher(
+        window_s=30, token_budget=1000, max_size=100, model_idle=lambda: not busy
+    )
+    waiter = asyncio.ensure_future(batcher.next_batch())
+    batcher.add(1, tokens=3)
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # the model is busy: the batch waits for company
+    batcher.add(2, tokens=3)
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    busy = False
+    batcher.wake()  # the model finished a batch
+    batch = await asyncio.wait_for(waiter, timeout=1)
+    assert batch.items == [1, 2]

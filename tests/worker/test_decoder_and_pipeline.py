@@ -201,3 +201,14 @@ async def test_redis_down_fails_open_and_is_retried_later() -> None:
     await processor.process(jobs_of("alpha beta"))  # within the retry pause: Redis is not asked
     processor.close()
     assert redis.round_trips == trips
+
+
+async def test_a_server_refusing_scripts_gets_pipelined_lookups() -> None:
+    redis = FakeRedis()
+    redis.scripts = False  # scripting disabled, or an ACL without EVAL
+    processor, metrics = cached_pipeline(redis)
+    await processor.process(jobs_of("alpha beta"))
+    outcome = await processor.process(jobs_of("alpha beta", "gamma"))
+    processor.close()
+    assert outcome.served == {"cached": 1, "computed": 1}
+    assert metrics.cache_errors.labels("lookup")._value.get() == 0  # not counted as an outage
