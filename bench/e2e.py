@@ -161,8 +161,12 @@ class Run:
 
     async def produce(self, texts: list[str], *, rate: float | None = None) -> None:
         """Produces one request per text, id = its index (optionally paced to `rate` per second)."""
+        # Paced (latency phases): no linger, so a request's timestamp is when it leaves the client.
         producer = AIOKafkaProducer(
-            bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5, max_batch_size=512 * 1024
+            bootstrap_servers=BOOTSTRAP,
+            acks="all",
+            linger_ms=5 if rate is None else 0,
+            max_batch_size=512 * 1024,
         )
         await producer.start()
         headers = request_headers()
@@ -177,9 +181,9 @@ class Run:
             for index, text in enumerate(texts):
                 value = encode_request(EmbedRequest(id=str(index), text=text), limits=None)
                 await producer.send(self.requests, value, headers=headers)
-                if rate is not None and index % 10 == 9:
+                if rate is not None:  # each request at its own time, not in bursts
                     ahead = (index + 1) / rate - (time.perf_counter() - started)
-                    if ahead > 0:
+                    if ahead > 0.0005:
                         await asyncio.sleep(ahead)
             await producer.flush()
         finally:

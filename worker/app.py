@@ -65,6 +65,10 @@ HEALTH_INTERVAL_S = 2.0
 FAULT_HOLD_S = 5.0
 # What a record costs in memory beyond its bytes: token ids, the vector, the encoded result.
 RECORD_OVERHEAD_BYTES = 16 * 1024
+# Fetches this small are decoded and tokenized on the event loop (well under a millisecond);
+# larger ones in the decode thread, so long texts never stall heartbeats.
+INLINE_DECODE_RECORDS = 16
+INLINE_DECODE_BYTES = 16 * 1024
 GC_YOUNG_THRESHOLD = 20_000  # allocations between two young-generation collections (default 700)
 
 
@@ -398,7 +402,9 @@ class Worker:
     async def _take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
         if not records and not extra:
             return
+        value_bytes = 0
         for record in records:
+            value_bytes += len(record.value or b"")
             size = (
                 len(record.value or b"")
                 + len(record.key or b"")
@@ -407,8 +413,13 @@ class Worker:
             )
             self.offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
         self._observe_in_flight()
-        loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(self._decode_executor, self.decoder.decode, records)
+        if len(records) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES:
+            # A few small records (low load): decoding them here costs less than the hop to the
+            # decode thread and back, which waits for the GIL while the loop is busy.
+            items = self.decoder.decode(records)
+        else:
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(self._decode_executor, self.decoder.decode, records)
         # Rejections travel in the batches too, so every record is answered in fetch order
         # (exactly-once commits each batch's offsets with its results).
         for item in [*items, *extra]:
