@@ -42,6 +42,7 @@ from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_
 from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
 from worker.delivery import AtLeastOnce, BatchWork, Delivered, Delivery, ExactlyOnce
+from worker.errors import ContractMismatch
 from worker.health import HealthServer, HealthState, log_task_stacks, watch_event_loop
 from worker.jobs import Job, Rejection
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
@@ -253,14 +254,12 @@ class Worker:
         try:
             if self.health_server is not None:  # first: a port in use fails before the group is joined
                 await self.health_server.start()
+            # Before joining the group: a worker of another fingerprint must never take partitions.
+            await self._publish_contract()
             await self.cluster.start()
             await self.delivery.start()
             self.consumer.subscribe([self.config.requests_topic], listener=_RebalanceListener(self))
             await self.consumer.start()
-            if await self.cache.ping():
-                await self.cache.publish_model(
-                    self.model.name, self.model.redis_fields(max_tokens=self._max_tokens)
-                )
             log.info(
                 "worker %s started: group %s, topic %s, model %s (%s), %s",
                 self.config.worker_id,
@@ -288,6 +287,33 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._close()
+
+    async def _publish_contract(self) -> None:
+        """Publishes the model contract clients hash with; refuses (ContractMismatch) when the
+        fleet already serves another fingerprint of this model, unless told to replace it.
+        Without Redis there is nothing to check against: the worker starts (the cache fails open)."""
+        if not await self.cache.ping():
+            return
+        published = await self.cache.published_fingerprint(self.model.name)
+        if published is not None and published != self.model.fingerprint:
+            if self.config.on_contract_mismatch != "replace":
+                raise ContractMismatch(
+                    f"the fleet serves model {self.model.name} with serving fingerprint "
+                    f"{published[:12]}..., this worker {self.model.fingerprint[:12]}... (variant "
+                    f"{self.config.variant}, bundle {self.config.model}): clients compute content "
+                    "hashes from the published contract, so one fleet serves one fingerprint. "
+                    "Start this worker with the fleet's variant and bundle, or, to move the fleet "
+                    "to this one, start it with EMBEDFLEET_ON_CONTRACT_MISMATCH=replace and stop "
+                    "the old workers"
+                )
+            log.warning(
+                "replacing the published contract of %s (fingerprint %s... -> %s...): stop the "
+                "workers that serve the old one",
+                self.model.name,
+                published[:12],
+                self.model.fingerprint[:12],
+            )
+        await self.cache.publish_model(self.model.name, self.model.redis_fields(max_tokens=self._max_tokens))
 
     def stop(self) -> None:
         """Begin a graceful stop: no more fetching; in-flight work is finished and committed."""
@@ -744,6 +770,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     try:
         await worker.run()
+    except ContractMismatch as exc:
+        log.error("%s; not starting", exc)
+        return 2
     except KafkaError as exc:
         log.error("%s", await explain_kafka_error(config, exc))
         return 1

@@ -312,6 +312,19 @@ class VectorCache:
         self._indexed_dims.add(dim)
         return True
 
+    async def published_fingerprint(self, name: str) -> str | None:
+        """The serving fingerprint the fleet has published for model ``name`` (None: none yet, or
+        Redis cannot say)."""
+        if not self._available():
+            return None
+        assert self._client is not None
+        try:
+            value = await self._client.hget(contract_key(self._key_prefix, name), "fingerprint")
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("publish_model", exc)
+            return None
+        return value.decode() if isinstance(value, bytes) else value
+
     async def publish_model(self, name: str, fields: dict[str, str]) -> None:
         """Writes the served model's contract (fingerprint, dim, tasks...) to
         ``{prefix}:models:{name}``, so clients can compute content hashes and use the cache."""

@@ -170,6 +170,13 @@ class WorkerConfig:
         "(read_committed readers wait for it at most this long)",
         default=10_000,
     )
+    on_contract_mismatch: str = setting(
+        "EMBEDFLEET_ON_CONTRACT_MISMATCH",
+        "when Redis holds another serving fingerprint for this model: refuse to start, or replace "
+        "the contract (the first worker of a new variant or model build; stop the old ones)",
+        default="refuse",
+        choices=("refuse", "replace"),
+    )
     # Limits
     max_message_bytes: int = setting(
         "EMBEDFLEET_MAX_MESSAGE_BYTES", "largest request message", default=1024 * 1024

@@ -7,3 +7,8 @@ from __future__ import annotations
 
 class WorkerError(Exception):
     """Base of the errors the worker package raises."""
+
+
+class ContractMismatch(WorkerError, RuntimeError):
+    """Redis holds another serving fingerprint for this model: clients compute content hashes from
+    the published contract, so one fleet serves one fingerprint."""
