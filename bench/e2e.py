@@ -12,6 +12,8 @@ fresh topics and a fresh cache prefix, and a worker process of its own (all core
   d. worker, natural mix: corpus queries in order, natural duplicates, cold cache
   e. latency: unique texts offered at half the capacity measured in (b)
   f. latency on hits: single texts of (b), cached, offered at half the capacity measured in (c)
+  g. the texts of (b), cold cache, through two workers of one inference thread each (the other
+     way to use the cores; informational: compare with b)
 
 Throughput of a backlog phase = requests / (last result's timestamp - the moment the worker joined
 the group): the benchmark reads results only after the worker is done, so it never competes with
@@ -87,7 +89,7 @@ class Run:
         self.tag = f"{slug}-{uuid.uuid4().hex[:6]}"
         self.requests = f"embed.requests.bench-{self.tag}"
         self.results = f"embed.results.bench-{self.tag}"
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
         self.metrics_port = 9490
         self.ready_at_ms = 0.0  # wall clock when the worker had joined the group
 
@@ -112,52 +114,76 @@ class Run:
         finally:
             await admin.close()
 
-    def start_worker(self, cache_prefix: str) -> None:
+    def start_worker(self, cache_prefix: str, *, workers: int = 1, **extra_env: str) -> None:
+        """Starts `workers` worker processes of one group (each its own metrics port)."""
         env = dict(
             os.environ,
             EMBEDFLEET_REQUESTS_TOPIC=self.requests,
             EMBEDFLEET_RESULTS_TOPIC=self.results,
             EMBEDFLEET_GROUP_ID=f"bench-{self.tag}",
             EMBEDFLEET_CACHE_KEY_PREFIX=cache_prefix,
-            EMBEDFLEET_METRICS_PORT=str(self.metrics_port),
             EMBEDFLEET_LOG_LEVEL="WARNING",
+            **extra_env,
         )
         # e.g. BENCH_WORKER_WRAPPER="py-spy record -o hits.svg --" to profile the worker.
         wrapper = os.environ.get("BENCH_WORKER_WRAPPER", "").split()
-        self.worker = subprocess.Popen(
-            [*wrapper, EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}"], env=env
-        )
+        for index in range(workers):
+            port = self.metrics_port + index
+            self.workers.append(
+                subprocess.Popen(
+                    [*wrapper, EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}-{index}"],
+                    env=dict(env, EMBEDFLEET_METRICS_PORT=str(port)),
+                )
+            )
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        self.ready_at_ms = time.time() * 1000
-                        return
-            except OSError:
+        for index in range(workers):
+            while not self._ready(self.metrics_port + index):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the worker did not become ready: see its log above")
                 time.sleep(0.2)
-        raise SystemExit("the worker did not become ready: see its log above")
+        self.ready_at_ms = time.time() * 1000
+
+    @staticmethod
+    def _ready(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes] | None:
+        return self.workers[0] if self.workers else None
 
     def peak_rss_mb(self) -> float:
-        assert self.worker is not None
-        for line in Path(f"/proc/{self.worker.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """The largest peak RSS of the workers."""
+        peaks = [float("nan")]
+        for worker in self.workers:
+            for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+        return max(peaks[1:], default=float("nan"))
 
     def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
-        )
+        """A metric summed over every worker."""
+        total = 0.0
+        for index in range(len(self.workers)):
+            url = f"http://127.0.0.1:{self.metrics_port + index}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                text = r.read().decode()
+            total += sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(name + " ") or line.startswith(name + "{")
+            )
+        return total
 
     def stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.send_signal(signal.SIGTERM)
-            self.worker.wait(timeout=120)
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.wait(timeout=120)
 
     async def produce(self, texts: list[str], *, rate: float | None = None) -> None:
         """Produces one request per text, id = its index (optionally paced to `rate` per second)."""
@@ -241,12 +267,20 @@ class Run:
             await asyncio.sleep(0.5)
 
 
-async def backlog_phase(name: str, texts: list[str], cache_prefix: str, *, timeout_s: float = 900) -> Phase:
+async def backlog_phase(
+    name: str,
+    texts: list[str],
+    cache_prefix: str,
+    *,
+    timeout_s: float = 900,
+    workers: int = 1,
+    **worker_env: str,
+) -> Phase:
     run = Run(name)
     await run.create_topics()
     try:
         await run.produce(texts)  # the backlog exists before the worker starts
-        run.start_worker(cache_prefix)
+        run.start_worker(cache_prefix, workers=workers, **worker_env)
         await run.wait_drained(len(texts), timeout_s)
         rss = run.peak_rss_mb()
         run.stop_worker()
@@ -342,6 +376,21 @@ async def main() -> int:
     print(f"  {engine.name}: {engine.throughput:.0f} texts/s", flush=True)
     misses = await backlog_phase("b. worker, unique texts", unique, f"bench-{run_id}-b")
     print(f"  {misses.name}: {misses.throughput:.0f} results/s", flush=True)
+    # The other way to use the machine's cores: two workers of one inference thread each.
+    two_workers = await backlog_phase(
+        "g. 2 workers x 1 thread, unique",
+        unique,
+        f"bench-{run_id}-g",
+        workers=2,
+        EMBEDFLEET_INFERENCE_THREADS="1",
+        EMBEDFLEET_INTRA_OP_THREADS="1",
+    )
+    print(
+        f"  {two_workers.name}: {two_workers.throughput:.0f} results/s "
+        f"({two_workers.throughput / misses.throughput:.2f} x one worker with "
+        f"{config.model_threads(os.cpu_count() or 1)[0]} inference threads)",
+        flush=True,
+    )
     # The latency and mix phases run before the 100k-message phase: the broker compacts and deletes
     # that phase's ~800 MB of results afterwards, which would disturb whatever runs next.
     rate = misses.throughput / 2
@@ -371,7 +420,7 @@ async def main() -> int:
         f"{'phase':34} {'requests':>9} {'results/s':>10} {'hit rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'peak RSS MB':>12}"
     )
-    for phase in (engine, misses, hits, mix, latency, hit_latency):
+    for phase in (engine, misses, two_workers, hits, mix, latency, hit_latency):
         print(
             f"{phase.name:34} {phase.requests:9d} {phase.throughput:10.0f} {phase.hit_rate:9.1%} "
             f"{phase.p50_ms:8.0f} {phase.p99_ms:8.0f} {phase.peak_rss_mb:12.0f}"
@@ -409,12 +458,12 @@ async def main() -> int:
                 "p99_ms": phase.p99_ms,
                 "peak_rss_mb": phase.peak_rss_mb,
             }
-            for phase in (engine, misses, hits, mix, latency, hit_latency)
+            for phase in (engine, misses, two_workers, hits, mix, latency, hit_latency)
         ]
         checks_json = [{"label": lb, "value": v, "target": t} for lb, v, t in checks]
         args.json.write_text(json.dumps({"phases": phases, "checks": checks_json}, indent=2, default=str))
     client = redis_asyncio.Redis.from_url(config.redis_url)
-    for phase_prefix in ("b", "d", "e"):
+    for phase_prefix in ("b", "d", "e", "g"):
         await drop_cache_prefix(client, f"bench-{run_id}-{phase_prefix}")
     await client.aclose()
     return 0
