@@ -1,4 +1,5 @@
-"""`embedfleet model build|check`: build a model bundle, or check its quality."""
+"""`embedfleet model build|check|recommend`: build a model bundle, check its quality, or measure
+its variants on this machine and recommend one."""
 
 from __future__ import annotations
 
@@ -65,11 +66,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--corpus", type=Path, help="JSONL strings (default: shared/corpus/queries.jsonl)")
     check.add_argument("--limit", type=int, default=2000, help="distinct corpus texts")
 
+    recommend = sub.add_parser(
+        "recommend", help="measure each variant on this machine; recommend the fastest that meets the floors"
+    )
+    recommend.add_argument("--model", type=Path, help="bundle directory (default: the default bundle)")
+    recommend.add_argument(
+        "--reference", type=Path, help="reference dir (default: shared/reference/all-MiniLM-L6-v2)"
+    )
+    recommend.add_argument("--queries", type=int, default=500, help="distinct corpus queries to time")
+    recommend.add_argument("--docs", type=int, default=100, help="corpus docs to time")
+    recommend.add_argument(
+        "--workload", choices=("queries", "docs"), default="queries", help="what the ranking favours"
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     try:
         if args.model_command == "build":
             return _build(args)
+        if args.model_command == "recommend":
+            return _recommend(args)
         return _check(args)
     except (BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -174,3 +190,57 @@ def _check(args: argparse.Namespace) -> int:
         )
         print(f"  worst text: {texts[result.worst_index]!r}")
     return 0 if ok else 1
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from worker.engine.bundle import load_bundle
+    from worker.engine.embedder import physical_cpu_count
+    from worker.engine.recommend import (
+        MAX_BATCH_DRIFT,
+        MEAN_COSINE,
+        MIN_COSINE,
+        measure_variant,
+        recommend,
+        runnable_variants,
+    )
+
+    path = args.model or default_bundle_dir()
+    reference_dir: Path = args.reference or shared_dir() / "reference" / "all-MiniLM-L6-v2"
+    if not (reference_dir / "vectors.npy").is_file():
+        print(f"error: no reference vectors in {reference_dir}: pass --reference DIR", file=sys.stderr)
+        return 2
+    reference = quality.read_reference(reference_dir)
+    corpus = shared_dir() / "corpus"
+    queries = quality.first_distinct(quality.read_jsonl_strings(corpus / "queries.jsonl"), args.queries)
+    docs = quality.read_jsonl_strings(corpus / "docs.jsonl")[: args.docs]
+    progress = _progress()
+    reports = []
+    for variant, device in runnable_variants(list(load_bundle(path).manifest.variants)):
+        progress(f"measuring {variant} on {device} ({len(queries)} queries, {len(docs)} docs)")
+        reports.append(
+            measure_variant(path, variant, device, reference, queries, docs, threads=physical_cpu_count())
+        )
+    print(
+        f"{'variant':8} {'device':6} {'queries/s':>10} {'docs/s':>8} {'min cos':>9} {'mean cos':>9} "
+        f"{'batch drift':>12}  floors"
+    )
+    for report in reports:
+        print(
+            f"{report.variant:8} {report.device:6} {report.queries_per_s:10.1f} {report.docs_per_s:8.1f} "
+            f"{report.min_cosine:9.5f} {report.mean_cosine:9.5f} {report.batch_drift:12.1e}  "
+            f"{'ok' if report.meets_floors else 'FAIL'}"
+        )
+    print(
+        f"floors: every reference text >= {MIN_COSINE}, mean >= {MEAN_COSINE}, "
+        f"batch drift <= {MAX_BATCH_DRIFT:g}"
+    )
+    best = recommend(reports, args.workload)
+    if best is None:
+        print("no variant meets the floors on this machine: rebuild the bundle (`embedfleet model build`)")
+        return 1
+    print(
+        f"recommended for {args.workload}: EMBEDFLEET_VARIANT={best.variant} EMBEDFLEET_DEVICE={best.device} "
+        f"(serving fingerprint {best.fingerprint[:12]}...; a fleet moving to it starts its first worker "
+        "with EMBEDFLEET_ON_CONTRACT_MISMATCH=replace)"
+    )
+    return 0
