@@ -15,7 +15,7 @@ fresh topics and a fresh cache prefix, and a worker process of its own (all core
   g. the texts of (b), cold cache, through two workers of one inference thread each (the other
      way to use the cores; informational: compare with b)
 
-Throughput of a backlog phase = requests / (last result's timestamp - the moment the worker joined
+Throughput of a backlog phase = requests / (last result's timestamp - the moment the (first) worker joined
 the group): the benchmark reads results only after the worker is done, so it never competes with
 the worker for the two cores. Latency = result timestamp - request timestamp (same clock).
 """
@@ -51,6 +51,7 @@ from worker.config import WorkerConfig  # noqa: E402
 BOOTSTRAP = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 SHARED = Path(os.environ.get("EMBEDFLEET_SHARED", REPO.parent / "shared"))
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # the bench extra installs it
 
 
 @dataclass
@@ -125,23 +126,39 @@ class Run:
             EMBEDFLEET_LOG_LEVEL="WARNING",
             **extra_env,
         )
-        # e.g. BENCH_WORKER_WRAPPER="py-spy record -o hits.svg --" to profile the worker.
-        wrapper = os.environ.get("BENCH_WORKER_WRAPPER", "").split()
         for index in range(workers):
             port = self.metrics_port + index
             self.workers.append(
                 subprocess.Popen(
-                    [*wrapper, EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}-{index}"],
+                    [EMBEDFLEET, "worker", "--worker-id", f"bench-{self.tag}-{index}"],
                     env=dict(env, EMBEDFLEET_METRICS_PORT=str(port)),
                 )
             )
+        # The clock starts when the first worker is ready: work begins then (with several workers,
+        # a small backlog may be drained before the last one has joined).
         deadline = time.monotonic() + 90
-        for index in range(workers):
-            while not self._ready(self.metrics_port + index):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the worker did not become ready: see its log above")
-                time.sleep(0.2)
-        self.ready_at_ms = time.time() * 1000
+        pending = set(range(workers))
+        while pending:
+            for index in sorted(pending):
+                if self._ready(self.metrics_port + index):
+                    if len(pending) == workers:
+                        self.ready_at_ms = time.time() * 1000
+                    pending.discard(index)
+            if time.monotonic() > deadline:
+                raise SystemExit("the worker did not become ready: see its log above")
+            if pending:
+                time.sleep(0.1)
+
+    def start_profiler(self, output: Path) -> subprocess.Popen[bytes]:
+        """py-spy sampling the (first) worker: collapsed stacks, one line per stack and count."""
+        pid = str(self.workers[0].pid)
+        argv = [PY_SPY, "record", "--pid", pid, "--rate", "250", "--format", "raw"]
+        return subprocess.Popen([*argv, "--output", str(output), "--nonblocking"])
+
+    @staticmethod
+    def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(timeout=60)
 
     @staticmethod
     def _ready(port: int) -> bool:
@@ -150,10 +167,6 @@ class Run:
                 return bool(r.status == 200)
         except OSError:
             return False
-
-    @property
-    def worker(self) -> subprocess.Popen[bytes] | None:
-        return self.workers[0] if self.workers else None
 
     def peak_rss_mb(self) -> float:
         """The largest peak RSS of the workers."""
@@ -274,6 +287,7 @@ async def backlog_phase(
     *,
     timeout_s: float = 900,
     workers: int = 1,
+    profile: Path | None = None,
     **worker_env: str,
 ) -> Phase:
     run = Run(name)
@@ -281,7 +295,10 @@ async def backlog_phase(
     try:
         await run.produce(texts)  # the backlog exists before the worker starts
         run.start_worker(cache_prefix, workers=workers, **worker_env)
+        spy = run.start_profiler(profile) if profile is not None else None
         await run.wait_drained(len(texts), timeout_s)
+        if spy is not None:
+            run.stop_profiler(spy)
         rss = run.peak_rss_mb()
         run.stop_worker()
         _, result_ts, cached = await run.collect(len(texts), timeout_s=120)
@@ -361,6 +378,19 @@ async def main() -> int:
     parser.add_argument("--mix", type=int, default=10_000)
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--profile-hits",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="py-spy's collapsed stacks of the worker draining the hits backlog (needs py-spy)",
+    )
+    parser.add_argument(
+        "--hit-rates",
+        default="",
+        metavar="R1,R2",
+        help="also measure latency on hits at these fixed rates (requests/s), e.g. 100,1000",
+    )
     args = parser.parse_args()
     config = WorkerConfig.from_env()
     run_id = uuid.uuid4().hex[:8]
@@ -401,7 +431,9 @@ async def main() -> int:
     mix = await backlog_phase("d. worker, natural mix", mix_texts, f"bench-{run_id}-d")
     print(f"  {mix.name}: {mix.throughput:.0f} results/s, hit rate {mix.hit_rate:.1%}", flush=True)
     hits_texts = [unique[i % len(unique)] for i in range(args.hits)]
-    hits = await backlog_phase("c. worker, all cache hits", hits_texts, f"bench-{run_id}-b")
+    hits = await backlog_phase(
+        "c. worker, all cache hits", hits_texts, f"bench-{run_id}-b", profile=args.profile_hits
+    )
     print(f"  {hits.name}: {hits.throughput:.0f} results/s, peak RSS {hits.peak_rss_mb:.0f} MB", flush=True)
 
     # Single-text requests that hit the cache (the texts of b, cached there), at half the hit rate.
@@ -413,6 +445,10 @@ async def main() -> int:
     print(
         f"  {hit_latency.name}: p50 {hit_latency.p50_ms:.1f} ms, p99 {hit_latency.p99_ms:.1f} ms", flush=True
     )
+    for fixed in [float(r) for r in args.hit_rates.split(",") if r.strip()]:
+        texts = [unique[i % len(unique)] for i in range(int(fixed * args.latency_seconds))]
+        at_rate = await latency_phase(texts, fixed, f"bench-{run_id}-b", f"hits at {fixed:.0f}/s")
+        print(f"  latency on hits at {fixed:.0f}/s: p50 {at_rate.p50_ms:.1f} ms, p99 {at_rate.p99_ms:.1f} ms")
 
     bound_ms = 3 * (config.batch_window_ms + batch_seconds * 1000)
     print()

@@ -321,7 +321,7 @@ class VectorCache:
         try:
             value = await self._client.hget(contract_key(self._key_prefix, name), "fingerprint")
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("publish_model", exc)
+            self._failed("read_contract", exc)
             return None
         return value.decode() if isinstance(value, bytes) else value
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -24,7 +25,7 @@ from worker.engine.quality import Reference, row_cosines
 MIN_COSINE = 0.99
 MEAN_COSINE = 0.995
 MAX_BATCH_DRIFT = 1e-5
-Workload = str  # "queries" or "docs": what the ranking favours
+Workload = Literal["queries", "docs"]  # what the ranking favours
 
 
 @dataclass(frozen=True, slots=True)
