@@ -202,22 +202,38 @@ class ResultPublisher:
     async def send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]:
         """Hands every record to the producer; returns (topic, ack future) per send.
 
-        aiokafka keeps every topic a producer wrote to in its metadata requests, which allow
-        auto-creation: a reply topic deleted later would be created again by the next refresh.
-        So once no send is under way, a producer that wrote to a reply topic has its topics reset
-        to the base ones (sends to the base topics alone leave it as it is)."""
-        if any(topic not in self._base for topic, _ in outgoing.results) or any(
-            single[0] not in self._base for single in outgoing.singles
-        ):
-            self._wrote_reply_topics.add(producer)
+        aiokafka refreshes metadata only for the topics in its client's topic set, and a refresh
+        replaces what it knew: a batch for a topic outside that set (one it found in an earlier
+        all-topics answer) waits for a leader it never learns, until its timeout (40 s). So every
+        reply topic is added to the set before its records are handed over. And aiokafka keeps
+        every topic in that set in its metadata requests, which allow auto-creation: a reply topic
+        deleted later would be created again by the next refresh. So once no batch is under way
+        (handed over and not yet acknowledged), a producer that wrote to a reply topic has its
+        topics reset to the base ones (sends to the base topics alone leave it as it is)."""
+        reply_topics = {topic for topic, _ in outgoing.results} | {single[0] for single in outgoing.singles}
+        reply_topics -= self._base
         self._sending[producer] = self._sending.get(producer, 0) + 1
         try:
-            return await self._send(producer, outgoing)
-        finally:
-            self._sending[producer] -= 1
-            if not self._sending[producer] and producer in self._wrote_reply_topics:
-                self._wrote_reply_topics.discard(producer)
-                producer.client.set_topics(self.base_topics)
+            if reply_topics:
+                self._wrote_reply_topics.add(producer)
+                for topic in reply_topics:
+                    await producer.client.add_topic(topic)
+            acks = await self._send(producer, outgoing)
+        except BaseException:
+            self._done_sending(producer)
+            raise
+        if not acks:
+            self._done_sending(producer)
+        else:
+            delivered = asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
+            delivered.add_done_callback(lambda _: self._done_sending(producer))
+        return acks
+
+    def _done_sending(self, producer: AIOKafkaProducer) -> None:
+        self._sending[producer] -= 1
+        if not self._sending[producer] and producer in self._wrote_reply_topics:
+            self._wrote_reply_topics.discard(producer)
+            producer.client.set_topics(self.base_topics)
 
     async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]:
         acks: list[tuple[str, Ack]] = []
