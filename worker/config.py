@@ -9,16 +9,16 @@ so they never show up in ``ps`` or shell history.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import socket
-import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from schemas import settings
+from schemas.settings import setting
 from worker.engine.bundle import default_bundle_dir
 
 Guarantee = Literal["at-least-once", "exactly-once"]
@@ -28,26 +28,11 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def setting(
-    env: str,
-    help: str,
-    *,
-    default: Any = None,
-    secret: bool = False,
-    choices: tuple[str, ...] | None = None,
-    factory: Any = None,
-) -> Any:
-    metadata = {"env": env, "help": help, "secret": secret, "choices": choices}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass(frozen=True)
 class WorkerConfig:
-    # Kafka
     """Every setting of a worker: one field each, with its environment variable and help."""
 
+    # Kafka
     kafka_bootstrap: str = setting(
         "EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers", default="127.0.0.1:9092"
     )
@@ -213,32 +198,15 @@ class WorkerConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is not None and raw != "":
-                values[f.name] = _convert(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return settings.from_env(cls, environ, **overrides)
 
     @classmethod
     def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        for f in dataclasses.fields(cls):
-            if f.metadata["secret"]:
-                continue
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                default=None,
-                type=_converter(f),
-                help=f"{f.metadata['help']} (env {f.metadata['env']})",
-            )
+        settings.add_cli_arguments(cls, parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> WorkerConfig:
-        overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
-        return cls.from_env(environ, **overrides)
+        return settings.from_args(cls, args, environ)
 
     def model_threads(self, physical_cores: int) -> tuple[int, int]:
         """(model calls side by side, ONNX Runtime threads per call) with the 0 = auto defaults.
@@ -253,43 +221,4 @@ class WorkerConfig:
 
     def describe(self) -> dict[str, str]:
         """Settings as strings for logs and --print-config, secrets masked."""
-        shown: dict[str, str] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            shown[f.name] = "***" if f.metadata["secret"] and value else str(value)
-        shown["redis_url"] = _mask_url_password(self.redis_url)
-        return shown
-
-
-def _mask_url_password(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host (a password may be put in the URL)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def _converter(f: dataclasses.Field[Any]) -> Any:
-    def convert(raw: str) -> Any:
-        return _convert(f, raw)
-
-    convert.__name__ = f.name  # argparse names the setting in its error message
-    return convert
-
-
-def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    choices = f.metadata["choices"]
-    if choices and raw not in choices:
-        raise ValueError(f"{f.metadata['env']}={raw!r}: expected one of {', '.join(choices)}")
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "Path":
-            return Path(raw).expanduser()
-    except ValueError as exc:
-        raise ValueError(f"{f.metadata['env']}={raw!r}: expected a {kind}") from exc
-    return raw
+        return settings.describe(self)
