@@ -1,7 +1,9 @@
 """Where the fleet keeps things in Redis: the one definition every worker and client follows.
 
 * a vector: HASH ``{prefix}:{model}:{dim}:{content hash}`` with ``vector`` (little-endian float32
-  bytes), ``model`` and ``dim`` (a reader serves it only when all three match what it asked for);
+  bytes), ``model`` and ``dim`` (a reader serves it only when all three match what it asked for),
+  and ``tokens`` (how many tokens the model read, for usage counts; absent in entries written
+  before it existed);
 * the served model's contract: HASH ``{prefix}:models:{model}`` with ``fingerprint``, ``dim``,
   ``max_tokens``, ``tasks`` and ``dimensions`` (JSON arrays), which clients read to compute content
   hashes;
@@ -22,6 +24,7 @@ from typing import Final
 VECTOR_FIELD: Final = "vector"
 MODEL_FIELD: Final = "model"
 DIM_FIELD: Final = "dim"
+TOKENS_FIELD: Final = "tokens"
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 

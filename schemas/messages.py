@@ -203,6 +203,16 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     truncated: Annotated[
         bool, msgspec.Meta(description="The text was cut to the model's maximum tokens.")
     ] = False
+    tokens: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=0,
+                description="Tokens the model read for this text (special tokens included, after truncation).",
+            ),
+        ]
+        | None
+    ) = None
     metadata: dict[str, str] = {}
     error: ErrorInfo | None = None
 
@@ -217,6 +227,7 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         encoding_format: EncodingFormat = "float",
         cached: bool = False,
         truncated: bool = False,
+        tokens: int | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> EmbedResult:
         """A result carrying ``vector`` (float) or ``vector_b64`` (base64) as asked."""
@@ -237,6 +248,7 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             vector_b64=encoded,
             cached=cached,
             truncated=truncated,
+            tokens=tokens,
             metadata=dict(metadata or {}),
         )
 

@@ -30,6 +30,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, RedisError, Res
 from schemas.cache_layout import (
     DIM_FIELD,
     MODEL_FIELD,
+    TOKENS_FIELD,
     VECTOR_FIELD,
     contract_key,
     index_name,
@@ -247,21 +248,27 @@ class VectorCache:
         vector = np.frombuffer(value, dtype="<f4")
         return vector if bool(np.isfinite(vector).all()) else None
 
-    async def store(self, entries: Sequence[tuple[str, np.ndarray]], model: str) -> None:
-        """Writes vectors in one pipelined round trip (idempotent: same key, same vector)."""
+    async def store(self, entries: Sequence[tuple[str, np.ndarray, int]], model: str) -> None:
+        """Writes (content hash, vector, tokens) entries in one pipelined round trip (idempotent:
+        same key, same vector); the token count lets readers report usage without a tokenizer."""
         if not entries or not self._available():
             return
         assert self._client is not None
-        dims = {int(v.shape[0]) for _, v in entries}
+        dims = {int(v.shape[0]) for _, v, _ in entries}
         for dim in dims - self._indexed_dims:
             await self.ensure_index(dim)
         pipe = self._client.pipeline(transaction=False)
-        for key, vector in entries:
+        for key, vector, tokens in entries:
             dim = int(vector.shape[0])
             name = self.redis_key(key, dim)
             pipe.hset(
                 name,
-                mapping={VECTOR_FIELD: vector.astype("<f4").tobytes(), MODEL_FIELD: model, DIM_FIELD: dim},
+                mapping={
+                    VECTOR_FIELD: vector.astype("<f4").tobytes(),
+                    MODEL_FIELD: model,
+                    DIM_FIELD: dim,
+                    TOKENS_FIELD: tokens,
+                },
             )
             if self._ttl_s > 0:
                 pipe.expire(name, self._ttl_s)

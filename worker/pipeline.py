@@ -141,7 +141,10 @@ class BatchProcessor:
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
             self._metrics.computed_texts.inc(len(computed.vectors))
             self._metrics.truncated_texts.inc(len(computed.truncated))
-            await self._cache.store(list(computed.vectors.items()), self._model_name)
+            tokens = {job.key: len(job.tokens.ids) for job in misses}
+            await self._cache.store(
+                [(key, vector, tokens[key]) for key, vector in computed.vectors.items()], self._model_name
+            )
 
         outcome = BatchOutcome()
         first_of_key: set[str] = set()
@@ -184,6 +187,7 @@ class BatchProcessor:
                         cached=from_cache,
                         # Known for every job (it was tokenized when decoded), cached or computed.
                         truncated=job.tokens.truncated,
+                        tokens=len(job.tokens.ids),
                         metadata=job.request.metadata,
                     ),
                 )

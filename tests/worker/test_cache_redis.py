@@ -20,7 +20,8 @@ async def test_lookup_script_serves_stored_vectors_and_misses_the_rest(redis_url
         await client.script_flush()  # the first lookup must load the script itself
         rng = np.random.default_rng(7)
         vectors = {f"k{i}": rng.standard_normal(8).astype(np.float32) for i in range(300)}
-        await cache.store(list(vectors.items()), "m")
+        await cache.store([(key, vector, 5) for key, vector in vectors.items()], "m")
+        assert await client.hget(cache.redis_key("k0", 8), "tokens") == b"5"  # for readers' usage counts
         other_model = cache.redis_key("k1", 8)
         await client.hset(other_model, "model", "another-model")
         cut = cache.redis_key("k2", 8)
