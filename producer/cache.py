@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from producer.config import ClientConfig
 from producer.errors import Vector
-from schemas.cache_layout import VECTOR_FIELD, contract_key, vector_key
+from schemas.cache_layout import TOKENS_FIELD, VECTOR_FIELD, contract_key, vector_key
 
 log = logging.getLogger(__name__)
 _FAILURES = (RedisError, OSError, TimeoutError)
@@ -55,6 +55,16 @@ class ModelContract:
         except (ValueError, TypeError) as exc:
             log.warning("ignoring a malformed model contract in Redis: %s", exc)
             return None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedVector:
+    vector: Vector
+    tokens: int | None  # None in entries written before workers stored it
+
+
+def _count(value: bytes | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _text(value: bytes | str) -> str:
@@ -126,25 +136,26 @@ class CacheReader:
             return None
         return ModelContract.from_redis_fields(fields)
 
-    async def lookup(self, keys: Sequence[str], dim: int) -> list[Vector | None]:
-        """Cached vectors for content hashes, in one pipelined round trip; None = miss."""
+    async def lookup(self, keys: Sequence[str], dim: int) -> list[CachedVector | None]:
+        """Cached vectors (and their token counts) for content hashes, in one pipelined round
+        trip; None = miss."""
         if not keys or not self._available():
             return [None] * len(keys)
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.hget(vector_key(self._prefix, self._model_name, dim, key), VECTOR_FIELD)
+            pipe.hmget(vector_key(self._prefix, self._model_name, dim, key), [VECTOR_FIELD, TOKENS_FIELD])
         try:
-            raw: list[bytes | None] = await pipe.execute()
+            raw: list[list[bytes | None]] = await pipe.execute()
         except _FAILURES as exc:
             self._failed("lookup", exc)
             return [None] * len(keys)
         # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
         return [
-            np.frombuffer(value, dtype="<f4").astype(np.float32)
+            CachedVector(np.frombuffer(value, dtype="<f4").astype(np.float32), _count(tokens))
             if value is not None and len(value) == dim * 4
             else None
-            for value in raw
+            for value, tokens in raw
         ]
 
     async def close(self) -> None:

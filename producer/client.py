@@ -41,7 +41,7 @@ from producer.kafka import (
     unreachable,
 )
 from producer.keys import Distinct, Plan, plan_requests
-from producer.replies import Expected, ReplyRouter
+from producer.replies import HEARTBEAT_HEADER, Expected, ReplyRouter
 from schemas import EmbedRequest, EmbedResult, encode_request, request_headers
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,35 @@ class ClientStats:
 
 
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
+    """A call after its cache lookup: what was found (by text position) and what is left."""
+
     plan: Plan
+    task: str | None
+    dimensions: int | None
     vectors: list[Vector | None]
-    misses: list[Distinct]
+    tokens: list[int | None]  # tokens the model read per text, where known
+    misses: list[Distinct]  # distinct texts to send to the fleet
+
+    def fill(self, indices: list[int], vector: Vector, tokens: int | None) -> None:
+        # Repeated texts get copies, so changing one returned array never changes another.
+        self.vectors[indices[0]] = vector
+        for index in indices[1:]:
+            self.vectors[index] = vector.copy()
+        for index in indices:
+            self.tokens[index] = tokens
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOutcome:
+    """What ``Client.complete`` made of a call: ``vectors[i]`` is None where text i failed
+    (``failures``, sorted by index) or got no result in time (``missing`` counts those)."""
+
+    vectors: list[Vector | None]
+    tokens: list[int | None]
+    failures: list[TextFailure]
+    missing: int
+    produced: int  # requests sent to the fleet (0: answered from the cache alone)
 
 
 class Client:
@@ -138,6 +163,13 @@ class Client:
         forged, or a bug); see ``producer.replies``."""
         return self._router.mismatched if self._router is not None else 0
 
+    async def send_heartbeat(self) -> None:
+        """Writes a record that readers skip to this client's private reply topic: it shows the
+        topic's owner is alive (see ``producer.gateway.reaper``)."""
+        if self._producer is None or self._created_topic is None:
+            raise RuntimeError("send_heartbeat() needs a started client with a private reply topic")
+        await self._producer.send_and_wait(self._created_topic, b"", headers=[(HEARTBEAT_HEADER, b"1")])
+
     async def close(self) -> None:
         if self._router is not None:
             await self._router.stop()
@@ -194,16 +226,55 @@ class Client:
         Raises ``EmbedBatchError`` when some texts failed (the others' vectors are on it) and
         ``EmbedTimeout`` when results were still missing after ``timeout`` seconds.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        prepared = await self.prepare(texts, task=task, dimensions=dimensions)
+        outcome = await self.complete(prepared, timeout=max(0.0, deadline - loop.time()))
+        if outcome.missing:
+            raise EmbedTimeout(outcome.missing, len(texts), timeout, outcome.vectors, outcome.failures)
+        if outcome.failures:
+            raise EmbedBatchError(outcome.failures, outcome.vectors)
+        return [v for v in outcome.vectors if v is not None]
+
+    async def prepare(
+        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None
+    ) -> Prepared:
+        """Step one of ``embed``: content hashes and the cache lookup (one round trip). What is
+        left to compute is ``Prepared.misses``; ``complete`` sends them and awaits the results."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
+        contract = await self.model_contract()
+        plan = plan_requests(
+            texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
+        )
+        prepared = Prepared(plan, task, dimensions, [None] * len(texts), [None] * len(texts), [])
+        dim = dimensions or (contract.dim if contract else None)
+        if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
+            prepared.misses.extend(plan.distinct)
+            return prepared
+        found = await self._cache.lookup([entry.key for entry in plan.distinct], dim)
+        for entry, cached in zip(plan.distinct, found, strict=True):
+            if cached is None:
+                prepared.misses.append(entry)
+            else:
+                prepared.fill(entry.indices, cached.vector, cached.tokens)
+                self.stats.cached += len(entry.indices)
+        return prepared
+
+    # The timeout is a parameter (not asyncio.timeout): what did not arrive in time is reported.
+    async def complete(self, prepared: Prepared, *, timeout: float = 30.0) -> EmbedOutcome:  # noqa: ASYNC109
+        """Step two of ``embed``: produce the misses and await their results for ``timeout``
+        seconds. Per-text failures and texts still missing are reported, not raised; Kafka being
+        unreachable raises ``ServiceUnavailable``."""
         if self._router is None:
             raise RuntimeError("embed() needs a started client with reply_mode 'private' or 'shared'")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        prepared = await self._prepare(texts, task, dimensions)
-        vectors, plan = prepared.vectors, prepared.plan
+        plan = prepared.plan
         failures = list(plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
         contract = await self.model_contract()
-        width = dimensions or (contract.dim if contract is not None else None)
+        width = prepared.dimensions or (contract.dim if contract is not None else None)
         futures = {
             request_id: self._router.expect(
                 request_id, Expected(key=entry.key if plan.keyed_by_content_hash else None, dim=width)
@@ -212,7 +283,7 @@ class Client:
         }
         try:
             await asyncio.wait_for(
-                self._produce(requests, task, dimensions, self.config.reply_topic),
+                self._produce(requests, prepared.task, prepared.dimensions, self.config.reply_topic),
                 max(0.0, deadline - loop.time()),
             )
             if futures:
@@ -227,15 +298,10 @@ class Client:
             if not future.done() or future.cancelled():
                 missing += len(entry.indices)
                 continue
-            result = future.result()
-            self._record(result, entry, vectors, failures)
+            self._record(future.result(), entry, prepared, failures)
         self.stats.failed += len(plan.failures) + missing
-        if missing:
-            raise EmbedTimeout(missing, len(vectors), timeout, vectors, failures)
-        if failures:
-            failures.sort(key=lambda f: f.index)
-            raise EmbedBatchError(failures, vectors)
-        return [v for v in vectors if v is not None]
+        failures.sort(key=lambda f: f.index)
+        return EmbedOutcome(prepared.vectors, prepared.tokens, failures, missing, len(requests))
 
     async def send(
         self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None
@@ -247,7 +313,7 @@ class Client:
         """
         if self._producer is None:
             raise RuntimeError("send() needs a started client")
-        prepared = await self._prepare(texts, task, dimensions)
+        prepared = await self.prepare(texts, task=task, dimensions=dimensions)
         self.stats.failed += len(prepared.plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
         reply_to = self.config.reply_topic if self.config.reply_mode == "private" else None
@@ -258,29 +324,8 @@ class Client:
                 ids[index] = request_id
         return ids
 
-    async def _prepare(self, texts: Sequence[str], task: str | None, dimensions: int | None) -> _Prepared:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
-        contract = await self.model_contract()
-        plan = plan_requests(
-            texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
-        )
-        vectors: list[Vector | None] = [None] * len(texts)
-        dim = dimensions or (contract.dim if contract else None)
-        if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
-            return _Prepared(plan, vectors, plan.distinct)
-        found = await self._cache.lookup([entry.key for entry in plan.distinct], dim)
-        misses: list[Distinct] = []
-        for entry, vector in zip(plan.distinct, found, strict=True):
-            if vector is None:
-                misses.append(entry)
-            else:
-                self._fill(vectors, entry.indices, vector)
-                self.stats.cached += len(entry.indices)
-        return _Prepared(plan, vectors, misses)
-
     def _record(
-        self, result: EmbedResult, entry: Distinct, vectors: list[Vector | None], failures: list[TextFailure]
+        self, result: EmbedResult, entry: Distinct, prepared: Prepared, failures: list[TextFailure]
     ) -> None:
         if result.error is not None:
             failures.extend(TextFailure(i, result.error.code, result.error.message) for i in entry.indices)
@@ -292,18 +337,11 @@ class Client:
             failures.extend(TextFailure(i, "invalid_result", str(exc)) for i in entry.indices)
             self.stats.failed += len(entry.indices)
             return
-        self._fill(vectors, entry.indices, vector)
+        prepared.fill(entry.indices, vector, result.tokens)
         if result.cached:
             self.stats.cached += len(entry.indices)
         else:
             self.stats.computed += len(entry.indices)
-
-    @staticmethod
-    def _fill(vectors: list[Vector | None], indices: list[int], vector: Vector) -> None:
-        # Repeated texts get copies, so changing one returned array never changes another.
-        vectors[indices[0]] = vector
-        for index in indices[1:]:
-            vectors[index] = vector.copy()
 
     async def _produce(
         self,

@@ -18,6 +18,9 @@ from aiokafka import AIOKafkaConsumer
 from schemas import EmbedResult, ResultDecodeError, decode_result
 
 log = logging.getLogger(__name__)
+# Marks a record a reply topic's owner writes to show it is alive (see producer.gateway.reaper);
+# readers skip it.
+HEARTBEAT_HEADER = "embedfleet-heartbeat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ class ReplyRouter:
             self._pending.clear()
 
     def _dispatch(self, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-        if value is None:
+        if value is None or (headers and any(name == HEARTBEAT_HEADER for name, _ in headers)):
             return
         try:
             result = decode_result(value, headers)

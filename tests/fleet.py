@@ -80,6 +80,40 @@ class WorkerProcess:
 
 
 @dataclass
+class GatewayProcess(WorkerProcess):
+    """An `embedfleet gateway` subprocess: ``metrics_port`` is its HTTP port."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    async def wait_ready(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive:
+                raise AssertionError(f"gateway {self.name} exited:\n{self.log()[-3000:]}")
+            try:
+                status, _ = await asyncio.to_thread(self.http, "/readyz")
+            except OSError:
+                status = 0
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gateway {self.name} not ready:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.alive:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+@dataclass
 class Fleet:
     bootstrap: str
     redis_url: str
@@ -88,6 +122,7 @@ class Fleet:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     extra_env: dict[str, str] = field(default_factory=dict)
     workers: list[WorkerProcess] = field(default_factory=list)
+    gateways: list[GatewayProcess] = field(default_factory=list)
 
     @property
     def requests_topic(self) -> str:
@@ -198,6 +233,24 @@ class Fleet:
     def stop_all(self) -> None:
         for worker in self.workers:
             self.stop_worker(worker)
+
+    def start_gateway(self, *args: str, env: Mapping[str, str] | None = None) -> GatewayProcess:
+        """`embedfleet gateway` in front of this fleet, on a free port (stop it with stop())."""
+        name = f"gw{len(self.gateways)}-{self.tag}"
+        port = free_port()
+        log_path = self.log_dir / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [EMBEDFLEET, "gateway", "--port", str(port), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(env),
+                cwd=REPO_ROOT,
+            )
+        gateway = GatewayProcess(name, process, port, log_path)
+        self.gateways.append(gateway)
+        return gateway
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float:
         return sum(w.metric(name, labels) for w in self.workers if w.alive)

@@ -1,7 +1,7 @@
 """The `embedfleet` command: one entry point, one subcommand per job, all in this package.
 
 Each subcommand is a module here that exposes ``add_arguments(parser)`` and ``run(args) -> int``
-(worker, model, embed, schema, produce, dlq); local-dev tooling (the stack, the demo) instead runs
+(worker, model, embed, schema, produce, dlq, gateway); local-dev tooling (the stack, the demo) instead runs
 a script of the source checkout (worker.checkout). Modules are imported only when their
 subcommand runs, so `embedfleet stack up` does not load ONNX Runtime. This package sits above
 the worker runtime and the client (producer/), which never import it.
@@ -36,6 +36,11 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("schema", "worker.commands.schema", "print the JSON Schema of the wire contract"),
     Subcommand("produce", "worker.commands.produce", "send texts to the fleet and collect their vectors"),
     Subcommand("dlq", "worker.commands.dlq", "inspect or replay the dead-letter topic"),
+    Subcommand(
+        "gateway",
+        "worker.commands.gateway",
+        "serve OpenAI's /v1/embeddings (and /embed) over HTTP in front of the fleet",
+    ),
     Subcommand(
         "demo",
         "worker.checkout",

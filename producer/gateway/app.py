@@ -1,0 +1,230 @@
+"""The HTTP server: Starlette routes on uvicorn, bodies through msgspec.
+
+Routes (auth, when API keys are set, on everything but health and metrics):
+
+* ``POST /v1/embeddings``: OpenAI's embeddings API;
+* ``POST /embed``: the seed's ``{"texts": [...]}`` -> ``{"embeddings": [...], "model": ...}``;
+* ``GET /v1/models``, ``GET /v1/models/{model}``: the served model;
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (connected and the contract known),
+  ``GET /metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from producer.client import Client
+from producer.config import ClientConfig
+from producer.gateway.config import GatewayConfig
+from producer.gateway.metrics import GatewayMetrics
+from producer.gateway.openai_api import (
+    ApiError,
+    ModelList,
+    ModelObject,
+    SeedEmbedResponse,
+    Status,
+    check_count,
+    decode_embeddings_request,
+    decode_seed_request,
+    embeddings_response,
+    encode,
+    input_texts,
+)
+from producer.gateway.service import EmbeddingService
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(service: EmbeddingService, config: GatewayConfig, metrics: GatewayMetrics) -> Starlette:
+    keys = [key.encode() for key in config.keys]
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Compared in constant time; a key is never logged or echoed.
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(token.strip().encode(), k) for k in keys
+        ):
+            metrics.rejected.labels("unauthorized").inc()
+            raise ApiError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>' with a key from "
+                "EMBEDFLEET_GATEWAY_API_KEYS",
+                code="invalid_api_key",
+            )
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            metrics.rejected.labels("too_large").inc()
+            raise _too_large(int(declared), limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked bodies have no Content-Length: stop reading at the limit
+                metrics.rejected.labels("too_large").inc()
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def observed(route: str, handler: Handler) -> Handler:
+        """Times and counts every answer of ``handler``, and turns errors into OpenAI's shape."""
+        requests: dict[int, Any] = {}
+        latency = metrics.latency.labels(route)
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                response = Response(exc.body(), exc.status, headers=exc.headers, media_type=JSON)
+            except Exception:
+                log.exception("the gateway failed on %s", route)
+                error = ApiError(500, "the gateway failed; see its log", type="server_error")
+                response = Response(error.body(), 500, media_type=JSON)
+            status = response.status_code
+            counter = requests.get(status)
+            if counter is None:
+                counter = requests[status] = metrics.requests.labels(route, str(status))
+            counter.inc()
+            latency.observe(time.perf_counter() - started)
+            return response
+
+        return endpoint
+
+    async def embeddings(request: Request) -> Response:
+        deadline = time.monotonic() + config.deadline_s
+        authorize(request)
+        body = decode_embeddings_request(await read_body(request))
+        service.check_model(body.model)
+        texts = input_texts(body.input, config.max_inputs)
+        contract = await service.contract()
+        width = service.width(contract, body.dimensions)
+        embedded = await service.embed(texts, width, deadline)
+        answer = embeddings_response(
+            embedded.vectors, embedded.tokens, service.model_name, body.encoding_format
+        )
+        return Response(encode(answer), media_type=JSON)
+
+    async def seed_embed(request: Request) -> Response:
+        deadline = time.monotonic() + config.deadline_s
+        authorize(request)
+        body = decode_seed_request(await read_body(request))
+        check_count(len(body.texts), config.max_inputs, "texts")
+        await service.contract()
+        embedded = await service.embed(body.texts, None, deadline)
+        answer = SeedEmbedResponse(
+            embeddings=[v.tolist() for v in embedded.vectors], model=service.model_name
+        )
+        return Response(encode(answer), media_type=JSON)
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        return Response(encode(ModelList(data=[ModelObject(id=service.model_name)])), media_type=JSON)
+
+    async def model(request: Request) -> Response:
+        authorize(request)
+        service.check_model(request.path_params["model"])
+        return Response(encode(ModelObject(id=service.model_name)), media_type=JSON)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    async def readyz(request: Request) -> Response:
+        problem = await service.readiness()
+        metrics.ready.set(0 if problem else 1)
+        if problem:
+            return Response(encode(Status(status="unavailable", reason=problem)), 503, media_type=JSON)
+        return Response(b'{"status":"ready"}', media_type=JSON)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        return Response(error.body(), exc.status_code, headers=exc.headers, media_type=JSON)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    middleware = []
+    if config.origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    routes = [
+        Route("/v1/embeddings", observed("/v1/embeddings", embeddings), methods=["POST"]),
+        Route("/embed", observed("/embed", seed_embed), methods=["POST"]),
+        Route("/v1/models", observed("/v1/models", models), methods=["GET"]),
+        Route("/v1/models/{model:path}", observed("/v1/models/{model}", model), methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size} bytes or more; the limit is {limit} "
+        "(EMBEDFLEET_GATEWAY_MAX_BODY_BYTES): send fewer or shorter texts per request",
+        code="request_too_large",
+    )
+
+
+def serve(config: GatewayConfig, client_config: ClientConfig) -> None:
+    """Runs the gateway until SIGINT or SIGTERM (in-flight requests get up to the deadline)."""
+    metrics = GatewayMetrics()
+    service = EmbeddingService(Client(client_config), config, metrics)
+    app = create_app(service, config, metrics)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            timeout_graceful_shutdown=int(config.deadline_s) + 1,
+        )
+    )
+    server.run()

@@ -1,0 +1,92 @@
+"""The gateway's configuration object: ``EMBEDFLEET_GATEWAY_*`` settings, overridden by the flags of
+``embedfleet gateway``. Kafka, Redis and model settings are the client's (``producer.config``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import settings
+from schemas.settings import setting
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Every setting of the HTTP gateway: one field each, with its environment variable and help."""
+
+    host: str = setting("EMBEDFLEET_GATEWAY_HOST", "bind address of the HTTP server", default="127.0.0.1")
+    port: int = setting("EMBEDFLEET_GATEWAY_PORT", "port of the HTTP server", default=8080)
+    api_keys: str = setting(
+        "EMBEDFLEET_GATEWAY_API_KEYS",
+        "comma-separated bearer API keys; empty = no auth (environment only)",
+        default="",
+        secret=True,
+    )
+    deadline_s: float = setting(
+        "EMBEDFLEET_GATEWAY_DEADLINE_S",
+        "how long a request waits for the fleet's results before a 504",
+        default=30.0,
+    )
+    max_inputs: int = setting(
+        "EMBEDFLEET_GATEWAY_MAX_INPUTS", "texts per request (OpenAI allows 2048)", default=2048
+    )
+    max_body_bytes: int = setting(
+        "EMBEDFLEET_GATEWAY_MAX_BODY_BYTES", "largest request body; past it a 413", default=8 * 1024 * 1024
+    )
+    max_outstanding: int = setting(
+        "EMBEDFLEET_GATEWAY_MAX_OUTSTANDING",
+        "texts sent to the fleet and not yet answered, per gateway process; past it a 429",
+        default=8192,
+    )
+    cors_origins: str = setting(
+        "EMBEDFLEET_GATEWAY_CORS_ORIGINS",
+        "comma-separated origins allowed by CORS (* = any); empty = CORS off",
+        default="",
+    )
+    lease_s: float = setting(
+        "EMBEDFLEET_GATEWAY_LEASE_S",
+        "a gateway marks its reply topic alive this often x 1/3; a gateway topic silent for "
+        "longer is deleted by any live gateway (a killed gateway's leftover)",
+        default=60.0,
+    )
+    log_format: str = setting(
+        "EMBEDFLEET_LOG_FORMAT", "log lines as json or text", default="text", choices=("json", "text")
+    )
+    log_level: str = setting(
+        "EMBEDFLEET_LOG_LEVEL", "log level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"EMBEDFLEET_GATEWAY_PORT must be 1-65535, got {self.port}")
+        if self.deadline_s <= 0 or self.lease_s <= 0:
+            raise ValueError("EMBEDFLEET_GATEWAY_DEADLINE_S and EMBEDFLEET_GATEWAY_LEASE_S must be > 0")
+        if self.max_inputs < 1 or self.max_body_bytes < 1024 or self.max_outstanding < 1:
+            raise ValueError(
+                "EMBEDFLEET_GATEWAY_MAX_INPUTS and _MAX_OUTSTANDING must be >= 1, _MAX_BODY_BYTES >= 1024"
+            )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(key.strip() for key in self.api_keys.split(",") if key.strip())
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(origin.strip() for origin in self.cors_origins.split(",") if origin.strip())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:
+        return settings.from_env(cls, environ, **overrides)
+
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        settings.add_cli_arguments(cls, parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+        return settings.from_args(cls, args, environ)
+
+    def describe(self) -> dict[str, str]:
+        return settings.describe(self)

@@ -1,0 +1,222 @@
+"""What the gateway does with a request's texts: the client's cache lookup, the misses to the fleet,
+a bound on texts outstanding, and the translation of outcomes into answers or ``ApiError``s.
+
+The gateway computes nothing itself: the model contract the workers publish in Redis tells it the
+fingerprint (for content hashes), the width and the Matryoshka widths; the fleet does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from producer.cache import ModelContract
+from producer.client import Client
+from producer.errors import EmbeddingError, Vector
+from producer.gateway.config import GatewayConfig
+from producer.gateway.metrics import GatewayMetrics
+from producer.gateway.openai_api import ApiError
+from producer.gateway.reaper import ReplyTopicReaper
+from producer.kafka import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+# The request's fault: 400. Anything else a worker answers (inference_failed, internal_error...)
+# is the server's: 500.
+CLIENT_ERROR_CODES = frozenset(
+    {
+        "empty_text",
+        "text_too_long",
+        "invalid_encoding",
+        "invalid_request",
+        "unknown_task",
+        "unsupported_dimensions",
+        "message_too_large",
+    }
+)
+START_RETRY_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    vectors: list[Vector]
+    tokens: int  # tokens the model read, over all texts (0 for cache entries that predate counts)
+
+
+class EmbeddingService:
+    """The fleet as the HTTP handlers see it: ``embed(texts)`` or an ``ApiError``."""
+
+    def __init__(self, client: Client, config: GatewayConfig, metrics: GatewayMetrics) -> None:
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+        self.model_name = client.config.model_name
+        self.outstanding = 0  # texts sent to the fleet and not yet answered
+        self._started = False
+        self._start_problem = "starting"
+        self._runner: asyncio.Task[None] | None = None
+        self._reaper: ReplyTopicReaper | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connects in the background: an unreachable Kafka makes the gateway answer 503 and
+        retry, not exit (its readiness stays down meanwhile)."""
+        self._runner = asyncio.create_task(self._connect(), name="embedfleet-gateway-connect")
+
+    async def _connect(self) -> None:
+        while True:
+            try:
+                await self.client.start()
+            except (ServiceUnavailable, OSError) as exc:
+                self._start_problem = str(exc)
+                log.warning(
+                    "the gateway cannot reach the fleet yet (%s); retrying in %.0fs", exc, START_RETRY_S
+                )
+                await asyncio.sleep(START_RETRY_S)
+                continue
+            break
+        self._started = True
+        self._start_problem = ""
+        log.info("gateway connected; results come back on %s", self.client.config.reply_topic)
+        self._reaper = ReplyTopicReaper(self.client, lease_s=self.config.lease_s, metrics=self.metrics)
+        await self._reaper.run()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await self.client.close()
+
+    async def readiness(self) -> str | None:
+        """Why the gateway cannot serve now, or None when it can."""
+        if not self._started:
+            return f"not connected to Kafka: {self._start_problem}"
+        if await self.client.model_contract() is None:
+            return self._no_contract_message()
+        return None
+
+    def _no_contract_message(self) -> str:
+        return (
+            f"no worker has published the contract of model {self.model_name!r} in Redis "
+            f"({self.client.config.redis_url or 'Redis disabled'}): start `embedfleet worker`, or set "
+            "EMBEDFLEET_MODEL_FINGERPRINT and EMBEDFLEET_MODEL_DIM"
+        )
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def contract(self) -> ModelContract:
+        """The served model's contract, or a 503 (no fleet)."""
+        if not self._started:
+            raise ApiError(
+                503,
+                f"the embedding fleet is unavailable: {self._start_problem}",
+                type="server_error",
+                code="service_unavailable",
+                headers={"Retry-After": "2"},
+            )
+        contract = await self.client.model_contract()
+        if contract is None or contract.dim is None:
+            raise ApiError(
+                503,
+                self._no_contract_message(),
+                type="server_error",
+                code="service_unavailable",
+                headers={"Retry-After": "2"},
+            )
+        return contract
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist: this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    @staticmethod
+    def width(contract: ModelContract, dimensions: int | None) -> int | None:
+        """The Matryoshka width to ask the fleet for (None: the model's own), or a 400."""
+        if dimensions is None or dimensions == contract.dim:
+            return None
+        if dimensions in contract.dimensions:
+            return dimensions
+        offered = sorted({*contract.dimensions, *([contract.dim] if contract.dim else [])})
+        raise ApiError(
+            400,
+            f"dimensions={dimensions} is not supported by this model: it offers {offered}",
+            param="dimensions",
+            code="invalid_value",
+        )
+
+    async def embed(self, texts: Sequence[str], dimensions: int | None, deadline: float) -> Embedded:
+        """Vectors for ``texts`` in order, by ``deadline`` (a ``time.monotonic()`` instant)."""
+        prepared = await self.client.prepare(texts, dimensions=dimensions)
+        if prepared.plan.failures:
+            # Nothing is sent when any text is hopeless: the whole request fails anyway.
+            first = prepared.plan.failures[0]
+            raise _text_error(first.index, first.code, first.message, len(texts))
+        misses = sum(len(entry.indices) for entry in prepared.misses)
+        cached = len(texts) - misses
+        if prepared.misses:
+            wanted = len(prepared.misses)
+            if self.outstanding + wanted > self.config.max_outstanding:
+                self.metrics.rejected.labels("overloaded").inc()
+                raise ApiError(
+                    429,
+                    f"this gateway has {self.outstanding} texts waiting for the fleet (limit "
+                    f"{self.config.max_outstanding}): retry later, or add gateways and workers",
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": "1"},
+                )
+            self.outstanding += wanted
+            self.metrics.outstanding.set(self.outstanding)
+            try:
+                outcome = await self.client.complete(prepared, timeout=max(0.0, deadline - time.monotonic()))
+            except ServiceUnavailable as exc:
+                raise ApiError(
+                    503,
+                    f"the embedding fleet is unavailable: {exc}",
+                    type="server_error",
+                    code="service_unavailable",
+                    headers={"Retry-After": "2"},
+                ) from exc
+            except EmbeddingError as exc:
+                raise ApiError(500, f"the gateway failed: {exc}", type="server_error") from exc
+            finally:
+                self.outstanding -= wanted
+                self.metrics.outstanding.set(self.outstanding)
+            if outcome.missing:
+                self.metrics.texts.labels("timed_out").inc(outcome.missing)
+                raise ApiError(
+                    504,
+                    f"{outcome.missing} of {len(texts)} texts got no vector within "
+                    f"{self.config.deadline_s:g}s: the fleet is not answering (are workers running "
+                    "and keeping up?); retry later",
+                    type="server_error",
+                    code="timeout",
+                )
+            if outcome.failures:
+                self.metrics.texts.labels("failed").inc(len(outcome.failures))
+                first = outcome.failures[0]
+                raise _text_error(first.index, first.code, first.message, len(texts))
+        self.metrics.texts.labels("cached").inc(cached)
+        self.metrics.texts.labels("fleet").inc(len(texts) - cached)
+        vectors = [v for v in prepared.vectors if v is not None]
+        assert len(vectors) == len(texts)
+        return Embedded(vectors, sum(t or 0 for t in prepared.tokens))
+
+
+def _text_error(index: int, code: str, message: str, count: int) -> ApiError:
+    where = "'input'" if count == 1 else f"'input[{index}]'"
+    if code in CLIENT_ERROR_CODES:
+        return ApiError(400, f"{where}: {message}", param="input", code=code)
+    return ApiError(
+        500, f"{where}: the fleet failed on this text: {code}: {message}", type="server_error", code=code
+    )
