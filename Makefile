@@ -69,6 +69,7 @@ bench: venv system-deps model stack-up
 	$(BIN)/python bench/engine.py --json $(BENCH_DIR)/engine.json
 	$(BIN)/python bench/e2e.py --json $(BENCH_DIR)/e2e.json
 	$(BIN)/python bench/clients.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/summary.py --dir $(BENCH_DIR)
 
 clean: stack-down
