@@ -7,6 +7,7 @@ import re
 import shlex
 from typing import Any
 
+from producer.gateway.config import GatewayConfig
 from tests.deploy.deployfiles import (
     COMPOSE,
     COMPOSE_PROMETHEUS,
@@ -109,6 +110,21 @@ def test_compose_workers() -> None:
     assert worker["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     grace = int(worker["stop_grace_period"].rstrip("s"))
     assert grace > 120, "docker stop must not SIGKILL a worker in its 120 s drain"
+
+
+def test_compose_gateway() -> None:
+    gateway = services()["gateway"]
+    assert gateway["image"] == services()["worker"]["image"] and gateway["command"] == ["gateway"]
+    env = {k: str(v) for k, v in gateway["environment"].items() if "${" not in str(v)}
+    config = GatewayConfig.from_env(env)
+    assert config.host == "0.0.0.0" and gateway["ports"] == [f"{config.port}:{config.port}"]
+    assert "/readyz" in " ".join(gateway["healthcheck"]["test"])
+    assert int(gateway["stop_grace_period"].rstrip("s")) > config.deadline_s  # in-flight requests finish
+    job = next(
+        j for j in load_yaml(COMPOSE_PROMETHEUS)["scrape_configs"] if j["job_name"] == "embedfleet-gateway"
+    )
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["gateway"] and sd["port"] == config.port
 
 
 def test_compose_prometheus_scrapes_the_replicas_and_loads_the_rules() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from producer.gateway.config import GatewayConfig
 from tests.deploy.deployfiles import K8S, load_yaml, load_yaml_documents
 from worker.config import WorkerConfig
 
@@ -26,7 +27,9 @@ API_VERSIONS = {
     "TriggerAuthentication": "keda.sh/v1alpha1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
 }
+GATEWAY_PORT = 8080
 Manifest = dict[str, Any]
 
 
@@ -39,8 +42,14 @@ def manifests() -> list[Manifest]:
     return [doc for resource in kustomization()["resources"] for doc in load_yaml_documents(K8S / resource)]
 
 
-def one(kind: str) -> Manifest:
-    found = [m for m in manifests() if m["kind"] == kind]
+def is_gateway(manifest: Manifest) -> bool:
+    return bool(manifest["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway")
+
+
+def one(kind: str, component: str = "worker") -> Manifest:
+    """The one manifest of ``kind`` for the workers (or for the gateway: labelled component=gateway)."""
+    gateway = component == "gateway"
+    found = [m for m in manifests() if m["kind"] == kind and is_gateway(m) == gateway]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -186,3 +195,45 @@ def test_keda_scales_on_the_group_lag_within_the_partitions() -> None:
     secret_keys = set(one("Secret")["stringData"])
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["name"] == one("Secret")["metadata"]["name"] and ref["key"] in secret_keys
+
+
+def test_the_gateway_deployment_service_hpa_and_monitoring() -> None:
+    deployment, service = one("Deployment", "gateway"), one("Service", "gateway")
+    c = container(deployment)
+    assert c["args"] == ["gateway"] and c["image"] == container(one("Deployment"))["image"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/component"] == "gateway"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert not (
+        service["spec"]["selector"].items()
+        <= one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": GATEWAY_PORT}
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # It reads the fleet's Kafka/Redis settings and its own; every value is a valid setting.
+    refs = [next(iter(v.values()))["name"] for v in c["envFrom"]]
+    assert refs[:3] == ["embedfleet-config", "embedfleet-gateway-config", "embedfleet-credentials"]
+    keys = next(
+        v["secretRef"]
+        for v in c["envFrom"]
+        if v.get("secretRef", {}).get("name") == "embedfleet-gateway-keys"
+    )
+    assert keys["optional"] is True
+    gateway_config = GatewayConfig.from_env(one("ConfigMap", "gateway")["data"])
+    assert gateway_config.host == "0.0.0.0" and gateway_config.port == GATEWAY_PORT
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > gateway_config.deadline_s, "in-flight requests finish before SIGKILL"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"cpu", "memory"} <= c["resources"]["limits"].keys()
+    assert "replicas" not in deployment["spec"], "the HPA owns the count"
+    hpa = one("HorizontalPodAutoscaler", "gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    monitor = one("ServiceMonitor", "gateway")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    pdb = one("PodDisruptionBudget", "gateway")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

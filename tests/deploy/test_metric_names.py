@@ -1,13 +1,16 @@
 """Every metric the dashboard and the rules query is one a running worker really exports.
 
 The names are read from the /metrics of the real workers of the `fleet` fixture (two
-`embedfleet worker` processes on the local stack), not from worker/metrics.py: a renamed
-metric, a changed suffix or a dropped collector fails here instead of in an empty graph.
+`embedfleet worker` processes on the local stack) and of a live `embedfleet gateway` in front of
+them, not from the metrics modules: a renamed metric, a changed suffix or a dropped collector
+fails here instead of in an empty graph.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 
 from tests.deploy.deployfiles import dashboard_queries, metric_names, recorded_names, rules
 from tests.fleet import Fleet
@@ -77,6 +80,21 @@ async def test_every_queried_metric_is_exported_by_a_live_worker(fleet: Fleet) -
         exported |= exported_names(text)
     # Sanity: the parse found the worker's own metrics, not an empty page.
     assert {"embedfleet_ready", "embedfleet_requests_total", "process_resident_memory_bytes"} <= exported
+    gateway = fleet.start_gateway()
+    try:
+        await gateway.wait_ready()
+        body = json.dumps({"model": "all-MiniLM-L6-v2", "input": ["metric names"]}).encode()
+        answer = await asyncio.to_thread(
+            urllib.request.urlopen,
+            urllib.request.Request(gateway.url + "/v1/embeddings", data=body, method="POST"),
+        )
+        assert answer.status == 200
+        status, text = await asyncio.to_thread(gateway.http, "/metrics")
+        assert status == 200, text
+        exported |= exported_names(text)
+    finally:
+        gateway.stop()
+    assert {"embedfleet_gateway_requests_total", "embedfleet_gateway_request_seconds_bucket"} <= exported
 
     recorded = recorded_names()
     used = used_names()

@@ -34,6 +34,8 @@ REQUIRED_ALERTS = (
     "EmbedfleetRedisDown",
     "EmbedfleetHighMemory",
     "EmbedfleetGPUMemoryHigh",
+    "EmbedfleetGatewayErrorRate",
+    "EmbedfleetGatewayHighLatencyP99",
 )
 SEVERITIES = {"critical", "warning", "info"}
 
