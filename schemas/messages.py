@@ -208,7 +208,9 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             int,
             msgspec.Meta(
                 ge=0,
-                description="Tokens the model read for this text (special tokens included, after truncation).",
+                description=(
+                    "Tokens the model read for this text (special tokens included, after truncation)."
+                ),
             ),
         ]
         | None

@@ -1,10 +1,12 @@
 """The demo (what `make run` ends with, also `embedfleet demo`): two workers, 5000 real texts, a summary.
 
 Needs the local stack (`make stack-up`) and the default model bundle (`make model`). Starts two
-`embedfleet worker` processes in the group, produces the sample texts to ``embed.requests`` keyed
-by content hash, reads every result back from ``embed.results``, prints a few results and a
-summary (results, cache hit rate, throughput, end-to-end latency, where the metrics are), then
-stops the workers gracefully. A second run is answered from the Redis cache.
+`embedfleet worker` processes in the group and an `embedfleet gateway`, produces the sample texts
+to ``embed.requests`` keyed by content hash, reads every result back from ``embed.results``, prints
+a few results and a summary (results, cache hit rate, throughput, end-to-end latency, where the
+metrics are), sends one request through the gateway's OpenAI-compatible /v1/embeddings (and prints
+the curl command that does the same), then stops everything gracefully. A second run is answered
+from the Redis cache.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all results")
+    parser.add_argument(
+        "--gateway-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_GATEWAY_PORT") or 8080),
+        help="port of the demo's HTTP gateway (env EMBEDFLEET_GATEWAY_PORT)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,17 +58,67 @@ def run(args: argparse.Namespace) -> int:
     texts = [json.loads(line) for line in args.texts.read_text().splitlines()[: args.limit]]
     fingerprint = serving_fingerprint(load_bundle(config.model).manifest, config.variant)
     workers = start_workers(args.workers)
+    gateway = start_gateway(args.gateway_port)
     try:
-        return asyncio.run(demo(config, texts, fingerprint, workers, args.timeout))
+        status = asyncio.run(demo(config, texts, fingerprint, workers, args.timeout))
+        gateway_status = try_gateway(args.gateway_port, config, texts[:2])
+        return status or gateway_status
     finally:
-        for process in workers:
+        for process in [gateway, *workers]:
             process.send_signal(signal.SIGTERM)
-        for process in workers:
+        for process in [gateway, *workers]:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
-        print("workers stopped (drained, committed, left the group)")
+        print("gateway and workers stopped (drained, committed, left the group)")
+
+
+def start_gateway(port: int) -> subprocess.Popen[bytes]:
+    executable = str(Path(sys.executable).with_name("embedfleet"))
+    env = dict(os.environ, EMBEDFLEET_GATEWAY_PORT=str(port))
+    env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")
+    return subprocess.Popen([executable, "gateway"], env=env)
+
+
+def try_gateway(port: int, config: WorkerConfig, texts: list[str]) -> int:
+    """One request through the gateway's /v1/embeddings, and the curl command that does the same."""
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            print(f"error: the gateway on port {port} is not ready: see its log above", file=sys.stderr)
+            return 1
+        time.sleep(0.3)
+    body = {"model": load_bundle(config.model).manifest.name, "input": texts}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/embeddings",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=30) as reply:  # noqa: S310 (http://127.0.0.1 above)
+        answer = json.loads(reply.read())
+    took_ms = (time.perf_counter() - started) * 1000
+    print("\nHTTP gateway (OpenAI-compatible), the same texts:")
+    for item in answer["data"]:
+        vector = item["embedding"]
+        head = ", ".join(f"{v:+.4f}" for v in vector[:4])
+        print(f"  input[{item['index']}] -> [{head}, ...] ({len(vector)} floats)")
+    print(f"  usage {answer['usage']}, {took_ms:.0f} ms (from the cache)")
+    print("  with `embedfleet worker` and `embedfleet gateway` running (make stack-up first), try:")
+    print(
+        f"  curl -s {base}/v1/embeddings -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{body["model"]}", "input": "hello world"}}\''
+    )
+    return 0
 
 
 def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
