@@ -7,6 +7,7 @@ brings) checks the seed's /embed, the error shapes and the limits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -343,3 +344,43 @@ async def test_a_killed_gateways_reply_topic_is_deleted_by_a_live_one(
             await asyncio.sleep(0.5)
     finally:
         await admin.close()
+
+
+async def test_no_contract_means_503_and_not_ready(fleet: Fleet) -> None:
+    """A gateway for a model no worker serves: nothing to hash texts with, so no fleet."""
+    orphan = fleet.start_gateway(env={"EMBEDFLEET_MODEL_NAME": "model-nobody-serves"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert orphan.alive, orphan.log()[-2000:]
+            with contextlib.suppress(OSError):
+                if (await asyncio.to_thread(orphan.http, "/healthz"))[0] == 200:
+                    break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # connected to Kafka by now; the contract is what is missing
+        status, body = orphan.http("/readyz")
+        assert status == 503 and "model-nobody-serves" in body
+        response = await asyncio.to_thread(
+            post, orphan, "/v1/embeddings", {"model": "model-nobody-serves", "input": "x"}, key=None
+        )
+        error = assert_openai_error(response, 503, "service_unavailable")
+        assert "embedfleet worker" in error["message"] and response.headers["retry-after"] == "2"
+        assert orphan.alive
+    finally:
+        orphan.stop()
+
+
+async def test_cors_only_for_the_configured_origins(fleet: Fleet) -> None:
+    open_to = fleet.start_gateway(env={"EMBEDFLEET_GATEWAY_CORS_ORIGINS": "https://app.example"})
+    try:
+        await open_to.wait_ready()
+        asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        async with httpx.AsyncClient(base_url=open_to.url) as http:
+            allowed = await http.options("/v1/embeddings", headers={"Origin": "https://app.example", **asked})
+            other = await http.options("/v1/embeddings", headers={"Origin": "https://evil.example", **asked})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+    finally:
+        open_to.stop()
