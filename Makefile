@@ -35,14 +35,17 @@ $(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py 
 
 model: $(MODEL_STAMP)
 
+# KAFKA_BROKERS=3: a local cluster of three KRaft nodes (replication 3, min.insync.replicas 2).
+KAFKA_BROKERS ?= 1
+
 stack-up: venv system-deps
-	$(BIN)/embedfleet stack up
+	$(BIN)/embedfleet stack up --brokers $(KAFKA_BROKERS)
 
 stack-down:
-	@if [ -x $(BIN)/python ]; then $(BIN)/embedfleet stack down; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/embedfleet stack down --brokers $(KAFKA_BROKERS); fi
 
 stack-status: venv
-	$(BIN)/embedfleet stack status
+	$(BIN)/embedfleet stack status --brokers $(KAFKA_BROKERS)
 
 run: venv system-deps model stack-up
 	$(BIN)/embedfleet demo

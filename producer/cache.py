@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,7 +23,14 @@ from redis.exceptions import RedisError
 
 from producer.config import ClientConfig
 from producer.errors import Vector
-from schemas.cache_layout import TOKENS_FIELD, VECTOR_FIELD, contract_key, vector_key
+from schemas.cache_layout import (
+    TOKENS_FIELD,
+    VECTOR_FIELD,
+    cluster_node_url,
+    cluster_startup_nodes,
+    contract_key,
+    vector_key,
+)
 
 log = logging.getLogger(__name__)
 _FAILURES = (RedisError, OSError, TimeoutError)
@@ -71,18 +79,17 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def connect(config: ClientConfig) -> redis.Redis | None:
+CacheClient = redis.Redis | RedisCluster
+
+
+def connect(config: ClientConfig) -> CacheClient | None:
+    """The cache's client: redis-py's cluster client for a ``redis+cluster://`` URL (a pipeline is
+    then one batch per node), else a plain one."""
     if not config.redis_url:
         return None
     kwargs: dict[str, object] = {
         "socket_timeout": config.redis_timeout_s,
         "socket_connect_timeout": config.redis_timeout_s,
-        "retry_on_timeout": False,
-        # A pooled connection the server closed while idle is retried once on a fresh one
-        # instead of failing the lookup (and skipping the cache for retry_after_s).
-        "health_check_interval": 10,
-        "retry": Retry(NoBackoff(), 1),
-        "retry_on_error": [RedisConnectionError],
     }
     if config.redis_username:
         kwargs["username"] = config.redis_username
@@ -90,6 +97,22 @@ def connect(config: ClientConfig) -> redis.Redis | None:
         kwargs["password"] = config.redis_password
     if config.redis_ssl_cafile:
         kwargs["ssl_ca_certs"] = config.redis_ssl_cafile
+    node_url = cluster_node_url(config.redis_url)
+    if node_url is not None:
+        nodes = [ClusterNode(host, port) for host, port in cluster_startup_nodes(config.redis_url)]
+        # One retry (it follows a MOVED or a refreshed slot map after a failover), then fail open:
+        # the default retries with backoff for seconds while a master is down.
+        return RedisCluster.from_url(node_url, startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kwargs)
+    kwargs.update(
+        {
+            "retry_on_timeout": False,
+            # A pooled connection the server closed while idle is retried once on a fresh one
+            # instead of failing the lookup (and skipping the cache for retry_after_s).
+            "health_check_interval": 10,
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError],
+        }
+    )
     return redis.Redis.from_url(config.redis_url, **kwargs)  # type: ignore[arg-type]
 
 
@@ -97,7 +120,7 @@ class CacheReader:
     """Reads the workers' Redis cache (model contract and vectors), failing open."""
 
     def __init__(
-        self, client: redis.Redis | None, *, prefix: str, model_name: str, retry_after_s: float = 5.0
+        self, client: CacheClient | None, *, prefix: str, model_name: str, retry_after_s: float = 5.0
     ) -> None:
         self._client = client
         self._prefix = prefix

@@ -28,6 +28,32 @@ TOKENS_FIELD: Final = "tokens"
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+# Redis Cluster: a URL whose scheme ends in "+cluster" names one node of the cluster to start from.
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_node_url(url: str) -> str | None:
+    """``redis+cluster://host:port/0`` -> ``redis://host:port/0`` (a node to discover the cluster
+    from; of several, ``redis+cluster://h1:p1,h2:p2/0``, the first); None for a plain Redis URL."""
+    scheme, sep, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower())
+    if not (plain and sep):
+        return None
+    netloc, slash, path = rest.partition("/")
+    credentials, at, hosts = netloc.rpartition("@")
+    return f"{plain}{sep}{credentials}{at}{hosts.split(',')[0]}{slash}{path}"
+
+
+def cluster_startup_nodes(url: str) -> list[tuple[str, int]]:
+    """Every node a ``redis+cluster://h1:p1,h2:p2/0`` URL names (any one that answers will do)."""
+    netloc = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    nodes = []
+    for address in netloc.split(","):
+        host, _, port = address.rpartition(":")
+        nodes.append((host or address, int(port) if port.isdigit() else 6379))
+    return nodes
+
+
 def safe_model_name(name: str) -> str:
     return _UNSAFE.sub("_", name)
 

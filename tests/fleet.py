@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.helpers import create_topic, delete_topics
-from worker.cache import drop_cache_prefix
+from worker.cache import drop_cache_prefix, redis_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
@@ -171,11 +170,16 @@ class Fleet:
     # see what a default cluster does with a large dead letter.
     dlq_configs: dict[str, str] = field(default_factory=lambda: {"max.message.bytes": "1048588"})
 
+    # 3 on a local cluster (tests/faults/test_broker_failover.py): min.insync.replicas is then 2.
+    replication: int = 1
+
     async def create_topics(self) -> None:
-        partitions = self.partitions
-        await create_topic(self.bootstrap, self.requests_topic, partitions)
-        await create_topic(self.bootstrap, self.results_topic, partitions, {"cleanup.policy": "compact"})
-        await create_topic(self.bootstrap, self.dlq_topic, 1, self.dlq_configs)
+        partitions, rf = self.partitions, self.replication
+        await create_topic(self.bootstrap, self.requests_topic, partitions, replication=rf)
+        await create_topic(
+            self.bootstrap, self.results_topic, partitions, {"cleanup.policy": "compact"}, replication=rf
+        )
+        await create_topic(self.bootstrap, self.dlq_topic, 1, self.dlq_configs, replication=rf)
 
     async def delete_topics(self) -> None:
         await delete_topics(self.bootstrap, [self.requests_topic, self.results_topic, self.dlq_topic])
@@ -267,9 +271,17 @@ class Fleet:
 
 
 async def start_fleet(
-    kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path, workers: int, **extra_env: str
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    log_dir: Path,
+    workers: int,
+    replication: int = 1,
+    **extra_env: str,
 ) -> Fleet:
-    fleet = Fleet(kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env))
+    fleet = Fleet(
+        kafka_bootstrap, redis_url, model_dir, log_dir, extra_env=dict(extra_env), replication=replication
+    )
     await fleet.create_topics()
     for _ in range(workers):
         fleet.start_worker()
@@ -278,7 +290,7 @@ async def start_fleet(
 
 
 async def drop_cache(redis_url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, timeout_s=5)
     try:
         await drop_cache_prefix(client, prefix)
     finally:

@@ -7,14 +7,18 @@ from pathlib import Path
 
 
 async def create_topic(
-    bootstrap: str, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+    bootstrap: str,
+    name: str,
+    partitions: int = 1,
+    configs: dict[str, str] | None = None,
+    replication: int = 1,
 ) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
+        await admin.create_topics([NewTopic(name, partitions, replication, topic_configs=configs or {})])
     finally:
         await admin.close()
 

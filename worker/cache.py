@@ -25,6 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 from schemas.cache_layout import (
@@ -32,6 +35,8 @@ from schemas.cache_layout import (
     MODEL_FIELD,
     TOKENS_FIELD,
     VECTOR_FIELD,
+    cluster_node_url,
+    cluster_startup_nodes,
     contract_key,
     index_name,
     vector_key,
@@ -59,36 +64,51 @@ LOOKUP_SCRIPT_SHA = hashlib.sha1(LOOKUP_SCRIPT.encode(), usedforsecurity=False).
 LOOKUP_FIELDS = (VECTOR_FIELD, MODEL_FIELD, DIM_FIELD)
 
 
+CacheClient = redis.Redis | RedisCluster
+
+
 def redis_client(
     url: str, *, username: str = "", password: str = "", timeout_s: float = 0.25, ssl_ca_certs: str = ""
-) -> redis.Redis:
-    """A client for the cache; credentials come from the config (the environment), never the URL log."""
-    kwargs: dict[str, object] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "health_check_interval": 10,
-        "retry_on_timeout": False,
-    }
+) -> CacheClient:
+    """A client for the cache; credentials come from the config (the environment), never the URL log.
+    A ``redis+cluster://`` URL gets redis-py's cluster client (it discovers the nodes and slots
+    from the one named, and follows failovers)."""
+    kwargs: dict[str, object] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if username:
         kwargs["username"] = username
     if password:
         kwargs["password"] = password
     if ssl_ca_certs:
         kwargs["ssl_ca_certs"] = ssl_ca_certs
+    node_url = cluster_node_url(url)
+    if node_url is not None:
+        nodes = [ClusterNode(host, port) for host, port in cluster_startup_nodes(url)]
+        # One retry (it follows a MOVED or a refreshed slot map after a failover), then fail open:
+        # the default retries with backoff for seconds while a master is down.
+        return RedisCluster.from_url(node_url, startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **kwargs)
+    kwargs.update({"health_check_interval": 10, "retry_on_timeout": False})
     return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
 
 
-async def drop_cache_prefix(client: redis.Redis, prefix: str) -> int:
+async def drop_cache_prefix(client: CacheClient, prefix: str) -> int:
     """Drops every vector index and key written under a cache key prefix (tests, benchmarks, and
     starting afresh after a model change); returns how many keys went."""
     dropped = 0
-    for index in await client.execute_command("FT._LIST"):  # type: ignore[no-untyped-call]
-        name = index.decode() if isinstance(index, bytes) else str(index)
-        if name.startswith(f"{prefix}-"):
-            await client.execute_command("FT.DROPINDEX", name, "DD")  # type: ignore[no-untyped-call]
+    if not isinstance(client, RedisCluster):  # a cluster has no index (see VectorCache.ensure_index)
+        for index in await client.execute_command("FT._LIST"):  # type: ignore[no-untyped-call]
+            name = index.decode() if isinstance(index, bytes) else str(index)
+            if name.startswith(f"{prefix}-"):
+                await client.execute_command("FT.DROPINDEX", name, "DD")  # type: ignore[no-untyped-call]
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
     for start in range(0, len(keys), 1000):
-        dropped += await client.delete(*keys[start : start + 1000])
+        chunk = keys[start : start + 1000]
+        if isinstance(client, RedisCluster):  # keys of many slots: one pipeline, a batch per node
+            pipe = client.pipeline()
+            for key in chunk:
+                pipe.delete(key)
+            dropped += sum(await pipe.execute())
+        else:
+            dropped += await client.delete(*chunk)
     return dropped
 
 
@@ -137,7 +157,7 @@ class VectorCache:
 
     def __init__(
         self,
-        client: redis.Redis | None,
+        client: CacheClient | None,
         *,
         key_prefix: str,
         model_name: str,
@@ -155,7 +175,11 @@ class VectorCache:
         self._retry_after_s = retry_after_s
         self._skip_until = 0.0
         self._indexed_dims: set[int] = set()
-        self._scripts = True  # False once the server refuses scripts: lookups pipeline HMGETs
+        # False once the server refuses scripts (lookups pipeline HMGETs); never on a cluster: a
+        # script may only touch keys of one slot, and redis-py's cluster pipeline sends one batch
+        # per node, in parallel.
+        self._scripts = not isinstance(client, RedisCluster)
+        self._clustered = isinstance(client, RedisCluster)
 
     @property
     def enabled(self) -> bool:
@@ -279,11 +303,17 @@ class VectorCache:
 
     async def ensure_index(self, dim: int) -> bool:
         """Creates the HNSW index of one dimension if the server supports it; False when it cannot."""
+        if self._clustered:
+            # The open-source RediSearch indexes one node's keys only: no kNN index on a cluster.
+            if dim not in self._indexed_dims:
+                log.info("redis cluster: caching without a vector index (RediSearch is per node)")
+                self._indexed_dims.add(dim)
+            return False
         if not self._available():
             return False
         assert self._client is not None
         try:
-            await self._client.execute_command(  # type: ignore[no-untyped-call]
+            await self._client.execute_command(
                 "FT.CREATE",
                 self.index_name(dim),
                 "ON",

@@ -49,6 +49,8 @@ KAFKA_MAIN_CLASS = "kafka.Kafka"
 # copies of libssl/libcrypto 1.1 they can load.
 OPENSSL_WHEEL = "psycopg2-binary==2.9.5"
 START_TIMEOUT_S = 90.0
+# Node i of a local cluster listens on the single-node ports + PORT_STRIDE * (i - 1).
+PORT_STRIDE = 10
 STOP_TIMEOUT_S = 45.0
 # The local stack's SASL user (PLAIN and SCRAM-SHA-512 on the SASL_PLAINTEXT listener).
 SASL_USERNAME = "embedfleet"
@@ -76,6 +78,8 @@ class StackSettings:
     redis_port: int
     sasl_port: int
     kafka_heap: str
+    kafka_brokers: int = 1
+    redis_cluster_port: int = 7000
 
     @property
     def log_dir(self) -> Path:
@@ -223,17 +227,34 @@ def port_is_open(port: int) -> bool:
 
 
 class KafkaService:
+    """One Kafka node (broker and controller in one process): the single-node stack, or node
+    ``node`` of ``nodes`` in a local cluster (ports shifted by PORT_STRIDE per node)."""
+
     name = "kafka"
 
-    def __init__(self, settings: StackSettings) -> None:
+    def __init__(self, settings: StackSettings, node: int = 1, nodes: int = 1) -> None:
         self.settings = settings
+        self.node = node
+        self.nodes = nodes
+        self.clustered = nodes > 1
+        offset = PORT_STRIDE * (node - 1)
+        self.kafka_port = settings.kafka_port + offset
+        self.controller_port = settings.controller_port + offset
+        self.sasl_port = settings.sasl_port + offset
+        suffix = f"-{node}" if self.clustered else ""
         self.home = settings.state_dir / "kafka"
         self.libs = self.home / "libs"
-        self.data = self.home / "data"
-        self.config = self.home / "server.properties"
+        self.data = self.home / (f"node-{node}" if self.clustered else "data")
+        self.config = self.home / f"server{suffix}.properties"
         self.sasl_file = self.home / "sasl.json"
-        self.log_file = settings.log_dir / "kafka.log"
-        self.process = TrackedProcess("kafka", settings.run_dir / "kafka.pid", KAFKA_MAIN_CLASS)
+        self.log_file = settings.log_dir / f"kafka{suffix}.log"
+        # A cluster node's command line names its own config file: that tells the nodes apart.
+        marker = str(self.config) if self.clustered else KAFKA_MAIN_CLASS
+        self.process = TrackedProcess(f"kafka{suffix}", settings.run_dir / f"kafka{suffix}.pid", marker)
+
+    @property
+    def replication(self) -> int:
+        return min(3, self.nodes)
 
     def version(self) -> str:
         jars = sorted(self.libs.glob("kafka_2.13-*.jar"))
@@ -308,7 +329,7 @@ class KafkaService:
         record = {
             "username": SASL_USERNAME,
             "password": password,
-            "bootstrap": f"127.0.0.1:{self.settings.sasl_port}",
+            "bootstrap": f"127.0.0.1:{self.sasl_port}",
             "security_protocol": "SASL_PLAINTEXT",
             "mechanisms": list(SASL_MECHANISMS),
         }
@@ -322,23 +343,48 @@ class KafkaService:
         write_private(
             self.config,
             template.substitute(
-                kafka_port=self.settings.kafka_port,
-                controller_port=self.settings.controller_port,
-                sasl_port=self.settings.sasl_port,
+                node_id=self.node,
+                kafka_port=self.kafka_port,
+                controller_port=self.controller_port,
+                sasl_port=self.sasl_port,
+                quorum=self.quorum_setting(),
+                replication=self.replication,
+                # Replicated: a write needs 2 of 3 in sync (the design's production setting).
+                min_isr=2 if self.replication >= 3 else 1,
                 plain_users=f'user_{credentials.username}="{credentials.password}"',
                 log_dir=self.data,
             ),
         )
 
+    def quorum_setting(self) -> str:
+        """One node: a dynamic quorum of itself. A cluster: every node is a voter (static quorum)."""
+        if not self.clustered:
+            return f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}"
+        voters = ",".join(
+            f"{i}@127.0.0.1:{self.settings.controller_port + PORT_STRIDE * (i - 1)}"
+            for i in range(1, self.nodes + 1)
+        )
+        return f"controller.quorum.voters={voters}"
+
+    def cluster_id(self) -> str:
+        """A new id for one node; for a cluster, one id shared by its nodes (kept in a file)."""
+        if not self.clustered:
+            return new_cluster_id()
+        path = self.home / f"cluster-id-{self.nodes}"
+        if not path.exists():
+            path.write_text(new_cluster_id())
+        return path.read_text().strip()
+
     def format_storage(self) -> None:
         if (self.data / "meta.properties").exists():
             return
-        cluster_id = new_cluster_id()
+        cluster_id = self.cluster_id()
         say(f"formatting the KRaft log directory {self.data} (cluster id {cluster_id})")
         self.data.mkdir(parents=True, exist_ok=True)
+        standalone = [] if self.clustered else ["--standalone"]
         result = subprocess.run(
             self.java_argv(
-                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), "--standalone"
+                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), *standalone
             ),
             capture_output=True,
             text=True,
@@ -350,9 +396,9 @@ class KafkaService:
     def up(self) -> None:
         pid = self.process.running_pid()
         if pid is not None:
-            say(f"kafka already running (pid {pid}) on 127.0.0.1:{self.settings.kafka_port}")
+            say(f"kafka already running (pid {pid}) on 127.0.0.1:{self.kafka_port}")
             asyncio.run(self.ensure_topics())
-            if port_is_open(self.settings.sasl_port):
+            if port_is_open(self.sasl_port):
                 credentials = self.credentials()
                 self.ensure_scram(credentials)
                 with contextlib.suppress(OSError):
@@ -363,38 +409,46 @@ class KafkaService:
                         )
             else:
                 say(
-                    f"note: the running broker has no SASL listener on {self.settings.sasl_port} (it "
+                    f"note: the running broker has no SASL listener on {self.sasl_port} (it "
                     "was started before SASL was configured): `stack down --service kafka` then "
                     "`stack up` adds it"
                 )
             return
+        self.fetch()
+        credentials = self.credentials()
+        self.start(credentials)
+        asyncio.run(self.wait_ready())
+        asyncio.run(self.ensure_topics())
+        self.ensure_scram(credentials)
+        say(
+            f"kafka {self.version()} ready on 127.0.0.1:{self.kafka_port} (PLAINTEXT) and "
+            f"127.0.0.1:{self.sasl_port} (SASL_PLAINTEXT; user {credentials.username}, "
+            f"password in {self.sasl_file})"
+        )
+
+    def start(self, credentials: SaslCredentials) -> bool:
+        """Starts this node's process unless it runs; False when it was already running."""
+        pid = self.process.running_pid()
+        if pid is not None:
+            return False
         for port, option in (
-            (self.settings.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
-            (self.settings.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
-            (self.settings.controller_port, "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT"),
+            (self.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
+            (self.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
+            (self.controller_port, "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT"),
         ):
             if port_is_open(port):
                 raise StackError(
                     f"port {port} is taken by a process this stack did not start; stop it or "
                     f"choose another with {option}"
                 )
-        self.fetch()
         self.home.mkdir(parents=True, exist_ok=True)
-        credentials = self.credentials()
         self.render_config(credentials)
         self.format_storage()
         pid = self.process.start(
             self.java_argv(KAFKA_MAIN_CLASS, str(self.config)), self.log_file, dict(os.environ)
         )
-        say(f"kafka starting (pid {pid}), log {self.log_file}")
-        asyncio.run(self.wait_ready())
-        asyncio.run(self.ensure_topics())
-        self.ensure_scram(credentials)
-        say(
-            f"kafka {self.version()} ready on 127.0.0.1:{self.settings.kafka_port} (PLAINTEXT) and "
-            f"127.0.0.1:{self.settings.sasl_port} (SASL_PLAINTEXT; user {credentials.username}, "
-            f"password in {self.sasl_file})"
-        )
+        say(f"{self.process.name} starting (pid {pid}), log {self.log_file}")
+        return True
 
     def ensure_scram(self, credentials: SaslCredentials) -> None:
         """Makes SCRAM-SHA-512 log in as the stack's user. Checked with one client login (fast);
@@ -411,7 +465,7 @@ class KafkaService:
                 self.java_argv(
                     "kafka.admin.ConfigCommand",
                     "--bootstrap-server",
-                    f"127.0.0.1:{self.settings.kafka_port}",
+                    f"127.0.0.1:{self.kafka_port}",
                     "--alter",
                     "--add-config-file",
                     str(config_file),
@@ -437,7 +491,7 @@ class KafkaService:
             if time.monotonic() > deadline:
                 raise StackError(
                     f"SCRAM-SHA-512 login as {credentials.username} still fails on "
-                    f"127.0.0.1:{self.settings.sasl_port}; see {self.log_file}"
+                    f"127.0.0.1:{self.sasl_port}; see {self.log_file}"
                 )
             time.sleep(0.3)
 
@@ -450,7 +504,7 @@ class KafkaService:
         logging.getLogger("aiokafka").addHandler(logging.NullHandler())
         logging.getLogger("aiokafka").propagate = False
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"127.0.0.1:{self.settings.sasl_port}",
+            bootstrap_servers=f"127.0.0.1:{self.sasl_port}",
             request_timeout_ms=5000,
             security_protocol="SASL_PLAINTEXT",
             sasl_mechanism="SCRAM-SHA-512",
@@ -476,9 +530,9 @@ class KafkaService:
                 raise StackError(
                     f"kafka exited during start. Last lines of {self.log_file}:\n" + log_tail(self.log_file)
                 )
-            if port_is_open(self.settings.kafka_port):
+            if port_is_open(self.kafka_port):
                 admin = AIOKafkaAdminClient(
-                    bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}", request_timeout_ms=5000
+                    bootstrap_servers=f"127.0.0.1:{self.kafka_port}", request_timeout_ms=5000
                 )
                 try:
                     await admin.start()
@@ -497,12 +551,12 @@ class KafkaService:
     async def ensure_topics(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{self.settings.kafka_port}")
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{self.kafka_port}")
         await admin.start()
         try:
             existing = set(await admin.list_topics())
             missing = [
-                NewTopic(name, partitions, 1, topic_configs=configs)
+                NewTopic(name, partitions, self.replication, topic_configs=configs)
                 for name, partitions, configs in TOPICS
                 if name not in existing
             ]
@@ -513,19 +567,56 @@ class KafkaService:
             await admin.close()
 
     def down(self) -> None:
-        say("kafka stopped" if self.process.stop() else "kafka was not running")
+        name = self.process.name
+        say(f"{name} stopped" if self.process.stop() else f"{name} was not running")
 
     def status(self) -> str:
         pid = self.process.running_pid()
         state = f"running (pid {pid})" if pid else "stopped"
-        sasl = f"SASL_PLAINTEXT 127.0.0.1:{self.settings.sasl_port} ({', '.join(SASL_MECHANISMS)}"
+        sasl = f"SASL_PLAINTEXT 127.0.0.1:{self.sasl_port} ({', '.join(SASL_MECHANISMS)}"
         sasl += f"; credentials {self.sasl_file})"
-        if pid and not port_is_open(self.settings.sasl_port):
+        if pid and not port_is_open(self.sasl_port):
             sasl += " not open: restart kafka (down, then up) to add it"
         return (
-            f"kafka {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.settings.kafka_port}, "
+            f"{self.process.name} {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.kafka_port}, "
             f"{sasl}, log {self.log_file}"
         )
+
+
+class KafkaCluster:
+    """A local cluster of ``nodes`` combined broker/controller nodes (``--brokers 3``): replication
+    factor 3 and min.insync.replicas 2, as production runs; the single node stays the default."""
+
+    name = "kafka"
+
+    def __init__(self, settings: StackSettings, nodes: int) -> None:
+        self.members = [KafkaService(settings, node, nodes) for node in range(1, nodes + 1)]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{member.kafka_port}" for member in self.members)
+
+    def up(self) -> None:
+        first = self.members[0]
+        first.fetch()
+        credentials = first.credentials()
+        # Every node first: a controller quorum needs a majority before any broker answers.
+        started = [member.start(credentials) for member in self.members]
+        for member in self.members:
+            asyncio.run(member.wait_ready())
+        asyncio.run(first.ensure_topics())
+        first.ensure_scram(credentials)
+        say(
+            f"kafka {first.version()} cluster of {len(self.members)} ready ({sum(started)} started): "
+            f"bootstrap {self.bootstrap}; replication {first.replication}, min.insync.replicas 2"
+        )
+
+    def down(self) -> None:
+        for member in reversed(self.members):
+            member.down()
+
+    def status(self) -> str:
+        return "\n".join(member.status() for member in self.members)
 
 
 # --- Redis Stack -------------------------------------------------------------------------------
@@ -681,6 +772,133 @@ class RedisService:
         return f"redis-stack 7.4: {state}, 127.0.0.1:{self.settings.redis_port}, log {self.log_file}"
 
 
+class RedisClusterService(RedisService):
+    """A local Redis Cluster: 3 masters and 3 replicas from the same Redis Stack binaries, on
+    ``redis_cluster_port`` .. +5 (``--service redis-cluster``; not part of the default stack).
+    No modules: the open-source RediSearch is per node, so the cache keeps no kNN index on a
+    cluster. A node that stops answering is failed over to its replica after 2 s."""
+
+    name = "redis-cluster"
+    NODES = 6
+
+    def __init__(self, settings: StackSettings) -> None:
+        super().__init__(settings)
+        self.cluster_home = settings.state_dir / "redis-cluster"
+        self.ports = [settings.redis_cluster_port + i for i in range(self.NODES)]
+        self.processes = [
+            TrackedProcess(
+                f"redis-cluster-{port}", settings.run_dir / f"redis-cluster-{port}.pid", f":{port}"
+            )
+            for port in self.ports
+        ]
+
+    def node_config(self, port: int) -> Path:
+        directory = self.cluster_home / str(port)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "redis.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    "protected-mode yes",
+                    "daemonize no",
+                    f"dir {directory}",
+                    'save ""',
+                    "appendonly no",
+                    "cluster-enabled yes",
+                    "cluster-config-file nodes.conf",
+                    "cluster-node-timeout 2000",
+                    # Slots of a dead master fail alone; the others keep answering.
+                    "cluster-require-full-coverage no",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def up(self) -> None:
+        self.fetch_openssl()
+        server = self.server_root() / "bin" / "redis-server"
+        for port, process in zip(self.ports, self.processes, strict=True):
+            if process.running_pid() is not None:
+                continue
+            if port_is_open(port):
+                raise StackError(
+                    f"port {port} is taken by a process this stack did not start; choose other ports "
+                    "with --redis-cluster-port / EMBEDFLEET_REDIS_CLUSTER_PORT"
+                )
+            config = self.node_config(port)
+            # The port in the command line tells the nodes' processes apart (TrackedProcess).
+            process.start([str(server), str(config), "--port", str(port)], self.log_file_of(port), self.env())
+        self.wait_nodes()
+        if not self.cluster_ok(self.ports[0]):
+            self.create()
+        self.wait_ok()
+        say(f"redis cluster ready on 127.0.0.1:{self.ports[0]}-{self.ports[-1]} (3 masters, 3 replicas)")
+
+    def log_file_of(self, port: int) -> Path:
+        return self.settings.log_dir / f"redis-cluster-{port}.log"
+
+    def wait_nodes(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for port in self.ports:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise StackError(
+                            f"redis cluster node {port} did not start: " + log_tail(self.log_file_of(port))
+                        ) from None
+                    time.sleep(0.2)
+
+    def cluster_ok(self, port: int) -> bool:
+        import redis
+
+        try:
+            info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).cluster("INFO")
+        except redis.RedisError:
+            return False
+        return bool(
+            info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == self.NODES
+        )
+
+    def create(self) -> None:
+        cli = self.server_root() / "bin" / "redis-cli"
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        result = subprocess.run(
+            [str(cli), "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            check=False,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise StackError("redis-cli --cluster create failed:\n" + (result.stdout + result.stderr)[-3000:])
+
+    def wait_ok(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(self.cluster_ok(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise StackError("the redis cluster did not reach cluster_state:ok")
+            time.sleep(0.3)
+
+    def down(self) -> None:
+        stopped = sum(process.stop() for process in self.processes)
+        say(f"redis cluster: {stopped} node(s) stopped")
+
+    def status(self) -> str:
+        running = sum(process.running_pid() is not None for process in self.processes)
+        where = f"127.0.0.1:{self.ports[0]}-{self.ports[-1]}"
+        return f"redis cluster: {running}/{self.NODES} nodes running on {where}"
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -689,9 +907,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument(
         "--service",
-        choices=["kafka", "redis"],
+        choices=["kafka", "redis", "redis-cluster"],
         action="append",
-        help="act on this service only (repeatable; default both)",
+        help="act on this service only (repeatable; default kafka and redis; redis-cluster only when named)",
     )
     parser.add_argument(
         "--state-dir",
@@ -713,6 +931,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-port", type=int, default=int(os.environ.get("EMBEDFLEET_REDIS_PORT", "6379"))
     )
     parser.add_argument("--kafka-heap", default=os.environ.get("EMBEDFLEET_KAFKA_HEAP", "1g"))
+    parser.add_argument(
+        "--redis-cluster-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_REDIS_CLUSTER_PORT") or 7000),
+        help="first port of the local Redis Cluster's 6 nodes (--service redis-cluster)",
+    )
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_KAFKA_BROKERS") or 1),
+        help="Kafka nodes: 1 (default) or a local cluster of 3 (ports + 10 per node, replication 3)",
+    )
     return parser.parse_args(argv)
 
 
@@ -725,11 +955,19 @@ def main(argv: list[str] | None = None) -> int:
         redis_port=args.redis_port,
         sasl_port=args.sasl_port,
         kafka_heap=args.kafka_heap,
+        kafka_brokers=args.brokers,
+        redis_cluster_port=args.redis_cluster_port,
     )
-    services: list[KafkaService | RedisService] = [
+    if args.brokers < 1:
+        print("[stack] error: --brokers must be at least 1", file=sys.stderr)
+        return 2
+    kafka: KafkaService | KafkaCluster = (
+        KafkaCluster(settings, args.brokers) if args.brokers > 1 else KafkaService(settings)
+    )
+    services: list[KafkaService | KafkaCluster | RedisService] = [
         s
-        for s in (KafkaService(settings), RedisService(settings))
-        if not args.service or s.name in args.service
+        for s in (kafka, RedisService(settings), RedisClusterService(settings))
+        if (s.name in args.service if args.service else s.name != "redis-cluster")
     ]
     started = time.monotonic()
     try:

@@ -9,6 +9,7 @@ import (
 	"math"
 	"regexp"
 	"strconv"
+	"strings"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -63,7 +64,7 @@ func ParseModelContract(fields map[string]string) (ModelContract, bool) {
 
 // cacheReader reads Redis and fails open: any error means "no contract" or "all misses".
 type cacheReader struct {
-	rdb    *redis.Client
+	rdb    redis.UniversalClient
 	prefix string
 	model  string
 }
@@ -72,7 +73,8 @@ func newCacheReader(cfg Config) (*cacheReader, error) {
 	if cfg.RedisURL == "" {
 		return &cacheReader{}, nil
 	}
-	opts, err := redis.ParseURL(cfg.RedisURL)
+	url, addrs, clustered := clusterNodeURL(cfg.RedisURL)
+	opts, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("embedfleet: EMBEDFLEET_REDIS_URL: %w", err)
 	}
@@ -94,7 +96,42 @@ func newCacheReader(cfg Config) (*cacheReader, error) {
 	}
 	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = cfg.RedisTimeout, cfg.RedisTimeout, cfg.RedisTimeout
 	opts.MaxRetries = 1 // one retry (a pooled connection the server closed), then fail open
-	return &cacheReader{rdb: redis.NewClient(opts), prefix: cfg.CacheKeyPrefix, model: cfg.ModelName}, nil
+	reader := &cacheReader{prefix: cfg.CacheKeyPrefix, model: cfg.ModelName}
+	if clustered {
+		// go-redis's cluster client: it discovers the nodes from this one, and a pipeline is one
+		// batch per node, sent in parallel.
+		reader.rdb = redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs: addrs, Username: opts.Username, Password: opts.Password,
+			TLSConfig: opts.TLSConfig, DialTimeout: opts.DialTimeout, ReadTimeout: opts.ReadTimeout,
+			WriteTimeout: opts.WriteTimeout, MaxRetries: opts.MaxRetries,
+		})
+	} else {
+		reader.rdb = redis.NewClient(opts)
+	}
+	return reader, nil
+}
+
+// clusterNodeURL turns redis+cluster://host:port/0 (or rediss+cluster://, or several nodes:
+// redis+cluster://h1:p1,h2:p2/0) into the URL of the first node and the addresses of all;
+// clustered is false for a plain Redis URL, returned unchanged.
+func clusterNodeURL(url string) (string, []string, bool) {
+	for scheme, plain := range map[string]string{"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"} {
+		if !strings.HasPrefix(strings.ToLower(url), scheme) {
+			continue
+		}
+		rest := url[len(scheme):]
+		netloc, path := rest, ""
+		if i := strings.Index(rest, "/"); i >= 0 {
+			netloc, path = rest[:i], rest[i:]
+		}
+		credentials, hosts := "", netloc
+		if i := strings.LastIndex(netloc, "@"); i >= 0 {
+			credentials, hosts = netloc[:i+1], netloc[i+1:]
+		}
+		addrs := strings.Split(hosts, ",")
+		return plain + credentials + addrs[0] + path, addrs, true
+	}
+	return url, nil, false
 }
 
 func (c *cacheReader) enabled() bool { return c.rdb != nil }

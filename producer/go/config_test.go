@@ -8,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
+	"github.com/redis/go-redis/v9"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -120,11 +121,32 @@ func TestRedisCABundleAppliesToRedissOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if reader.rdb.Options().TLSConfig.RootCAs == nil {
+	if reader.rdb.(*redis.Client).Options().TLSConfig.RootCAs == nil {
 		t.Fatal("the CA bundle is not used for rediss://")
 	}
 	cfg.RedisURL = "redis://127.0.0.1:6379/0"
 	if _, err := newCacheReader(cfg); err == nil {
 		t.Fatal("a CA bundle with a plain redis:// URL must be refused (it would silently not be used)")
+	}
+}
+
+func TestRedisClusterURLsGetTheClusterClient(t *testing.T) {
+	cfg := ConfigFromEnv()
+	cfg.RedisURL, cfg.RedisSSLCAFile = "redis+cluster://127.0.0.1:7000/0", ""
+	reader, err := newCacheReader(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.close()
+	cluster, ok := reader.rdb.(*redis.ClusterClient)
+	if !ok || cluster.Options().Addrs[0] != "127.0.0.1:7000" {
+		t.Fatalf("redis+cluster:// must give a cluster client starting from its node, got %T", reader.rdb)
+	}
+	if url, _, clustered := clusterNodeURL("redis://h:1/0"); clustered || url != "redis://h:1/0" {
+		t.Fatal("a plain URL is not a cluster URL")
+	}
+	url, addrs, clustered := clusterNodeURL("rediss+cluster://u:p@a:1,b:2/0")
+	if !clustered || url != "rediss://u:p@a:1/0" || len(addrs) != 2 || addrs[1] != "b:2" {
+		t.Fatalf("several nodes: got %q %v", url, addrs)
 	}
 }
