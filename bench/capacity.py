@@ -93,7 +93,12 @@ def kafka_bytes(dim: int, encoding: str, content_type: ContentType, codec: str) 
 
 
 def plan(
-    name: str, monthly: float, args: argparse.Namespace, redis_per_entry: float, kafka_per_result: float
+    name: str,
+    monthly: float,
+    args: argparse.Namespace,
+    redis_per_entry: float,
+    kafka_per_result: float,
+    kafka_per_result_small: float,
 ) -> None:
     average = monthly / SECONDS_PER_MONTH
     peak = average * args.peak_factor
@@ -105,7 +110,11 @@ def plan(
     entries = monthly * miss_share * args.ttl_days / 30
     redis_gb = entries * redis_per_entry / 1e9
     results_gb = monthly * kafka_per_result / 1e9
+    small_gb = monthly * kafka_per_result_small / 1e9
+    kept_gb = entries * kafka_per_result * 3 / 1e9  # compacted: one result per content hash, 3 replicas
     peak_mb = peak * kafka_per_result / 1e6
+    brokers = max(3, math.ceil(3 * results_gb / args.broker_disk_gb_per_month))
+    brokers_small = max(3, math.ceil(3 * small_gb / args.broker_disk_gb_per_month))
     lines = [
         f"\n## {name}: {monthly:,.0f} embeddings a month",
         f"- average {monthly:,.0f} / {SECONDS_PER_MONTH:,} s = {average:,.1f}/s; "
@@ -115,8 +124,13 @@ def plan(
         f"- hits at peak {peak:,.1f} x {hit_share:.2f} = {hits:,.1f}/s; "
         f"/ {args.hit_rate:g} per core = {hit_cores:,.3f} cores",
         f"- workers (one per core, +50%, at least 2): {workers}; partitions of embed.requests: {partitions}",
-        f"- Kafka: {monthly:,.0f} x {kafka_per_result:,.0f} B = {results_gb:,.1f} GB of results a month, "
-        f"x3 replicas = {3 * results_gb:,.1f} GB; {peak_mb:,.2f} MB/s at peak",
+        f"- Kafka writes: {monthly:,.0f} x {kafka_per_result:,.0f} B = {results_gb:,.1f} GB of results "
+        f"a month as JSON floats ({small_gb:,.1f} GB as base64 + zstd), x3 replicas; "
+        f"{peak_mb:,.2f} MB/s at peak",
+        f"- Kafka keeps (embed.results compacted, one result per content hash, deleted after the TTL): "
+        f"{entries:,.0f} x {kafka_per_result:,.0f} B x 3 = {kept_gb:,.1f} GB",
+        f"- brokers (RF 3, {args.broker_disk_gb_per_month:g} GB written a month each): {brokers} "
+        f"({brokers_small} with base64 + zstd results)",
         f"- Redis: {entries:,.0f} entries kept ({args.ttl_days} days TTL) x {redis_per_entry:,.0f} B "
         f"= {redis_gb:,.1f} GB (+ replicas: x2 = {2 * redis_gb:,.1f} GB)",
     ]
@@ -139,9 +153,10 @@ async def main_async(args: argparse.Namespace) -> int:
         "msgpack, base64": ("base64", ContentType.MSGPACK),
     }
     sizes: dict[str, float] = {}
+    small: dict[str, float] = {}
     for label, (encoding, content_type) in forms.items():
         row = [kafka_bytes(384, encoding, content_type, codec) for codec in CODECS]
-        sizes[label] = row[0]
+        sizes[label], small[label] = row[0], row[-1]
         print(f"| {label} | " + " | ".join(f"{v:,.0f}" for v in row) + " |")
     print(
         f"\nAssumptions: peak/average {args.peak_factor:g}, cache hit ratio {args.hit_ratio:g}, "
@@ -149,7 +164,7 @@ async def main_async(args: argparse.Namespace) -> int:
         f"TTL {args.ttl_days} days, results as JSON floats (the default)"
     )
     for name, monthly in (("the design's workload", 45e6), ("100 times that", 4.5e9)):
-        plan(name, monthly, args, per_entry[384], sizes["JSON, float"])
+        plan(name, monthly, args, per_entry[384], sizes["JSON, float"], small["JSON, base64"])
     return 0
 
 
@@ -157,11 +172,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--entries", type=int, default=5000)
-    parser.add_argument("--miss-rate", type=float, default=400.0, help="misses/s per worker core (queries)")
-    parser.add_argument("--hit-rate", type=float, default=4200.0, help="hits/s per worker")
+    parser.add_argument(
+        "--miss-rate",
+        type=float,
+        default=140.0,
+        help="misses/s per worker core (queries): bench/gateway.py's fleet over Kafka, 277/s on 2 "
+        "cores shared with Kafka, Redis, the gateway and the load",
+    )
+    parser.add_argument("--hit-rate", type=float, default=4200.0, help="hits/s per worker (make bench)")
     parser.add_argument("--peak-factor", type=float, default=5.0)
     parser.add_argument("--hit-ratio", type=float, default=0.3)
     parser.add_argument("--ttl-days", type=int, default=30)
+    parser.add_argument("--broker-disk-gb-per-month", type=float, default=2000.0)
     return asyncio.run(main_async(parser.parse_args()))
 
 

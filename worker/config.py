@@ -86,7 +86,8 @@ class WorkerConfig:
     # Redis cache
     redis_url: str = setting(
         "EMBEDFLEET_REDIS_URL",
-        "Redis URL of the vector cache (rediss:// for TLS; empty disables the cache)",
+        "Redis URL of the vector cache (rediss:// for TLS; redis+cluster://host:port[,host:port...]/0 "
+        "for Redis Cluster; empty disables the cache)",
         default="redis://127.0.0.1:6379/0",
     )
     redis_username: str = setting("EMBEDFLEET_REDIS_USERNAME", "Redis ACL user", default="")
