@@ -77,6 +77,22 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    async def wait_ready(self, timeout_s: float = 60, *, deadline: float | None = None) -> None:
+        """Until /readyz answers 200; fails with the process's log if it exits or times out."""
+        deadline = time.monotonic() + timeout_s if deadline is None else deadline
+        while True:
+            if not self.alive:
+                raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+            try:
+                status, _ = await asyncio.to_thread(self.http, "/readyz")
+            except OSError:
+                status = 0
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} not ready:\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.2)
+
 
 @dataclass
 class GatewayProcess(WorkerProcess):
@@ -85,21 +101,6 @@ class GatewayProcess(WorkerProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
-
-    async def wait_ready(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not self.alive:
-                raise AssertionError(f"gateway {self.name} exited:\n{self.log()[-3000:]}")
-            try:
-                status, _ = await asyncio.to_thread(self.http, "/readyz")
-            except OSError:
-                status = 0
-            if status == 200:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gateway {self.name} not ready:\n{self.log()[-3000:]}")
-            await asyncio.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
         if self.alive:
@@ -211,18 +212,7 @@ class Fleet:
         """Until every worker answers /readyz with 200 (model loaded, group joined)."""
         deadline = time.monotonic() + timeout_s
         for worker in list(workers or self.workers):
-            while True:
-                if not worker.alive:
-                    raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
-                try:
-                    status, _ = await asyncio.to_thread(worker.http, "/readyz")
-                except OSError:
-                    status = 0
-                if status == 200:
-                    break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"worker {worker.name} not ready:\n{worker.log()[-3000:]}")
-                await asyncio.sleep(0.2)
+            await worker.wait_ready(deadline=deadline)
 
     def stop_worker(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         if worker.alive:

@@ -84,18 +84,7 @@ def start_gateway(port: int) -> subprocess.Popen[bytes]:
 def try_gateway(port: int, config: WorkerConfig, texts: list[str]) -> int:
     """One request through the gateway's /v1/embeddings, and the curl command that does the same."""
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            print(f"error: the gateway on port {port} is not ready: see its log above", file=sys.stderr)
-            return 1
-        time.sleep(0.3)
+    wait_ready([port], timeout_s=30, what="the gateway")
     body = {"model": load_bundle(config.model).manifest.name, "input": texts}
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/embeddings",
@@ -140,7 +129,7 @@ def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
     return processes
 
 
-def wait_ready(ports: list[int], timeout_s: float = 90) -> None:
+def wait_ready(ports: list[int], timeout_s: float = 90, what: str = "worker") -> None:
     deadline = time.monotonic() + timeout_s
     for port in ports:
         while True:
@@ -151,7 +140,7 @@ def wait_ready(ports: list[int], timeout_s: float = 90) -> None:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit(f"worker on port {port} not ready after {timeout_s:.0f}s: see its log above")
+                raise SystemExit(f"{what} on port {port} not ready after {timeout_s:.0f}s: see its log above")
             time.sleep(0.3)
 
 

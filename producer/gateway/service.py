@@ -112,22 +112,10 @@ class EmbeddingService:
     async def contract(self) -> ModelContract:
         """The served model's contract, or a 503 (no fleet)."""
         if not self._started:
-            raise ApiError(
-                503,
-                f"the embedding fleet is unavailable: {self._start_problem}",
-                type="server_error",
-                code="service_unavailable",
-                headers={"Retry-After": "2"},
-            )
+            raise _unavailable(f"the embedding fleet is unavailable: {self._start_problem}")
         contract = await self.client.model_contract()
         if contract is None or contract.dim is None:
-            raise ApiError(
-                503,
-                self._no_contract_message(),
-                type="server_error",
-                code="service_unavailable",
-                headers={"Retry-After": "2"},
-            )
+            raise _unavailable(self._no_contract_message())
         return contract
 
     def check_model(self, model: str) -> None:
@@ -180,13 +168,7 @@ class EmbeddingService:
             try:
                 outcome = await self.client.complete(prepared, timeout=max(0.0, deadline - time.monotonic()))
             except ServiceUnavailable as exc:
-                raise ApiError(
-                    503,
-                    f"the embedding fleet is unavailable: {exc}",
-                    type="server_error",
-                    code="service_unavailable",
-                    headers={"Retry-After": "2"},
-                ) from exc
+                raise _unavailable(f"the embedding fleet is unavailable: {exc}") from exc
             except EmbeddingError as exc:
                 raise ApiError(500, f"the gateway failed: {exc}", type="server_error") from exc
             finally:
@@ -211,6 +193,13 @@ class EmbeddingService:
         vectors = [v for v in prepared.vectors if v is not None]
         assert len(vectors) == len(texts)
         return Embedded(vectors, sum(t or 0 for t in prepared.tokens))
+
+
+def _unavailable(message: str) -> ApiError:
+    """503: no fleet to send to (clients retry after Retry-After)."""
+    return ApiError(
+        503, message, type="server_error", code="service_unavailable", headers={"Retry-After": "2"}
+    )
 
 
 def _text_error(index: int, code: str, message: str, count: int) -> ApiError:
