@@ -12,7 +12,7 @@ MODEL_DIR := $(EMBEDFLEET_HOME)/models/all-MiniLM-L6-v2
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 PYTEST_ARGS ?=
 
-.PHONY: run test venv system-deps model stack-up stack-down stack-status lint bench clean
+.PHONY: run test venv system-deps model image stack-up stack-down stack-status lint bench clean
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,9 +50,16 @@ stack-status: venv
 run: venv system-deps model stack-up
 	$(BIN)/embedfleet demo
 
-test: venv system-deps model
+# The CPU image from the Dockerfile, with podman/buildah on a debootstrap'ed base (no Docker, no
+# registry needed); cached: a second build reuses every layer.
+IMAGE ?= localhost/embedfleet:cpu
+
+image: system-deps
+	IMAGE=$(IMAGE) bash deploy/local/image.sh
+
+test: venv system-deps model image
 	@$(MAKE) --no-print-directory stack-up
-	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	@status=0; EMBEDFLEET_IMAGE=$(IMAGE) $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory stack-down; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$status

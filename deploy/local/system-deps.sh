@@ -2,7 +2,8 @@
 # Installs the system tools the local stack and the tests need, when they are missing:
 # Java 17+ (the Kafka broker), Maven (fetches the broker jars), kcat (an independent Kafka client
 # the tests use to prove the wire contract is language-neutral), Go (the Go client's tests),
-# promtool (tests/deploy checks the Prometheus rules; Debian ships it in `prometheus`).
+# promtool (tests/deploy checks the Prometheus rules; Debian ships it in `prometheus`), podman,
+# buildah and debootstrap (`make image`: the container image, built and run in the tests).
 set -euo pipefail
 
 missing=()
@@ -11,6 +12,10 @@ command -v mvn >/dev/null || missing+=(maven)
 command -v kcat >/dev/null || missing+=(kcat)
 command -v go >/dev/null || missing+=(golang-go)
 command -v promtool >/dev/null || missing+=(prometheus)
+# `make image` (and so `make test`): the CPU image built and run without Docker or a registry.
+command -v podman >/dev/null || missing+=(podman)
+command -v buildah >/dev/null || missing+=(buildah)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
