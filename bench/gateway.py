@@ -203,13 +203,7 @@ async def wait_http(port: int, path: str, timeout_s: float = 120) -> None:
 
 async def fleet_through_kafka(fleet: Fleet, texts: list[str]) -> Row:
     """The fleet's own rate on new texts: the Python client over Kafka (batches of 512)."""
-    client = Client(
-        kafka_bootstrap=fleet.bootstrap,
-        redis_url=fleet.redis_url,
-        requests_topic=fleet.requests_topic,
-        results_topic=fleet.results_topic,
-        cache_key_prefix=fleet.cache_prefix,
-    )
+    client = Client(fleet.client_config())
     async with client:
         started = time.perf_counter()
         await asyncio.gather(

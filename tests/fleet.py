@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from producer.config import ClientConfig
 from tests.helpers import create_topic, delete_topics
 from worker.cache import drop_cache_prefix, redis_client
 
@@ -227,6 +228,18 @@ class Fleet:
     def stop_all(self) -> None:
         for worker in self.workers:
             self.stop_worker(worker)
+
+    def client_config(self, **overrides: Any) -> ClientConfig:
+        """A Python client's settings for this fleet (its topics, cache prefix, Kafka and Redis)."""
+        settings: dict[str, Any] = {
+            "kafka_bootstrap": self.bootstrap,
+            "redis_url": self.redis_url,
+            "requests_topic": self.requests_topic,
+            "results_topic": self.results_topic,
+            "cache_key_prefix": self.cache_prefix,
+            **overrides,
+        }
+        return ClientConfig.from_env({}, **settings)
 
     def start_gateway(self, *args: str, env: Mapping[str, str] | None = None) -> GatewayProcess:
         """`embedfleet gateway` in front of this fleet, on a free port (stop it with stop())."""

@@ -149,13 +149,7 @@ async def test_a_worker_and_a_gateway_from_the_image_answer(
 
         reference = quality.read_reference(shared_dir / "reference" / "all-MiniLM-L6-v2")
         texts, expected = reference.texts[:200], reference.vectors[:200]
-        client = Client(
-            kafka_bootstrap=kafka_bootstrap,
-            redis_url=redis_url,
-            requests_topic=fleet.requests_topic,
-            results_topic=fleet.results_topic,
-            cache_key_prefix=fleet.cache_prefix,
-        )
+        client = Client(fleet.client_config())
         async with client:
             vectors = np.asarray(await client.embed(texts, timeout=120))
         cosines = (vectors * expected).sum(axis=1) / (

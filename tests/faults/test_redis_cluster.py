@@ -125,13 +125,7 @@ async def test_workers_and_the_client_share_the_cache_through_the_cluster(
     fleet = await start_fleet(kafka_bootstrap, cluster.url, model_dir, tmp_path, workers=1)
     try:
         texts = [f"cluster cached text {uuid.uuid4().hex[:6]} {i}" for i in range(200)]
-        client = Client(
-            kafka_bootstrap=kafka_bootstrap,
-            redis_url=cluster.url,
-            requests_topic=fleet.requests_topic,
-            results_topic=fleet.results_topic,
-            cache_key_prefix=fleet.cache_prefix,
-        )
+        client = Client(fleet.client_config())
         async with client:
             first = await client.embed(texts, timeout=60)
             assert client.stats.computed == 200 and client.stats.produced == 200

@@ -102,15 +102,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def fleet_config(fleet: Fleet, **overrides: Any) -> ClientConfig:
-    settings: dict[str, Any] = {
-        "kafka_bootstrap": fleet.bootstrap,
-        "redis_url": fleet.redis_url,
-        "requests_topic": fleet.requests_topic,
-        "results_topic": fleet.results_topic,
-        "cache_key_prefix": fleet.cache_prefix,
-        **overrides,
-    }
-    return ClientConfig.from_env({}, **settings)
+    return fleet.client_config(**overrides)
 
 
 def fleet_env(fleet: Fleet) -> dict[str, str]:

@@ -30,13 +30,7 @@ async def test_a_reply_topic_older_than_the_worker_gets_its_results_at_once(
         fleet.start_worker()
         await fleet.wait_ready()
         fleet.stop_all()  # the model contract is now in Redis: the client can key by content hash
-        client = Client(
-            kafka_bootstrap=kafka_bootstrap,
-            redis_url=redis_url,
-            requests_topic=fleet.requests_topic,
-            results_topic=fleet.results_topic,
-            cache_key_prefix=fleet.cache_prefix,
-        )
+        client = Client(fleet.client_config())
         async with client:  # its private reply topic exists before the next worker starts
             worker = fleet.start_worker()
             await fleet.wait_ready([worker])
