@@ -14,6 +14,11 @@ Everything it needs comes from package registries and is cached under the state 
   link against OpenSSL 1.1, which current Debian lacks; the copies inside the
   psycopg2-binary 2.9.5 manylinux2014 wheel work, so that wheel is fetched once and its two
   libraries are put on ``LD_LIBRARY_PATH``.
+* Toxiproxy (the fault proxy of the tests): the Go module ``github.com/Shopify/toxiproxy/v2`` at a
+  pinned version, built once with ``go install`` into ``toxiproxy/bin``. It listens on loopback
+  only: its HTTP API (8474) and two proxies, ``kafka`` (9096, in front of the broker's PROXIED
+  listener on 9095, which advertises 9096 so that clients stay behind the proxy) and ``redis``
+  (6380, in front of 6379). Toxics (latency, bandwidth, resets) are added by the tests.
 
 Processes are tracked by PID files (never found or killed by name); a PID file is trusted only
 while its process's command line still names the service, so a reused PID is never signalled.
@@ -56,6 +61,10 @@ STOP_TIMEOUT_S = 45.0
 SASL_USERNAME = "embedfleet"
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-512")
 SASL_PASSWORD_ENV = "EMBEDFLEET_STACK_SASL_PASSWORD"  # noqa: S105 (a variable name)
+# The fault proxy, built from the Go module proxy (the newest v2 release the proxy serves).
+TOXIPROXY_MODULE = "github.com/Shopify/toxiproxy/v2"
+TOXIPROXY_VERSION = "v2.5.0"
+TOXIPROXY_BUILD_TIMEOUT_S = 600.0
 
 TOPICS: tuple[tuple[str, int, dict[str, str]], ...] = (
     ("embed.requests", 6, {}),
@@ -80,6 +89,23 @@ class StackSettings:
     kafka_heap: str
     kafka_brokers: int = 1
     redis_cluster_port: int = 7000
+    toxiproxy_port: int = 8474  # Toxiproxy's HTTP API
+    # The fault proxy's ports; 0 means beside the service's own port (the properties below).
+    kafka_proxied_port: int = 0  # the broker's PROXIED listener, reached only through Toxiproxy
+    toxiproxy_kafka_port: int = 0  # Toxiproxy's Kafka proxy: the bootstrap of clients behind it
+    toxiproxy_redis_port: int = 0  # Toxiproxy's Redis proxy
+
+    @property
+    def kafka_behind_proxy(self) -> int:
+        return self.kafka_proxied_port or self.kafka_port + 3
+
+    @property
+    def kafka_proxy(self) -> int:
+        return self.toxiproxy_kafka_port or self.kafka_port + 4
+
+    @property
+    def redis_proxy(self) -> int:
+        return self.toxiproxy_redis_port or self.redis_port + 1
 
     @property
     def log_dir(self) -> Path:
@@ -241,6 +267,8 @@ class KafkaService:
         self.kafka_port = settings.kafka_port + offset
         self.controller_port = settings.controller_port + offset
         self.sasl_port = settings.sasl_port + offset
+        # Only the single node sits behind the fault proxy; cluster nodes keep their own ports.
+        self.proxied_port: int | None = None if self.clustered else settings.kafka_behind_proxy
         suffix = f"-{node}" if self.clustered else ""
         self.home = settings.state_dir / "kafka"
         self.libs = self.home / "libs"
@@ -340,6 +368,9 @@ class KafkaService:
 
     def render_config(self, credentials: SaslCredentials) -> None:
         template = string.Template((HERE / "server.properties.template").read_text())
+        # Kafka clients reconnect to the advertised address, so the listener Toxiproxy forwards to
+        # advertises Toxiproxy's own port: a client that bootstraps through it stays behind it.
+        proxied = self.proxied_port is not None
         write_private(
             self.config,
             template.substitute(
@@ -347,6 +378,9 @@ class KafkaService:
                 kafka_port=self.kafka_port,
                 controller_port=self.controller_port,
                 sasl_port=self.sasl_port,
+                proxied_listener=f"PROXIED://127.0.0.1:{self.proxied_port}," if proxied else "",
+                proxied_advertised=f",PROXIED://127.0.0.1:{self.settings.kafka_proxy}" if proxied else "",
+                proxied_protocol="PROXIED:PLAINTEXT," if proxied else "",
                 quorum=self.quorum_setting(),
                 replication=self.replication,
                 # Replicated: a write needs 2 of 3 in sync (the design's production setting).
@@ -413,6 +447,12 @@ class KafkaService:
                     "was started before SASL was configured): `stack down --service kafka` then "
                     "`stack up` adds it"
                 )
+            if self.proxied_port is not None and not port_is_open(self.proxied_port):
+                say(
+                    f"note: the running broker has no PROXIED listener on {self.proxied_port} (it "
+                    "was started before the fault proxy existed): `stack down --service kafka` "
+                    "then `stack up` adds it"
+                )
             return
         self.fetch()
         credentials = self.credentials()
@@ -435,8 +475,9 @@ class KafkaService:
             (self.kafka_port, "--kafka-port / EMBEDFLEET_KAFKA_PORT"),
             (self.sasl_port, "--sasl-port / EMBEDFLEET_KAFKA_SASL_PORT"),
             (self.controller_port, "--controller-port / EMBEDFLEET_KAFKA_CONTROLLER_PORT"),
+            (self.proxied_port, "--kafka-proxied-port / EMBEDFLEET_KAFKA_PROXIED_PORT"),
         ):
-            if port_is_open(port):
+            if port is not None and port_is_open(port):
                 raise StackError(
                     f"port {port} is taken by a process this stack did not start; stop it or "
                     f"choose another with {option}"
@@ -577,9 +618,16 @@ class KafkaService:
         sasl += f"; credentials {self.sasl_file})"
         if pid and not port_is_open(self.sasl_port):
             sasl += " not open: restart kafka (down, then up) to add it"
+        proxied = ""
+        if self.proxied_port is not None:
+            proxied = (
+                f", PROXIED 127.0.0.1:{self.proxied_port} (advertised 127.0.0.1:{self.settings.kafka_proxy})"
+            )
+            if pid and not port_is_open(self.proxied_port):
+                proxied += " not open: restart kafka (down, then up) to add it"
         return (
             f"{self.process.name} {self.version()}: {state}, PLAINTEXT 127.0.0.1:{self.kafka_port}, "
-            f"{sasl}, log {self.log_file}"
+            f"{sasl}{proxied}, log {self.log_file}"
         )
 
 
@@ -899,6 +947,179 @@ class RedisClusterService(RedisService):
         return f"redis cluster: {running}/{self.NODES} nodes running on {where}"
 
 
+# --- Toxiproxy (the fault proxy) ---------------------------------------------------------------
+
+
+class ToxiproxyService:
+    """Toxiproxy on loopback: a ``kafka`` proxy in front of the single broker's PROXIED listener and
+    a ``redis`` proxy in front of Redis, both without toxics until a test adds some. Built once
+    from the Go module proxy with ``go install`` (cached by version)."""
+
+    name = "toxiproxy"
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.home = settings.state_dir / "toxiproxy"
+        self.bin_dir = self.home / "bin"
+        # `go install` names the binary after its package directory (`server`): renamed, so that
+        # `ps` says what it is and the PID file's check has a distinct command line to look for.
+        self.server = self.bin_dir / "toxiproxy-server"
+        self.stamp = self.bin_dir / ".version"
+        self.log_file = settings.log_dir / "toxiproxy.log"
+        self.process = TrackedProcess("toxiproxy", settings.run_dir / "toxiproxy.pid", str(self.server))
+        self.api = f"http://127.0.0.1:{settings.toxiproxy_port}"
+
+    def proxies(self) -> list[dict[str, object]]:
+        """The proxies `up` creates; a local 3-node cluster keeps its own ports (no Kafka proxy)."""
+        s = self.settings
+        proxies: list[dict[str, object]] = [
+            {"name": "redis", "listen": f"127.0.0.1:{s.redis_proxy}", "upstream": f"127.0.0.1:{s.redis_port}"}
+        ]
+        if s.kafka_brokers == 1:
+            proxies.insert(
+                0,
+                {
+                    "name": "kafka",
+                    "listen": f"127.0.0.1:{s.kafka_proxy}",
+                    "upstream": f"127.0.0.1:{s.kafka_behind_proxy}",
+                },
+            )
+        return proxies
+
+    def build(self) -> None:
+        """`go install` of the pinned version into the state directory, unless it is there."""
+        if (
+            self.server.exists()
+            and self.stamp.exists()
+            and self.stamp.read_text().strip() == TOXIPROXY_VERSION
+        ):
+            return
+        go = shutil.which("go")
+        if go is None:
+            raise StackError(
+                "Go is not on PATH: Toxiproxy (the tests' fault proxy) is built with `go install`; run "
+                "`make system-deps` (Debian: apt-get install golang-go), or start only "
+                "`--service kafka --service redis`"
+            )
+        package = f"{TOXIPROXY_MODULE}/cmd/server@{TOXIPROXY_VERSION}"
+        say(
+            f"building Toxiproxy {TOXIPROXY_VERSION} with `go install {package}` "
+            "(first run only, about a minute) ..."
+        )
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GOBIN=str(self.bin_dir), GO111MODULE="on")
+        # `go install pkg@version` refuses -mod=vendor and the like from the caller's GOFLAGS.
+        env["GOFLAGS"] = " ".join(f for f in env.get("GOFLAGS", "").split() if not f.startswith("-mod="))
+        started = time.monotonic()
+        try:
+            # Run outside any Go module (the checkout's Go client has its own go.mod).
+            result = subprocess.run(
+                [go, "install", package],
+                cwd=self.home,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=TOXIPROXY_BUILD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise StackError(
+                f"`go install {package}` took more than {TOXIPROXY_BUILD_TIMEOUT_S:.0f}s; check access "
+                "to the Go module proxy (GOPROXY) and run `stack up` again"
+            ) from None
+        built = self.bin_dir / "server"
+        if result.returncode != 0 or not built.exists():
+            raise StackError(
+                f"`go install {package}` failed (exit {result.returncode}); check access to the Go "
+                f"module proxy ({env.get('GOPROXY') or 'GOPROXY unset: proxy.golang.org'}) and that "
+                "`go version` is 1.17 or newer, then run `stack up` again.\n"
+                + (result.stdout + result.stderr)[-3000:]
+            )
+        os.replace(built, self.server)
+        self.stamp.write_text(TOXIPROXY_VERSION + "\n")
+        say(f"Toxiproxy {TOXIPROXY_VERSION} built in {time.monotonic() - started:.0f}s: {self.server}")
+
+    def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
+        """One call to Toxiproxy's HTTP API: (status, decoded JSON body)."""
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        # self.api is always http://127.0.0.1:<port>.
+        call = urllib.request.Request(  # noqa: S310
+            self.api + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(call, timeout=5) as response:  # noqa: S310
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode("utf-8", "replace")
+
+    def wait_ready(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.running_pid() is None:
+                raise StackError(
+                    f"toxiproxy exited during start. Last lines of {self.log_file}:\n"
+                    + log_tail(self.log_file)
+                )
+            try:
+                status, version = self.request("GET", "/version")
+                if status == 200:
+                    return str(version).strip()
+            except OSError as exc:
+                last_error = exc
+            time.sleep(0.2)
+        raise StackError(
+            f"toxiproxy's API did not answer on {self.api} within {START_TIMEOUT_S:.0f}s ({last_error!r}). "
+            f"Last lines of {self.log_file}:\n" + log_tail(self.log_file)
+        )
+
+    def populate(self) -> None:
+        """Creates the proxies; existing ones with the same addresses are kept as they are (with
+        any toxics a running test has added), changed ones are replaced."""
+        status, body = self.request("POST", "/populate", self.proxies())
+        if status not in (200, 201):
+            raise StackError(
+                f"toxiproxy could not create its proxies ({status}: {body}); a taken port can be moved "
+                "with --toxiproxy-kafka-port / EMBEDFLEET_TOXIPROXY_KAFKA_PORT or --toxiproxy-redis-port "
+                f"/ EMBEDFLEET_TOXIPROXY_REDIS_PORT. Log: {self.log_file}"
+            )
+
+    def up(self) -> None:
+        pid = self.process.running_pid()
+        if pid is not None:
+            say(f"toxiproxy already running (pid {pid}), API {self.api}")
+        else:
+            if port_is_open(self.settings.toxiproxy_port):
+                raise StackError(
+                    f"port {self.settings.toxiproxy_port} is taken by a process this stack did not start; "
+                    "stop it or choose another with --toxiproxy-port / EMBEDFLEET_TOXIPROXY_PORT"
+                )
+            self.build()
+            argv = [str(self.server), "-host", "127.0.0.1", "-port", str(self.settings.toxiproxy_port)]
+            pid = self.process.start(argv, self.log_file, dict(os.environ))
+            say(f"toxiproxy starting (pid {pid}), log {self.log_file}")
+            self.wait_ready()
+        self.populate()
+        routes = ", ".join(f"{p['name']} {p['listen']} -> {p['upstream']}" for p in self.proxies())
+        say(f"toxiproxy {TOXIPROXY_VERSION} ready: API {self.api}; {routes}")
+
+    def down(self) -> None:
+        say("toxiproxy stopped" if self.process.stop() else "toxiproxy was not running")
+
+    def status(self) -> str:
+        pid = self.process.running_pid()
+        state = f"running (pid {pid})" if pid else "stopped"
+        routes = ", ".join(f"{p['name']} {p['listen']} -> {p['upstream']}" for p in self.proxies())
+        return f"toxiproxy {TOXIPROXY_VERSION}: {state}, API {self.api}, {routes}, log {self.log_file}"
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -907,9 +1128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument(
         "--service",
-        choices=["kafka", "redis", "redis-cluster"],
+        choices=["kafka", "redis", "toxiproxy", "redis-cluster"],
         action="append",
-        help="act on this service only (repeatable; default kafka and redis; redis-cluster only when named)",
+        help="act on this service only (repeatable; default kafka, redis and toxiproxy; redis-cluster "
+        "only when named)",
     )
     parser.add_argument(
         "--state-dir",
@@ -938,6 +1160,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="first port of the local Redis Cluster's 6 nodes (--service redis-cluster)",
     )
     parser.add_argument(
+        "--toxiproxy-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_TOXIPROXY_PORT") or 8474),
+        help="Toxiproxy's HTTP API",
+    )
+    parser.add_argument(
+        "--toxiproxy-kafka-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_TOXIPROXY_KAFKA_PORT") or 0),
+        help="Toxiproxy's Kafka proxy (default: the Kafka port + 4)",
+    )
+    parser.add_argument(
+        "--toxiproxy-redis-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_TOXIPROXY_REDIS_PORT") or 0),
+        help="Toxiproxy's Redis proxy (default: the Redis port + 1)",
+    )
+    parser.add_argument(
+        "--kafka-proxied-port",
+        type=int,
+        default=int(os.environ.get("EMBEDFLEET_KAFKA_PROXIED_PORT") or 0),
+        help="the broker's listener behind Toxiproxy (default: the Kafka port + 3)",
+    )
+    parser.add_argument(
         "--brokers",
         type=int,
         default=int(os.environ.get("EMBEDFLEET_KAFKA_BROKERS") or 1),
@@ -957,6 +1203,10 @@ def main(argv: list[str] | None = None) -> int:
         kafka_heap=args.kafka_heap,
         kafka_brokers=args.brokers,
         redis_cluster_port=args.redis_cluster_port,
+        toxiproxy_port=args.toxiproxy_port,
+        kafka_proxied_port=args.kafka_proxied_port,
+        toxiproxy_kafka_port=args.toxiproxy_kafka_port,
+        toxiproxy_redis_port=args.toxiproxy_redis_port,
     )
     if args.brokers < 1:
         print("[stack] error: --brokers must be at least 1", file=sys.stderr)
@@ -964,9 +1214,9 @@ def main(argv: list[str] | None = None) -> int:
     kafka: KafkaService | KafkaCluster = (
         KafkaCluster(settings, args.brokers) if args.brokers > 1 else KafkaService(settings)
     )
-    services: list[KafkaService | KafkaCluster | RedisService] = [
+    services: list[KafkaService | KafkaCluster | RedisService | ToxiproxyService] = [
         s
-        for s in (kafka, RedisService(settings), RedisClusterService(settings))
+        for s in (kafka, RedisService(settings), ToxiproxyService(settings), RedisClusterService(settings))
         if (s.name in args.service if args.service else s.name != "redis-cluster")
     ]
     started = time.monotonic()
