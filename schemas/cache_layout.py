@@ -1,9 +1,11 @@
 """Where the fleet keeps things in Redis: the one definition every worker and client follows.
 
 * a vector: HASH ``{prefix}:{model}:{dim}:{content hash}`` with ``vector`` (little-endian float32
-  bytes), ``model`` and ``dim`` (a reader serves it only when all three match what it asked for),
-  and ``tokens`` (how many tokens the model read, for usage counts; absent in entries written
-  before it existed);
+  bytes), ``model`` and ``dim``, and ``tokens`` (how many tokens the model read, for usage counts;
+  absent in entries written before it existed). Whether an entry may be served is decided by
+  ``servable_entry`` alone (and its Go twin, ``ServableEntry`` in producer/go/cache.go), which the
+  worker, the Python client, the gateway and the Go client all call: anything it refuses is a miss,
+  and the worker's next computation of that text overwrites the entry;
 * the served model's contract: HASH ``{prefix}:models:{model}`` with ``fingerprint``, ``dim``,
   ``max_tokens``, ``tasks`` and ``dimensions`` (JSON arrays), which clients read to compute content
   hashes;
@@ -11,20 +13,30 @@
 
 ``{model}`` in vector keys and index names is the model name with every character outside
 ``[A-Za-z0-9_.-]`` replaced by ``_``. ``schemas/testdata/cache_layout.json`` holds examples that the
-Go client's tests check too.
+Go client's tests check too, and ``schemas/testdata/cache_entries.json`` the entries that may and
+may not be served.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
 
 VECTOR_FIELD: Final = "vector"
 MODEL_FIELD: Final = "model"
 DIM_FIELD: Final = "dim"
 TOKENS_FIELD: Final = "tokens"
+# What a reader fetches of an entry (one HMGET), in this order: servable_entry's input.
+ENTRY_FIELDS: Final = (VECTOR_FIELD, MODEL_FIELD, DIM_FIELD, TOKENS_FIELD)
+# A token count is 1 to 9 ASCII digits: the same numbers parse in every reader (Go's Atoi takes a
+# sign and overflows where Python's int does not).
+_TOKENS: Final = re.compile(rb"[0-9]{1,9}")
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -86,3 +98,43 @@ def contract_fields(
         "tasks": json.dumps(sorted(tasks)),
         "dimensions": json.dumps(sorted(dimensions)),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A cache entry that may be served."""
+
+    vector: NDArray[np.float32]
+    tokens: int | None  # None in entries written before workers stored it
+
+
+def _raw(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def servable_entry(values: Sequence[bytes | str | None], *, model: str, dim: int) -> CacheEntry | None:
+    """The one rule for serving a cache entry: ``values`` are its ``ENTRY_FIELDS`` (None where a
+    field is absent, all None for a missing key or a key of another Redis type). Served only when
+    ``model`` is exactly the model asked for (the key holds a sanitised name that two models can
+    share; the serving fingerprint is in the content hash, so the name is what an entry can
+    check), ``dim`` is the width asked for in plain decimal, ``vector`` is exactly ``4 * dim``
+    bytes of finite float32 numbers, and ``tokens``, when present, is a plain decimal count.
+    Anything else is a miss."""
+    if len(values) != len(ENTRY_FIELDS):
+        raise ValueError(f"expected the {len(ENTRY_FIELDS)} fields {ENTRY_FIELDS}, got {len(values)}")
+    vector, entry_model, entry_dim, tokens = (_raw(v) for v in values)
+    if (
+        dim <= 0
+        or vector is None
+        or len(vector) != 4 * dim
+        or entry_model != model.encode()
+        or entry_dim != str(dim).encode()
+    ):
+        return None
+    if tokens is not None and _TOKENS.fullmatch(tokens) is None:
+        return None
+    floats = np.frombuffer(vector, dtype="<f4")
+    if not bool(np.isfinite(floats).all()):
+        return None
+    # A native, writable copy: the reply's bytes are not kept alive by the vector.
+    return CacheEntry(floats.astype(np.float32), None if tokens is None else int(tokens))

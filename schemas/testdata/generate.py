@@ -1,14 +1,15 @@
 """Generate the cross-language test vectors of the wire contract.
 
-Run ``python -m schemas.testdata.generate`` to rewrite ``content_hash.json`` and
-``codec.json`` next to this file. The committed files are the contract: the tests
-check that the code still reproduces them byte for byte, so a change of the code that
-alters a key or an encoding fails until it is made deliberately (and versioned).
+Run ``python -m schemas.testdata.generate`` to rewrite ``content_hash.json``, ``codec.json``,
+``cache_layout.json`` and ``cache_entries.json`` next to this file. The committed files are the
+contract: the tests check that the code still reproduces them byte for byte, so a change of the
+code that alters a key or an encoding fails until it is made deliberately (and versioned).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +32,7 @@ TESTDATA_DIR: Final = Path(__file__).parent
 CONTENT_HASH_FILE: Final = TESTDATA_DIR / "content_hash.json"
 CODEC_FILE: Final = TESTDATA_DIR / "codec.json"
 CACHE_LAYOUT_FILE: Final = TESTDATA_DIR / "cache_layout.json"
+CACHE_ENTRIES_FILE: Final = TESTDATA_DIR / "cache_entries.json"
 
 FINGERPRINT: Final = "all-minilm-l6-v2:int8-per-channel:9f2c1a7e"
 
@@ -300,6 +302,115 @@ def cache_layout_vectors() -> dict[str, Any]:
     }
 
 
+def _f32(*floats: float) -> bytes:
+    return struct.pack(f"<{len(floats)}f", *floats)
+
+
+_NAN_PAYLOAD: Final = struct.pack("<I", 0x7FA00001)  # a signalling NaN: not the usual bit pattern
+_GOOD4: Final = _f32(0.5, -0.25, 1.0, -0.0)
+_MODEL: Final = "all-MiniLM-L6-v2"
+_UNSAFE_MODEL: Final = "org/model name:v2"
+_ABSENT: Final = b"<absent>"
+
+
+def _entry(**fields: bytes) -> dict[str, bytes]:
+    """A HASH's fields: a good 4-wide entry of _MODEL without tokens, changed by ``fields``
+    (``_ABSENT`` drops one)."""
+    base = {"vector": _GOOD4, "model": _MODEL.encode(), "dim": b"4"}
+    return {k: v for k, v in {**base, **fields}.items() if v != _ABSENT}
+
+
+# (name, asked model, asked dim, redis type, fields of a HASH: field -> raw bytes)
+_ENTRY_CASES: Final[tuple[tuple[str, str, int, str, dict[str, bytes]], ...]] = (
+    ("good", _MODEL, 4, "hash", _entry(tokens=b"7")),
+    ("good_without_tokens", _MODEL, 4, "hash", _entry()),
+    ("good_tokens_zero", _MODEL, 4, "hash", _entry(tokens=b"0")),
+    ("good_tokens_leading_zeros", _MODEL, 4, "hash", _entry(tokens=b"007")),
+    ("good_tokens_nine_digits", _MODEL, 4, "hash", _entry(tokens=b"999999999")),
+    ("good_extremes", _MODEL, 4, "hash",
+     _entry(vector=_f32(3.4028234663852886e38, -3.4028234663852886e38, 1e-45, -0.0))),
+    ("good_384", _MODEL, 384, "hash",
+     _entry(vector=_f32(*[(i % 7 - 3) / 8 for i in range(384)]), dim=b"384", tokens=b"12")),
+    ("good_unsafe_model_name", _UNSAFE_MODEL, 4, "hash", _entry(model=_UNSAFE_MODEL.encode(), tokens=b"3")),
+    ("good_extra_field", _MODEL, 4, "hash", _entry(tokens=b"7", note=b"ignored")),
+    ("absent", _MODEL, 4, "none", {}),
+    ("missing_vector", _MODEL, 4, "hash", _entry(vector=_ABSENT, tokens=b"7")),
+    ("missing_model", _MODEL, 4, "hash", _entry(model=_ABSENT, tokens=b"7")),
+    ("missing_dim", _MODEL, 4, "hash", _entry(dim=_ABSENT, tokens=b"7")),
+    ("only_tokens", _MODEL, 4, "hash", {"tokens": b"7"}),
+    ("other_model", _MODEL, 4, "hash", _entry(model=b"another-model")),
+    ("model_case_differs", _MODEL, 4, "hash", _entry(model=_MODEL.lower().encode())),
+    ("sanitised_model_name", _UNSAFE_MODEL, 4, "hash", _entry(model=b"org_model_name_v2")),
+    ("model_empty", _MODEL, 4, "hash", _entry(model=b"")),
+    ("model_not_utf8", _MODEL, 4, "hash", _entry(model=_MODEL.encode() + b"\xff")),
+    ("model_trailing_space", _MODEL, 4, "hash", _entry(model=_MODEL.encode() + b" ")),
+    ("dim_other_width", _MODEL, 4, "hash", _entry(dim=b"5")),
+    ("dim_leading_zero", _MODEL, 4, "hash", _entry(dim=b"04")),
+    ("dim_plus_sign", _MODEL, 4, "hash", _entry(dim=b"+4")),
+    ("dim_space", _MODEL, 4, "hash", _entry(dim=b" 4")),
+    ("dim_float", _MODEL, 4, "hash", _entry(dim=b"4.0")),
+    ("dim_empty", _MODEL, 4, "hash", _entry(dim=b"")),
+    ("vector_short", _MODEL, 4, "hash", _entry(vector=_GOOD4[:12])),
+    ("vector_long", _MODEL, 4, "hash", _entry(vector=_GOOD4 + _f32(1.0))),
+    ("vector_odd_length", _MODEL, 4, "hash", _entry(vector=_GOOD4[:15])),
+    ("vector_empty", _MODEL, 4, "hash", _entry(vector=b"")),
+    ("vector_and_dim_of_another_width", _MODEL, 4, "hash", _entry(vector=_f32(0.5, 0.5), dim=b"2")),
+    ("vector_nan", _MODEL, 4, "hash", _entry(vector=_f32(0.5, float("nan"), 1.0, 0.0))),
+    ("vector_signalling_nan", _MODEL, 4, "hash", _entry(vector=_GOOD4[:12] + _NAN_PAYLOAD)),
+    ("vector_all_nan_384", _MODEL, 384, "hash",
+     _entry(vector=_f32(*[float("nan")] * 384), dim=b"384", tokens=b"5")),
+    ("vector_plus_inf", _MODEL, 4, "hash", _entry(vector=_f32(float("inf"), 0.0, 0.0, 0.0))),
+    ("vector_minus_inf", _MODEL, 4, "hash", _entry(vector=_f32(0.0, 0.0, 0.0, float("-inf")))),
+    ("tokens_empty", _MODEL, 4, "hash", _entry(tokens=b"")),
+    ("tokens_negative", _MODEL, 4, "hash", _entry(tokens=b"-1")),
+    ("tokens_plus_sign", _MODEL, 4, "hash", _entry(tokens=b"+1")),
+    ("tokens_not_a_number", _MODEL, 4, "hash", _entry(tokens=b"seven")),
+    ("tokens_ten_digits", _MODEL, 4, "hash", _entry(tokens=b"1234567890")),
+    ("tokens_unicode_digit", _MODEL, 4, "hash", _entry(tokens="\u0663".encode())),
+    ("wrong_type_string", _MODEL, 4, "string", {}),
+    ("wrong_type_list", _MODEL, 4, "list", {}),
+    ("wrong_type_set", _MODEL, 4, "set", {}),
+)  # fmt: skip
+
+
+def cache_entries_vectors() -> dict[str, Any]:
+    """Cache entries and whether a reader may serve them (``cache_layout.servable_entry``)."""
+    cases = []
+    for name, model, dim, redis_type, fields in _ENTRY_CASES:
+        entry = cache_layout.servable_entry(
+            [fields.get(field) for field in cache_layout.ENTRY_FIELDS] if redis_type in {"hash", "none"}
+            else [None] * len(cache_layout.ENTRY_FIELDS),
+            model=model,
+            dim=dim,
+        )  # fmt: skip
+        # The verdicts are written by hand, in the names: a change of the rule cannot rewrite them.
+        if (entry is not None) != name.startswith("good"):
+            raise AssertionError(f"cache entry case {name}: servable is {entry is not None}")
+        cases.append(
+            {
+                "name": name,
+                "model": model,
+                "dim": dim,
+                "redis_type": redis_type,
+                "fields_hex": {field: value.hex() for field, value in fields.items()},
+                "servable": entry is not None,
+                "tokens": None if entry is None else entry.tokens,
+                "vector": None if entry is None else [float(x) for x in entry.vector],
+            }
+        )
+    return {
+        "description": (
+            "schemas/cache_layout.py servable_entry (Go: ServableEntry): whether a cache entry may "
+            "be served to a reader asking for `model` and `dim`. `fields_hex`: the HASH's fields "
+            "as hex bytes (a field not listed is absent); `redis_type` none: no key; string, list, "
+            "set: a key of another type (a miss, never an error). `vector`: the float32 values "
+            "served, widened exactly; `tokens`: the count served (null: unknown)."
+        ),
+        "fields": list(cache_layout.ENTRY_FIELDS),
+        "cases": cases,
+    }
+
+
 def render(document: dict[str, Any]) -> str:
     # ASCII-only with \u escapes: an editor that normalises text on save cannot alter
     # the combining sequences the vectors are about.
@@ -310,7 +421,10 @@ def main() -> int:
     CONTENT_HASH_FILE.write_text(render(content_hash_vectors()), encoding="utf-8")
     CODEC_FILE.write_text(render(codec_vectors()), encoding="utf-8")
     CACHE_LAYOUT_FILE.write_text(render(cache_layout_vectors()), encoding="utf-8")
-    sys.stdout.write(f"wrote {CONTENT_HASH_FILE}, {CODEC_FILE} and {CACHE_LAYOUT_FILE}\n")
+    CACHE_ENTRIES_FILE.write_text(render(cache_entries_vectors()), encoding="utf-8")
+    sys.stdout.write(
+        f"wrote {CONTENT_HASH_FILE}, {CODEC_FILE}, {CACHE_LAYOUT_FILE} and {CACHE_ENTRIES_FILE}\n"
+    )
     return 0
 
 
