@@ -1,8 +1,10 @@
 """Redis, read-only: the model contract the workers publish and the vectors they cache.
 
-Where things are is ``schemas.cache_layout`` (the workers follow the same module). Every read fails
-open: on an error or a timeout the call carries on as if the cache were empty, and Redis is skipped
-for ``retry_after_s``.
+Where things are is ``schemas.cache_layout`` (the workers follow the same module), and so is the one
+rule for serving an entry (``servable_entry``): an entry the workers would not serve is a miss here
+too, and the worker that computes the text overwrites it. A key of another Redis type is a miss for
+that key only. Every read fails open: on an error or a timeout (a cluster with no node reachable
+too) the call carries on as if the cache were empty, and Redis is skipped for ``retry_after_s``.
 """
 
 from __future__ import annotations
@@ -12,28 +14,31 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from producer.config import ClientConfig
-from producer.errors import Vector
 from schemas.cache_layout import (
-    TOKENS_FIELD,
-    VECTOR_FIELD,
+    ENTRY_FIELDS,
+    CacheEntry,
     cluster_node_url,
     cluster_startup_nodes,
     contract_key,
+    servable_entry,
     vector_key,
 )
 
 log = logging.getLogger(__name__)
-_FAILURES = (RedisError, OSError, TimeoutError)
+# RedisClusterException is not a RedisError: a cluster client with no node reachable raises it.
+_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+# A cached vector and its token count (None in entries written before workers stored it).
+CachedVector = CacheEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +68,6 @@ class ModelContract:
         except (ValueError, TypeError) as exc:
             log.warning("ignoring a malformed model contract in Redis: %s", exc)
             return None
-
-
-@dataclass(frozen=True, slots=True)
-class CachedVector:
-    vector: Vector
-    tokens: int | None  # None in entries written before workers stored it
-
-
-def _count(value: bytes | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
 
 
 def _text(value: bytes | str) -> str:
@@ -114,6 +109,10 @@ def connect(config: ClientConfig) -> CacheClient | None:
         }
     )
     return redis.Redis.from_url(config.redis_url, **kwargs)  # type: ignore[arg-type]
+
+
+def _wrong_type(reply: Exception) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 class CacheReader:
@@ -167,18 +166,19 @@ class CacheReader:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(vector_key(self._prefix, self._model_name, dim, key), [VECTOR_FIELD, TOKENS_FIELD])
+            pipe.hmget(vector_key(self._prefix, self._model_name, dim, key), list(ENTRY_FIELDS))
         try:
-            raw: list[list[bytes | None]] = await pipe.execute()
+            # Per-command errors kept: a key of another type must not fail the others.
+            raw: list[Any] = await pipe.execute(raise_on_error=False)
+            for reply in raw:
+                if isinstance(reply, Exception) and not _wrong_type(reply):
+                    raise reply
         except _FAILURES as exc:
             self._failed("lookup", exc)
             return [None] * len(keys)
-        # A value of the wrong size (another writer, a corrupted entry) is a miss, not an error.
         return [
-            CachedVector(np.frombuffer(value, dtype="<f4").astype(np.float32), _count(tokens))
-            if value is not None and len(value) == dim * 4
-            else None
-            for value, tokens in raw
+            None if isinstance(fields, Exception) else servable_entry(fields, model=self._model_name, dim=dim)
+            for fields in raw
         ]
 
     async def close(self) -> None:

@@ -11,9 +11,15 @@ a pipeline of one HMGET per key cost about 3x as much client CPU (a command to p
 parse per key), the largest part of a cache hit's cost. A server that refuses scripts (scripting
 off, or an ACL without EVAL) gets the pipeline instead.
 
+Whether an entry is served is ``schemas.cache_layout.servable_entry``'s call, the same rule as
+every client's: anything else is a miss, computed and overwritten by the store. A key of another
+Redis type is a miss for that key only (the script reads each key under ``pcall``, the pipeline
+keeps per-command errors) and the store replaces it.
+
 The cache fails open: an error or timeout makes every key of that batch a miss (the model
 computes it), is counted, and the cache is skipped for ``retry_after_s`` so a dead Redis costs
-one timeout per interval rather than one per batch. It recovers by itself.
+one timeout per interval rather than one per batch. It recovers by itself. A Redis that cannot be
+reached when the worker starts, single node or cluster, is the same path.
 """
 
 from __future__ import annotations
@@ -22,16 +28,24 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from schemas.cache_layout import (
     DIM_FIELD,
+    ENTRY_FIELDS,
     MODEL_FIELD,
     TOKENS_FIELD,
     VECTOR_FIELD,
@@ -39,6 +53,7 @@ from schemas.cache_layout import (
     cluster_startup_nodes,
     contract_key,
     index_name,
+    servable_entry,
     vector_key,
     vector_key_prefix,
 )
@@ -46,22 +61,47 @@ from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-# KEYS: the entries; ARGV: the fields to read. Returns the fields of every key, flat, in order.
+# What a failing cache raises: redis-py's errors, sockets, timeouts, and its cluster client's own
+# (RedisClusterException is not a RedisError: "no node reachable" at start is one). All fail open.
+CACHE_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+# KEYS: the entries; ARGV: the fields to read. Returns {the fields of every key, flat, in order;
+# the positions (1-based) of keys of another type}. pcall: one such key must not fail the batch.
 LOOKUP_SCRIPT = """
 local out = {}
+local wrong = {}
 local n = 0
-for _, key in ipairs(KEYS) do
-  local values = redis.call('HMGET', key, unpack(ARGV))
+for i, key in ipairs(KEYS) do
+  local values = redis.pcall('HMGET', key, unpack(ARGV))
+  if values.err then
+    wrong[#wrong + 1] = i
+    values = {}
+  end
   for j = 1, #ARGV do
     n = n + 1
-    out[n] = values[j]
+    out[n] = values[j] or false
   end
 end
-return out
+return {out, wrong}
 """
 # Redis names scripts by their SHA-1 (an identifier, not a security measure).
 LOOKUP_SCRIPT_SHA = hashlib.sha1(LOOKUP_SCRIPT.encode(), usedforsecurity=False).hexdigest()
-LOOKUP_FIELDS = (VECTOR_FIELD, MODEL_FIELD, DIM_FIELD)
+LOOKUP_FIELDS = ENTRY_FIELDS
+
+
+def _wrong_type(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+def wrong_type_replies(replies: Sequence[object]) -> set[int]:
+    """The positions of a pipeline's replies (run with ``raise_on_error=False``) that are a key of
+    another type; any other error is the batch's (raised: the cache fails open)."""
+    wrong = set()
+    for i, reply in enumerate(replies):
+        if _wrong_type(reply):
+            wrong.add(i)
+        elif isinstance(reply, Exception):
+            raise reply
+    return wrong
 
 
 CacheClient = redis.Redis | RedisCluster
@@ -138,8 +178,8 @@ async def redis_login_problem(config: WorkerConfig) -> str | None:
                 f"redis refused user {user!r} ({exc}): check EMBEDFLEET_REDIS_USERNAME, "
                 "EMBEDFLEET_REDIS_PASSWORD and the user's ACL"
             )
-    except (RedisError, OSError, TimeoutError):
-        pass  # down or slow: not a credentials problem
+    except CACHE_FAILURES:
+        pass  # down or slow (or a cluster with no node reachable): not a credentials problem
     finally:
         await client.aclose()
     return None
@@ -166,7 +206,6 @@ class VectorCache:
         retry_after_s: float = 1.0,
     ) -> None:
         self._client = client
-        self._model_name_bytes = model_name.encode()
         self.healthy = True  # False while Redis fails (the cache is skipped: degraded, not down)
         self._key_prefix = key_prefix
         self._model_name = model_name
@@ -218,59 +257,47 @@ class VectorCache:
             return [None] * len(keys)
         names = [self.redis_key(key, dim) for key, dim in keys]
         try:
-            raw = await self._read_entries(names)
-        except (RedisError, OSError, TimeoutError) as exc:
+            raw, wrong = await self._read_entries(names)
+        except CACHE_FAILURES as exc:
             self._failed("lookup", exc)
             return [None] * len(keys)
         self._up()
         found: list[np.ndarray | None] = []
-        for (_, dim), (value, model, stored_dim) in zip(keys, raw, strict=True):
-            vector = self._valid(value, model, stored_dim, dim)
-            if vector is None and value is not None:
-                self._metrics.cache_invalid.inc()
-            found.append(vector)
+        for i, ((_, dim), fields) in enumerate(zip(keys, raw, strict=True)):
+            entry = servable_entry(fields, model=self._model_name, dim=dim)
+            if entry is None and (i in wrong or any(value is not None for value in fields)):
+                self._metrics.cache_invalid.inc()  # there, but not servable: the store overwrites it
+            found.append(None if entry is None else entry.vector)
         self._metrics.cache_lookups.inc(len(keys))
         self._metrics.cache_hits.inc(sum(v is not None for v in found))
         return found
 
-    async def _read_entries(self, names: list[str]) -> list[list[bytes | None]]:
-        """(vector, model, dim) of each entry, in one round trip."""
+    async def _read_entries(self, names: list[str]) -> tuple[list[list[bytes | None]], set[int]]:
+        """The ``LOOKUP_FIELDS`` of each entry (all None for a key of another type) and the
+        positions of keys of another type, in one round trip."""
         assert self._client is not None
+        width = len(LOOKUP_FIELDS)
         if self._scripts:
             try:
                 try:
-                    flat = await self._client.evalsha(LOOKUP_SCRIPT_SHA, len(names), *names, *LOOKUP_FIELDS)
+                    reply = await self._client.evalsha(LOOKUP_SCRIPT_SHA, len(names), *names, *LOOKUP_FIELDS)
                 except NoScriptError:  # first call on this server (or after SCRIPT FLUSH): load it
-                    flat = await self._client.eval(LOOKUP_SCRIPT, len(names), *names, *LOOKUP_FIELDS)
+                    reply = await self._client.eval(LOOKUP_SCRIPT, len(names), *names, *LOOKUP_FIELDS)
             except ResponseError as exc:
                 if not _refuses_scripts(exc):
                     raise
                 log.warning("redis refuses Lua scripts (%s); looking up with pipelined HMGETs", exc)
                 self._scripts = False
             else:
-                width = len(LOOKUP_FIELDS)
-                return [flat[i : i + width] for i in range(0, len(flat), width)]
+                flat, wrong_positions = reply
+                entries = [flat[i : i + width] for i in range(0, len(flat), width)]
+                return entries, {int(position) - 1 for position in wrong_positions}
         pipe = self._client.pipeline(transaction=False)
         for name in names:
             pipe.hmget(name, list(LOOKUP_FIELDS))
-        entries: list[list[bytes | None]] = await pipe.execute()
-        return entries
-
-    def _valid(
-        self, value: bytes | None, model: bytes | None, stored_dim: bytes | None, dim: int
-    ) -> np.ndarray | None:
-        """The entry's vector if it can be served: written for this model and width, of the right
-        size, every number finite. Anything else (another writer, a corrupted entry) is a miss,
-        so the model computes it and the store overwrites the entry."""
-        if (
-            value is None
-            or len(value) != dim * 4
-            or model != self._model_name_bytes
-            or stored_dim != str(dim).encode()
-        ):
-            return None
-        vector = np.frombuffer(value, dtype="<f4")
-        return vector if bool(np.isfinite(vector).all()) else None
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        wrong = wrong_type_replies(replies)
+        return [[None] * width if i in wrong else reply for i, reply in enumerate(replies)], wrong
 
     async def store(self, entries: Sequence[tuple[str, np.ndarray, int]], model: str) -> None:
         """Writes (content hash, vector, tokens) entries in one pipelined round trip (idempotent:
@@ -281,25 +308,44 @@ class VectorCache:
         dims = {int(v.shape[0]) for _, v, _ in entries}
         for dim in dims - self._indexed_dims:
             await self.ensure_index(dim)
+        writes = [
+            (self.redis_key(key, int(vector.shape[0])), vector, tokens) for key, vector, tokens in entries
+        ]
+        try:
+            replaced = await self._write(writes, model, replace=False)
+            if replaced:
+                # Keys of another type refused the HSET: delete and write them (rare, so the
+                # common store stays one HSET per key).
+                await self._write([writes[i] for i in sorted(replaced)], model, replace=True)
+                log.info("replaced %d cache keys of another redis type", len(replaced))
+        except CACHE_FAILURES as exc:
+            self._failed("store", exc)
+
+    async def _write(
+        self, writes: Sequence[tuple[str, np.ndarray, int]], model: str, *, replace: bool
+    ) -> set[int]:
+        """One pipeline of HSETs (after a DEL each when ``replace``); the positions of the keys
+        that held another type."""
+        assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
-        for key, vector, tokens in entries:
-            dim = int(vector.shape[0])
-            name = self.redis_key(key, dim)
+        for name, vector, tokens in writes:
+            if replace:
+                pipe.delete(name)
             pipe.hset(
                 name,
                 mapping={
                     VECTOR_FIELD: vector.astype("<f4").tobytes(),
                     MODEL_FIELD: model,
-                    DIM_FIELD: dim,
+                    DIM_FIELD: int(vector.shape[0]),
                     TOKENS_FIELD: tokens,
                 },
             )
             if self._ttl_s > 0:
                 pipe.expire(name, self._ttl_s)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("store", exc)
+        per_write = (2 if replace else 1) + (1 if self._ttl_s > 0 else 0)
+        hset = 1 if replace else 0  # the HSET's place among a write's commands
+        wrong = wrong_type_replies(await pipe.execute(raise_on_error=False))
+        return {i // per_write for i in wrong if i % per_write == hset}
 
     async def ensure_index(self, dim: int) -> bool:
         """Creates the HNSW index of one dimension if the server supports it; False when it cannot."""
@@ -343,7 +389,7 @@ class VectorCache:
                 log.info("redis has no search module: caching without a vector index")
             else:
                 log.warning("could not create the vector index %s: %s", self.index_name(dim), exc)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CACHE_FAILURES as exc:
             self._failed("index", exc)
             return False
         self._indexed_dims.add(dim)
@@ -357,7 +403,7 @@ class VectorCache:
         assert self._client is not None
         try:
             value = await self._client.hget(contract_key(self._key_prefix, name), "fingerprint")
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CACHE_FAILURES as exc:
             self._failed("read_contract", exc)
             return None
         return value.decode() if isinstance(value, bytes) else value
@@ -370,7 +416,7 @@ class VectorCache:
         assert self._client is not None
         try:
             await self._client.hset(contract_key(self._key_prefix, name), mapping=fields)  # type: ignore[arg-type]
-        except (RedisError, OSError, TimeoutError) as exc:
+        except CACHE_FAILURES as exc:
             self._failed("publish_model", exc)
 
     async def ping(self) -> bool:
@@ -378,7 +424,7 @@ class VectorCache:
             return False
         try:
             await self._client.ping()
-        except (RedisError, OSError, TimeoutError):
+        except CACHE_FAILURES:
             self.healthy = False
             self._metrics.cache_up.set(0)
             return False
