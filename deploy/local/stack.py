@@ -1103,7 +1103,10 @@ class ToxiproxyService:
                 )
             self.build()
             argv = [str(self.server), "-host", "127.0.0.1", "-port", str(self.settings.toxiproxy_port)]
-            pid = self.process.start(argv, self.log_file, dict(os.environ))
+            # Its default level traces every read and write of every connection: info logs one
+            # line per accepted connection (how the tests see reconnections) and the API calls.
+            env = dict(os.environ, LOG_LEVEL=os.environ.get("EMBEDFLEET_TOXIPROXY_LOG_LEVEL", "info"))
+            pid = self.process.start(argv, self.log_file, env)
             say(f"toxiproxy starting (pid {pid}), log {self.log_file}")
             self.wait_ready()
         self.populate()
