@@ -147,27 +147,109 @@ func (c *cacheReader) contract(ctx context.Context) (ModelContract, bool) {
 	return ParseModelContract(fields)
 }
 
-// lookup returns the cached vector of each content hash (nil for a miss), in one pipelined round trip.
+// EntryFields are what a reader fetches of a cache entry (one HMGET), in this order: the input
+// of ServableEntry (schemas/cache_layout.py ENTRY_FIELDS).
+var EntryFields = []string{"vector", "model", "dim", "tokens"}
+
+// CacheEntry is a cache entry that may be served.
+type CacheEntry struct {
+	Vector      []float32
+	Tokens      int
+	TokensKnown bool // false in entries written before workers stored the count
+}
+
+// ServableEntry is the one rule for serving a cache entry, the twin of schemas/cache_layout.py
+// servable_entry (both are tested against schemas/testdata/cache_entries.json). values are the
+// entry's EntryFields as an HMGET returns them (nil where a field is absent; all nil for a
+// missing key or a key of another Redis type). Served only when model is exactly the model asked
+// for, dim is the width asked for in plain decimal, vector is exactly 4*dim bytes of finite
+// little-endian float32 numbers, and tokens, when present, is 1 to 9 ASCII digits. Anything
+// else is a miss, which the worker that computes the text overwrites.
+func ServableEntry(values []any, model string, dim int) (CacheEntry, bool) {
+	if len(values) != len(EntryFields) || dim <= 0 {
+		return CacheEntry{}, false
+	}
+	fields := make([]*string, len(values))
+	for i, v := range values {
+		switch v := v.(type) {
+		case string:
+			fields[i] = &v
+		case []byte:
+			s := string(v)
+			fields[i] = &s
+		case nil:
+		default:
+			return CacheEntry{}, false
+		}
+	}
+	vector, entryModel, entryDim, tokens := fields[0], fields[1], fields[2], fields[3]
+	if vector == nil || len(*vector) != 4*dim || entryModel == nil || *entryModel != model ||
+		entryDim == nil || *entryDim != strconv.Itoa(dim) {
+		return CacheEntry{}, false
+	}
+	entry := CacheEntry{}
+	if tokens != nil {
+		if !plainCount(*tokens) {
+			return CacheEntry{}, false
+		}
+		entry.Tokens, _ = strconv.Atoi(*tokens) // at most 9 digits: cannot fail
+		entry.TokensKnown = true
+	}
+	entry.Vector = float32sLE([]byte(*vector))
+	for _, x := range entry.Vector {
+		if f := float64(x); math.IsNaN(f) || math.IsInf(f, 0) {
+			return CacheEntry{}, false
+		}
+	}
+	return entry, true
+}
+
+// plainCount: 1 to 9 ASCII digits (Atoi alone takes a sign, and overflows where Python does not).
+func plainCount(s string) bool {
+	if len(s) == 0 || len(s) > 9 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// lookup returns the cached vector of each content hash (nil for a miss), in one pipelined round
+// trip. Only ServableEntry's verdict serves an entry; a key of another type is a miss for that
+// key alone (go-redis keeps each command's error), any other error makes the batch all misses.
 func (c *cacheReader) lookup(ctx context.Context, keys []string, dim int) [][]float32 {
 	found := make([][]float32, len(keys))
 	if c.rdb == nil || len(keys) == 0 {
 		return found
 	}
 	pipe := c.rdb.Pipeline()
-	cmds := make([]*redis.StringCmd, len(keys))
+	cmds := make([]*redis.SliceCmd, len(keys))
 	for i, key := range keys {
-		cmds[i] = pipe.HGet(ctx, VectorKey(c.prefix, c.model, dim, key), "vector")
+		cmds[i] = pipe.HMGet(ctx, VectorKey(c.prefix, c.model, dim, key), EntryFields...)
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		return found
+	_, _ = pipe.Exec(ctx) // the first command error; each command's own is checked below
+	for _, cmd := range cmds {
+		if err := cmd.Err(); err != nil && !isWrongType(err) {
+			return make([][]float32, len(keys)) // fail open: the cache is down, not this entry
+		}
 	}
 	for i, cmd := range cmds {
-		raw, err := cmd.Bytes()
-		if err == nil && len(raw) == 4*dim { // a wrong size is a miss, not an error
-			found[i] = float32sLE(raw)
+		if cmd.Err() != nil {
+			continue
+		}
+		if entry, ok := ServableEntry(cmd.Val(), c.model, dim); ok {
+			found[i] = entry.Vector
 		}
 	}
 	return found
+}
+
+func isWrongType(err error) bool {
+	var replyErr redis.Error
+	return errors.As(err, &replyErr) && strings.HasPrefix(replyErr.Error(), "WRONGTYPE")
 }
 
 func (c *cacheReader) close() error {
