@@ -13,7 +13,8 @@ from redis.exceptions import NoScriptError, ResponseError
 class FakeRedis:
     """The part of redis.asyncio.Redis the vector cache uses: pipelines of HMGET, HSET and
     EXPIRE, FT.CREATE, PING, and the lookup script (EVALSHA/EVAL, answered as the script's contract
-    says: the given fields of every key, flat; the script itself is tested on the real server).
+    says: the given fields of every key, flat, and the positions of keys of another type, none
+    here; the script itself is tested on the real server).
     ``down = True`` makes every call fail like a refused connection; ``scripts = False`` refuses
     scripts like a server with scripting disabled."""
 
@@ -43,7 +44,7 @@ class FakeRedis:
             return b"OK"
         raise ResponseError(f"unknown command '{args[0]}'")
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> list[bytes | None]:
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> list[list[bytes | None]]:
         self._check()
         self.round_trips += 1
         if not self.scripts:
@@ -52,7 +53,7 @@ class FakeRedis:
             raise NoScriptError("No matching script. Please use EVAL.")
         return self._script_reply(numkeys, keys_and_args)
 
-    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> list[bytes | None]:
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> list[list[bytes | None]]:
         self._check()
         self.round_trips += 1
         if not self.scripts:
@@ -60,9 +61,9 @@ class FakeRedis:
         self.loaded_scripts.add(hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest())
         return self._script_reply(numkeys, keys_and_args)
 
-    def _script_reply(self, numkeys: int, keys_and_args: tuple[Any, ...]) -> list[bytes | None]:
+    def _script_reply(self, numkeys: int, keys_and_args: tuple[Any, ...]) -> list[list[bytes | None]]:
         keys, fields = keys_and_args[:numkeys], keys_and_args[numkeys:]
-        return [self.hashes.get(key, {}).get(field.encode()) for key in keys for field in fields]
+        return [[self.hashes.get(key, {}).get(field.encode()) for key in keys for field in fields], []]
 
     async def hset(self, name: str, mapping: dict[str, Any]) -> int:
         self._check()
@@ -97,7 +98,10 @@ class FakePipeline:
     def expire(self, name: str, seconds: int) -> None:
         self._calls.append(("expire", (name, seconds)))
 
-    async def execute(self) -> list[Any]:
+    def delete(self, name: str) -> None:
+        self._calls.append(("delete", (name,)))
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         self._redis._check()
         self._redis.round_trips += 1
         replies: list[Any] = []
@@ -108,6 +112,8 @@ class FakePipeline:
                 replies.append([stored.get(field.encode()) for field in fields])
             elif operation == "hset":
                 replies.append(self._redis._hset(*args))
+            elif operation == "delete":
+                replies.append(int(self._redis.hashes.pop(args[0], None) is not None))
             else:
                 self._redis.expiry[args[0]] = args[1]
                 replies.append(True)
