@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -122,9 +123,10 @@ func TestServableEntryRefusesOtherShapes(t *testing.T) {
 	}
 }
 
-// TestCacheEntriesInRedis writes every case to a real Redis (EMBEDFLEET_TEST_REDIS_URL; the
-// Python suite runs it: tests/worker/test_cache_redis.py) and reads them with the client's
-// lookup, one pipeline per model and width, wrong-typed keys among the good ones.
+// TestCacheEntriesInRedis writes every case to a real Redis (EMBEDFLEET_TEST_REDIS_URL, a
+// redis+cluster:// URL too; the Python suite runs it: tests/worker/test_cache_redis.py) and reads
+// them with the client's lookup, one pipeline per model and width, wrong-typed keys among the
+// good ones.
 func TestCacheEntriesInRedis(t *testing.T) {
 	url := os.Getenv("EMBEDFLEET_TEST_REDIS_URL")
 	if url == "" {
@@ -132,58 +134,32 @@ func TestCacheEntriesInRedis(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	opts, err := redis.ParseURL(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	defer rdb.Close()
 	suffix := make([]byte, 4)
 	_, _ = rand.Read(suffix)
 	prefix := "test-go-cache-" + hex.EncodeToString(suffix)
-	defer func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+":*").Result()
-		if len(keys) > 0 {
-			rdb.Del(context.Background(), keys...)
-		}
-	}()
 
 	groups := map[string][]cacheEntryCase{}
+	var order []string
 	for _, c := range cacheEntryCases(t) {
 		group := fmt.Sprintf("%s\x00%d", c.Model, c.Dim)
+		if groups[group] == nil {
+			order = append(order, group)
+		}
 		groups[group] = append(groups[group], c)
-		key := VectorKey(prefix, c.Model, c.Dim, c.Name)
-		switch c.RedisType {
-		case "hash":
-			values := []any{}
-			for name, raw := range c.fields(t) {
-				values = append(values, name, raw)
-			}
-			err = rdb.HSet(ctx, key, values...).Err()
-		case "string":
-			err = rdb.Set(ctx, key, "not a hash", 0).Err()
-		case "list":
-			err = rdb.RPush(ctx, key, "not", "a", "hash").Err()
-		case "set":
-			err = rdb.SAdd(ctx, key, "not a hash").Err()
-		case "none":
-		default:
-			t.Fatalf("%s: redis type %q", c.Name, c.RedisType)
-		}
-		if err != nil {
-			t.Fatalf("%s: %v", c.Name, err)
-		}
 	}
-	for _, cases := range groups {
+	for _, group := range order {
+		cases := groups[group]
 		reader, err := newCacheReader(Config{
 			RedisURL: url, RedisTimeout: 5 * time.Second, CacheKeyPrefix: prefix, ModelName: cases[0].Model,
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
+		defer reader.close()
 		keys := make([]string, len(cases))
 		for i, c := range cases {
 			keys[i] = c.Name
+			writeCase(ctx, t, reader.rdb, VectorKey(prefix, c.Model, c.Dim, c.Name), c)
 		}
 		found := reader.lookup(ctx, keys, cases[0].Dim)
 		served := 0
@@ -197,7 +173,34 @@ func TestCacheEntriesInRedis(t *testing.T) {
 				checkServed(t, c, found[i])
 			}
 		}
-		_ = reader.close()
 		t.Logf("%s/%d: %d of %d entries served", cases[0].Model, cases[0].Dim, served, len(cases))
+	}
+}
+
+// writeCase puts a case at key (its hash fields, a key of another type, or nothing), and removes
+// it when the test ends.
+func writeCase(ctx context.Context, t *testing.T, rdb redis.UniversalClient, key string, c cacheEntryCase) {
+	t.Helper()
+	t.Cleanup(func() { rdb.Del(context.Background(), key) })
+	err := rdb.Del(ctx, key).Err()
+	switch c.RedisType {
+	case "hash":
+		values := []any{}
+		for name, raw := range c.fields(t) {
+			values = append(values, name, raw)
+		}
+		err = errors.Join(err, rdb.HSet(ctx, key, values...).Err())
+	case "string":
+		err = errors.Join(err, rdb.Set(ctx, key, "not a hash", 0).Err())
+	case "list":
+		err = errors.Join(err, rdb.RPush(ctx, key, "not", "a", "hash").Err())
+	case "set":
+		err = errors.Join(err, rdb.SAdd(ctx, key, "not a hash").Err())
+	case "none":
+	default:
+		t.Fatalf("%s: redis type %q", c.Name, c.RedisType)
+	}
+	if err != nil {
+		t.Fatalf("%s: %v", c.Name, err)
 	}
 }
