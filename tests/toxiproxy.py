@@ -10,11 +10,14 @@ connections it applies to.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -23,12 +26,50 @@ Stream = Literal["upstream", "downstream"]
 ToxicType = Literal["latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data"]
 
 
+class ToxiproxyError(RuntimeError):
+    """The API refused a call (the message has its status and error text)."""
+
+
 def default_api() -> str:
     return f"http://127.0.0.1:{os.environ.get('EMBEDFLEET_TOXIPROXY_PORT') or 8474}"
 
 
-class ToxiproxyError(RuntimeError):
-    """The API refused a call (the message has its status and error text)."""
+def default_log() -> Path:
+    """The stack's Toxiproxy log (as stack.py places it: $EMBEDFLEET_STACK_DIR, else
+    $EMBEDFLEET_HOME/stack, else this checkout's .state/stack)."""
+    home = os.environ.get("EMBEDFLEET_HOME") or str(Path(__file__).resolve().parents[1] / ".state")
+    state = os.environ.get("EMBEDFLEET_STACK_DIR") or str(Path(home) / "stack")
+    return Path(state) / "logs" / "toxiproxy.log"
+
+
+@dataclass
+class AcceptedConnections:
+    """Connections Toxiproxy accepted per proxy from the moment this was made: its log has one
+    "Accepted client" line per connection (at the stack's LOG_LEVEL info). A client that loses
+    its connection to a reset and reconnects shows up here, even when it retries silently."""
+
+    path: Path = field(default_factory=default_log)
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.path.exists():
+            raise ToxiproxyError(f"no Toxiproxy log at {self.path}: is the stack's toxiproxy running?")
+        self.offset = self.path.stat().st_size
+
+    def count(self) -> Counter[str]:
+        found: Counter[str] = Counter()
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            for line in log:
+                if b"Accepted client" not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line still being written
+                if entry.get("message") == "Accepted client":
+                    found[str(entry.get("name"))] += 1
+        return found
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from tests.faults.conftest import FaultLedger, FaultReport, audit_fleet, scenario_texts
 from tests.fleet import Fleet, FleetIO
 from tests.stack.test_cluster_id import load_stack_script
-from tests.toxiproxy import Toxiproxy
+from tests.toxiproxy import AcceptedConnections, Toxiproxy
 
 REQUESTS = 2000
 RATE = 50.0  # requests per second: 40 s of traffic, so the 20 s faults hit requests in flight
@@ -102,6 +103,7 @@ class PacedRun:
     results: dict[str, list[dict[str, Any]]]
     stall: float  # the longest gap between results after the fault began
     answered_during: int  # results that arrived while the fault was on
+    reconnections: Counter[str]  # connections Toxiproxy accepted per proxy while the fault was on
     notes: str
 
 
@@ -136,8 +138,10 @@ async def run_paced(
                     sender.result()  # raises what stopped the sender
                 await asyncio.sleep(0.05)
             fault_at = time.monotonic()
+            accepted = AcceptedConnections()
             notes = await fault()
             fault_end = time.monotonic()
+            reconnections = accepted.count()
             await sender
         finally:
             sender.cancel()
@@ -145,7 +149,7 @@ async def run_paced(
         after = sorted(t for t in io.arrivals if t >= fault_at)
         gaps = [b - a for a, b in zip([fault_at, *after], after, strict=False)]
         during = sum(1 for t in io.arrivals if fault_at <= t < fault_end)
-        return PacedRun(list(ids), dict(io.results), max(gaps, default=0.0), during, notes)
+        return PacedRun(list(ids), dict(io.results), max(gaps, default=0.0), during, reconnections, notes)
 
 
 def _vector(result: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.float32]] | None:
@@ -210,6 +214,7 @@ async def check_and_record(
         found.duplicates(run.ids),
         run.stall,
         f"{run.notes}; {run.answered_during} answered during the fault; cached {cached}; "
+        f"reconnections kafka {run.reconnections['kafka']}, redis {run.reconnections['redis']}; "
         f"cache errors {moved[CACHE_ERRORS]:.0f}, fetch errors {moved[FETCH_ERRORS]:.0f}, "
         f"publish retries {moved[PUBLISH_RETRIES]:.0f}, new assignments {moved[ASSIGNMENTS]:.0f}",
         errors=sum(errors.values()),
@@ -343,6 +348,7 @@ async def test_redis_connections_reset_mid_pipeline(
             fault_ledger, "Redis connections reset mid-pipeline", fleet, run, moved, duplicates_allowed=False
         )
         assert moved[CACHE_ERRORS] > 0, "no cache operation met a reset"
+        assert run.reconnections["redis"] >= rounds, "the workers did not reconnect to Redis"
         assert moved[ASSIGNMENTS] == 0, "Redis resets cost a worker its partitions"
         await wait_cache_up(fleet)
     finally:
@@ -399,9 +405,9 @@ async def test_kafka_connections_reset_mid_produce(
             # At-least-once may answer twice after a lost commit; exactly-once never.
             duplicates_allowed=guarantee == "at-least-once",
         )
-        assert moved[FETCH_ERRORS] + moved[PUBLISH_RETRIES] > 0 or run.stall > 1.0, (
-            "the workers never noticed the resets"
-        )
+        # aiokafka retries a reset request by itself, so the workers' counters may not move:
+        # the proof that the resets hit is the workers' connections, made again every round.
+        assert run.reconnections["kafka"] >= len(rounds), "the resets never hit a broker connection"
     finally:
         fleet.stop_all()
         await fleet.cleanup()
@@ -434,8 +440,9 @@ async def test_broker_bandwidth_down_to_100_kb_s_for_20_s(
         await check_and_record(
             fault_ledger, "broker bandwidth 100 KB/s for 20 s", fleet, run, moved, duplicates_allowed=False
         )
-        # 20 s at 50 requests/s: the narrow link must have held results back.
-        assert run.answered_during < FAULT_S * RATE, "the bandwidth limit never slowed the results"
+        # 1000 requests were sent during the fault; unhindered, about as many are answered
+        # (1000-1200 in the other scenarios). The narrow link must have held results back.
+        assert run.answered_during < 0.8 * FAULT_S * RATE, "the bandwidth limit never slowed the results"
     finally:
         fleet.stop_all()
         await fleet.cleanup()
