@@ -151,7 +151,10 @@ class Client:
             self._consumer = await reply_consumer(
                 config, topic, partitions, from_end=config.reply_mode == "shared"
             )
-            self._router = ReplyRouter(self._consumer)
+            # Where each partition starts: the router puts partitions back there after a fetch
+            # that failed on a record it cannot unpack (see producer.replies).
+            positions = {tp: await self._consumer.position(tp) for tp in self._consumer.assignment()}
+            self._router = ReplyRouter(self._consumer, positions)
             self._router.start()
         except BaseException:
             await self.close()
@@ -162,6 +165,24 @@ class Client:
         """Results that carried a waiting request's id but not its content hash or width (ignored:
         forged, or a bug); see ``producer.replies``."""
         return self._router.mismatched if self._router is not None else 0
+
+    def reply_problem(self) -> str | None:
+        """Why results cannot be read now (None: they can, or this client reads none); a reply
+        reader that died is started again (see ``producer.replies``)."""
+        return self._router.check() if self._router is not None else None
+
+    @property
+    def reply_counts(self) -> dict[str, int]:
+        """Reply-topic records skipped since start, by reason, and reader restarts."""
+        router = self._router
+        if router is None:
+            return {"unreadable": 0, "undecodable": 0, "mismatched": 0, "restarts": 0}
+        return {
+            "unreadable": router.unreadable,
+            "undecodable": router.undecodable,
+            "mismatched": router.mismatched,
+            "restarts": router.restarts,
+        }
 
     async def send_heartbeat(self) -> None:
         """Writes a record that readers skip to this client's private reply topic: it shows the

@@ -11,6 +11,7 @@ Routes (auth, when API keys are set, on everything but health and metrics):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -31,6 +32,7 @@ from starlette.routing import Route
 from producer.client import Client
 from producer.config import ClientConfig
 from producer.gateway.config import GatewayConfig
+from producer.gateway.guard import header_deadline_protocol
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
     ApiError,
@@ -79,12 +81,24 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
             raise _too_large(int(declared), limit)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked bodies have no Content-Length: stop reading at the limit
-                metrics.rejected.labels("too_large").inc()
-                raise _too_large(size, limit)
-            chunks.append(chunk)
+        try:
+            # The whole body within the read timeout: a client that trickles it holds nothing long.
+            async with asyncio.timeout(config.read_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:  # chunked bodies have no Content-Length: stop reading at the limit
+                        metrics.rejected.labels("too_large").inc()
+                        raise _too_large(size, limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            metrics.rejected.labels("slow_body").inc()
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {config.read_timeout_s:g}s "
+                f"({size} bytes came; EMBEDFLEET_GATEWAY_READ_TIMEOUT_S)",
+                code="request_timeout",
+                headers={"Connection": "close"},  # the rest of the body is not read
+            ) from None
         return b"".join(chunks)
 
     def observed(route: str, handler: Handler) -> Handler:
@@ -224,6 +238,8 @@ def serve(config: GatewayConfig, client_config: ClientConfig) -> None:
             access_log=False,
             log_config=None,
             server_header=False,
+            # A deadline for request headers; the body's is in read_body.
+            http=header_deadline_protocol(config.read_timeout_s, metrics),
             timeout_graceful_shutdown=int(config.deadline_s) + 1,
         )
     )

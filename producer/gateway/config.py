@@ -29,6 +29,12 @@ class GatewayConfig:
         "how long a request waits for the fleet's results before a 504",
         default=30.0,
     )
+    read_timeout_s: float = setting(
+        "EMBEDFLEET_GATEWAY_READ_TIMEOUT_S",
+        "how long a client may take to send a request's headers, and then its body; past it the "
+        "connection is closed (a 408 when something had arrived)",
+        default=10.0,
+    )
     max_inputs: int = setting(
         "EMBEDFLEET_GATEWAY_MAX_INPUTS", "texts per request (OpenAI allows 2048)", default=2048
     )
@@ -61,8 +67,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"EMBEDFLEET_GATEWAY_PORT must be 1-65535, got {self.port}")
-        if self.deadline_s <= 0 or self.lease_s <= 0:
-            raise ValueError("EMBEDFLEET_GATEWAY_DEADLINE_S and EMBEDFLEET_GATEWAY_LEASE_S must be > 0")
+        if self.deadline_s <= 0 or self.lease_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("EMBEDFLEET_GATEWAY_DEADLINE_S, _LEASE_S and _READ_TIMEOUT_S must be > 0")
         if self.max_inputs < 1 or self.max_body_bytes < 1024 or self.max_outstanding < 1:
             raise ValueError(
                 "EMBEDFLEET_GATEWAY_MAX_INPUTS and _MAX_OUTSTANDING must be >= 1, _MAX_BODY_BYTES >= 1024"

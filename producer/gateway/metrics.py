@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # From well under a cache hit (~1 ms) to the default deadline (30 s).
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -33,7 +37,8 @@ class GatewayMetrics:
         )
         self.rejected = Counter(
             "embedfleet_gateway_rejected",
-            "Requests refused before reaching the fleet, by reason (unauthorized, overloaded, too_large)",
+            "Requests refused before reaching the fleet, by reason (unauthorized, overloaded, "
+            "too_large, slow_body)",
             ["reason"],
             registry=r,
         )
@@ -51,4 +56,39 @@ class GatewayMetrics:
             "embedfleet_gateway_reaped_reply_topics",
             "Reply topics of dead gateways this gateway deleted",
             registry=r,
+        )
+        self.slow_connections = Counter(
+            "embedfleet_gateway_slow_connections_closed",
+            "Connections closed because their request headers did not arrive within "
+            "EMBEDFLEET_GATEWAY_READ_TIMEOUT_S (or grew past the header limit), by reason",
+            ["reason"],
+            registry=r,
+        )
+
+    def watch_replies(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Exports the reply reader's counters (``Client.reply_counts``), read at each scrape."""
+        self.registry.register(_ReplyCollector(counts))
+
+
+class _ReplyCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        counts = dict(self._counts())
+        restarts = counts.pop("restarts", 0)
+        skipped = CounterMetricFamily(
+            "embedfleet_gateway_reply_records_skipped",
+            "Records on this gateway's reply topic that answered no request, by reason: unreadable "
+            "(the Kafka client cannot unpack it), undecodable (not a result), mismatched (a waiting "
+            "id with the wrong content hash or width)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counts.items()):
+            skipped.add_metric([reason], count)
+        yield skipped
+        yield CounterMetricFamily(
+            "embedfleet_gateway_reply_reader_restarts",
+            "Times the reply reader failed and was started again",
+            value=restarts,
         )

@@ -146,6 +146,15 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise ApiError(400, f"invalid request: {message}", param=param, code="invalid_type") from exc
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from exc
+    except (ValueError, RecursionError, OverflowError) as exc:
+        # What msgspec raises past its own checks: invalid UTF-8 inside a string
+        # (UnicodeDecodeError), nesting deeper than the interpreter allows. The body's fault: 400.
+        what = "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__
+        raise ApiError(
+            400,
+            f"the request body cannot be decoded ({what}: {exc}): send UTF-8 JSON",
+            code="invalid_json",
+        ) from None
 
 
 def input_texts(value: str | list[Any], max_inputs: int) -> list[str]:

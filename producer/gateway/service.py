@@ -59,6 +59,7 @@ class EmbeddingService:
         self._start_problem = "starting"
         self._runner: asyncio.Task[None] | None = None
         self._reaper: ReplyTopicReaper | None = None
+        metrics.watch_replies(lambda: client.reply_counts)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -96,6 +97,10 @@ class EmbeddingService:
         """Why the gateway cannot serve now, or None when it can."""
         if not self._started:
             return f"not connected to Kafka: {self._start_problem}"
+        # Without its reply reader the gateway cannot answer; a reader that died is restarted.
+        replies = self.client.reply_problem()
+        if replies is not None:
+            return replies
         if await self.client.model_contract() is None:
             return self._no_contract_message()
         return None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,9 +22,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from producer.config import ClientConfig
+from producer.kafka import reply_consumer
+from producer.replies import Expected, ReplyRouter
+from schemas import EmbedResult, encode_result, result_headers
 from tests.fleet import Fleet, GatewayProcess, start_fleet
 from worker.engine import quality
 from worker.engine.embedder import Embedder
@@ -384,3 +390,262 @@ async def test_cors_only_for_the_configured_origins(fleet: Fleet) -> None:
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
     finally:
         open_to.stop()
+
+
+# --- input no gateway can decode, records no reader can unpack, clients that trickle --------------
+
+
+def test_bodies_that_cannot_be_decoded_are_400_not_500(gateway: GatewayProcess) -> None:
+    """Deep nesting (RecursionError in msgspec) and invalid UTF-8 inside a string
+    (UnicodeDecodeError) were 500 server_error with a traceback in the log."""
+    bodies = {
+        "deep arrays": b'{"model": "all-MiniLM-L6-v2", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep objects": b'{"model": "all-MiniLM-L6-v2", "input": '
+        + b'{"a": ' * 50_000
+        + b"1"
+        + b"}" * 50_000
+        + b"}",
+        "bad UTF-8": b'{"model": "all-MiniLM-L6-v2", "input": ["ok", "caf\xc3 \xff"]}',
+    }
+    before = gateway.log().count("Traceback")
+    for what, body in bodies.items():
+        for path in ("/v1/embeddings", "/embed"):
+            response = post(gateway, path, body)
+            error = assert_openai_error(response, 400)
+            assert error["type"] == "invalid_request_error", (what, path, error)
+            assert error["code"] in ("invalid_json", "invalid_type"), (what, path, error)
+    assert gateway.log().count("Traceback") == before
+    assert gateway.metric("embedfleet_gateway_requests_total", {"status": "500"}) == 0
+    assert gateway.alive
+
+
+def kcat_produce(bootstrap: str, topic: str, partition: int, value: bytes, headers: list[bytes]) -> None:
+    """kcat writes header names as raw bytes; aiokafka (and Kafka's Java client) only UTF-8 ones."""
+    args: list[str | bytes] = [shutil.which("kcat") or "kcat", "-P", "-b", bootstrap, "-t", topic]
+    args += ["-p", str(partition)]
+    for header in headers:
+        args += ["-H", header]
+    done = subprocess.run(args, input=value, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+async def gateway_topics(fleet: Fleet) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=fleet.bootstrap)
+    await admin.start()
+    try:
+        return {t for t in await admin.list_topics() if t.startswith(f"{fleet.results_topic}.gw-")}
+    finally:
+        await admin.close()
+
+
+async def test_an_unreadable_record_on_the_reply_topic_does_not_stop_the_gateway(fleet: Fleet) -> None:
+    """A header name that is not UTF-8 made aiokafka raise inside getmany(): the reply reader
+    stopped, every later request was a 500 and /readyz still said ready."""
+    before = await gateway_topics(fleet)
+    poisoned = fleet.start_gateway()
+    try:
+        await poisoned.wait_ready()
+        (topic,) = await gateway_topics(fleet) - before
+        first = await asyncio.to_thread(
+            post, poisoned, "/v1/embeddings", {"model": MODEL, "input": [f"before {uuid.uuid4()}"]}, key=None
+        )
+        assert first.status_code == 200, first.text
+        await asyncio.to_thread(kcat_produce, fleet.bootstrap, topic, 0, b"{}", [b"\xff\xfe=v"])
+        producer = AIOKafkaProducer(bootstrap_servers=fleet.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"\x00 not a result", headers=[("x-what", b"\xff")])
+        finally:
+            await producer.stop()
+        for round_ in range(3):
+            texts = [f"after poison {round_} {uuid.uuid4()} {i}" for i in range(5)]
+            response = await asyncio.to_thread(
+                post, poisoned, "/v1/embeddings", {"model": MODEL, "input": texts}, key=None
+            )
+            assert response.status_code == 200, response.text
+            assert len(response.json()["data"]) == 5
+        assert poisoned.http("/readyz") == (200, '{"status":"ready"}')
+        skipped = "embedfleet_gateway_reply_records_skipped_total"
+        assert poisoned.metric(skipped, {"reason": "unreadable"}) == 1
+        assert poisoned.metric(skipped, {"reason": "undecodable"}) == 1
+        assert poisoned.metric("embedfleet_gateway_reply_reader_restarts_total") == 0
+        assert f"skipped a record on the reply topic that cannot be read: TopicPartition(topic='{topic}'" in (
+            poisoned.log()
+        )
+    finally:
+        poisoned.stop()
+
+
+async def test_the_reply_reader_skips_unreadable_records_on_every_partition(
+    kafka_bootstrap: str, topic_factory: Any
+) -> None:
+    """The Python client's reader too (shared mode reads every partition): good results before,
+    between and after unreadable records, first in a partition or not, all arrive; only the
+    unreadable ones are lost. getmany() drains some partitions before it raises on another:
+    the reader puts them back."""
+    topic = await topic_factory(partitions=3)
+    layout: list[tuple[int, str | None]] = [
+        (0, "r0"),
+        (0, "r1"),
+        (1, "r2"),
+        (1, None),
+        (1, "r3"),
+        (2, None),
+        (2, "r4"),
+        (2, None),
+        (2, None),
+        (2, "r5"),
+        (0, "r6"),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for partition, request_id in layout:
+            if request_id is None:
+                await asyncio.to_thread(
+                    kcat_produce, kafka_bootstrap, topic, partition, b"x", [b"ok=1", b"\xc3\x28=v"]
+                )
+                continue
+            result = EmbedResult.success(request_id=request_id, key="k", model="m", vector=[0.5, 1.5])
+            await producer.send_and_wait(
+                topic, encode_result(result), partition=partition, headers=result_headers()
+            )
+    finally:
+        await producer.stop()
+    config = ClientConfig.from_env({}, kafka_bootstrap=kafka_bootstrap, redis_url="")
+    consumer = await reply_consumer(config, topic, {0, 1, 2}, from_end=False)
+    positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+    router = ReplyRouter(consumer, positions)
+    wanted = [request_id for _, request_id in layout if request_id is not None]
+    futures = [router.expect(request_id, Expected(key="k", dim=2)) for request_id in wanted]
+    router.start()
+    try:
+        done, _ = await asyncio.wait(futures, timeout=30)
+        answered = sorted(f.result().id or "" for f in done if f.exception() is None)
+        assert answered == sorted(wanted), (answered, router.problem)
+        assert router.unreadable == 4 and router.restarts == 0 and router.problem is None
+    finally:
+        await router.stop()
+        await consumer.stop()
+
+
+async def _drip(port: int, head: bytes, *, interval_s: float, opened: float) -> tuple[float, bytes]:
+    """Sends ``head`` then trickles header bytes one at a time until the server closes the
+    connection; returns when it closed (seconds after ``opened``) and what it answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = bytearray()
+
+    async def trickle() -> None:
+        with contextlib.suppress(OSError):
+            if head:
+                writer.write(head)
+            for _ in range(10_000):
+                if interval_s <= 0:
+                    return  # an idle connection: sends nothing
+                await asyncio.sleep(interval_s)
+                writer.write(b"a")
+                await writer.drain()
+
+    sender = asyncio.create_task(trickle())
+    try:
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                answer += chunk
+        return time.monotonic() - opened, bytes(answer)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        writer.close()
+
+
+async def test_slow_clients_are_cut_off_at_the_read_timeout(fleet: Fleet) -> None:
+    """200 connections that sent their headers one byte at a time were all still open after
+    15 s (uvicorn times out only idle keep-alive connections). With a 2 s read timeout: trickled
+    headers get a 408 and are closed, idle connections are closed, a body that trickles gets a 408,
+    and a normal request succeeds meanwhile."""
+    timeout_s, slack_s = 2.0, 3.0
+    slow = fleet.start_gateway(env={"EMBEDFLEET_GATEWAY_READ_TIMEOUT_S": str(timeout_s)})
+    try:
+        await slow.wait_ready()
+        port = slow.metrics_port
+        opened = time.monotonic()
+        trickled = [
+            asyncio.create_task(
+                _drip(
+                    port,
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                    interval_s=0.3,
+                    opened=opened,
+                )
+            )
+            for _ in range(150)
+        ]
+        idle = [asyncio.create_task(_drip(port, b"", interval_s=0, opened=opened)) for _ in range(30)]
+        body = b'{"model": "all-MiniLM-L6-v2", "input": "' + b"x" * 100 + b'"}'
+        slow_body = asyncio.create_task(
+            _drip(
+                port,
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body) + 1000, body),
+                interval_s=0.3,
+                opened=opened,
+            )
+        )
+        await asyncio.sleep(0.5)
+        # Meanwhile the gateway serves everyone else.
+        response = await asyncio.to_thread(
+            post, slow, "/v1/embeddings", {"model": MODEL, "input": [f"prompt {uuid.uuid4()}"]}, key=None
+        )
+        assert response.status_code == 200, response.text
+        everyone = [*trickled, *idle, slow_body]
+        _, pending = await asyncio.wait(everyone, timeout=timeout_s + slack_s)
+        for task in pending:
+            task.cancel()
+        assert not pending, f"{len(pending)} of {len(everyone)} slow connections still open"
+        for task in trickled:
+            closed_after, answer = task.result()
+            assert timeout_s - 0.5 <= closed_after <= timeout_s + slack_s, closed_after
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        for task in idle:
+            closed_after, answer = task.result()
+            assert timeout_s - 0.5 <= closed_after <= timeout_s + slack_s and answer == b""
+        closed_after, answer = slow_body.result()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_timeout" and "body" in error["message"]
+        assert closed_after <= timeout_s + slack_s
+        closed = "embedfleet_gateway_slow_connections_closed_total"
+        assert slow.metric(closed, {"reason": "header_timeout"}) == len(trickled)
+        assert slow.metric(closed, {"reason": "idle"}) == len(idle)
+        assert slow.metric("embedfleet_gateway_rejected_total", {"reason": "slow_body"}) == 1
+        # A keep-alive connection's next request is held to the same deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 5)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            started = time.monotonic()
+            rest = asyncio.create_task(reader.read())  # to the end: the server closes
+            writer.write(b"GET /healthz?pad=")
+            while not rest.done() and time.monotonic() - started < timeout_s + slack_s:
+                await asyncio.wait([rest], timeout=0.3)
+                if not rest.done():
+                    writer.write(b"a")
+            assert (await asyncio.wait_for(rest, 2)).startswith(b"HTTP/1.1 408 ")
+            assert time.monotonic() - started <= timeout_s + slack_s
+        finally:
+            writer.close()
+        # Headers may not grow without bound within the deadline either (httptools has no limit).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * (65 << 10) + b"\r\n")
+            huge = await asyncio.wait_for(reader.read(), 5)
+            assert huge.startswith(b"HTTP/1.1 431 "), huge[:100]
+        finally:
+            writer.close()
+        assert slow.metric(closed, {"reason": "header_too_large"}) == 1
+        assert slow.alive and slow.http("/readyz")[0] == 200
+    finally:
+        slow.stop()

@@ -1,26 +1,38 @@
-"""The gateway's pure parts: its configuration, request parsing, the reaper's topic names."""
+"""The gateway's pure parts: its configuration, request parsing, the reaper's topic names, and its
+readiness while the reply reader is down (a fake consumer)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from producer.cache import ModelContract
+from producer.client import Client
+from producer.config import ClientConfig
 from producer.gateway.config import GatewayConfig
+from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
     ApiError,
     decode_embeddings_request,
+    decode_seed_request,
     embedding_payload,
     input_texts,
 )
 from producer.gateway.reaper import gateway_client_id, parse_gateway_topic
 from producer.gateway.service import EmbeddingService
+from producer.kafka import ServiceUnavailable
+from producer.replies import ReplyRouter
+from schemas import EmbedResult, encode_result, result_headers
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -43,6 +55,9 @@ def test_config_from_environment_and_flags_keys_never_shown() -> None:
     with pytest.raises(ValueError, match="EMBEDFLEET_GATEWAY_PORT"):
         GatewayConfig.from_env({"EMBEDFLEET_GATEWAY_PORT": "0"})
     assert GatewayConfig().origins == () and GatewayConfig().host == "127.0.0.1"
+    assert GatewayConfig().read_timeout_s == 10.0
+    with pytest.raises(ValueError, match="READ_TIMEOUT_S"):
+        GatewayConfig.from_env({"EMBEDFLEET_GATEWAY_READ_TIMEOUT_S": "0"})
 
 
 def test_input_forms() -> None:
@@ -100,3 +115,155 @@ def test_reaper_topic_names_carry_start_and_lease() -> None:
     assert parse_gateway_topic("embed.results.py-abc", prefix) is None
     assert parse_gateway_topic("embed.results.gw-12-x", prefix) is None
     assert parse_gateway_topic("embed.results", prefix) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "m", "input": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+        b'{"model": "m", "input": "caf\xc3 \xff\xfe"}',
+        b'{"model": "m", "input": ["fine", "a\xc3\x28b"]}',
+        b'{"texts": ["a\xed\xa0\x80b"]}',  # a UTF-8-encoded surrogate
+    ],
+    ids=["deep-arrays", "deep-objects", "bad-utf8", "bad-utf8-in-list", "encoded-surrogate"],
+)
+def test_bodies_that_cannot_be_decoded_are_400_invalid_json(body: bytes) -> None:
+    """msgspec raises RecursionError and UnicodeDecodeError past its own DecodeError: each was a
+    500 with a traceback."""
+    for decode in (decode_embeddings_request, decode_seed_request):
+        try:
+            decode(body)
+        except ApiError as exc:
+            assert exc.status == 400, exc.message
+            if exc.code != "invalid_type":  # a body that decodes, with a wrong shape
+                assert exc.code == "invalid_json" and "cannot be decoded" in exc.message
+            error = json.loads(exc.body())["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["type"] == "invalid_request_error"
+        else:
+            pytest.fail(f"{decode.__name__} accepted {body[:40]!r}")
+
+
+# --- readiness follows the reply reader ----------------------------------------------------------
+
+
+class _Record:
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.headers = result_headers()
+
+
+class _FlakyConsumer:
+    """getmany() fails (like a broker error, not a record) while ``broken``; else serves ``queue``."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.queue: asyncio.Queue[list[_Record]] = asyncio.Queue()
+        self.calls = 0
+
+    async def getmany(self, *partitions: Any, timeout_ms: int, max_records: int) -> dict[str, list[_Record]]:
+        self.calls += 1
+        if self.broken:
+            await asyncio.sleep(0.01)
+            raise KafkaConnectionError("the broker went away")
+        try:
+            return {"tp": await asyncio.wait_for(self.queue.get(), timeout_ms / 1000)}
+        except TimeoutError:
+            return {}
+
+    def seek(self, tp: Any, offset: int) -> None:
+        pass
+
+
+def _service(consumer: _FlakyConsumer) -> tuple[EmbeddingService, ReplyRouter, GatewayMetrics]:
+    config = ClientConfig.from_env({}, model_fingerprint="f", model_dim=2, redis_url="")
+    client = Client(config)
+    router = ReplyRouter(consumer)
+    client._router = router
+    metrics = GatewayMetrics()
+    service = EmbeddingService(client, GatewayConfig(), metrics)
+    service._started = True  # connected: only the reply reader decides
+    return service, router, metrics
+
+
+async def _eventually(check: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+def _result(request_id: str) -> _Record:
+    return _Record(
+        encode_result(EmbedResult.success(request_id=request_id, key="k", model="m", vector=[1.0, 2.0]))
+    )
+
+
+async def test_readiness_is_503_while_the_reply_reader_is_down_and_it_restarts() -> None:
+    consumer = _FlakyConsumer()
+    service, router, metrics = _service(consumer)
+    router.start()
+    try:
+        assert await service.readiness() is None
+        waiting = router.expect("before")
+        consumer.broken = True
+        # The waiting request fails at once (a 503 at the gateway), not at its deadline.
+        with pytest.raises(ServiceUnavailable, match="the broker went away"):
+            await asyncio.wait_for(waiting, 2)
+        problem = await service.readiness()
+        assert problem is not None and "reply reader" in problem
+        with pytest.raises(ServiceUnavailable):
+            router.expect("while-down")
+        consumer.broken = False
+        await _eventually(lambda: router.problem is None)
+        assert await service.readiness() is None
+        after = router.expect("after")
+        await consumer.queue.put([_result("after")])
+        assert (await asyncio.wait_for(after, 2)).vector_array().tolist() == [1.0, 2.0]
+        assert router.restarts >= 1
+        restarts = metrics.registry.get_sample_value("embedfleet_gateway_reply_reader_restarts_total")
+        assert restarts is not None and restarts >= 1
+    finally:
+        await router.stop()
+
+
+async def test_a_reply_reader_task_that_died_is_reported_once_and_restarted() -> None:
+    consumer = _FlakyConsumer()
+    service, router, _ = _service(consumer)
+    router.start()
+    try:
+        await _eventually(lambda: consumer.calls > 0)
+        assert router._task is not None
+        task = router._task
+        task.cancel()  # the task is gone, whatever killed it
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        problem = await service.readiness()
+        assert problem is not None and "reply reader" in problem
+        assert await service.readiness() is None  # started again
+        mine = router.expect("mine")
+        await consumer.queue.put([_result("mine")])
+        assert (await asyncio.wait_for(mine, 2)).id == "mine"
+    finally:
+        await router.stop()
+    assert router.problem is None and router.check() is None  # stopped on purpose: no restart
+
+
+async def test_records_that_trip_the_reader_are_counted_not_fatal() -> None:
+    consumer = _FlakyConsumer()
+    service, router, metrics = _service(consumer)
+    router.start()
+    try:
+        mine = router.expect("mine")
+        odd = _Record(b"{}")
+        odd.headers = [("content-type", b"\xff\xfe")]  # not a content type anyone knows
+        await consumer.queue.put([_Record(b"\x00garbage"), odd, _Record(b"[" * 100_000), _result("mine")])
+        assert (await asyncio.wait_for(mine, 2)).id == "mine"
+        assert router.undecodable == 3 and await service.readiness() is None
+        sample = metrics.registry.get_sample_value(
+            "embedfleet_gateway_reply_records_skipped_total", {"reason": "undecodable"}
+        )
+        assert sample == 3
+    finally:
+        await router.stop()
