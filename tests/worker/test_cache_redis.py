@@ -7,6 +7,7 @@ Python client and the Go client read the shared cases of schemas/testdata/cache_
 import json
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from typing import Any
@@ -15,11 +16,13 @@ import numpy as np
 import pytest
 import redis.asyncio as redis_asyncio
 
-from producer.cache import CacheReader
+from producer.cache import CacheReader, connect
+from producer.config import ClientConfig
 from schemas.cache_layout import vector_key
 from schemas.testdata.generate import CACHE_ENTRIES_FILE
 from tests.fleet import REPO_ROOT
-from worker.cache import VectorCache, drop_cache_prefix
+from worker.cache import VectorCache, drop_cache_prefix, redis_client, redis_login_problem
+from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 
 
@@ -193,3 +196,38 @@ def test_go_client_reads_the_shared_cases_like_the_worker(redis_url: str) -> Non
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "--- PASS: TestCacheEntriesInRedis" in done.stdout, done.stdout[-4000:]
     assert "--- PASS: TestCacheEntriesServable" in done.stdout, done.stdout[-4000:]
+
+
+# --- a cache that cannot be reached: the cluster client's own exception fails open too ------------
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_an_unreachable_cache_fails_open_for_the_worker_and_the_client(scheme: str) -> None:
+    """redis-py's cluster client raises RedisClusterUnreachableError, not a RedisError, when no
+    node answers: the worker's start check, its cache and the client's reader all treat it as an
+    outage (misses, counted), never as a crash."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}/0"
+    assert await redis_login_problem(WorkerConfig.from_env({}, redis_url=url)) is None
+    metrics = WorkerMetrics()
+    cache = VectorCache(
+        redis_client(url), key_prefix="p", model_name="m", ttl_s=0, metrics=metrics, retry_after_s=0
+    )
+    assert not await cache.ping()
+    assert await cache.published_fingerprint("m") is None
+    assert await cache.lookup([("k", 4)]) == [None]
+    await cache.store([("k", np.ones(4, dtype=np.float32), 1)], "m")
+    await cache.publish_model("m", {"fingerprint": "f"})
+    await cache.close()
+    assert {op: metrics.cache_errors.labels(op)._value.get() for op in ("lookup", "store")} == {
+        "lookup": 1,
+        "store": 1,
+    }
+    reader = CacheReader(
+        connect(ClientConfig.from_env({}, redis_url=url)), prefix="p", model_name="m", retry_after_s=0
+    )
+    assert await reader.read_contract() is None
+    assert await reader.lookup(["k"], 4) == [None]
+    assert reader.errors == 2
+    await reader.close()
