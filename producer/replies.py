@@ -45,6 +45,7 @@ PROBE_WAIT_MS = 2000
 PROBE_RECORDS = 100_000
 RESTART_BACKOFF_S = 0.5
 MAX_RESTART_BACKOFF_S = 5.0
+BACKOFF_RESET_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +148,17 @@ class ReplyRouter:
     # --- the reader ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = RESTART_BACKOFF_S
         while True:
+            started = loop.time()
             try:
                 await self._read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if loop.time() - started > BACKOFF_RESET_S:
+                    backoff = RESTART_BACKOFF_S  # it ran well for a while: a new failure, not a streak
                 # Waiting callers learn at once (503 at the gateway) instead of at their timeout.
                 log.error("the reply reader failed (%r); restarting it in %.1fs", exc, backoff)
                 self._failure = exc
