@@ -36,6 +36,7 @@ $(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py 
 model: $(MODEL_STAMP)
 
 # KAFKA_BROKERS=3: a local cluster of three KRaft nodes (replication 3, min.insync.replicas 2).
+# The stack is Kafka, Redis and Toxiproxy (the tests' fault proxy, built once with `go install`).
 KAFKA_BROKERS ?= 1
 
 stack-up: venv system-deps

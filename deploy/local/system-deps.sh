@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the local stack and the tests need, when they are missing:
 # Java 17+ (the Kafka broker), Maven (fetches the broker jars), kcat (an independent Kafka client
-# the tests use to prove the wire contract is language-neutral), Go (the Go client's tests),
+# the tests use to prove the wire contract is language-neutral), Go (the Go client's tests, and
+# `go install` of Toxiproxy, the tests' fault proxy, which stack.py builds on first `up`),
 # promtool (tests/deploy checks the Prometheus rules; Debian ships it in `prometheus`), podman,
 # buildah and debootstrap (`make image`: the container image, built and run in the tests).
 set -euo pipefail
