@@ -1085,8 +1085,9 @@ class ToxiproxyService:
         any toxics a running test has added), changed ones are replaced."""
         status, body = self.request("POST", "/populate", self.proxies())
         if status not in (200, 201):
+            reason = body.get("error", body) if isinstance(body, dict) else body
             raise StackError(
-                f"toxiproxy could not create its proxies ({status}: {body}); a taken port can be moved "
+                f"toxiproxy could not create its proxies ({status}: {reason}); a taken port can be moved "
                 "with --toxiproxy-kafka-port / EMBEDFLEET_TOXIPROXY_KAFKA_PORT or --toxiproxy-redis-port "
                 f"/ EMBEDFLEET_TOXIPROXY_REDIS_PORT. Log: {self.log_file}"
             )

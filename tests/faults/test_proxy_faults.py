@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +30,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.faults.conftest import FaultLedger, FaultReport, audit_fleet, scenario_texts
-from tests.fleet import Fleet, FleetIO
+from tests.fleet import EMBEDFLEET, REPO_ROOT, Fleet, FleetIO
 from tests.stack.test_cluster_id import load_stack_script
 from tests.toxiproxy import AcceptedConnections, Toxiproxy
 
@@ -266,6 +268,22 @@ def test_the_single_node_has_a_listener_behind_the_proxy_and_a_cluster_has_none(
         "kafka": ("127.0.0.1:9096", "127.0.0.1:9095"),
         "redis": ("127.0.0.1:6380", "127.0.0.1:6379"),
     }
+
+
+def test_a_taken_toxiproxy_port_is_a_one_line_error_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [EMBEDFLEET, "stack", "up", "--service", "toxiproxy", "--toxiproxy-port", str(port),
+             "--state-dir", str(tmp_path)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port} is taken" in lines[0], done.stderr
+    assert "EMBEDFLEET_TOXIPROXY_PORT" in lines[0] and "Traceback" not in done.stderr
 
 
 async def test_clients_that_bootstrap_through_the_proxy_stay_behind_it(
