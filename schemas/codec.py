@@ -52,6 +52,8 @@ HEADER_DLQ_DROPPED_HEADERS: Final = "dlq-dropped-headers"  # original headers dr
 HEADER_DLQ_REENCODED: Final = "dlq-value-reencoded"  # value re-encoded from the decoded request
 HEADER_DLQ_HEADERS_REPAIRED: Final = "dlq-headers-repaired"  # header names were not UTF-8
 HEADER_DLQ_RAW_BATCH: Final = "dlq-raw-batch"  # value is a whole unreadable record batch
+HEADER_DLQ_NULL_VALUE: Final = "dlq-null-value"  # the original value was null (copy: empty)
+HEADER_DLQ_GENERATED_KEY: Final = "dlq-generated-key"  # the original key was null (copy: generated)
 
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({SCHEMA_VERSION})
 

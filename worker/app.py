@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
-from schemas import RequestLimits
+from schemas import ErrorCode, RequestError, RequestLimits
 from worker.batcher import Batch, MicroBatcher
 from worker.cache import VectorCache, redis_client, redis_login_problem
 from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_record_limit
@@ -43,6 +43,7 @@ from worker.config import WorkerConfig
 from worker.consumer import ModelContract, RequestDecoder, create_consumer
 from worker.delivery import AtLeastOnce, BatchWork, Delivered, Delivery, ExactlyOnce
 from worker.errors import ContractMismatch
+from worker.failures import FATAL, TRANSIENT, WorkerFatal, classify, describe
 from worker.health import HealthServer, HealthState, log_task_stacks, watch_event_loop
 from worker.jobs import Job, Rejection
 from worker.kafka_options import explain_kafka_error, kafka_connection_options
@@ -84,6 +85,18 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self._worker.on_assigned(list(assigned))
+
+
+def _internal_error(job: Job, exc: BaseException) -> Rejection:
+    error = RequestError(
+        ErrorCode.INTERNAL_ERROR,
+        f"the worker failed on this batch: {describe(exc)}",
+        job.request.id,
+        request=job.request,
+    )
+    return Rejection(
+        job.source, job.raw, error, job.reply_topic, job.content_type, key=job.key, request=job.request
+    )
 
 
 def max_expanded_bytes(config: WorkerConfig) -> int:
@@ -158,7 +171,7 @@ class Worker:
         )
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         connection = kafka_connection_options(config)
-        self.cluster = ClusterView(connection)
+        self.cluster = ClusterView(connection, max_topics=config.reply_topics_kept)
         # The one place the delivery guarantee is decided: the strategy object, and the isolation
         # level it needs from the consumer (exactly-once reads only committed requests).
         exactly_once = config.guarantee == "exactly-once"
@@ -184,6 +197,7 @@ class Worker:
                     config, transactional_id=transactional_id, record_limit=dlq_record_limit
                 ),
                 hold=_HoldOnce(hold_marker) if hold_marker else None,
+                reply_timeout_s=config.reply_timeout_s,
             )
         else:
             self.delivery = AtLeastOnce(
@@ -193,6 +207,8 @@ class Worker:
                 self.metrics,
                 consumer=self.consumer,
                 offsets=self.offsets,
+                reply_producer=create_producer(config, record_limit=dlq_record_limit, for_replies=True),
+                reply_timeout_s=config.reply_timeout_s,
             )
         client = None
         if config.redis_url:
@@ -369,17 +385,20 @@ class Worker:
                 break
             try:
                 fetched = fetch.result()
-            except CorruptRecordException as exc:
-                await self._salvage(exc)
-                continue
-            except KafkaError as exc:
-                # A broker outage: never fatal. Count it, back off, retry; nothing was tracked, so
-                # nothing is lost (the records are fetched again).
-                self.metrics.fetch_errors.inc()
-                log.warning("fetch failed (%s: %s); retrying in 1s", type(exc).__name__, exc)
-                await asyncio.sleep(1.0)
-                continue
-            except Exception as exc:  # raised while aiokafka unpacked a record: see worker.salvage
+            except Exception as exc:
+                disposition = classify(exc)  # worker.failures: the one policy
+                if disposition is FATAL:  # the worker's own credentials or configuration
+                    self.fatal = self.fatal or WorkerFatal(f"fetching failed: {describe(exc)}")
+                    self.stop()
+                    break
+                if disposition is TRANSIENT:
+                    # An outage: count it, back off, retry; nothing was tracked, so nothing is
+                    # lost (the records are fetched again).
+                    self.metrics.fetch_errors.inc()
+                    log.warning("fetch failed (%s); retrying in 1s", describe(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                # Per-record: raised while aiokafka unpacked a record (see worker.salvage).
                 await self._salvage(exc)
                 continue
             await self._take(self._owned_records(fetched))
@@ -580,7 +599,10 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             # A bug: nothing was committed for these records, so they will be redelivered; stop
             # rather than keep committing around a hole, and exit non-zero.
-            log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
+            if isinstance(task.exception(), WorkerFatal):
+                log.error("%s; stopping the worker", task.exception())
+            else:
+                log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self.fatal = self.fatal or task.exception()
             self.stop()
 
@@ -591,10 +613,31 @@ class Worker:
         refused = [i for i in items if isinstance(i, Rejection)]  # by the decoder
         try:
             outcome = await self.processor.process(jobs) if jobs else BatchOutcome()
+        except Exception as exc:  # unclassified, so per-record (worker.failures): answer them all
+            log.error(
+                "the pipeline failed on a batch of %d; answering internal_error", len(jobs), exc_info=True
+            )
+            self.metrics.pipeline_failures.inc()
+            outcome = BatchOutcome(failures=[_internal_error(job, exc) for job in jobs])
         finally:
             model_done()
         rejections = [*refused, *outcome.failures]
-        delivered = await self.delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))
+        try:
+            delivered = await self.delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))
+        except WorkerFatal:
+            raise
+        except Exception as exc:
+            if classify(exc) is FATAL:
+                raise WorkerFatal(describe(exc)) from exc
+            # Unclassified: per-record. The batch's records are answered internal_error instead;
+            # if even that cannot be published, the task fails and the worker stops uncommitted.
+            log.error("publishing a batch failed unexpectedly; answering internal_error", exc_info=True)
+            self.metrics.pipeline_failures.inc()
+            outcome = BatchOutcome(
+                failures=[i if isinstance(i, Rejection) else _internal_error(i, exc) for i in items]
+            )
+            delivered = await self.delivery.deliver(sequence, BatchWork(items, [], outcome.failures))
+            refused = []
         if delivered.lost:
             self._lose(delivered.lost)
         self._count(outcome, refused, delivered)
@@ -784,6 +827,13 @@ async def serve(
             "or 0 to turn /metrics off",
             config.metrics_port,
             config.metrics_host,
+        )
+        return 2
+    if isinstance(worker.fatal, WorkerFatal):
+        log.error(
+            "stopped: %s. This is the worker's own configuration or credentials (see the failure "
+            "policy in the README): fix it and start the worker again",
+            worker.fatal,
         )
         return 2
     if worker.fatal is not None:

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,8 @@ INVALID_TOPIC = 17
 TOPIC_AUTHORIZATION_FAILED = 29
 MISSING_TOPIC_CODES = frozenset({UNKNOWN_TOPIC_OR_PARTITION, INVALID_TOPIC, TOPIC_AUTHORIZATION_FAILED})
 READ_UNCOMMITTED, READ_COMMITTED = 0, 1
+# Topics named in one metadata request (a batch may name many reply topics).
+METADATA_TOPICS_PER_REQUEST = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +62,23 @@ class ClusterView:
         request_timeout_ms: int = 10_000,
         found_ttl_s: float = 5.0,
         missing_ttl_s: float = 5.0,
+        max_topics: int = 4096,
+        idle_s: float = 60.0,
+        quarantine_s: float = 30.0,
     ) -> None:
         self._client = AIOKafkaClient(**connection, request_timeout_ms=request_timeout_ms)
         self._found_ttl_s = found_ttl_s
         self._missing_ttl_s = missing_ttl_s
-        # topic -> (partitions or None when missing, monotonic time of the answer)
-        self._topics: dict[str, tuple[list[int] | None, float]] = {}
+        # topic -> (partitions or None when missing, monotonic time of the answer), least recently
+        # used first: thousands of distinct reply_to names must not grow memory without bound.
+        self._topics: OrderedDict[str, tuple[list[int] | None, float]] = OrderedDict()
+        self._max_topics = max_topics
+        self._idle_s = idle_s
+        # Reply topics that refused a write or never acknowledged one: topic -> (until, why).
+        # Requests for them are answered reply_to_unavailable at once instead of each waiting out
+        # the reply timeout again.
+        self._quarantine: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._quarantine_s = quarantine_s
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -76,32 +91,82 @@ class ClusterView:
         """Drop what is known of ``topic`` (a send to it failed): the next use asks again."""
         self._topics.pop(topic, None)
 
+    def quarantine(self, topic: str, why: str) -> None:
+        """``topic`` refused or never acknowledged a write: treat it as unavailable for a while."""
+        self._quarantine[topic] = (time.monotonic() + self._quarantine_s, why)
+        self._quarantine.move_to_end(topic)
+        while len(self._quarantine) > self._max_topics:
+            self._quarantine.popitem(last=False)
+
+    def quarantined(self, topic: str) -> str | None:
+        """Why ``topic`` is treated as unavailable now, or None."""
+        entry = self._quarantine.get(topic)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._quarantine[topic]
+            return None
+        return entry[1]
+
+    @property
+    def topics_known(self) -> int:
+        return len(self._topics)
+
     async def partitions_for(self, topic: str) -> list[int] | None:
         """The topic's partitions, or None when it does not exist. Never creates it. Raises
         KafkaError when the cluster cannot be asked (then nothing is known either way)."""
-        known = self._topics.get(topic)
+        return (await self.partitions_of([topic]))[topic]
+
+    async def partitions_of(self, topics: Iterable[str]) -> dict[str, list[int] | None]:
+        """Partitions of every topic (None: it does not exist), with one metadata request for all
+        those not known recently. Never creates a topic. Raises KafkaError when the cluster
+        cannot be asked."""
         now = time.monotonic()
-        if known is not None and now - known[1] < (
-            self._found_ttl_s if known[0] is not None else self._missing_ttl_s
-        ):
-            return known[0]
-        async with self._lock:
-            response = await self._send_any(MetadataRequest([topic], allow_auto_topic_creation=False))
-        partitions: list[int] | None = None
-        for entry in response.topics:
-            error_code, name, partition_list = entry[0], entry[1], entry[-1]
-            if name != topic:
-                continue
-            if error_code in MISSING_TOPIC_CODES:
-                partitions = None
-            elif error_code != 0 and not partition_list:
-                raise KafkaError(f"metadata for {topic}: error code {error_code}")
+        found: dict[str, list[int] | None] = {}
+        unknown: list[str] = []
+        for topic in set(topics):
+            known = self._topics.get(topic)
+            ttl = self._found_ttl_s if known is not None and known[0] is not None else self._missing_ttl_s
+            if known is not None and now - known[1] < ttl:
+                found[topic] = known[0]
+                self._topics.move_to_end(topic)
             else:
-                partitions = sorted(p[1] for p in partition_list)
-        if partitions is None and known is not None and known[0] is not None:
-            log.info("topic %s is gone: forgetting it", topic)
-        self._topics[topic] = (partitions, time.monotonic())
-        return partitions
+                unknown.append(topic)
+        for start in range(0, len(unknown), METADATA_TOPICS_PER_REQUEST):
+            chunk = unknown[start : start + METADATA_TOPICS_PER_REQUEST]
+            async with self._lock:
+                response = await self._send_any(MetadataRequest(chunk, allow_auto_topic_creation=False))
+            answered = time.monotonic()
+            partitions_by_topic: dict[str, list[int] | None] = dict.fromkeys(chunk)
+            for entry in response.topics:
+                error_code, name, partition_list = entry[0], entry[1], entry[-1]
+                if name not in partitions_by_topic:
+                    continue
+                if error_code in MISSING_TOPIC_CODES:
+                    partitions_by_topic[name] = None
+                elif error_code != 0 and not partition_list:
+                    raise KafkaError(f"metadata for {name}: error code {error_code}")
+                else:
+                    partitions_by_topic[name] = sorted(p[1] for p in partition_list)
+            for topic, partitions in partitions_by_topic.items():
+                known = self._topics.get(topic)
+                if partitions is None and known is not None and known[0] is not None:
+                    log.info("topic %s is gone: forgetting it", topic)
+                self._topics[topic] = (partitions, answered)
+                self._topics.move_to_end(topic)
+                found[topic] = partitions
+        self._evict(now)
+        return found
+
+    def _evict(self, now: float) -> None:
+        while len(self._topics) > self._max_topics:
+            self._topics.popitem(last=False)
+        # Least recently used first: stop at the first entry used within the idle time.
+        while self._topics:
+            topic, (_, answered) = next(iter(self._topics.items()))
+            if now - answered < self._idle_s:
+                break
+            del self._topics[topic]
 
     async def probe(self, timeout_s: float = 5.0) -> bool:
         """True when some broker answers a metadata request within ``timeout_s``."""

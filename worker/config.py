@@ -156,6 +156,18 @@ class WorkerConfig:
         "(read_committed readers wait for it at most this long)",
         default=10_000,
     )
+    reply_timeout_s: float = setting(
+        "EMBEDFLEET_REPLY_TIMEOUT_S",
+        "how long a result may wait for a reply_to topic to acknowledge it; past it the request "
+        "gets reply_to_unavailable on the default results topic and a dead letter",
+        default=10.0,
+    )
+    reply_topics_kept: int = setting(
+        "EMBEDFLEET_REPLY_TOPICS_KEPT",
+        "reply topics whose metadata is remembered (least recently used forgotten first; idle ones "
+        "after a minute)",
+        default=4096,
+    )
     on_contract_mismatch: str = setting(
         "EMBEDFLEET_ON_CONTRACT_MISMATCH",
         "when Redis holds another serving fingerprint for this model: refuse to start, or replace "
@@ -195,6 +207,8 @@ class WorkerConfig:
             )
         if self.transaction_timeout_ms < 1000:
             raise ValueError("EMBEDFLEET_TRANSACTION_TIMEOUT_MS must be >= 1000")
+        if self.reply_timeout_s <= 0 or self.reply_topics_kept <= 0:
+            raise ValueError("EMBEDFLEET_REPLY_TIMEOUT_S and EMBEDFLEET_REPLY_TOPICS_KEPT must be > 0")
         re.compile(self.reply_to_pattern)
 
     @classmethod

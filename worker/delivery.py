@@ -28,10 +28,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from schemas import EmbedResult
-from worker.jobs import Job, Rejection
+from worker.errors import WorkerError
+from worker.failures import (
+    FATAL,
+    PER_RECORD,
+    AckTimeout,
+    WorkerFatal,
+    classify,
+    describe,
+    discard_producer,
+)
+from worker.jobs import Job, Rejection, Source
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.publisher import Ack, Outgoing, acknowledged
+from worker.publisher import Ack, Outgoing, Part, Plan, Send, acknowledged
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -42,6 +52,8 @@ CLEANUP_TIMEOUT_S = 5.0
 # the fence was this worker's own expired transaction, not a new owner (who would have revoked it).
 RECLAIM_AFTER_S = 25.0
 FENCED = (ProducerFenced, InvalidProducerEpoch)
+# A dead letter that cannot be written is retried this many times, then counted and given up.
+DLQ_WRITE_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -63,13 +75,106 @@ class BatchPublisher(Protocol):
     """Turns a batch's outcome into records and sends them (worker.publisher.ResultPublisher)."""
 
     async def prepare(
-        self, results: list[tuple[Job, EmbedResult]], rejections: list[Rejection]
+        self, results: list[tuple[Job, EmbedResult]], rejections: list[Rejection], plan: Plan | None = None
     ) -> Outgoing: ...
-    async def send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]: ...
+    async def send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]: ...
+    def is_reply_topic(self, topic: str) -> bool: ...
 
 
 class KnownTopics(Protocol):
     def forget(self, topic: str) -> None: ...
+    def quarantine(self, topic: str, why: str) -> None: ...
+    async def probe(self, timeout_s: float = 5.0) -> bool: ...
+
+
+class FailedSends:
+    """What a failed send teaches the next attempt at a batch, by the failure policy
+    (worker.failures): a send refused per record is split into single records; a single record a
+    reply topic refuses, or that it does not acknowledge within ``reply_timeout_s``, is answered
+    reply_to_unavailable on the default results topic; a result the results topic itself refuses
+    becomes an error result; a dead letter that cannot be written is retried a few times, then
+    counted and given up; an outage of the fleet's own topics is waited out."""
+
+    def __init__(
+        self, publisher: BatchPublisher, cluster: KnownTopics, metrics: WorkerMetrics, reply_timeout_s: float
+    ) -> None:
+        self._publisher = publisher
+        self._cluster = cluster
+        self._metrics = metrics
+        self.reply_timeout_s = reply_timeout_s
+
+    def timeout_of(self, send: Send) -> float | None:
+        return self.reply_timeout_s if self._publisher.is_reply_topic(send.topic) else None
+
+    async def learn(
+        self,
+        outcomes: list[tuple[Send, BaseException | None]],
+        plan: Plan,
+        *,
+        started: float,
+        dlq_attempts: dict[Source, int],
+        keep_acknowledged: bool,
+    ) -> bool:
+        """Updates ``plan`` from the outcomes; True when something must be sent again. Raises
+        WorkerFatal or the producer's fence when the policy says fatal. ``keep_acknowledged``:
+        acknowledged pieces are never sent again (at-least-once; a transaction resends them all).
+        A reply topic is blamed for a timeout only while the cluster answers: in an outage every
+        send waits, and the requests keep their reply topics."""
+        again = False
+        reachable: bool | None = None
+        for send, error in outcomes:
+            if error is None:
+                if keep_acknowledged:
+                    plan.skip.update(send.pieces)
+                continue
+            again = True
+            self._cluster.forget(send.topic)
+            disposition = classify(error)
+            why = describe(error)
+            self._metrics.publish_failures.labels(disposition.value).inc()
+            if disposition is FATAL:
+                if isinstance(error, FENCED):
+                    raise error
+                raise WorkerFatal(f"writing to {send.topic} failed: {why}") from error
+            sources = [source for source, _ in send.pieces]
+            if send.part is Part.DEAD_LETTER:
+                [source] = sources
+                dlq_attempts[source] = dlq_attempts.get(source, 0) + 1
+                if disposition is PER_RECORD or dlq_attempts[source] >= DLQ_WRITE_ATTEMPTS:
+                    plan.skip.update(send.pieces)
+                    self._metrics.dlq_write_failures.inc()
+                    log.error(
+                        "could not write the dead letter of %s/%d@%d (%s); giving it up",
+                        source.topic,
+                        source.partition,
+                        source.offset,
+                        why,
+                    )
+            elif disposition is PER_RECORD and len(sources) > 1:
+                plan.alone.update(sources)  # find the record that is refused
+            elif self._publisher.is_reply_topic(send.topic):
+                timed_out = (
+                    isinstance(error, AckTimeout) or time.monotonic() - started >= self.reply_timeout_s
+                )
+                if timed_out and disposition is not PER_RECORD and reachable is None:
+                    reachable = (
+                        any(e is None and not self._publisher.is_reply_topic(s.topic) for s, e in outcomes)
+                        or await self._cluster.probe()
+                    )
+                if disposition is PER_RECORD or (timed_out and reachable):
+                    for source in sources:
+                        plan.unavailable[source] = why
+                    if disposition is not PER_RECORD:
+                        self._cluster.quarantine(send.topic, why)
+                    log.warning("reply topic %s did not take %d record(s): %s", send.topic, len(sources), why)
+            elif disposition is PER_RECORD:
+                [source] = sources
+                if send.part is Part.RESULT:
+                    plan.refused[source] = why
+                else:  # an error result the results topic refuses: its dead letter still goes
+                    plan.skip.update(send.pieces)
+                    log.error("the results topic refused an error result (%s); dead letter only", why)
+        return again
 
 
 class Delivery(Protocol):
@@ -95,8 +200,11 @@ def _source(item: Job | Rejection) -> TopicPartition:
 
 
 class AtLeastOnce:
-    """One idempotent producer; a batch is sent until every record is acknowledged, then its
-    offsets become committable."""
+    """One idempotent producer for the fleet's own topics, and one for reply topics whose batches
+    expire (``reply_timeout_s``): an idempotent producer never gives a batch up, so a reply topic
+    that never acknowledges would hold its sends, and the worker's shutdown, forever. A batch's
+    records are sent until each is acknowledged or answered otherwise by the failure policy;
+    then its offsets become committable."""
 
     def __init__(
         self,
@@ -107,14 +215,18 @@ class AtLeastOnce:
         *,
         consumer: AIOKafkaConsumer,
         offsets: OffsetTracker[TopicPartition],
+        reply_producer: AIOKafkaProducer | None = None,
+        reply_timeout_s: float = 10.0,
     ) -> None:
         self._producer = producer
+        self._reply_producer = reply_producer or producer
         self._publisher = publisher
         self._cluster = cluster
         self._metrics = metrics
         self._consumer = consumer
         self._offsets = offsets
         self._commit_lock = asyncio.Lock()
+        self._failed_sends = FailedSends(publisher, cluster, metrics, reply_timeout_s)
 
     async def commit(self) -> None:
         """Commits each assigned partition up to its first record not yet answered (results are
@@ -137,10 +249,13 @@ class AtLeastOnce:
 
     async def start(self) -> None:
         await self._producer.start()
+        if self._reply_producer is not self._producer:
+            await self._reply_producer.start()
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._producer.stop()
+        await discard_producer(self._producer, CLEANUP_TIMEOUT_S)
+        if self._reply_producer is not self._producer:
+            await discard_producer(self._reply_producer, CLEANUP_TIMEOUT_S)
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
         return set()
@@ -152,30 +267,54 @@ class AtLeastOnce:
         return []
 
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered:
-        """Sends the batch and waits for every ack; on any failure (a broker outage, a reply topic
-        deleted meanwhile) sends it again until it is acknowledged (duplicates, never losses)."""
+        """Sends the batch and waits for every ack; what failed is sent again as the failure
+        policy says (worker.failures): only the failed records, never the whole batch again."""
+        plan = Plan()
+        rejected: dict[Source, Rejection] = {}
+        dlq_attempts: dict[Source, int] = {}
+        started = time.monotonic()
         attempt = 0
         while True:
+            error: BaseException | None = None
             try:
-                outgoing = await self._publisher.prepare(work.results, work.rejections)
-                failed = await acknowledged(await self._publisher.send(self._producer, outgoing))
-                if not failed:
-                    return Delivered(rejected=outgoing.rejected)
-                error: BaseException = failed[0][1]
-                for topic, _ in failed:
-                    self._cluster.forget(topic)
-            except KafkaError as exc:
+                outgoing = await self._publisher.prepare(work.results, work.rejections, plan)
+                rejected.update((r.source, r) for r in outgoing.rejected)
+                if not outgoing.sends:
+                    return Delivered(rejected=list(rejected.values()))
+                own = [s for s in outgoing.sends if not self._publisher.is_reply_topic(s.topic)]
+                replies = [s for s in outgoing.sends if self._publisher.is_reply_topic(s.topic)]
+                acks = await self._publisher.send(self._producer, own) if own else []
+                if replies:
+                    acks += await self._publisher.send(self._reply_producer, replies)
+                outcomes = await acknowledged(acks, timeout_of=self._failed_sends.timeout_of)
+                if not await self._failed_sends.learn(
+                    outcomes, plan, started=started, dlq_attempts=dlq_attempts, keep_acknowledged=True
+                ):
+                    return Delivered(rejected=list(rejected.values()))
+                error = next(e for _, e in outcomes if e is not None)
+                if all(classify(e) is PER_RECORD for _, e in outcomes if e is not None):
+                    continue  # nothing to wait for: the refused records are answered otherwise
+            except KafkaError as exc:  # the cluster could not be asked (metadata): an outage
+                if classify(exc) is FATAL:
+                    raise WorkerFatal(f"publishing failed: {describe(exc)}") from exc
                 error = exc
             attempt += 1
             self._metrics.publish_retries.inc()
             log.warning(
-                "publishing a batch failed (%s: %s); sending it again in %.1fs (attempt %d)",
-                type(error).__name__,
-                error,
+                "publishing a batch failed (%s); sending what is left again in %.1fs (attempt %d)",
+                describe(error),
                 _backoff(attempt),
                 attempt + 1,
             )
             await asyncio.sleep(_backoff(attempt))
+
+
+class _Redo(WorkerError):
+    """A send of a transaction failed: abort it and publish again as the plan now says."""
+
+    def __init__(self, why: str, *, per_record: bool) -> None:
+        super().__init__(why)
+        self.per_record = per_record  # nothing to wait for: send again at once
 
 
 @dataclass(slots=True)
@@ -208,7 +347,9 @@ class ExactlyOnce:
         metrics: WorkerMetrics,
         group_id: str,
         hold: Callable[[BatchWork], float] | None = None,
+        reply_timeout_s: float = 10.0,
     ) -> None:
+        self._failed_sends = FailedSends(publisher, cluster, metrics, reply_timeout_s)
         self._consumer = consumer
         self._hold = hold  # fault injection (tests): seconds to keep a batch's transaction open
         self._new_producer = new_producer
@@ -280,9 +421,10 @@ class ExactlyOnce:
 
     async def _stop_producers(self, partitions: list[TopicPartition]) -> None:
         owned = [self._owned.pop(tp, None) for tp in partitions]
-        for producer in [o.producer for o in owned if o is not None and o.producer is not None]:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        producers = [o.producer for o in owned if o is not None and o.producer is not None]
+        # Concurrently and bounded: a producer stuck on a batch nobody acknowledges must not make
+        # a revoke outlast the group's rebalance timeout.
+        await asyncio.gather(*(discard_producer(p, CLEANUP_TIMEOUT_S) for p in producers))
 
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered:
         parts: dict[TopicPartition, _Part] = defaultdict(_Part)
@@ -318,6 +460,9 @@ class ExactlyOnce:
         the partition is no longer this worker's (revoked, or fenced by a new owner)."""
         ownership = self._owned.get(tp)
         attempt = 0
+        plan = Plan()  # what failed attempts taught: records to answer otherwise, or alone
+        dlq_attempts: dict[Source, int] = {}
+        started = time.monotonic()
         while True:
             if ownership is None or self._owned.get(tp) is not ownership:
                 return None  # revoked (or fenced) since the batch was cut
@@ -334,7 +479,8 @@ class ExactlyOnce:
                 # A transaction that hangs (a coordinator that never answers) would hold back every
                 # later batch: past the limit it counts as failed, is aborted and retried.
                 rejected = await asyncio.wait_for(
-                    self._publish(producer, tp, part, hold_s), TRANSACTION_ATTEMPT_TIMEOUT_S + hold_s
+                    self._publish(producer, tp, part, hold_s, plan, started, dlq_attempts),
+                    TRANSACTION_ATTEMPT_TIMEOUT_S + hold_s,
                 )
                 self._metrics.commits.labels("ok").inc()
                 return rejected
@@ -350,40 +496,58 @@ class ExactlyOnce:
                     self._lost_at[tp] = time.monotonic()
                     await self._stop_producers([tp])
                 return None
-            except (KafkaError, TimeoutError) as exc:
-                attempt += 1
-                self._metrics.commits.labels("failed").inc()
-                self._metrics.publish_retries.inc()
+            except (KafkaError, TimeoutError, _Redo) as exc:
+                if classify(exc) is FATAL and not isinstance(exc, _Redo):
+                    raise WorkerFatal(f"a transaction for {tp} failed: {describe(exc)}") from exc
+                redo = isinstance(exc, _Redo) and exc.per_record
+                if not redo:
+                    attempt += 1
+                    self._metrics.commits.labels("failed").inc()
+                    self._metrics.publish_retries.inc()
                 log.warning(
-                    "transaction for %s failed (%s: %s); retrying in %.1fs",
+                    "transaction for %s failed (%s); %s",
                     tp,
-                    type(exc).__name__,
-                    exc,
-                    _backoff(attempt),
+                    describe(exc),
+                    "sending it again without the refused records"
+                    if redo
+                    else f"retrying in {_backoff(attempt):.1f}s",
                 )
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(producer.abort_transaction(), CLEANUP_TIMEOUT_S)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), CLEANUP_TIMEOUT_S)
+                await discard_producer(producer, CLEANUP_TIMEOUT_S)
                 if ownership.producer is producer:
                     ownership.producer = None
-                await asyncio.sleep(_backoff(attempt))
+                if not redo:
+                    await asyncio.sleep(_backoff(attempt))
 
     async def _publish(
-        self, producer: AIOKafkaProducer, tp: TopicPartition, part: _Part, hold_s: float
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        part: _Part,
+        hold_s: float,
+        plan: Plan,
+        started: float,
+        dlq_attempts: dict[Source, int],
     ) -> list[Rejection]:
-        """One transaction: the part's results and dead letters, its offsets, then the commit."""
+        """One transaction: the part's results and dead letters, its offsets, then the commit.
+        Every send is acknowledged (reply topics within their bound) before the offsets go in; a
+        send that failed aborts the transaction, and the next one answers its records as the
+        failure policy says (a failed produce leaves a transaction abortable only)."""
         await producer.begin_transaction()
-        outgoing = await self._publisher.prepare(part.results, part.rejections)
-        acks = await self._publisher.send(producer, outgoing)
+        outgoing = await self._publisher.prepare(part.results, part.rejections, plan)
+        acks = await self._publisher.send(producer, outgoing.sends)
+        outcomes = await acknowledged(acks, timeout_of=self._failed_sends.timeout_of)
+        if await self._failed_sends.learn(
+            outcomes, plan, started=started, dlq_attempts=dlq_attempts, keep_acknowledged=False
+        ):
+            errors = [e for _, e in outcomes if e is not None]
+            raise _Redo(describe(errors[0]), per_record=all(classify(e) is PER_RECORD for e in errors))
         await producer.send_offsets_to_transaction({tp: part.next_offset}, self._group_id)
         if hold_s:
             log.warning("holding the open transaction of %s for %.0fs (fault injection)", tp, hold_s)
             await asyncio.sleep(hold_s)
         await producer.commit_transaction()
-        failed = await acknowledged(acks)
-        if failed:
-            raise failed[0][1]
         return outgoing.rejected
 
     async def _restart(self, tp: TopicPartition, ownership: _Ownership) -> AIOKafkaProducer | None:
@@ -394,8 +558,7 @@ class ExactlyOnce:
             await asyncio.wait_for(self._fence(producer), TRANSACTION_ATTEMPT_TIMEOUT_S)
         except (KafkaError, TimeoutError) as exc:
             log.warning("cannot restart the producer of %s yet (%s)", tp, type(exc).__name__)
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            await discard_producer(producer, CLEANUP_TIMEOUT_S)
             return None
         if self._owned.get(tp) is not ownership:  # revoked meanwhile
             with contextlib.suppress(Exception):

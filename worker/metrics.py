@@ -108,6 +108,22 @@ class WorkerMetrics:
             "Batches whose results had to be sent again (broker outage)",
             registry=r,
         )
+        self.publish_failures = Counter(
+            "embedfleet_publish_failures",
+            "Sends that failed, by the failure policy's disposition (per_record, transient, fatal)",
+            ["disposition"],
+            registry=r,
+        )
+        self.dlq_write_failures = Counter(
+            "embedfleet_dlq_write_failures",
+            "Dead letters that could not be written after retries (logged, given up)",
+            registry=r,
+        )
+        self.pipeline_failures = Counter(
+            "embedfleet_pipeline_failures",
+            "Batches the pipeline failed on unexpectedly (answered with internal_error, dead-lettered)",
+            registry=r,
+        )
         self.unreadable_records = Counter(
             "embedfleet_unreadable_records",
             "Records the Kafka client could not unpack (dead-lettered and skipped)",

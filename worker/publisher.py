@@ -12,18 +12,20 @@ done only then, so a commit never covers a result that could still be lost.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import weakref
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, RecordTooLargeError
 
 from schemas import (
     HEADER_DLQ_DROPPED_HEADERS,
+    HEADER_DLQ_GENERATED_KEY,
+    HEADER_DLQ_NULL_VALUE,
     HEADER_DLQ_REENCODED,
     HEADER_DLQ_TRUNCATED_KEY,
     HEADER_DLQ_TRUNCATED_VALUE,
@@ -35,7 +37,8 @@ from schemas import (
     result_headers,
 )
 from worker.config import WorkerConfig
-from worker.jobs import Headers, Job, Rejection
+from worker.failures import AckTimeout, Disposition, classify
+from worker.jobs import Headers, Job, Rejection, Source
 from worker.kafka_options import kafka_connection_options
 from worker.partitioner import partition_hashes
 
@@ -48,18 +51,27 @@ MAX_DLQ_HEADERS = 64
 
 
 def create_producer(
-    config: WorkerConfig, *, transactional_id: str | None = None, record_limit: int = 1 << 20
+    config: WorkerConfig,
+    *,
+    transactional_id: str | None = None,
+    record_limit: int = 1 << 20,
+    for_replies: bool = False,
 ) -> AIOKafkaProducer:
     """``record_limit``: the smallest max.message.bytes among the topics written to; batches stay
-    within it (several dead letters in one batch must not exceed what one may be)."""
+    within it (several dead letters in one batch must not exceed what one may be).
+    ``for_replies``: the producer of reply topics (at-least-once), not idempotent so that its
+    batches expire after ``reply_timeout_s`` (an idempotent producer retries a batch forever)."""
     options: dict[str, Any] = dict(
         **kafka_connection_options(config),
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=not for_replies,
         linger_ms=2,
         max_batch_size=max(16 * 1024, min(1024 * 1024, record_limit - DLQ_FRAMING_BYTES)),
         max_request_size=max(config.max_message_bytes * 2, 1 << 20),
     )
+    if for_replies:
+        options["request_timeout_ms"] = int(config.reply_timeout_s * 1000)
+        options["client_id"] = f"{options.get('client_id') or config.worker_id}-replies"
     if transactional_id is not None:
         options["transactional_id"] = transactional_id
         # A killed worker's open transaction holds back read_committed readers (the last stable
@@ -74,27 +86,61 @@ def error_result_key(request_id: str) -> bytes:
     return f"error:{request_id}".encode()
 
 
+class Part(enum.Enum):
+    """What one outgoing record is for its source record."""
+
+    RESULT = "result"
+    ERROR_RESULT = "error_result"
+    DEAD_LETTER = "dead_letter"
+
+
+# One outgoing record's identity: the consumed record it answers, and what it is for it.
+Piece = tuple[Source, Part]
+
+
+@dataclass(slots=True)
+class Send:
+    """Records that go out together: a result batch for one partition, or one single record."""
+
+    topic: str
+    partition: int | None  # None: the producer partitions by key (error results, dead letters)
+    records: list[tuple[bytes | None, bytes | None, Headers]] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def part(self) -> Part:
+        return self.pieces[0][1]
+
+
+@dataclass(slots=True)
+class Plan:
+    """What earlier attempts at publishing a batch taught (worker.delivery fills it in): records
+    to send one per batch, records whose reply topic refused them, pieces already acknowledged
+    or given up."""
+
+    alone: set[Source] = field(default_factory=set)
+    unavailable: dict[Source, str] = field(default_factory=dict)  # source -> why
+    refused: dict[Source, str] = field(default_factory=dict)  # results topic refused the result
+    skip: set[Piece] = field(default_factory=set)
+
+
 @dataclass(slots=True)
 class Outgoing:
     """What one batch publishes, grouped into sends."""
 
-    # (topic, partition) -> records, for results (one record batch per partition)
-    results: dict[tuple[str, int], list[tuple[bytes, bytes, Headers]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    # single records: (topic, key, value, headers) for error results and dead letters
-    singles: list[tuple[str, bytes | None, bytes | None, Headers]] = field(default_factory=list)
-    # rejections made here (reply topic gone), for the caller's counters
+    sends: list[Send] = field(default_factory=list)
+    # rejections made here (reply topic gone or refusing), for the caller's counters
     rejected: list[Rejection] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.results) + len(self.singles)
+        return len(self.sends)
 
 
 class TopicPartitions(Protocol):
     """What the publisher asks of the cluster (worker.cluster.ClusterView in the worker)."""
 
-    async def partitions_for(self, topic: str) -> list[int] | None: ...
+    async def partitions_of(self, topics: Iterable[str]) -> dict[str, list[int] | None]: ...
+    def quarantined(self, topic: str) -> str | None: ...
 
 
 class ResultPublisher:
@@ -121,7 +167,7 @@ class ResultPublisher:
         self._max_dlq_record = max_dlq_record_bytes
         self._max_headers = max_dlq_header_bytes
         self._sending: weakref.WeakKeyDictionary[AIOKafkaProducer, int] = weakref.WeakKeyDictionary()
-        self._wrote_reply_topics: weakref.WeakSet[AIOKafkaProducer] = weakref.WeakSet()
+        self._added: weakref.WeakKeyDictionary[AIOKafkaProducer, set[str]] = weakref.WeakKeyDictionary()
         self._base = frozenset(self.base_topics)
 
     @property
@@ -129,48 +175,95 @@ class ResultPublisher:
         """The topics every worker writes to (reply topics come and go)."""
         return [self._results_topic, self._dlq_topic]
 
+    def is_reply_topic(self, topic: str) -> bool:
+        return topic not in self._base
+
     async def prepare(
-        self, results: Sequence[tuple[Job, EmbedResult]], rejections: Sequence[Rejection]
+        self,
+        results: Sequence[tuple[Job, EmbedResult]],
+        rejections: Sequence[Rejection],
+        plan: Plan | None = None,
     ) -> Outgoing:
-        """The records of a batch, with every reply topic checked. Raises KafkaError when the
-        cluster cannot be asked (the caller retries)."""
+        """The records of a batch, with every reply topic checked (one metadata request for all
+        of them). Raises KafkaError when the cluster cannot be asked (the caller retries)."""
+        plan = plan or Plan()
         outgoing = Outgoing()
         partitions = await self._partitions_of(
             {job.reply_topic for job, _ in results} | {r.reply_topic for r in rejections}
         )
+        spans: dict[tuple[str, int], Send] = {}
         keys = [job.key.encode() for job, _ in results]
         # The Java client's key -> partition mapping (murmur2), as every Kafka client computes
         # it, so results for one content hash always land on one partition (compaction needs it).
         for (job, result), key, key_hash in zip(results, keys, partition_hashes(keys), strict=True):
             targets = partitions[job.reply_topic]
-            if targets is None:
-                gone = self.reply_topic_gone(job)
+            why = plan.unavailable.get(job.source) or self._cluster.quarantined(job.reply_topic)
+            refused = plan.refused.get(job.source)
+            if targets is None or why is not None or refused is not None:
+                gone = (
+                    self.results_refused(job, refused)
+                    if refused is not None
+                    else self.reply_topic_gone(job, why)
+                )
                 outgoing.rejected.append(gone)
-                self._add_rejection(outgoing, gone)
+                self._add_rejection(outgoing, gone, plan)
+                continue
+            if (job.source, Part.RESULT) in plan.skip:
                 continue
             partition = targets[key_hash % len(targets)]
-            outgoing.results[(job.reply_topic, partition)].append(
+            if job.source in plan.alone:
+                send = Send(job.reply_topic, partition)
+                outgoing.sends.append(send)
+            else:
+                span = spans.get((job.reply_topic, partition))
+                if span is None:
+                    span = spans[(job.reply_topic, partition)] = Send(job.reply_topic, partition)
+                    outgoing.sends.append(span)
+                send = span
+            send.records.append(
                 (key, encode_result(result, job.content_type), result_headers(job.content_type))
             )
+            send.pieces.append((job.source, Part.RESULT))
         for rejection in rejections:
-            if partitions[rejection.reply_topic] is None:
+            if (
+                partitions[rejection.reply_topic] is None
+                or rejection.source in plan.unavailable
+                or self._cluster.quarantined(rejection.reply_topic) is not None
+            ):
                 rejection = _redirect(rejection, self._results_topic)
-            self._add_rejection(outgoing, rejection)
+            self._add_rejection(outgoing, rejection, plan)
         return outgoing
 
     async def _partitions_of(self, topics: set[str]) -> dict[str, list[int] | None]:
-        found: dict[str, list[int] | None] = {}
-        for topic in topics:
-            found[topic] = await self._cluster.partitions_for(topic)
-            if found[topic] is None and topic == self._results_topic:
-                raise KafkaError(f"the results topic {topic} does not exist: create it")
+        found = await self._cluster.partitions_of(topics | {self._results_topic})
+        if found[self._results_topic] is None:
+            raise KafkaError(f"the results topic {self._results_topic} does not exist: create it")
         return found
 
-    def reply_topic_gone(self, job: Job) -> Rejection:
-        error = RequestError(
-            ErrorCode.REPLY_TO_UNAVAILABLE,
+    def reply_topic_gone(self, job: Job, why: str | None = None) -> Rejection:
+        message = (
             f"reply_to topic {job.reply_topic!r} does not exist (deleted, or never "
-            "created): the result is dead-lettered",
+            "created): the result is dead-lettered"
+            if why is None
+            else f"reply_to topic {job.reply_topic!r} did not take the result ({why[:300]}): "
+            "the result is dead-lettered"
+        )
+        error = RequestError(ErrorCode.REPLY_TO_UNAVAILABLE, message, job.request.id, request=job.request)
+        return Rejection(
+            job.source,
+            job.raw,
+            error,
+            self._results_topic,
+            job.content_type,
+            key=job.key,
+            request=job.request,
+        )
+
+    def results_refused(self, job: Job, why: str) -> Rejection:
+        """The results topic itself refused this result (e.g. larger than its record limit)."""
+        error = RequestError(
+            ErrorCode.INTERNAL_ERROR,
+            f"the results topic refused the result ({why[:300]}): the request is dead-lettered",
             job.request.id,
             request=job.request,
         )
@@ -184,41 +277,56 @@ class ResultPublisher:
             request=job.request,
         )
 
-    def _add_rejection(self, outgoing: Outgoing, rejection: Rejection) -> None:
+    def _add_rejection(self, outgoing: Outgoing, rejection: Rejection, plan: Plan) -> None:
         error = rejection.error
-        if error.request_id is not None:
+        if error.request_id is not None and (rejection.source, Part.ERROR_RESULT) not in plan.skip:
             result = error.to_result(key=rejection.key, model=self._model)
-            outgoing.singles.append(
-                (
+            outgoing.sends.append(
+                Send(
                     rejection.reply_topic,
-                    error_result_key(error.request_id),
-                    encode_result(result, rejection.content_type),
-                    result_headers(rejection.content_type),
+                    None,
+                    [
+                        (
+                            error_result_key(error.request_id),
+                            encode_result(result, rejection.content_type),
+                            result_headers(rejection.content_type),
+                        )
+                    ],
+                    [(rejection.source, Part.ERROR_RESULT)],
                 )
             )
-        key, value, headers = self.dead_letter(rejection)
-        outgoing.singles.append((self._dlq_topic, key, value, headers))
+        if (rejection.source, Part.DEAD_LETTER) not in plan.skip:
+            outgoing.sends.append(
+                Send(
+                    self._dlq_topic,
+                    None,
+                    [self.dead_letter(rejection)],
+                    [(rejection.source, Part.DEAD_LETTER)],
+                )
+            )
 
-    async def send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]:
-        """Hands every record to the producer; returns (topic, ack future) per send.
+    async def send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]:
+        """Hands every record to the producer; returns an ack future per send. A send the
+        producer refuses at once (a record too large for it) gets a failed future, so one record
+        never fails the others.
 
         aiokafka refreshes metadata only for the topics in its client's topic set, and a refresh
         replaces what it knew: a batch for a topic outside that set (one it found in an earlier
-        all-topics answer) waits for a leader it never learns, until its timeout (40 s). So every
-        reply topic is added to the set before its records are handed over. And aiokafka keeps
-        every topic in that set in its metadata requests, which allow auto-creation: a reply topic
-        deleted later would be created again by the next refresh. So once no batch is under way
-        (handed over and not yet acknowledged), a producer that wrote to a reply topic has its
-        topics reset to the base ones (sends to the base topics alone leave it as it is)."""
-        reply_topics = {topic for topic, _ in outgoing.results} | {single[0] for single in outgoing.singles}
-        reply_topics -= self._base
+        all-topics answer) waits for a leader it never learns, until its timeout. So every reply
+        topic is added to the set before its records are handed over, all at once (one metadata
+        request, not one per topic). And aiokafka keeps every topic in that set in its metadata
+        requests, which allow auto-creation: a reply topic deleted later would be created again by
+        the next refresh. So once no batch is under way (handed over and not yet acknowledged), a
+        producer that wrote to a reply topic has its topics reset to the base ones."""
+        reply_topics = {s.topic for s in sends} - self._base
         self._sending[producer] = self._sending.get(producer, 0) + 1
         try:
             if reply_topics:
-                self._wrote_reply_topics.add(producer)
-                for topic in reply_topics:
-                    await producer.client.add_topic(topic)
-            acks = await self._send(producer, outgoing)
+                added = self._added.setdefault(producer, set())
+                if not reply_topics <= added:
+                    added |= reply_topics
+                    await producer.client.set_topics([*self._base, *added])
+            acks = await self._send(producer, sends)
         except BaseException:
             self._done_sending(producer)
             raise
@@ -231,27 +339,47 @@ class ResultPublisher:
 
     def _done_sending(self, producer: AIOKafkaProducer) -> None:
         self._sending[producer] -= 1
-        if not self._sending[producer] and producer in self._wrote_reply_topics:
-            self._wrote_reply_topics.discard(producer)
+        if not self._sending[producer] and self._added.get(producer):
+            self._added.pop(producer, None)
             producer.client.set_topics(self.base_topics)
 
-    async def _send(self, producer: AIOKafkaProducer, outgoing: Outgoing) -> list[tuple[str, Ack]]:
-        acks: list[tuple[str, Ack]] = []
-        for (topic, partition), records in outgoing.results.items():
-            batch = producer.create_batch()
-            for key, value, headers in records:
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    acks.append((topic, await producer.send_batch(batch, topic, partition=partition)))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None, headers=headers)
-            acks.append((topic, await producer.send_batch(batch, topic, partition=partition)))
-        for topic, single_key, single_value, headers in outgoing.singles:
-            acks.append(
-                (topic, await producer.send(topic, value=single_value, key=single_key, headers=headers))
-            )
+    async def _send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]:
+        acks: list[tuple[Send, Ack]] = []
+        for send in sends:
+            try:
+                if send.partition is None:
+                    [(key, value, headers)] = send.records
+                    ack = await producer.send(send.topic, value=value, key=key, headers=headers)
+                else:
+                    ack = await self._send_batches(producer, send)
+            except Exception as exc:  # one send's failure is that send's outcome (worker.failures)
+                if classify(exc) is Disposition.FATAL:
+                    raise  # a fenced producer or refused credentials: nothing more can be sent
+                ack = _failed(exc)
+            acks.append((send, ack))
         return acks
 
-    def dead_letter(self, rejection: Rejection) -> tuple[bytes | None, bytes | None, Headers]:
+    async def _send_batches(self, producer: AIOKafkaProducer, send: Send) -> Ack:
+        """One partition's results in as few record batches as the producer's batch size allows;
+        one future for all of them."""
+        assert send.partition is not None
+        futures: list[Ack] = []
+        batch = producer.create_batch()
+        for key, value, headers in send.records:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                if batch.record_count():
+                    futures.append(await producer.send_batch(batch, send.topic, partition=send.partition))
+                    batch = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    raise RecordTooLargeError(
+                        f"a result of {len(value or b'')} bytes does not fit a record batch"
+                    )
+        futures.append(await producer.send_batch(batch, send.topic, partition=send.partition))
+        if len(futures) == 1:
+            return futures[0]
+        return asyncio.ensure_future(_all_of(futures))
+
+    def dead_letter(self, rejection: Rejection) -> tuple[bytes, bytes, Headers]:
         """The DLQ copy: the raw message with the reason in headers, cut to fit the DLQ topic's
         record size limit (and saying so), so that no size can make the copy itself fail."""
         error, raw = rejection.error, rejection.raw
@@ -294,6 +422,16 @@ class ResultPublisher:
         if value is not None and (len(value) > room or original_size > len(value)):
             headers.append((HEADER_DLQ_TRUNCATED_VALUE, str(original_size).encode()))
             value = value[: max(0, room)]
+        # A copy must always be producible: Kafka clients refuse a record with neither key nor
+        # value (a tombstone), and a compacted DLQ would refuse a null key. The headers say so,
+        # and `embedfleet dlq replay` restores the nulls.
+        if value is None:
+            value = b""
+            headers.append((HEADER_DLQ_NULL_VALUE, b"1"))
+        if key is None:
+            source = rejection.source
+            key = f"dlq:{source.topic}:{source.partition}:{source.offset}".encode()
+            headers.append((HEADER_DLQ_GENERATED_KEY, b"1"))
         return key, value, headers
 
 
@@ -309,11 +447,33 @@ def _redirect(rejection: Rejection, topic: str) -> Rejection:
     )
 
 
-async def acknowledged(acks: list[tuple[str, Ack]]) -> list[tuple[str, BaseException]]:
-    """Waits for every ack; returns the failed ones (topic, error)."""
-    outcomes = await asyncio.gather(*(ack for _, ack in acks), return_exceptions=True)
-    return [
-        (topic, outcome)
-        for (topic, _), outcome in zip(acks, outcomes, strict=True)
-        if isinstance(outcome, BaseException)
-    ]
+def _failed(exc: BaseException) -> Ack:
+    future: Ack = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+async def _all_of(futures: list[Ack]) -> Any:
+    return (await asyncio.gather(*futures))[-1]
+
+
+async def acknowledged(
+    acks: Sequence[tuple[Send, Ack]], *, timeout_of: Callable[[Send], float | None] = lambda _: None
+) -> list[tuple[Send, BaseException | None]]:
+    """Waits for every ack, each at most as long as ``timeout_of`` its send says (None: for as
+    long as it takes); returns each send with its error (None when acknowledged). An ack that
+    does not come in time fails with AckTimeout."""
+
+    async def outcome(send: Send, ack: Ack) -> BaseException | None:
+        try:
+            await asyncio.wait_for(asyncio.shield(ack), timeout_of(send))
+        except TimeoutError:
+            if ack.done() and ack.exception() is not None:
+                return ack.exception()
+            return AckTimeout(f"not acknowledged within {timeout_of(send):.0f}s")
+        except Exception as exc:
+            return exc
+        return None
+
+    outcomes = await asyncio.gather(*(outcome(send, ack) for send, ack in acks))
+    return [(send, error) for (send, _), error in zip(acks, outcomes, strict=True)]

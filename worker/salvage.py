@@ -1,17 +1,21 @@
-"""Getting past a record that aiokafka cannot unpack, without losing the good ones around it.
+"""Getting past records that aiokafka cannot unpack, without losing the good ones around them.
 
 When ``getmany()`` raises while unpacking (a header name that is not UTF-8, a corrupt or
 undecompressable batch), aiokafka does not say which partition or offset; it has already moved
 the positions of partitions drained earlier in the same call (their records are lost with the
-exception), and the failing partition fails again on every later fetch. So:
+exception), and it fails again on every later fetch of that record batch, from any position
+inside it (it unpacks a batch from its first record). So, in one pass:
 
 1. every assigned partition is put back where the pipeline's own bookkeeping says it was (one past
    the last record handed over, else the committed offset);
-2. each is fetched raw from there and read with ``worker.records``; the first record (or batch)
-   that aiokafka would fail on is the culprit;
-3. the good records before it are handed over as if ``getmany`` had returned them, the culprit is
-   handed over as ``Unreadable`` (it becomes a DLQ entry and, where its id can be read, an error
-   result), and the partition is moved past it.
+2. each is fetched raw from there and read with ``worker.records``; every record (or batch) that
+   aiokafka would fail on is found, up to the end of the last record batch that holds one;
+3. the good records up to there are handed over as if ``getmany`` had returned them, each culprit
+   is handed over as ``Unreadable`` (it becomes a DLQ entry and, where its id can be read, an error
+   result), and the partition is moved past that batch, so aiokafka never unpacks it again.
+
+Each record batch is read once, whichever of its records are unreadable: salvage is linear in
+the fetched bytes and always moves the partition forward when it finds a culprit.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ class Salvaged:
     unreadable: list[Unreadable] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Scan:
+    """One partition's fetched bytes, read: the good records and the culprits, in offset order,
+    up to ``resume_at`` (where the consumer continues); ``resume_at`` is None when every record
+    reads (nothing is handed over then: the consumer fetches it again as usual)."""
+
+    records: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+    resume_at: int | None = None
+
+
 PositionOf = Callable[[TopicPartition], Awaitable[int | None]]
 
 
@@ -63,7 +78,7 @@ async def salvage(
     isolation_level: int,
     max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
 ) -> Salvaged:
-    """Restores the positions of ``partitions`` and reads past the first unreadable record of each
+    """Restores the positions of ``partitions`` and reads past every unreadable record of each
     (see the module docstring). ``position_of`` gives where the pipeline stands on a partition
     (None: unknown, start from the committed offset)."""
     found = Salvaged()
@@ -82,7 +97,7 @@ async def salvage(
         except (KafkaError, OSError) as exc:
             log.warning("raw fetch of %s at %d failed: %s", tp, position, exc)
             continue
-        records, unreadable = scan(
+        scanned = scan(
             tp,
             fetched.records,
             position,
@@ -90,18 +105,20 @@ async def salvage(
             read_committed=isolation_level == READ_COMMITTED,
             max_expanded_bytes=max_expanded_bytes,
         )
-        if unreadable is None:
+        if scanned.resume_at is None:
             continue  # this partition reads fine: the consumer fetches it again from `position`
-        found.records.extend(records)
-        found.unreadable.append(unreadable)
-        consumer.seek(tp, unreadable.next_offset)
+        found.records.extend(scanned.records)
+        found.unreadable.extend(scanned.unreadable)
+        consumer.seek(tp, scanned.resume_at)
         log.warning(
-            "partition %s: %s at offset %d; %d good records before it handed over, continuing at %d",
+            "partition %s: %d unreadable record(s) from offset %d (%s); %d good records handed "
+            "over with them, continuing at %d",
             tp,
-            unreadable.reason,
-            unreadable.offset,
-            len(records),
-            unreadable.next_offset,
+            len(scanned.unreadable),
+            scanned.unreadable[0].offset,
+            scanned.unreadable[0].reason,
+            len(scanned.records),
+            scanned.resume_at,
         )
     return found
 
@@ -114,11 +131,13 @@ def scan(
     *,
     read_committed: bool,
     max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
-) -> tuple[list[ConsumerRecord[bytes, bytes]], Unreadable | None]:
-    """The records from ``position`` up to the first one aiokafka cannot unpack, and that one
-    (None when every record reads). Aborted transactions and control batches are skipped the way
-    aiokafka skips them."""
-    good: list[ConsumerRecord[bytes, bytes]] = []
+) -> Scan:
+    """Reads the fetched ``data`` from ``position`` in one pass: every record aiokafka cannot
+    unpack, and the good records around them, up to the end of the last record batch holding a
+    culprit. Aborted transactions and control batches are skipped the way aiokafka skips them."""
+    result = Scan()
+    # Records of the batches read so far; handed over only up to the last batch with a culprit.
+    pending: list[ConsumerRecord[bytes, bytes]] = []
     pending_aborts = sorted(aborted, key=lambda a: a[1])
     aborted_producers: set[int] = set()
     for batch in read_batches(data, max_expanded_bytes):
@@ -135,17 +154,44 @@ def scan(
         if batch.control:
             continue
         if batch.problem is not None:
-            return good, _unreadable_batch(tp, batch, position)
+            result.records.extend(pending)
+            pending = []
+            result.unreadable.append(_unreadable_batch(tp, batch, position))
+            result.resume_at = batch.next_offset
+            continue
+        culprit = False
         for record in batch.records:
             if record.offset < position:
                 continue
             reason = record.unreadable_reason()
             if reason is not None:
-                return good, Unreadable(
-                    tp, record.offset, record.offset + 1, record.timestamp_ms, reason, record
+                if not culprit:
+                    result.records.extend(pending)
+                    pending = []
+                    culprit = True
+                result.unreadable.append(
+                    Unreadable(tp, record.offset, record.offset + 1, record.timestamp_ms, reason, record)
                 )
-            good.append(_consumer_record(tp, record))
-    return good, None
+            elif culprit:
+                result.records.append(_consumer_record(tp, record))
+            else:
+                pending.append(_consumer_record(tp, record))
+        if culprit:
+            result.resume_at = batch.next_offset
+    if result.unreadable:
+        # The last culprit's place: the pipeline's position moves past its whole batch.
+        last = result.unreadable[-1]
+        result.unreadable[-1] = Unreadable(
+            last.tp,
+            last.offset,
+            max(last.next_offset, result.resume_at or 0),
+            last.timestamp_ms,
+            last.reason,
+            last.record,
+            batch=last.batch,
+            too_large=last.too_large,
+        )
+    return result
 
 
 def _unreadable_batch(tp: TopicPartition, batch: RawBatch, position: int) -> Unreadable:

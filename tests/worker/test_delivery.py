@@ -5,6 +5,7 @@ without a broker."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from worker.delivery import AtLeastOnce, BatchWork, ExactlyOnce
 from worker.jobs import RawMessage, Rejection, Source
 from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
-from worker.publisher import Outgoing
+from worker.publisher import Outgoing, Part, Plan, Send
 
 TOPIC = "embed.requests"
 
@@ -57,22 +58,41 @@ class FakePublisher:
         self.sent = 0
         self.ack_errors = ack_errors or []
 
-    async def prepare(self, results: Any, rejections: Any) -> Outgoing:
-        return Outgoing()
+    async def prepare(self, results: Any, rejections: Any, plan: Plan | None = None) -> Outgoing:
+        source = Source(TOPIC, 0, 0, 0)
+        return Outgoing(sends=[Send("embed.results", 0, [(b"k", b"v", [])], [(source, Part.RESULT)])])
 
-    async def send(self, producer: Any, outgoing: Outgoing) -> list[tuple[str, asyncio.Future[Any]]]:
+    async def send(self, producer: Any, sends: Sequence[Send]) -> list[tuple[Send, asyncio.Future[Any]]]:
         self.sent += 1
         ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.ack_errors:
             ack.set_exception(self.ack_errors.pop(0))
         else:
             ack.set_result(None)
-        return [("embed.results", ack)]
+        return [(send, ack) for send in sends[:1]] + [(send, _acked()) for send in sends[1:]]
+
+    def is_reply_topic(self, topic: str) -> bool:
+        return topic not in ("embed.results", "embed.requests.dlq")
+
+
+def _acked() -> asyncio.Future[Any]:
+    ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    ack.set_result(None)
+    return ack
 
 
 class FakeCluster:
+    def __init__(self) -> None:
+        self.quarantined: dict[str, str] = {}
+
     def forget(self, topic: str) -> None:
         pass
+
+    def quarantine(self, topic: str, why: str) -> None:
+        self.quarantined[topic] = why
+
+    async def probe(self, timeout_s: float = 5.0) -> bool:
+        return True
 
 
 class FakeConsumer:
@@ -281,3 +301,208 @@ async def test_at_least_once_commits_up_to_the_first_unanswered_record_of_assign
     await delivery.commit()
     assert len(consumer.commits) == 2  # nothing moved: nothing sent
     assert metrics.commits.labels("failed")._value.get() == 1
+
+
+# --- the failure policy at work: the real publisher over a producer that refuses by topic -------
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes | None]] = []
+
+    def append(self, *, key: bytes | None, value: bytes | None, timestamp: Any, headers: Any) -> object:
+        self.records.append((key, value))
+        return object()
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.topics: list[list[str]] = []
+
+    def set_topics(self, topics: list[str]) -> asyncio.Future[None]:
+        self.topics.append(list(topics))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class TopicProducer:
+    """An aiokafka producer as the publisher uses it: acknowledges every send at once, except to
+    topics it refuses (the error its ack fails with) or never acknowledges."""
+
+    def __init__(
+        self, refuse: dict[str, BaseException] | None = None, silent: set[str] | None = None
+    ) -> None:
+        self.client = FakeClient()
+        self.refuse = refuse or {}
+        self.silent = silent or set()
+        self.written: list[tuple[str, bytes | None, bytes | None]] = []
+        self.pending: list[asyncio.Future[Any]] = []
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    def _ack(self, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> asyncio.Future[Any]:
+        ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if topic in self.silent:
+            self.pending.append(ack)
+        elif topic in self.refuse:
+            ack.set_exception(self.refuse[topic])
+        else:
+            self.written.extend((topic, k, v) for k, v in records)
+            ack.set_result(None)
+        return ack
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        return self._ack(topic, batch.records)
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None, headers: Any = None
+    ) -> Any:
+        assert key is not None or value is not None, "Need at least one: key or value"  # as aiokafka
+        return self._ack(topic, [(key, value)])
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class TopicsCluster(FakeCluster):
+    async def partitions_of(self, topics: Any) -> dict[str, list[int] | None]:
+        return {topic: [0] for topic in topics}
+
+    def quarantined_reason(self, topic: str) -> str | None:
+        return self.quarantined.get(topic)
+
+
+def real_publisher(cluster: TopicsCluster) -> Any:
+    from worker.publisher import ResultPublisher
+
+    class View:
+        async def partitions_of(self, topics: Any) -> dict[str, list[int] | None]:
+            return await cluster.partitions_of(topics)
+
+        def quarantined(self, topic: str) -> str | None:
+            return cluster.quarantined.get(topic)
+
+    return ResultPublisher(
+        View(),
+        results_topic="embed.results",
+        dlq_topic="embed.requests.dlq",
+        worker_id="w",
+        model="m",
+        max_dlq_record_bytes=1 << 20,
+    )
+
+
+def jobs_for(*reply_topics: str) -> list[tuple[Any, Any]]:
+    from schemas import EmbedResult
+    from worker.engine.tokenize import TokenizedText
+    from worker.jobs import Job
+
+    pairs = []
+    for offset, topic in enumerate(reply_topics):
+        request = EmbedRequest(id=f"r{offset}", text=f"t{offset}", reply_to=topic)
+        job = Job(
+            Source(TOPIC, 0, offset, 0),
+            RawMessage(None, None, [], original_size=10),
+            request,
+            f"{offset:064x}",
+            2,
+            TokenizedText([1, 2], False),
+            topic,
+            ContentType.JSON,
+        )
+        result = EmbedResult.success(
+            request_id=request.id, key=job.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+        )
+        pairs.append((job, result))
+    return pairs
+
+
+def at_least_once_over(producer: TopicProducer, replies: TopicProducer, timeout_s: float = 10.0) -> Any:
+    cluster = TopicsCluster()
+    delivery = AtLeastOnce(
+        producer,
+        real_publisher(cluster),
+        cluster,
+        WorkerMetrics(),
+        consumer=FakeConsumer({}),
+        offsets=OffsetTracker(),
+        reply_producer=replies,
+        reply_timeout_s=timeout_s,
+    )
+    return delivery, cluster
+
+
+async def test_a_reply_topic_that_refuses_costs_its_requests_only_and_nothing_is_sent_twice() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    own = TopicProducer()
+    replies = TopicProducer(refuse={"embed.results.small": MessageSizeTooLargeError()})
+    delivery, _ = at_least_once_over(own, replies)
+    results = jobs_for("embed.results", "embed.results.small", "embed.results.fine", "embed.results.small")
+    delivered = await asyncio.wait_for(
+        delivery.deliver(0, BatchWork([j for j, _ in results], results, [])), 10
+    )
+    assert sorted(r.request.id for r in delivered.rejected if r.request) == ["r1", "r3"]
+    assert {r.error.code for r in delivered.rejected} == {ErrorCode.REPLY_TO_UNAVAILABLE}
+    topics = [t for t, _, _ in own.written + replies.written]
+    # Each good result exactly once; each refused request one error result and one dead letter.
+    assert topics.count("embed.results.fine") == 1
+    assert sorted(topics) == sorted(
+        [
+            "embed.results",
+            "embed.results.fine",
+            "embed.results",
+            "embed.results",
+            "embed.requests.dlq",
+            "embed.requests.dlq",
+        ]
+    )
+
+
+async def test_a_reply_topic_that_never_acknowledges_is_answered_after_the_bound() -> None:
+    own = TopicProducer()
+    replies = TopicProducer(silent={"embed.results.stuck"})
+    delivery, cluster = at_least_once_over(own, replies, timeout_s=0.3)
+    results = jobs_for("embed.results.stuck", "embed.results.ok")
+    delivered = await asyncio.wait_for(
+        delivery.deliver(0, BatchWork([j for j, _ in results], results, [])), 10
+    )
+    assert [r.request.id for r in delivered.rejected if r.request] == ["r0"]
+    assert "embed.results.stuck" in cluster.quarantined
+    assert [t for t, _, _ in replies.written] == ["embed.results.ok"]
+    assert sorted(t for t, _, _ in own.written) == ["embed.requests.dlq", "embed.results"]
+
+
+async def test_a_dead_letter_the_dlq_refuses_is_counted_and_given_up_never_fatal() -> None:
+    from aiokafka.errors import PolicyViolationError
+
+    own = TopicProducer(refuse={"embed.requests.dlq": PolicyViolationError()})
+    delivery, _ = at_least_once_over(own, TopicProducer())
+    bad = rejection(0, 7)
+    delivered = await asyncio.wait_for(delivery.deliver(0, BatchWork([bad], [], [bad])), 10)
+    assert delivered.lost == set()
+    assert [t for t, _, _ in own.written] == ["embed.results"]  # the error result still went out
+    assert delivery._metrics.dlq_write_failures._value.get() == 1
+
+
+async def test_a_tombstone_is_dead_lettered_not_fatal() -> None:
+    own = TopicProducer()
+    delivery, _ = at_least_once_over(own, TopicProducer())
+    tombstone = Rejection(
+        Source(TOPIC, 0, 3, 0),
+        RawMessage(None, None, []),
+        RequestError(ErrorCode.INVALID_ENCODING, "null value", None),
+        "embed.results",
+        ContentType.JSON,
+    )
+    await asyncio.wait_for(delivery.deliver(0, BatchWork([tombstone], [], [tombstone])), 10)
+    [(topic, key, value)] = own.written
+    assert topic == "embed.requests.dlq" and key == b"dlq:embed.requests:0:3" and value == b""

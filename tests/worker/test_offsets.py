@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from worker.offsets import OffsetTracker
 
 
@@ -35,3 +39,90 @@ def test_partitions_are_independent_and_forgettable() -> None:
     assert tracker.in_flight == 0
     tracker.mark_committed({1: 8})
     assert tracker.committable() == {}
+
+
+# --- generated interleavings (hypothesis) ------------------------------------------------------
+
+PARTITIONS = (0, 1, 2)
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    """Random interleavings of what the worker does to the tracker: takes (a fetch's records in
+    order), salvages (a record batch's culprits tracked before the good records around them, as
+    worker.app does), acknowledgements in any order, revokes and commits. Invariant: an offset
+    handed out for commit never passes a record that is tracked and not yet acknowledged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker: OffsetTracker[int] = OffsetTracker()
+        self.pending: dict[int, set[int]] = {p: set() for p in PARTITIONS}
+        self.next_offset: dict[int, int] = dict.fromkeys(PARTITIONS, 0)
+        self.committed: dict[int, int] = {}
+
+    @rule(partition=st.sampled_from(PARTITIONS), count=st.integers(1, 6))
+    def take(self, partition: int, count: int) -> None:
+        start = self.next_offset[partition]
+        for offset in range(start, start + count):
+            self.tracker.track(partition, offset, 100)
+            self.pending[partition].add(offset)
+        self.next_offset[partition] = start + count
+
+    @rule(
+        partition=st.sampled_from(PARTITIONS),
+        culprits=st.lists(st.booleans(), min_size=1, max_size=8),
+        gap=st.integers(0, 3),
+    )
+    def salvage(self, partition: int, culprits: list[bool], gap: int) -> None:
+        start = self.next_offset[partition] + gap  # offsets may be missing (compaction, markers)
+        offsets = list(range(start, start + len(culprits)))
+        bad = [o for o, is_bad in zip(offsets, culprits, strict=True) if is_bad]
+        good = [o for o, is_bad in zip(offsets, culprits, strict=True) if not is_bad]
+        for offset in bad:  # the culprits first, each saying where the partition continues
+            self.tracker.track(partition, offset, 100, next_offset=offsets[-1] + 1)
+        for offset in good:
+            self.tracker.track(partition, offset, 100)
+        self.pending[partition].update(offsets)
+        self.next_offset[partition] = offsets[-1] + 1
+
+    @rule(data=st.data())
+    def done(self, data: st.DataObject) -> None:
+        candidates = sorted((p, o) for p, offsets in self.pending.items() for o in offsets)
+        if not candidates:
+            return
+        partition, offset = data.draw(st.sampled_from(candidates))
+        self.tracker.done(partition, offset)
+        self.pending[partition].discard(offset)
+
+    @rule(partition=st.sampled_from(PARTITIONS))
+    def revoke(self, partition: int) -> None:
+        self.tracker.forget([partition])
+        self.pending[partition] = set()
+        self.committed.pop(partition, None)
+
+    @rule()
+    def commit(self) -> None:
+        offsets = self.tracker.committable()
+        for partition, offset in offsets.items():
+            assert offset > self.committed.get(partition, -1), "commits only move forward"
+        self.tracker.mark_committed(offsets)
+        self.committed.update(offsets)
+
+    @invariant()
+    def never_past_a_pending_record(self) -> None:
+        for partition, offset in self.tracker.committable().items():
+            if self.pending[partition]:
+                assert offset <= min(self.pending[partition]), (partition, offset, self.pending)
+            else:
+                assert offset <= self.next_offset[partition]
+        assert self.tracker.in_flight == sum(len(o) for o in self.pending.values())
+
+    @invariant()
+    def everything_answered_commits_everything_seen(self) -> None:
+        for partition in PARTITIONS:
+            if not self.pending[partition] and partition in self.committed:
+                target = self.tracker.committable().get(partition, self.committed[partition])
+                assert target == self.next_offset[partition]
+
+
+TrackerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+test_tracker_interleavings = TrackerMachine.TestCase

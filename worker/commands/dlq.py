@@ -33,6 +33,8 @@ from aiokafka.errors import KafkaError
 
 from schemas import (
     HEADER_DLQ_DROPPED_HEADERS,
+    HEADER_DLQ_GENERATED_KEY,
+    HEADER_DLQ_NULL_VALUE,
     HEADER_DLQ_RAW_BATCH,
     HEADER_DLQ_TRUNCATED_KEY,
     HEADER_DLQ_TRUNCATED_VALUE,
@@ -227,12 +229,16 @@ async def read_dead_letters(
                         break
                     scan.total += 1
                     scan.next_offsets[tp.partition] = record.offset + 1
+                    headers = tuple((_header_name(k), bytes(v or b"")) for k, v in record.headers)
+                    notes = {name for name, _ in headers}
+                    # The publisher stands in for a null key or value (Kafka refuses a record
+                    # with neither): the original nulls come back here.
                     yield DeadLetter(
                         partition=tp.partition,
                         offset=record.offset,
-                        key=record.key,
-                        value=record.value,
-                        headers=tuple((_header_name(k), bytes(v or b"")) for k, v in record.headers),
+                        key=None if HEADER_DLQ_GENERATED_KEY in notes else record.key,
+                        value=None if HEADER_DLQ_NULL_VALUE in notes else record.value,
+                        headers=headers,
                     )
             for tp in list(pending):
                 # position() also moves past transaction markers and aborted records.
