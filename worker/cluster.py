@@ -38,6 +38,9 @@ MISSING_TOPIC_CODES = frozenset({UNKNOWN_TOPIC_OR_PARTITION, INVALID_TOPIC, TOPI
 READ_UNCOMMITTED, READ_COMMITTED = 0, 1
 # Topics named in one metadata request (a batch may name many reply topics).
 METADATA_TOPICS_PER_REQUEST = 500
+# Exactly-once: a reply topic must accept records stamped at least this long ago (see
+# ClusterView.vet_for_transactions).
+MIN_TIMESTAMP_SLACK_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +82,18 @@ class ClusterView:
         # the reply timeout again.
         self._quarantine: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._quarantine_s = quarantine_s
+        self._vetted: OrderedDict[str, float] = OrderedDict()  # topic -> vetted until
+        self._connection = connection
+        self._admin: Any = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self._client.bootstrap()
 
     async def close(self) -> None:
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.close()
         await self._client.close()
 
     def forget(self, topic: str) -> None:
@@ -107,6 +116,50 @@ class ClusterView:
             del self._quarantine[topic]
             return None
         return entry[1]
+
+    async def vet_for_transactions(self, topics: Iterable[str]) -> None:
+        """Exactly-once: quarantines reply topics whose configuration refuses records stamped a
+        moment ago (``message.timestamp.before.max.ms`` under a minute on a CreateTime topic).
+        Such a topic refuses not only the results but the transaction's abort markers too, and the
+        broker then retries those markers forever: the partition's transactional id stays stuck
+        and the partition never moves again. Each topic is checked once per quarantine period;
+        a topic whose configuration cannot be read is taken as it is."""
+        now = time.monotonic()
+        unvetted = [t for t in set(topics) if self._vetted.get(t, 0.0) < now and self.quarantined(t) is None]
+        if not unvetted:
+            return
+        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(**self._connection)
+            await self._admin.start()
+        try:
+            responses = await self._admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t) for t in unvetted]
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("cannot read the configuration of reply topics (%s); taking them as they are", exc)
+            return
+        for response in responses:
+            for resource in response.resources:
+                topic, entries = resource[3], {e[0]: e[1] for e in resource[4]}
+                self._vetted[topic] = now + self._quarantine_s
+                self._vetted.move_to_end(topic)
+                before = entries.get("message.timestamp.before.max.ms")
+                if (
+                    entries.get("message.timestamp.type", "CreateTime") == "CreateTime"
+                    and before is not None
+                    and before.isdigit()
+                    and int(before) < MIN_TIMESTAMP_SLACK_MS
+                ):
+                    self.quarantine(
+                        topic,
+                        f"message.timestamp.before.max.ms={before} refuses records and transaction "
+                        "markers stamped a moment ago",
+                    )
+        while len(self._vetted) > self._max_topics:
+            self._vetted.popitem(last=False)
 
     @property
     def topics_known(self) -> int:

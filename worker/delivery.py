@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +85,7 @@ class KnownTopics(Protocol):
     def forget(self, topic: str) -> None: ...
     def quarantine(self, topic: str, why: str) -> None: ...
     async def probe(self, timeout_s: float = 5.0) -> bool: ...
+    async def vet_for_transactions(self, topics: Iterable[str]) -> None: ...
 
 
 class FailedSends:
@@ -534,6 +535,9 @@ class ExactlyOnce:
         Every send is acknowledged (reply topics within their bound) before the offsets go in; a
         send that failed aborts the transaction, and the next one answers its records as the
         failure policy says (a failed produce leaves a transaction abortable only)."""
+        await self._cluster.vet_for_transactions(
+            {j.reply_topic for j, _ in part.results} | {r.reply_topic for r in part.rejections}
+        )
         await producer.begin_transaction()
         outgoing = await self._publisher.prepare(part.results, part.rejections, plan)
         acks = await self._publisher.send(producer, outgoing.sends)

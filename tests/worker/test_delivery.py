@@ -94,6 +94,9 @@ class FakeCluster:
     async def probe(self, timeout_s: float = 5.0) -> bool:
         return True
 
+    async def vet_for_transactions(self, topics: Any) -> None:
+        return None
+
 
 class FakeConsumer:
     def __init__(self, committed: dict[TopicPartition, int], log: list[str] | None = None) -> None:
