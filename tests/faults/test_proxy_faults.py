@@ -416,7 +416,7 @@ async def test_kafka_connections_reset_mid_produce(
         moved = Counters.read(fleet).since(before)
         await check_and_record(
             fault_ledger,
-            f"Kafka connections reset mid-produce ({guarantee})",
+            f"Kafka resets mid-produce ({guarantee})",
             fleet,
             run,
             moved,
