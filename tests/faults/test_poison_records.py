@@ -412,3 +412,85 @@ async def test_a_zstd_bomb_is_rejected_within_the_memory_limit(
     assert all(b"expands past" in h["dlq-reason"] for h in scenario.audit.dead_letters)
     # Bounded by the expansion limit, far below one copy of the value (the limit is 1.5 GiB).
     assert scenario.peak_rss_mb < 256 + BASELINE_RSS_MB
+
+
+async def test_tombstones_are_dead_lettered_and_never_stop_a_worker(
+    fleet: Fleet, shared_dir: Path, fault_ledger: FaultLedger
+) -> None:
+    """A record with neither key nor value on every partition (any producer can send one, and
+    compacted-topic tooling does): once, aiokafka refused to produce its dead letter and the
+    worker exited, then the worker that took the partition over."""
+
+    async def send_tombstones(io: FleetIO) -> None:
+        # aiokafka's send() refuses a record with neither key nor value; its batch API does not
+        # (and other clients send them freely).
+        for partition in range(fleet.partitions):
+            batch = io.producer.create_batch()
+            batch.append(key=None, value=None, timestamp=None)
+            await (await io.producer.send_batch(batch, fleet.requests_topic, partition=partition))
+        await io.producer.send(fleet.requests_topic, None, key=b"only-a-key", partition=0)
+        await io.producer.flush()
+
+    scenario = await run_poison(fleet, shared_dir, [send_tombstones], dead_letters=7, error_results={})
+    scenario.notes.append("6 null key + null value, 1 null value")
+    check_and_record(
+        fault_ledger, "tombstones on every partition", scenario, dead_letters=7, error_results={}
+    )
+    tombstones = [h for h in scenario.audit.dead_letters if h.get("dlq-null-value") == b"1"]
+    assert len(tombstones) == 7
+    assert sum(1 for h in tombstones if h.get("dlq-generated-key") == b"1") == 6
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+async def test_reply_topics_that_refuse_the_write_cost_only_their_requests(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    shared_dir: Path,
+    fault_ledger: FaultLedger,
+    guarantee: str,
+) -> None:
+    """Reply topics that exist and match the pattern but refuse the result (a record limit below
+    its size; a timestamp bound that refuses anything stamped a moment ago): their requests get
+    reply_to_unavailable on the default topic and a dead letter, within the reply timeout, and
+    every other request is answered as usual (exactly once in exactly-once mode). Once, such a
+    topic made the worker resend the same batch every 5 s forever."""
+    fleet = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2, EMBEDFLEET_GUARANTEE=guarantee
+    )
+    tiny = f"{fleet.results_topic}.tiny"
+    stamped = f"{fleet.results_topic}.stamped"
+    await create_topic(fleet.bootstrap, tiny, 2, {"max.message.bytes": "512"})
+    await create_topic(fleet.bootstrap, stamped, 2, {"message.timestamp.before.max.ms": "0"})
+    try:
+
+        async def send_bad(io: FleetIO) -> None:
+            for i in range(4):
+                for name, topic in (("tiny", tiny), ("stamped", stamped)):
+                    value = json.dumps(
+                        {"id": f"{name}-{i}", "text": f"refused {name} {i}", "reply_to": topic}
+                    )
+                    await io.send(value.encode())
+            await io.producer.flush()
+
+        errors = {f"{name}-{i}": "reply_to_unavailable" for i in range(4) for name in ("tiny", "stamped")}
+        scenario = await run_poison(
+            fleet, shared_dir, [send_bad], dead_letters=len(errors), error_results=errors, timeout_s=180
+        )
+        scenario.notes.append("max.message.bytes=512 (4), message.timestamp.before.max.ms=0 (4)")
+        check_and_record(
+            fault_ledger,
+            f"reply topics refusing the write ({guarantee})",
+            scenario,
+            dead_letters=len(errors),
+            error_results=errors,
+        )
+        # Nothing landed on the refusing topics, and no worker is still resending.
+        leftovers = await audit_fleet(fleet, [tiny, stamped])
+        assert all(leftovers.success[i] == 0 for i in errors)
+        assert all(w.alive for w in fleet.workers)
+    finally:
+        fleet.stop_all()
+        await fleet.cleanup()
+        await delete_topics(fleet.bootstrap, [tiny, stamped])
