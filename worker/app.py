@@ -253,6 +253,7 @@ class Worker:
         # committed offset between two fetches, then owns and resumes it (see _position_taken).
         self._to_position: set[TopicPartition] = set()
         self._rebalances = 0  # rebalance callbacks begun (revokes and assigns)
+        self._contract_published = False
         self.metrics.model.info(
             {
                 "name": manifest.name,
@@ -309,7 +310,7 @@ class Worker:
         fleet already serves another fingerprint of this model, unless told to replace it.
         Without Redis there is nothing to check against: the worker starts (the cache fails open)."""
         if not await self.cache.ping():
-            return
+            return  # published by the health loop once the cache answers (clients need it)
         published = await self.cache.published_fingerprint(self.model.name)
         if published is not None and published != self.model.fingerprint:
             if self.config.on_contract_mismatch != "replace":
@@ -330,6 +331,7 @@ class Worker:
                 self.model.fingerprint[:12],
             )
         await self.cache.publish_model(self.model.name, self.model.redis_fields(max_tokens=self._max_tokens))
+        self._contract_published = True
 
     def stop(self) -> None:
         """Begin a graceful stop: no more fetching; in-flight work is finished and committed."""
@@ -714,6 +716,15 @@ class Worker:
         while True:
             self.health.kafka_reachable = await self.cluster.probe()
             self.health.cache_ok = not self.cache.enabled or await self.cache.ping()
+            if self.cache.enabled and self.health.cache_ok and not self._contract_published:
+                # Redis was away at start: clients cannot compute keys without the contract.
+                try:
+                    await self._publish_contract()
+                except ContractMismatch as exc:
+                    self.fatal = self.fatal or WorkerFatal(str(exc))
+                    self.stop()
+                except Exception as exc:  # the cache fails open; try again next round
+                    log.warning("could not publish the model contract yet (%s)", describe(exc))
             self.metrics.ready.set(1 if self.health.ready else 0)
             reclaim = self.delivery.reclaimable(set(self.consumer.assignment()))
             if reclaim:

@@ -219,6 +219,16 @@ async def test_worker_started_without_redis_uses_it_once_it_comes_back(
                     break
                 await asyncio.sleep(0.2)
             assert worker.metric("embedfleet_cache_up") == 1
+            # The contract it could not publish at start is published now (clients need it).
+            contracts = redis_asyncio.Redis.from_url(redis_url)
+            try:
+                for _ in range(50):
+                    if await contracts.keys(contract_key(fleet.cache_prefix, "*")):
+                        break
+                    await asyncio.sleep(0.2)
+                assert await contracts.keys(contract_key(fleet.cache_prefix, "*")), "no contract"
+            finally:
+                await contracts.aclose()
             await asyncio.sleep(1.5)  # past the skip interval of the last failure
             texts = [f"after redis {i} {uuid.uuid4().hex}" for i in range(5)]
             async with FleetIO(fleet) as io:
