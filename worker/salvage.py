@@ -20,6 +20,7 @@ the fetched bytes and always moves the partition forward when it finds a culprit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,7 +98,10 @@ async def salvage(
         except (KafkaError, OSError) as exc:
             log.warning("raw fetch of %s at %d failed: %s", tp, position, exc)
             continue
-        scanned = scan(
+        # In a thread: a batch may be a decompression bomb, which takes a bounded but noticeable
+        # time to find out (up to the expansion limit), and the event loop must keep heartbeating.
+        scanned = await asyncio.to_thread(
+            scan,
             tp,
             fetched.records,
             position,
