@@ -61,6 +61,8 @@ class FaultReport:
 @dataclass
 class FaultLedger:
     rows: list[FaultReport] = field(default_factory=list)
+    # (title, markdown lines): detail tables printed after the report (the record fuzzer's, by kind)
+    tables: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 _LEDGER = FaultLedger()
@@ -101,6 +103,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{row.missing:8d} {row.duplicates:6d} {row.recovery_s:8.1f} {row.peak_rss_mb:7.0f}  "
             f"{row.notes}"
         )
+    for title, lines in _LEDGER.tables:
+        write("")
+        write(title)
+        for line in lines:
+            write(line)
 
 
 def scenario_texts(shared_dir: Path, count: int = REQUESTS_PER_SCENARIO) -> list[str]:
