@@ -35,7 +35,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from schemas import ErrorCode, RequestError, RequestLimits
+from schemas import ErrorCode, RequestLimits
 from worker.batcher import Batch, MicroBatcher
 from worker.cache import VectorCache, redis_client, redis_login_problem
 from worker.cluster import READ_COMMITTED, READ_UNCOMMITTED, ClusterView, topic_record_limit
@@ -88,15 +88,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def _internal_error(job: Job, exc: BaseException) -> Rejection:
-    error = RequestError(
-        ErrorCode.INTERNAL_ERROR,
-        f"the worker failed on this batch: {describe(exc)}",
-        job.request.id,
-        request=job.request,
-    )
-    return Rejection(
-        job.source, job.raw, error, job.reply_topic, job.content_type, key=job.key, request=job.request
-    )
+    return job.rejected(ErrorCode.INTERNAL_ERROR, f"the worker failed on this batch: {describe(exc)}")
 
 
 def max_expanded_bytes(config: WorkerConfig) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import ContentType, EmbedRequest, RequestError, encode_request
+from schemas import ContentType, EmbedRequest, ErrorCode, RequestError, encode_request
 from worker.engine.tokenize import TokenizedText
 
 Headers = list[tuple[str, bytes]]
@@ -49,6 +49,20 @@ class Job:
     tokens: TokenizedText  # the model's token ids after prefix and truncation
     reply_topic: str
     content_type: ContentType
+
+    def rejected(self, code: ErrorCode, message: str, *, reply_topic: str | None = None) -> Rejection:
+        """This request answered with an error instead (and dead-lettered), on its own reply
+        topic unless another is given."""
+        error = RequestError(code, message, self.request.id, request=self.request)
+        return Rejection(
+            self.source,
+            self.raw,
+            error,
+            reply_topic or self.reply_topic,
+            self.content_type,
+            key=self.key,
+            request=self.request,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas import EmbedResult, ErrorCode, RequestError
+from schemas import EmbedResult, ErrorCode
 from worker.cache import VectorCache
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Rejection
@@ -150,20 +150,7 @@ class BatchProcessor:
         first_of_key: set[str] = set()
         for job in jobs:
             if job.key in computed.failed:
-                error = RequestError(
-                    ErrorCode.INFERENCE_FAILED, computed.failed[job.key], job.request.id, request=job.request
-                )
-                outcome.failures.append(
-                    Rejection(
-                        job.source,
-                        job.raw,
-                        error,
-                        job.reply_topic,
-                        job.content_type,
-                        key=job.key,
-                        request=job.request,
-                    )
-                )
+                outcome.failures.append(job.rejected(ErrorCode.INFERENCE_FAILED, computed.failed[job.key]))
                 continue
             from_cache = job.key in cached
             vector = cached[job.key] if from_cache else computed.vectors[job.key]

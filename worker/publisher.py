@@ -31,7 +31,6 @@ from schemas import (
     HEADER_DLQ_TRUNCATED_VALUE,
     EmbedResult,
     ErrorCode,
-    RequestError,
     dlq_headers,
     encode_result,
     result_headers,
@@ -248,34 +247,12 @@ class ResultPublisher:
             else f"reply_to topic {job.reply_topic!r} did not take the result ({why[:300]}): "
             "the result is dead-lettered"
         )
-        error = RequestError(ErrorCode.REPLY_TO_UNAVAILABLE, message, job.request.id, request=job.request)
-        return Rejection(
-            job.source,
-            job.raw,
-            error,
-            self._results_topic,
-            job.content_type,
-            key=job.key,
-            request=job.request,
-        )
+        return job.rejected(ErrorCode.REPLY_TO_UNAVAILABLE, message, reply_topic=self._results_topic)
 
     def results_refused(self, job: Job, why: str) -> Rejection:
         """The results topic itself refused this result (e.g. larger than its record limit)."""
-        error = RequestError(
-            ErrorCode.INTERNAL_ERROR,
-            f"the results topic refused the result ({why[:300]}): the request is dead-lettered",
-            job.request.id,
-            request=job.request,
-        )
-        return Rejection(
-            job.source,
-            job.raw,
-            error,
-            self._results_topic,
-            job.content_type,
-            key=job.key,
-            request=job.request,
-        )
+        message = f"the results topic refused the result ({why[:300]}): the request is dead-lettered"
+        return job.rejected(ErrorCode.INTERNAL_ERROR, message, reply_topic=self._results_topic)
 
     def _add_rejection(self, outgoing: Outgoing, rejection: Rejection, plan: Plan) -> None:
         error = rejection.error

@@ -41,8 +41,10 @@ class FakeCluster:
         return self.refusing.get(topic)
 
 
-def publisher(topics: dict[str, list[int]] | None = None) -> ResultPublisher:
-    cluster = FakeCluster(topics if topics is not None else {"embed.results": [0, 1]})
+def publisher(
+    topics: dict[str, list[int]] | None = None, cluster: FakeCluster | None = None
+) -> ResultPublisher:
+    cluster = cluster or FakeCluster(topics if topics is not None else {"embed.results": [0, 1]})
     return ResultPublisher(
         cluster,
         results_topic="embed.results",
@@ -163,14 +165,7 @@ async def test_all_reply_topics_of_a_batch_are_looked_up_in_one_request() -> Non
         )
         for j in jobs
     ]
-    the_publisher = ResultPublisher(
-        cluster,
-        results_topic="embed.results",
-        dlq_topic="embed.requests.dlq",
-        worker_id="w1",
-        model="m",
-        max_dlq_record_bytes=LIMIT,
-    )
+    the_publisher = publisher(cluster=cluster)
     outgoing = await the_publisher.prepare(results, [])
     assert len(cluster.requests) == 1 and len(cluster.requests[0]) == 51
     assert len(outgoing.sends) == 50
@@ -195,13 +190,6 @@ async def test_a_plan_answers_refused_records_otherwise_and_isolates_others() ->
     # A quarantined reply topic is unavailable without a wait.
     cluster = FakeCluster(topics)
     cluster.refusing["embed.results.mine"] = "never acknowledged"
-    quarantined = ResultPublisher(
-        cluster,
-        results_topic="embed.results",
-        dlq_topic="embed.requests.dlq",
-        worker_id="w1",
-        model="m",
-        max_dlq_record_bytes=LIMIT,
-    )
+    quarantined = publisher(cluster=cluster)
     outgoing = await quarantined.prepare([(mine, result)], [])
     assert [r.error.code for r in outgoing.rejected] == [ErrorCode.REPLY_TO_UNAVAILABLE]
