@@ -470,7 +470,8 @@ async def test_fuzzed_records_never_stop_the_fleet(
         if peak_rss >= MEMORY_LIMIT_MB:
             failures.append(f"- peak RSS {peak_rss:.0f} MB >= {MEMORY_LIMIT_MB} MB")
         failures += [
-            f"- {name}: the event loop stalled for more than {MAX_EVENT_LOOP_STALL_S} s (<= {bound} s)"
+            f"- {name}: the event loop stalled for more than {MAX_EVENT_LOOP_STALL_S} s (<= {bound} s; "
+            "a stall names no record: repeat with EMBEDFLEET_FUZZ_EXCLUDE=<kinds> to find the kind)"
             for name, bound in stalls.items()
             if bound > MAX_EVENT_LOOP_STALL_S
         ]
