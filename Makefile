@@ -72,7 +72,7 @@ FUZZ_RECORDS ?= 20000
 
 fuzz: venv system-deps model
 	@$(MAKE) --no-print-directory stack-up
-	@status=0; EMBEDFLEET_FUZZ_RECORDS=$(FUZZ_RECORDS) $(BIN)/python -m pytest tests/faults/test_fuzz.py \
+	@status=0; EMBEDFLEET_FUZZ_SEED=$${EMBEDFLEET_FUZZ_SEED:-random} EMBEDFLEET_FUZZ_RECORDS=$(FUZZ_RECORDS) $(BIN)/python -m pytest tests/faults/test_fuzz.py \
 		-k never_stop_the_fleet -o timeout=3600 $(PYTEST_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory stack-down; \
 	exit $$status

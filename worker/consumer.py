@@ -135,6 +135,14 @@ class RequestDecoder:
                     dimensions=request.dimensions,
                 )
             except RequestError as error:
+                if error.request_id is None and error.request is None:
+                    # Refused before the body was read (key, schema header, content type): the
+                    # requester still waits for an answer when its id can be read.
+                    readable = readable_fields(record.value, content_type)
+                    if readable.request_id is not None:
+                        error = RequestError(
+                            error.code, error.message, readable.request_id, reply_to=readable.reply_to
+                        )
                 decoded[index] = Rejection(
                     source,
                     self._kept(raw),

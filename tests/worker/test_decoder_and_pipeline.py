@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
@@ -78,6 +79,25 @@ def test_an_error_goes_to_the_readable_reply_to_when_it_is_allowed() -> None:
     first, second = decoder().decode([record(mine, 0), record(other, 1)])
     assert isinstance(first, Rejection) and first.reply_topic == "embed.results.mine"
     assert isinstance(second, Rejection) and second.reply_topic == "embed.results"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ([("schema", b"99")], "invalid_request"),
+        ([("content-type", b"application/x-unknown")], "unsupported_content_type"),
+    ],
+)
+def test_a_record_refused_before_its_body_is_read_is_answered_when_its_id_can_be_read(
+    headers: list[tuple[str, bytes]], code: str
+) -> None:
+    """Found by the record fuzzer: these were dead-lettered without an error result, so a
+    requester whose id was readable waited for its deadline."""
+    value = b'{"id": "r-9", "text": "hello", "reply_to": "embed.results.mine"}'
+    [rejection] = decoder().decode([record(value, headers=headers)])
+    assert isinstance(rejection, Rejection)
+    assert rejection.error.request_id == "r-9" and rejection.reply_topic == "embed.results.mine"
+    assert rejection.error.code.value == code
 
 
 def test_an_unreadable_record_is_answered_when_its_id_can_be_read() -> None:
