@@ -114,9 +114,14 @@ class RequestDecoder:
                     dimensions=request.dimensions,
                 )
             except RequestError as error:
-                if error.request_id is None and error.request is None:
+                if (
+                    error.request_id is None
+                    and error.request is None
+                    and len(record.value or b"") <= self._limits.max_message_bytes
+                ):
                     # Refused before the body was read (key, schema header, content type): the
-                    # requester still waits for an answer when its id can be read.
+                    # requester still waits for an answer when its id can be read. (An oversized
+                    # value is never parsed.)
                     readable = readable_fields(record.value, content_type)
                     if readable.request_id is not None:
                         error = RequestError(
