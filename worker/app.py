@@ -283,6 +283,16 @@ async def serve(
         loop.add_signal_handler(signum, runtime.stop)
     loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     try:
+        return await _run_until_stopped(runtime, config)
+    finally:
+        # An embedding process (a test) gets its signals back once the worker has stopped.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(signum)
+
+
+async def _run_until_stopped(runtime: WorkerRuntime, config: WorkerConfig) -> int:
+    """Runs the worker; its exit status (see serve)."""
+    try:
         await runtime.run()
     except ContractMismatch as exc:
         log.error("%s; not starting", exc)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import statistics
 import time
 import uuid
@@ -217,9 +219,12 @@ class _BrokenEngine:
         return EmbedOutput(np.ones((0, 4), np.float32), [], [])
 
 
-async def test_a_bug_stops_the_worker_with_a_nonzero_status(
+async def test_a_bug_in_the_engine_is_answered_per_record_and_the_worker_goes_on(
     kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
+    """An exception the pipeline does not expect is per-record (worker.failures): the batch's
+    requests get internal_error and a dead letter, and the worker serves on (it once exited with
+    status 1 and left the records to the next worker, which met the same bug)."""
     fleet = Fleet(kafka_bootstrap, redis_url, model_dir, tmp_path)
     await fleet.create_topics()
     try:
@@ -227,11 +232,21 @@ async def test_a_bug_stops_the_worker_with_a_nonzero_status(
             fleet.env({"EMBEDFLEET_METRICS_PORT": "0", "EMBEDFLEET_WORKER_ID": f"broken-{fleet.tag}"})
         )
         async with FleetIO(fleet) as io:
-            await io.send_texts(["this text meets a bug"])
-            status = await asyncio.wait_for(
-                serve(config, _BrokenEngine()),  # type: ignore[arg-type]
-                timeout=120,
-            )
-        assert status == 1
+            worker = asyncio.create_task(serve(config, _BrokenEngine()))  # type: ignore[arg-type]
+            first = await io.send_texts(["this text meets a bug"])
+            await io.wait_for(first, timeout_s=90)
+            assert not worker.done(), "the worker stopped on a bug in one batch"
+            later = await io.send_texts([f"and so does this one {i}" for i in range(3)])
+            results = await io.wait_for(later, timeout_s=60)
+            await io.wait_for_dead_letters(4)
+            assert not worker.done()
+            os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler: a graceful stop
+            status = await asyncio.wait_for(worker, timeout=60)
+        assert status == 0
+        for request_id in [*first, *later]:
+            [result] = io.results[request_id]  # one answer each, and it is an error
+            assert result["error"]["code"] == "internal_error", result
+        assert all(r["error"]["code"] == "internal_error" for r in results.values())
+        assert sorted(h["dlq-error-code"] for _, h in io.dead_letters) == [b"internal_error"] * 4
     finally:
         await fleet.cleanup()
