@@ -9,11 +9,9 @@ too) the call carries on as if the cache were empty, and Redis is skipped for ``
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
@@ -27,6 +25,7 @@ from producer.config import ClientConfig
 from schemas.cache_layout import (
     ENTRY_FIELDS,
     CacheEntry,
+    ModelContract,
     cluster_node_url,
     cluster_startup_nodes,
     contract_key,
@@ -34,44 +33,13 @@ from schemas.cache_layout import (
     vector_key,
 )
 
+__all__ = ["CacheReader", "CachedVector", "ModelContract", "connect"]
+
 log = logging.getLogger(__name__)
 # RedisClusterException is not a RedisError: a cluster client with no node reachable raises it.
 _FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 # A cached vector and its token count (None in entries written before workers stored it).
 CachedVector = CacheEntry
-
-
-@dataclass(frozen=True, slots=True)
-class ModelContract:
-    """What the fleet's model is: enough to compute content hashes and cache keys."""
-
-    fingerprint: str
-    dim: int | None
-    tasks: frozenset[str] = frozenset()
-    dimensions: frozenset[int] = frozenset()
-    max_tokens: int | None = None
-
-    @classmethod
-    def from_redis_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> ModelContract | None:
-        """Parses the HASH; None when it is absent or has no fingerprint."""
-        text = {_text(k): _text(v) for k, v in fields.items()}
-        if not text.get("fingerprint"):
-            return None
-        try:
-            return cls(
-                fingerprint=text["fingerprint"],
-                dim=int(text["dim"]) if text.get("dim") else None,
-                tasks=frozenset(json.loads(text.get("tasks") or "[]")),
-                dimensions=frozenset(int(d) for d in json.loads(text.get("dimensions") or "[]")),
-                max_tokens=int(text["max_tokens"]) if text.get("max_tokens") else None,
-            )
-        except (ValueError, TypeError) as exc:
-            log.warning("ignoring a malformed model contract in Redis: %s", exc)
-            return None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 CacheClient = redis.Redis | RedisCluster

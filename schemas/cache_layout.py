@@ -20,13 +20,16 @@ may not be served.
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
 
 VECTOR_FIELD: Final = "vector"
 MODEL_FIELD: Final = "model"
@@ -98,6 +101,54 @@ def contract_fields(
         "tasks": json.dumps(sorted(tasks)),
         "dimensions": json.dumps(sorted(dimensions)),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    """What the served model is, as its workers publish it (``contract_key``) and clients read it:
+    enough to compute content hashes and cache keys, and what requests may ask of it. The one
+    definition for workers, clients and the gateway."""
+
+    fingerprint: str
+    dim: int | None
+    tasks: frozenset[str] = frozenset()
+    dimensions: frozenset[int] = frozenset()  # offered output widths (the full one included)
+    max_tokens: int | None = None
+    name: str = ""
+
+    def redis_fields(self) -> dict[str, str]:
+        """The contract HASH's fields, as the workers write them."""
+        if self.dim is None or self.max_tokens is None:
+            raise ValueError("a published contract needs the model's width and max tokens")
+        return contract_fields(
+            fingerprint=self.fingerprint,
+            dim=self.dim,
+            max_tokens=self.max_tokens,
+            tasks=self.tasks,
+            dimensions=self.dimensions,
+        )
+
+    @classmethod
+    def from_redis_fields(cls, fields: Mapping[bytes | str, bytes | str]) -> ModelContract | None:
+        """Parses the HASH; None when it is absent, has no fingerprint or is malformed."""
+        text = {_text(k): _text(v) for k, v in fields.items()}
+        if not text.get("fingerprint"):
+            return None
+        try:
+            return cls(
+                fingerprint=text["fingerprint"],
+                dim=int(text["dim"]) if text.get("dim") else None,
+                tasks=frozenset(json.loads(text.get("tasks") or "[]")),
+                dimensions=frozenset(int(d) for d in json.loads(text.get("dimensions") or "[]")),
+                max_tokens=int(text["max_tokens"]) if text.get("max_tokens") else None,
+            )
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring a malformed model contract in Redis: %s", exc)
+            return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True, slots=True)

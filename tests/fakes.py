@@ -76,6 +76,11 @@ class FakeRedis:
             stored[field.encode()] = value if isinstance(value, bytes) else str(value).encode()
         return len(mapping)
 
+    async def hget(self, name: str, field: str) -> bytes | None:
+        self._check()
+        self.round_trips += 1
+        return self.hashes.get(name, {}).get(field.encode())
+
     async def ping(self) -> bool:
         self._check()
         return True

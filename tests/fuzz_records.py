@@ -38,7 +38,7 @@ from aiokafka.codec import gzip_encode, lz4_encode, snappy_encode, zstd_encode
 from aiokafka.record.util import calc_crc32c
 
 from schemas.codec import DEFAULT_REQUEST_LIMITS
-from worker.consumer import MAX_KEY_BYTES
+from worker.decoder import MAX_KEY_BYTES
 from worker.records import DEFAULT_MAX_EXPANDED_BYTES
 
 RawHeaders = list[tuple[bytes, bytes | None]]

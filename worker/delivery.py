@@ -2,8 +2,8 @@
 to offsets. One object, chosen when the worker is wired; nothing else asks which guarantee is on.
 
 * ``AtLeastOnce``: one idempotent producer; a batch is sent and every ack awaited, retrying through
-  broker outages; its ``commit`` (called by the worker's commit loop) then commits offsets up to
-  the acknowledged records.
+  broker outages; the offsets room (worker.offsets) then commits offsets up to the acknowledged
+  records.
   A crash between ack and commit redelivers (duplicates, never losses).
 * ``ExactlyOnce``: one transactional producer per input partition, with a transactional id of that
   partition (the way Kafka Streams fenced zombies before KIP-447). A batch's results for a
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from schemas import EmbedResult
 from worker.errors import WorkerError
@@ -40,7 +40,6 @@ from worker.failures import (
 )
 from worker.jobs import Job, Rejection, Source
 from worker.metrics import WorkerMetrics
-from worker.offsets import OffsetTracker
 from worker.publisher import Ack, Outgoing, Part, Plan, Send, acknowledged
 
 log = logging.getLogger(__name__)
@@ -179,16 +178,17 @@ class FailedSends:
 
 
 class Delivery(Protocol):
-    """How a batch's outcome reaches Kafka and how that ties to offsets: the worker hands each
-    batch to ``deliver`` in the order batches were cut, calls ``commit`` after batches finish,
-    and ``assigned`` / ``revoked`` on rebalances (``reclaimable``: partitions to take back)."""
+    """How a batch's outcome reaches Kafka: the runtime hands each batch to ``deliver`` in the
+    order batches were cut, and ``assigned`` / ``revoked`` on rebalances (``reclaimable``:
+    partitions to take back). Offsets are the offsets room's (worker.offsets.ConsumedOffsets):
+    it commits them after at-least-once deliveries; exactly-once commits them in each
+    transaction."""
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]: ...
     async def revoked(self, partitions: list[TopicPartition]) -> None: ...
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered: ...
-    async def commit(self) -> None: ...
     def reclaimable(self, assigned: set[TopicPartition]) -> list[TopicPartition]: ...
 
 
@@ -214,8 +214,6 @@ class AtLeastOnce:
         cluster: KnownTopics,
         metrics: WorkerMetrics,
         *,
-        consumer: AIOKafkaConsumer,
-        offsets: OffsetTracker[TopicPartition],
         reply_producer: AIOKafkaProducer | None = None,
         reply_timeout_s: float = 10.0,
     ) -> None:
@@ -224,29 +222,7 @@ class AtLeastOnce:
         self._publisher = publisher
         self._cluster = cluster
         self._metrics = metrics
-        self._consumer = consumer
-        self._offsets = offsets
-        self._commit_lock = asyncio.Lock()
         self._failed_sends = FailedSends(publisher, cluster, metrics, reply_timeout_s)
-
-    async def commit(self) -> None:
-        """Commits each assigned partition up to its first record not yet answered (results are
-        acknowledged before their records count as answered)."""
-        async with self._commit_lock:
-            assignment = self._consumer.assignment()
-            offsets = {tp: o for tp, o in self._offsets.committable().items() if tp in assignment}
-            if not offsets:
-                return
-            try:
-                await self._consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as exc:
-                # The group is rebalancing or the broker is away: the new owner re-reads from the
-                # last commit (duplicates, never losses); the next commit carries the progress.
-                self._metrics.commits.labels("failed").inc()
-                log.warning("offset commit failed (%s); will retry with the next batch", exc)
-                return
-            self._offsets.mark_committed(offsets)
-            self._metrics.commits.labels("ok").inc()
 
     async def start(self) -> None:
         await self._producer.start()
@@ -369,9 +345,6 @@ class ExactlyOnce:
 
     async def start(self) -> None:
         return None
-
-    async def commit(self) -> None:
-        return None  # each batch's offsets were committed inside its transaction
 
     async def close(self) -> None:
         await self._stop_producers(list(self._owned))

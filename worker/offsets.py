@@ -10,10 +10,19 @@ result could still be lost (tests/worker/test_offsets.py checks it over generate
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=Hashable)
 
@@ -93,3 +102,49 @@ class OffsetTracker(Generic[P]):
             state = self._partitions.pop(partition, None)
             if state is not None:
                 self._bytes -= sum(state.pending.values())
+
+
+class Committer(Protocol):
+    """What the offsets room asks of the group consumer (aiokafka's AIOKafkaConsumer has it)."""
+
+    def assignment(self) -> set[TopicPartition]: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+
+class ConsumedOffsets(OffsetTracker[TopicPartition]):
+    """The one room for a worker's offsets, from take to commit: the intake tracks each consumed
+    record, the runtime marks it done once everything it caused is acknowledged, and ``commit``
+    (at-least-once) commits each assigned partition up to its first record not yet done. In
+    exactly-once mode (``commits=False``) offsets go into each batch's transaction instead
+    (worker.delivery), and ``commit`` only updates the gauges."""
+
+    def __init__(self, consumer: Committer, metrics: WorkerMetrics, *, commits: bool = True) -> None:
+        super().__init__()
+        self._consumer = consumer
+        self._metrics = metrics
+        self._commits = commits
+        self._lock = asyncio.Lock()
+
+    def observe(self) -> None:
+        self._metrics.in_flight.set(self.in_flight)
+        self._metrics.in_flight_bytes.set(self.in_flight_bytes)
+
+    async def commit(self) -> None:
+        self.observe()
+        if not self._commits:
+            return
+        async with self._lock:
+            assignment = self._consumer.assignment()
+            offsets = {tp: o for tp, o in self.committable().items() if tp in assignment}
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:  # CommitFailedError included: transient (worker.failures)
+                # The group is rebalancing or the broker is away: the new owner re-reads from the
+                # last commit (duplicates, never losses); the next commit carries the progress.
+                self._metrics.commits.labels("failed").inc()
+                log.warning("offset commit failed (%s); will retry with the next batch", exc)
+                return
+            self.mark_committed(offsets)
+            self._metrics.commits.labels("ok").inc()

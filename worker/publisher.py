@@ -38,7 +38,7 @@ from schemas import (
 from worker.config import WorkerConfig
 from worker.failures import AckTimeout, Disposition, classify
 from worker.jobs import Headers, Job, Rejection, Source
-from worker.kafka_options import kafka_connection_options
+from worker.kafka_connection import kafka_connection_options
 from worker.partitioner import partition_hashes
 
 log = logging.getLogger(__name__)

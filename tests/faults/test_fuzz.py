@@ -50,7 +50,7 @@ from tests.faults.conftest import FaultLedger, FaultReport
 from tests.fleet import WorkerProcess, diagnose, start_fleet
 from tests.fuzz_records import Expect, FuzzBatch, RecordGenerator, RecordInfo, Topics
 from tests.helpers import create_topic, delete_topics
-from worker.consumer import MAX_KEY_BYTES
+from worker.decoder import MAX_KEY_BYTES
 from worker.records import read_batches
 
 DEFAULT_RECORDS = 300

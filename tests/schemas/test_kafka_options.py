@@ -10,7 +10,7 @@ import pytest
 from producer import ClientConfig
 from producer.kafka import connection_options
 from worker.config import WorkerConfig
-from worker.kafka_options import kafka_connection_options
+from worker.kafka_connection import kafka_connection_options
 
 SASL = {
     "EMBEDFLEET_KAFKA_BOOTSTRAP": "k1:9094,k2:9094",

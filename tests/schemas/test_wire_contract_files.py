@@ -36,9 +36,8 @@ def test_committed_cache_layout_file_is_what_the_generator_writes() -> None:
 
 
 def test_worker_and_client_write_and_read_the_same_keys() -> None:
-    from producer.cache import ModelContract
+    from schemas.cache_layout import ModelContract
     from worker.cache import VectorCache
-    from worker.consumer import ModelContract as ServedModel
     from worker.metrics import WorkerMetrics
 
     for case in cache_layout_vectors()["keys"]:
@@ -47,14 +46,15 @@ def test_worker_and_client_write_and_read_the_same_keys() -> None:
         )
         assert worker.redis_key(case["content_hash"], case["dim"]) == case["vector_key"]
         assert worker.index_name(case["dim"]) == case["index_name"]
-    served = ServedModel(
+    served = ModelContract(
         name="m",
         fingerprint="f" * 64,
         dim=384,
         tasks=frozenset({"query", "document"}),
         dimensions=frozenset({384, 128}),
+        max_tokens=256,
     )
-    fields = served.redis_fields(max_tokens=256)
+    fields = served.redis_fields()
     assert fields == cache_layout_vectors()["contract"]["fields"]
     read = ModelContract.from_redis_fields(dict(fields.items()))
     assert read is not None and (read.fingerprint, read.dim, read.max_tokens) == ("f" * 64, 384, 256)

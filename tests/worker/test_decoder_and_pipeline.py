@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
+from schemas.cache_layout import ModelContract
 from tests.fakes import FakeRedis
 from worker.cache import VectorCache
-from worker.consumer import ModelContract, RequestDecoder
+from worker.decoder import RequestDecoder
 from worker.engine.embedder import EmbedOutput
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Rejection
@@ -118,7 +119,10 @@ def test_an_unreadable_record_is_answered_when_its_id_can_be_read() -> None:
 
 
 class FakeEngine:
-    """Vectors from the token count; NaN for texts containing NAN (an FP16 overflow)."""
+    """Vectors from the token count; NaN for texts containing NAN (an FP16 overflow).
+    ``before_batch``, when set, runs in the inference thread before each batch."""
+
+    before_batch: Callable[[], None] | None = None
 
     def embed_tokenized(
         self,
@@ -128,6 +132,8 @@ class FakeEngine:
         batch_size: int = 32,
         token_budget: int = 2048,
     ) -> EmbedOutput:
+        if self.before_batch is not None:
+            self.before_batch()
         vectors = np.array([[len(t.ids), 1.0, 0.0, 0.0] for t in tokenized], dtype=np.float32)
         vectors[[("NAN" in text) for text in texts]] = np.nan
         return EmbedOutput(vectors, [t.truncated for t in tokenized], [len(t.ids) for t in tokenized])

@@ -16,7 +16,7 @@ from schemas import ContentType, EmbedRequest, ErrorCode, RequestError
 from worker.delivery import AtLeastOnce, BatchWork, ExactlyOnce
 from worker.jobs import RawMessage, Rejection, Source
 from worker.metrics import WorkerMetrics
-from worker.offsets import OffsetTracker
+from worker.offsets import ConsumedOffsets
 from worker.publisher import Outgoing, Part, Plan, Send
 
 TOPIC = "embed.requests"
@@ -272,38 +272,34 @@ async def test_batches_publish_in_the_order_they_were_cut() -> None:
 
 async def test_at_least_once_sends_again_until_acknowledged() -> None:
     publisher = FakePublisher(ack_errors=[KafkaTimeoutError(), KafkaTimeoutError()])
-    delivery = AtLeastOnce(
-        FakeProducer("p", [], {}),
-        publisher,
-        FakeCluster(),
-        WorkerMetrics(),
-        consumer=FakeConsumer({}),
-        offsets=OffsetTracker(),
-    )
+    delivery = AtLeastOnce(FakeProducer("p", [], {}), publisher, FakeCluster(), WorkerMetrics())
     delivered = await delivery.deliver(0, work((0, 1)))
     assert delivered.lost == set() and publisher.sent == 3
 
 
-async def test_at_least_once_commits_up_to_the_first_unanswered_record_of_assigned_partitions() -> None:
+async def test_the_offsets_room_commits_up_to_the_first_unanswered_record_of_assigned_partitions() -> None:
     tp0, tp1, gone = (TopicPartition(TOPIC, p) for p in (0, 1, 2))
     consumer = FakeConsumer({})
     consumer.assigned = {tp0, tp1}
     consumer.fail_commits = [CommitFailedError("rebalancing")]
-    offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+    metrics = WorkerMetrics()
+    offsets = ConsumedOffsets(consumer, metrics)
     for tp, offset in [(tp0, 5), (tp0, 6), (tp0, 7), (tp1, 3), (gone, 9)]:
         offsets.track(tp, offset)
     for tp, offset in [(tp0, 5), (tp0, 7), (tp1, 3), (gone, 9)]:
         offsets.done(tp, offset)
-    metrics = WorkerMetrics()
-    delivery = AtLeastOnce(
-        FakeProducer("p", [], {}), FakePublisher(), FakeCluster(), metrics, consumer=consumer, offsets=offsets
-    )
-    await delivery.commit()  # refused (a rebalance): nothing is marked committed, it is tried again
-    await delivery.commit()
+    await offsets.commit()  # refused (a rebalance): nothing is marked committed, it is tried again
+    await offsets.commit()
     assert consumer.commits == [{tp0: 6, tp1: 4}, {tp0: 6, tp1: 4}]  # 6 is not answered yet
-    await delivery.commit()
+    await offsets.commit()
     assert len(consumer.commits) == 2  # nothing moved: nothing sent
     assert metrics.commits.labels("failed")._value.get() == 1
+    # Exactly-once: offsets go into the transactions; the room commits nothing itself.
+    quiet = ConsumedOffsets(consumer, metrics, commits=False)
+    quiet.track(tp0, 1)
+    quiet.done(tp0, 1)
+    await quiet.commit()
+    assert len(consumer.commits) == 2
 
 
 # --- the failure policy at work: the real publisher over a producer that refuses by topic -------
@@ -435,8 +431,6 @@ def at_least_once_over(producer: TopicProducer, replies: TopicProducer, timeout_
         real_publisher(cluster),
         cluster,
         WorkerMetrics(),
-        consumer=FakeConsumer({}),
-        offsets=OffsetTracker(),
         reply_producer=replies,
         reply_timeout_s=timeout_s,
     )

@@ -1,4 +1,5 @@
-"""Rebalances in the worker with in-memory fakes for Kafka (no stack). On revoke: what runs
+"""Rebalances in the worker's runtime over the in-memory Kafka of tests/worker/kafka_fakes.py (no
+stack, no private attribute). On revoke: what runs
 finishes, what is queued for the revoked partitions is dropped (left to the new owner), progress
 is committed up to the first record not answered, and the partitions are let go. On assign: a
 partition is processed only from where its take positioned it (records fetched before are not)."""
@@ -8,104 +9,40 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 
-from tests.worker.test_decoder_and_pipeline import FakeEngine, jobs_of, record
-from tests.worker.test_decoder_and_pipeline import tokenize as fake_tokenize
-from worker.app import Worker
-from worker.config import WorkerConfig
-from worker.delivery import AtLeastOnce
-from worker.engine.tokenize import TokenizedText
+from tests.worker.kafka_fakes import REQUESTS, Engine, FakeBroker, FakeConsumer, runtime_of
+from tests.worker.test_decoder_and_pipeline import jobs_of, record
 from worker.health import log_task_stacks
 from worker.jobs import Job, Source
+from worker.runtime import WorkerParts, WorkerRuntime
 
-TOPIC = "embed.requests"
-TP0, TP1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+TP0, TP1 = TopicPartition(REQUESTS, 0), TopicPartition(REQUESTS, 1)
+
+
+async def owning(*partitions: TopicPartition, committed: dict[TopicPartition, int] | None = None) -> Worker:
+    """A runtime over the in-memory Kafka that owns ``partitions`` (assigned, taken, positioned)."""
+    broker = FakeBroker(committed=dict(committed or {}))
+    runtime, parts, consumer = runtime_of(broker, Engine())
+    if partitions:
+        await runtime.on_assigned(list(partitions))
+        await parts.intake.position_taken()
+    return Worker(runtime, parts, consumer, broker)
 
 
 @dataclass
-class Manifest:
-    name: str = "m"
-    dim: int = 4
-    max_tokens: int = 8
-    prompts: dict[str, str] = field(default_factory=dict)
-    matryoshka_dims: list[int] = field(default_factory=list)
+class Worker:
+    runtime: WorkerRuntime
+    parts: WorkerParts
+    consumer: FakeConsumer
+    broker: FakeBroker
 
-
-class Engine(FakeEngine):
-    manifest = Manifest()
-    model_fingerprint = "f" * 64
-
-    def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
-        return fake_tokenize(texts, task)
-
-
-class FakeConsumer:
-    """The consumer side of a rebalance: assignment, committed offsets, seeks, pauses, commits."""
-
-    def __init__(
-        self, assignment: set[TopicPartition], committed: dict[TopicPartition, int] | None = None
-    ) -> None:
-        self._assignment = assignment
-        self.committed_offsets = committed or {}
-        self.commits: list[dict[TopicPartition, int]] = []
-        self.positions: dict[TopicPartition, int] = {}
-        self.paused: set[TopicPartition] = set()
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self._assignment)
-
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        self.commits.append(dict(offsets))
-
-    async def committed(self, tp: TopicPartition) -> int | None:
-        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
-        return self.committed_offsets.get(tp)
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.positions[tp] = offset
-
-    async def seek_to_beginning(self, tp: TopicPartition) -> None:
-        self.positions[tp] = 0
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        self.paused.update(partitions)
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        self.paused.difference_update(partitions)
-
-
-class RecordingDelivery(AtLeastOnce):
-    """The real at-least-once commits, recording which partitions the worker let go."""
-
-    revoked_partitions: list[TopicPartition]
-
-    async def revoked(self, partitions: list[TopicPartition]) -> None:
-        self.revoked_partitions.extend(partitions)
-
-
-def worker_with_fakes() -> tuple[Worker, FakeConsumer, RecordingDelivery]:
-    config = WorkerConfig.from_env({"EMBEDFLEET_REDIS_URL": "", "EMBEDFLEET_METRICS_PORT": "0"})
-    worker = Worker(config, Engine())
-    consumer = FakeConsumer({TP0, TP1})
-    delivery = RecordingDelivery(
-        worker.delivery._producer,  # type: ignore[attr-defined]
-        worker.publisher,
-        worker.cluster,
-        worker.metrics,
-        consumer=consumer,
-        offsets=worker.offsets,
-    )
-    delivery.revoked_partitions = []
-    worker.consumer = consumer
-    worker.delivery = delivery
-    worker._owned = {TP0, TP1}
-    return worker, consumer, delivery
+    def close(self) -> None:
+        self.parts.processor.close()
 
 
 def at(job: Job, tp: TopicPartition, offset: int) -> Job:
@@ -113,42 +50,43 @@ def at(job: Job, tp: TopicPartition, offset: int) -> Job:
 
 
 async def test_a_revoke_finishes_running_work_drops_queued_work_and_commits_up_to_it() -> None:
-    worker, consumer, delivery = worker_with_fakes()
+    worker = await owning(TP0, TP1)
+    offsets, batcher = worker.parts.offsets, worker.parts.batcher
     for offset in range(5):
-        worker.offsets.track(TP0, offset, 100)
-    worker.offsets.track(TP1, 10, 100)
-    worker.offsets.done(TP0, 0)
-    worker.offsets.done(TP0, 1)
+        offsets.track(TP0, offset, 100)
+    offsets.track(TP1, 10, 100)
+    offsets.done(TP0, 0)
+    offsets.done(TP0, 1)
     # Offset 2 is in a running batch; 3 and 4 (and TP1's 10) wait in the batcher.
     texts = jobs_of("three", "four", "ten")
     for job, (tp, offset) in zip(texts, [(TP0, 3), (TP0, 4), (TP1, 10)], strict=True):
-        worker.batcher.add(at(job, tp, offset), 1)
+        batcher.add(at(job, tp, offset), 1)
 
     async def running_batch_finishes() -> None:
         await asyncio.sleep(0.05)
-        worker.offsets.done(TP0, 2)
+        offsets.done(TP0, 2)
 
     running = asyncio.create_task(running_batch_finishes())
-    await worker.on_revoked([TP0])
+    await worker.runtime.on_revoked([TP0])
     assert running.done()  # the revoke waited for the running batch
     # Committed: TP0 up to its first unanswered record (3, dropped for the new owner); TP1 untouched
     # in the batcher and committed only up to its own first pending record.
-    assert consumer.commits == [{TP0: 3, TP1: 10}]
-    assert delivery.revoked_partitions == [TP0]
-    assert worker.offsets.in_flight_of([TP0]) == 0 and worker.offsets.in_flight_of([TP1]) == 1
-    left: list[Any] = worker.batcher.discard(lambda item: True)
+    assert worker.broker.committed == {TP0: 3, TP1: 10}
+    assert offsets.in_flight_of([TP0]) == 0 and offsets.in_flight_of([TP1]) == 1
+    left: list[Any] = batcher.discard(lambda item: True)
     assert [item.source.offset for item in left] == [10]
-    assert TP0 not in worker._owned and TP1 in worker._owned
-    assert worker._fetch_allowed.is_set()  # fetching resumes after the revoke
-    worker.processor.close()
+    assert worker.parts.intake.owned == {TP1}
+    assert not worker.parts.intake.fetch_held  # fetching resumes after the revoke
+    worker.close()
 
 
 async def test_a_revoke_of_nothing_only_marks_the_worker_not_ready() -> None:
-    worker, consumer, delivery = worker_with_fakes()
-    worker.health.group_joined = True
-    await worker.on_revoked([])
-    assert not worker.health.group_joined and consumer.commits == [] and delivery.revoked_partitions == []
-    worker.processor.close()
+    worker = await owning(TP0)
+    assert worker.runtime.health.group_joined
+    await worker.runtime.on_revoked([])
+    assert not worker.runtime.health.group_joined and worker.broker.committed == {}
+    assert worker.parts.intake.owned == {TP0}
+    worker.close()
 
 
 async def test_sigusr1_logs_where_every_task_waits(caplog: pytest.LogCaptureFixture) -> None:
@@ -181,51 +119,49 @@ async def test_a_taken_partition_is_processed_only_from_its_committed_offset() -
     The worker holds the partition, takes it, and only between two fetches moves it to its
     committed offset and owns it: records fetched before that are dropped and read again from the
     committed offset; none is skipped, none is processed from the stale position."""
-    worker, consumer, _ = worker_with_fakes()
-    consumer.committed_offsets = {TP1: 40}
-    worker._owned = {TP0}
-    await worker.on_assigned([TP1])
-    assert TP1 in consumer.paused and TP1 not in worker._owned  # taken, not yet positioned
+    worker = await owning(TP0, committed={TP1: 40})
+    intake, consumer = worker.parts.intake, worker.consumer
+    await worker.runtime.on_assigned([TP1])
+    assert TP1 in consumer.paused() and TP1 not in intake.owned  # taken, not yet positioned
     # A fetch returned while the take ran: TP1's records (from aiokafka's own position) are dropped.
-    early = worker._owned_records({**fetched(TP0, 7), **fetched(TP1, 35, 36)})
+    early = intake.owned_records({**fetched(TP0, 7), **fetched(TP1, 35, 36)})
     assert [r.offset for r in early] == [7]
-    await worker._position_taken()  # what the fetch loop does before its next fetch
-    assert consumer.positions[TP1] == 40 and TP1 not in consumer.paused and TP1 in worker._owned
-    assert [r.offset for r in worker._owned_records(fetched(TP1, 40, 41))] == [40, 41]
-    worker.processor.close()
+    await intake.position_taken()  # what the fetch loop does before its next fetch
+    assert consumer.position_of(TP1) == 40 and TP1 not in consumer.paused() and TP1 in intake.owned
+    assert [r.offset for r in intake.owned_records(fetched(TP1, 40, 41))] == [40, 41]
+    worker.close()
 
 
 async def test_a_partition_revoked_before_it_is_positioned_is_let_go() -> None:
-    worker, consumer, _ = worker_with_fakes()
-    worker._owned = {TP0}
-    await worker.on_assigned([TP1])
-    consumer._assignment = {TP0}  # the next rebalance took TP1 away
-    await worker._position_taken()
-    assert TP1 not in worker._owned and TP1 not in consumer.positions and not worker._to_position
-    worker.processor.close()
+    worker = await owning(TP0)
+    await worker.runtime.on_assigned([TP1])
+    worker.consumer.take_away([TP1])  # the next rebalance took TP1 away
+    await worker.parts.intake.position_taken()
+    intake = worker.parts.intake
+    assert TP1 not in intake.owned and not intake.waiting_for_position
+    assert worker.consumer.position_of(TP1) is None
+    worker.close()
 
 
 async def test_a_partition_without_a_committed_offset_is_read_from_its_beginning() -> None:
-    worker, consumer, _ = worker_with_fakes()
-    worker._owned = {TP0}
-    await worker.on_assigned([TP1])
-    await worker._position_taken()
-    assert consumer.positions[TP1] == 0
-    worker.processor.close()
+    worker = await owning(TP0)
+    await worker.runtime.on_assigned([TP1])
+    await worker.parts.intake.position_taken()
+    assert worker.consumer.position_of(TP1) == 0
+    worker.close()
 
 
 async def test_a_rebalance_during_the_move_leaves_the_partition_to_the_next_round() -> None:
     """The committed offset is read over the network; a rebalance meanwhile may have replaced the
     assignment the seek would apply to, so the partition is positioned again in the next round."""
-    worker, consumer, _ = worker_with_fakes()
-    worker._owned = {TP0}
-    consumer.committed_offsets = {TP1: 40}
-    await worker.on_assigned([TP1])
-    reading = asyncio.create_task(worker._position_taken())
+    worker = await owning(TP0, committed={TP1: 40})
+    intake = worker.parts.intake
+    await worker.runtime.on_assigned([TP1])
+    reading = asyncio.create_task(intake.position_taken())
     await asyncio.sleep(0)  # the offset is being read
-    worker._rebalances += 1  # what on_revoked / on_assigned do when a rebalance begins
+    intake.rebalance_begins()  # what on_revoked / on_assigned do when a rebalance begins
     await reading
-    assert TP1 not in worker._owned and TP1 in worker._to_position and TP1 in consumer.paused
-    await worker._position_taken()
-    assert TP1 in worker._owned and consumer.positions[TP1] == 40
-    worker.processor.close()
+    assert TP1 not in intake.owned and TP1 in intake.waiting_for_position and TP1 in worker.consumer.paused()
+    await intake.position_taken()
+    assert TP1 in intake.owned and worker.consumer.position_of(TP1) == 40
+    worker.close()

@@ -42,7 +42,7 @@ from schemas import (
 )
 from worker.config import WorkerConfig
 from worker.errors import WorkerError
-from worker.kafka_options import explain_kafka_error, kafka_connection_options
+from worker.kafka_connection import explain_kafka_error, kafka_connection_options
 
 DLQ_HEADER_PREFIX = "dlq-"
 # Notes the publisher adds when it could not keep the original whole (worker/publisher.py):

@@ -1,4 +1,4 @@
-"""Kafka in: the consumer of ``embed.requests`` and the decoder that turns records into jobs.
+"""The decoder: turns consumed records into jobs.
 
 Every record becomes either a ``Job`` (valid request, content hash computed, tokens counted) or
 a ``Rejection`` (bad input, with a stable error code). Nothing is dropped: the pipeline answers
@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import ConsumerRecord
 
 from schemas import (
     HEADER_DLQ_HEADERS_REPAIRED,
@@ -27,37 +26,14 @@ from schemas import (
     decode_request,
     readable_fields,
 )
-from schemas.cache_layout import contract_fields
-from worker.config import WorkerConfig
+from schemas.cache_layout import ModelContract
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, RawMessage, Rejection, Source
-from worker.kafka_options import kafka_connection_options
 from worker.salvage import Unreadable
 
 Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ModelContract:
-    """What requests may ask of the served model, and what feeds the content hash."""
-
-    name: str
-    fingerprint: str
-    dim: int
-    tasks: frozenset[str]
-    dimensions: frozenset[int]  # offered output widths (the full one included)
-
-    def redis_fields(self, *, max_tokens: int) -> dict[str, str]:
-        """The contract as clients read it from Redis (``schemas.cache_layout``)."""
-        return contract_fields(
-            fingerprint=self.fingerprint,
-            dim=self.dim,
-            max_tokens=max_tokens,
-            tasks=self.tasks,
-            dimensions=self.dimensions,
-        )
 
 
 class RequestDecoder:
@@ -74,7 +50,10 @@ class RequestDecoder:
         default_reply_topic: str,
         max_kept_value_bytes: int = 1 << 20,
     ) -> None:
+        if model.dim is None:
+            raise ValueError("the served model's contract needs its width")
         self._model = model
+        self._full_width: int = model.dim
         self._tokenize = tokenize
         self._limits = RequestLimits(
             max_message_bytes=limits.max_message_bytes,
@@ -177,7 +156,7 @@ class RequestDecoder:
                     released,
                     request,
                     key,
-                    request.dimensions or self._model.dim,
+                    request.dimensions or self._full_width,
                     tokens,
                     reply_topic,
                     content_type,
@@ -218,28 +197,3 @@ class RequestDecoder:
             ErrorCode.INVALID_HEADERS, unreadable.reason, readable.request_id, reply_to=readable.reply_to
         )
         return Rejection(source, raw, error, self._error_reply_topic(error), ContentType.JSON)
-
-
-def create_consumer(config: WorkerConfig, *, read_committed: bool) -> AIOKafkaConsumer:
-    """The group consumer: manual commits only (the pipeline commits after results are acknowledged).
-    ``read_committed``: skip requests of aborted transactions (what exactly-once delivery needs)."""
-    return AIOKafkaConsumer(
-        **kafka_connection_options(config),
-        group_id=config.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        # Room for the largest message plus slack (a bigger one still arrives: the broker always
-        # returns at least one batch), and one fetch a fraction of the in-flight byte budget, since
-        # fetched records wait in the client until they are taken.
-        max_partition_fetch_bytes=max(config.max_message_bytes + (64 << 10), 1 << 20),
-        fetch_max_bytes=max(
-            config.max_message_bytes + (64 << 10), min(50 << 20, config.max_in_flight_bytes // 8)
-        ),
-        max_poll_interval_ms=300_000,
-        session_timeout_ms=10_000,
-        # How long the group waits for this member to rejoin: a revoke finishes the running
-        # batches first (seconds), which must never get the member thrown out of the group.
-        rebalance_timeout_ms=60_000,
-        heartbeat_interval_ms=1_000,
-        isolation_level="read_committed" if read_committed else "read_uncommitted",
-    )

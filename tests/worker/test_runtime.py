@@ -1,0 +1,126 @@
+"""The worker's whole loop in memory: a real runtime (intake, decoder, batcher, pipeline, cache,
+delivery, publisher, offsets) over an in-memory Kafka and Redis (tests/worker/kafka_fakes.py),
+fetch -> batch -> cache -> engine -> publish -> ack -> commit, in well under a second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+
+from tests.worker.kafka_fakes import REQUESTS, Engine, FakeBroker, runtime_of
+from worker.runtime import WorkerRuntime
+
+TP0, TP1 = TopicPartition(REQUESTS, 0), TopicPartition(REQUESTS, 1)
+
+
+class GatedEngine(Engine):
+    """Holds every batch in the model until ``gate`` opens (a batch in flight during a revoke)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.before_batch = self._hold
+
+    def _hold(self) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+
+
+def request(request_id: str, text: str) -> bytes:
+    return json.dumps({"id": request_id, "text": text}).encode()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def stopped(runtime: WorkerRuntime, running: asyncio.Task[None]) -> None:
+    runtime.stop()
+    await asyncio.wait_for(running, 10)
+    assert runtime.fatal is None
+
+
+def successes(broker: FakeBroker) -> Counter[str]:
+    return Counter(r["id"] for r in broker.results() if "error" not in r or r.get("error") is None)
+
+
+async def test_every_request_is_answered_once_and_committed_after_its_ack() -> None:
+    broker = FakeBroker()
+    for i in range(40):
+        broker.request(request(f"r{i}", f"text number {i % 25}"), partition=i % 2)  # 15 repeated texts
+    broker.request(b"{not json", partition=1)
+    runtime, parts, _ = runtime_of(broker, Engine())
+    running = asyncio.create_task(runtime.run())
+    await until(lambda: broker.committed.get(TP0) == 20 and broker.committed.get(TP1) == 21)
+    await stopped(runtime, running)
+    assert successes(broker) == Counter({f"r{i}": 1 for i in range(40)})
+    [dead_letter] = broker.dead_letters()
+    assert dict(dead_letter.headers)["dlq-source-offset"] == b"20" and dead_letter.value == b"{not json"
+    assert parts.offsets.in_flight == 0
+    # The repeated texts were computed once: from the batch's dedup or from the cache.
+    assert parts.metrics.computed_texts._value.get() == 25
+    # Results are keyed by content hash; the same text, the same key.
+    keys = {r["id"]: r["key"] for r in broker.results()}
+    assert keys["r0"] == keys["r25"] and keys["r0"] != keys["r1"]
+
+
+async def test_a_second_round_of_the_same_texts_is_served_from_the_cache() -> None:
+    broker = FakeBroker()
+    for i in range(10):
+        broker.request(request(f"first-{i}", f"cached text {i}"))
+    runtime, parts, _ = runtime_of(broker, Engine())
+    running = asyncio.create_task(runtime.run())
+    await until(lambda: broker.committed.get(TP0) == 10)
+    for i in range(10):
+        broker.request(request(f"again-{i}", f"cached text {i}"))
+    await until(lambda: broker.committed.get(TP0) == 20)
+    await stopped(runtime, running)
+    again = [r for r in broker.results() if r["id"].startswith("again-")]
+    assert len(again) == 10 and all(r["cached"] for r in again)
+    assert parts.metrics.computed_texts._value.get() == 10
+
+
+async def test_a_publish_failure_is_sent_again_and_nothing_is_committed_before_its_ack() -> None:
+    broker = FakeBroker(ack_failures=[KafkaTimeoutError(), KafkaTimeoutError()])
+    for i in range(6):
+        broker.request(request(f"r{i}", f"text {i}"))
+    runtime, parts, _ = runtime_of(broker, Engine())
+    running = asyncio.create_task(runtime.run())
+    await until(lambda: broker.committed.get(TP0) == 6)
+    await stopped(runtime, running)
+    assert successes(broker) == Counter({f"r{i}": 1 for i in range(6)})
+    assert parts.metrics.publish_retries._value.get() >= 1
+
+
+async def test_a_revoke_during_a_batch_finishes_it_commits_it_and_leaves_the_rest() -> None:
+    engine = GatedEngine()
+    broker = FakeBroker()
+    broker.request(request("running", "in the model when the revoke comes"), partition=0)
+    runtime, parts, consumer = runtime_of(broker, engine)
+    running = asyncio.create_task(runtime.run())
+    await asyncio.to_thread(engine.entered.wait, 5)
+    # More requests arrive while the first batch is in the model: they wait in the batcher.
+    for i in range(5):
+        broker.request(request(f"queued-{i}", f"queued text {i}"), partition=0)
+    await until(lambda: parts.offsets.in_flight == 6)
+    revoke = asyncio.create_task(consumer.revoke([TP0]))
+    await asyncio.sleep(0.05)
+    assert not revoke.done()  # the revoke waits for the batch in the model
+    engine.gate.set()
+    await asyncio.wait_for(revoke, 5)
+    # Committed up to the running batch; the queued requests are left to the next owner.
+    assert broker.committed[TP0] == 1
+    assert successes(broker) == Counter({"running": 1})
+    assert TP0 not in parts.intake.owned and parts.offsets.in_flight_of([TP0]) == 0
+    await stopped(runtime, running)
+    assert successes(broker) == Counter({"running": 1})  # nothing of TP0 published after the revoke

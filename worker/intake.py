@@ -1,0 +1,353 @@
+"""Kafka in: the group consumer's fetch loop, from a fetched record to a job in the batcher.
+
+    fetch -> own partitions only -> track offsets and bytes -> decode (inline or in the decode
+    thread) -> batcher; getmany failing on a record it cannot unpack -> worker.salvage -> DLQ
+
+The intake owns which partitions this worker processes right now: a partition the group assigns
+is held (paused) until its take is done (exactly-once: its previous owner fenced), then, between
+two fetches, moved to its committed offset and owned (``position_taken``), so no fetch straddles a
+take and no record is read from a stale position. It applies backpressure (above
+``max_in_flight`` uncommitted records or ``max_in_flight_bytes`` every partition is paused, which
+does not trigger a rebalance, and resumed below half of both) and reports the consumer lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
+
+from worker.batcher import MicroBatcher
+from worker.cluster import ClusterView
+from worker.config import WorkerConfig
+from worker.decoder import RequestDecoder
+from worker.failures import FATAL, TRANSIENT, WorkerFatal, classify, describe
+from worker.jobs import Job, Rejection
+from worker.kafka_connection import kafka_connection_options
+from worker.metrics import WorkerMetrics
+from worker.offsets import ConsumedOffsets
+from worker.records import DEFAULT_MAX_EXPANDED_BYTES
+from worker.salvage import salvage
+
+log = logging.getLogger(__name__)
+FETCH_MAX_RECORDS = 500
+# What a record costs in memory beyond its bytes: token ids, the vector, the encoded result.
+RECORD_OVERHEAD_BYTES = 16 * 1024
+# Fetches this small are decoded and tokenized on the event loop (well under a millisecond);
+# larger ones in the decode thread, so long texts never stall heartbeats.
+INLINE_DECODE_RECORDS = 16
+INLINE_DECODE_BYTES = 16 * 1024
+
+
+def create_consumer(config: WorkerConfig, *, read_committed: bool) -> AIOKafkaConsumer:
+    """The group consumer: manual commits only (offsets are committed after results are
+    acknowledged). ``read_committed``: skip requests of aborted transactions (what exactly-once
+    delivery needs)."""
+    return AIOKafkaConsumer(
+        **kafka_connection_options(config),
+        group_id=config.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # Room for the largest message plus slack (a bigger one still arrives: the broker always
+        # returns at least one batch), and one fetch a fraction of the in-flight byte budget, since
+        # fetched records wait in the client until they are taken.
+        max_partition_fetch_bytes=max(config.max_message_bytes + (64 << 10), 1 << 20),
+        fetch_max_bytes=max(
+            config.max_message_bytes + (64 << 10), min(50 << 20, config.max_in_flight_bytes // 8)
+        ),
+        max_poll_interval_ms=300_000,
+        session_timeout_ms=10_000,
+        # How long the group waits for this member to rejoin: a revoke finishes the running
+        # batches first (seconds), which must never get the member thrown out of the group.
+        rebalance_timeout_ms=60_000,
+        heartbeat_interval_ms=1_000,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
+
+
+def max_expanded_bytes(config: WorkerConfig) -> int:
+    """How far one fetched record batch may expand when decompressed (a legitimate batch holds
+    many messages of at most max_message_bytes; a decompression bomb is stopped here)."""
+    return max(DEFAULT_MAX_EXPANDED_BYTES, 8 * config.max_message_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    max_in_flight: int
+    max_in_flight_bytes: int
+    max_message_bytes: int
+    max_expanded_bytes: int
+    isolation_level: int  # worker.cluster.READ_COMMITTED or READ_UNCOMMITTED
+
+    @classmethod
+    def of(cls, config: WorkerConfig, isolation_level: int) -> IntakeLimits:
+        return cls(
+            config.max_in_flight,
+            config.max_in_flight_bytes,
+            config.max_message_bytes,
+            max_expanded_bytes(config),
+            isolation_level,
+        )
+
+
+class KafkaIntake:
+    """The fetch loop and everything between a fetched record and the batcher."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        decoder: RequestDecoder,
+        batcher: MicroBatcher[Job | Rejection],
+        offsets: ConsumedOffsets,
+        cluster: ClusterView,
+        metrics: WorkerMetrics,
+        decode_executor: Executor,
+        limits: IntakeLimits,
+    ) -> None:
+        self._consumer = consumer
+        self._decoder = decoder
+        self._batcher = batcher
+        self._offsets = offsets
+        self._cluster = cluster
+        self._metrics = metrics
+        self._decode_executor = decode_executor
+        self._limits = limits
+        self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
+        # Taken (fenced, for exactly-once) but not yet positioned: the fetch loop moves each to its
+        # committed offset between two fetches, then owns and resumes it (see position_taken).
+        self._to_position: set[TopicPartition] = set()
+        self._rebalances = 0  # rebalance callbacks begun (revokes and assigns)
+        self._paused = False
+        self._fetch_allowed = asyncio.Event()  # cleared while a revoke finishes in-flight work
+        self._fetch_allowed.set()
+
+    # --- what the runtime tells it -------------------------------------------------------------
+
+    @property
+    def owned(self) -> frozenset[TopicPartition]:
+        return frozenset(self._owned)
+
+    @property
+    def waiting_for_position(self) -> frozenset[TopicPartition]:
+        return frozenset(self._to_position)
+
+    @property
+    def fetch_held(self) -> bool:
+        return not self._fetch_allowed.is_set()
+
+    def rebalance_begins(self) -> None:
+        """A revoke or an assign has begun: a positioning under way may apply to an old assignment."""
+        self._rebalances += 1
+
+    @contextlib.asynccontextmanager
+    async def fetching_held(self) -> Any:
+        """No fetch starts while the caller (a revoke) finishes the revoked partitions' work."""
+        self._fetch_allowed.clear()
+        try:
+            yield
+        finally:
+            self._fetch_allowed.set()
+
+    def hold(self, partitions: Sequence[TopicPartition]) -> None:
+        """Newly assigned partitions: paused until taken (aiokafka already fetches them)."""
+        with contextlib.suppress(Exception):
+            self._consumer.pause(*partitions)
+
+    def taken(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions taken (exactly-once: their previous owner fenced): positioned and owned at
+        the next round of the fetch loop."""
+        self._to_position |= set(partitions)
+
+    def assignment_began(self) -> None:
+        """aiokafka resumes fetching every partition of a new assignment: so does backpressure."""
+        self._paused = False
+
+    def release(self, partitions: Sequence[TopicPartition]) -> None:
+        """Revoked partitions: no longer processed."""
+        self._owned -= set(partitions)
+        self._to_position -= set(partitions)
+
+    def lose(self, partitions: set[TopicPartition]) -> None:
+        """Partitions another worker owns now (fenced): paused until the group hands them out."""
+        self._owned -= partitions
+        with contextlib.suppress(Exception):
+            self._consumer.pause(*[tp for tp in partitions if tp in self._consumer.assignment()])
+
+    # --- the fetch loop ------------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Fetches until ``stopping`` is set. Raises WorkerFatal when the failure policy says so
+        (the worker's own credentials or configuration)."""
+        while not stopping.is_set():
+            await self._fetch_allowed.wait()
+            self._apply_backpressure()
+            if self._to_position:
+                await self.position_taken()
+            fetch = asyncio.ensure_future(
+                self._consumer.getmany(timeout_ms=100, max_records=FETCH_MAX_RECORDS)
+            )
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+                return
+            try:
+                fetched = fetch.result()
+            except Exception as exc:
+                disposition = classify(exc)  # worker.failures: the one policy
+                if disposition is FATAL:  # the worker's own credentials or configuration
+                    raise WorkerFatal(f"fetching failed: {describe(exc)}") from exc
+                if disposition is TRANSIENT:
+                    # An outage: count it, back off, retry; nothing was tracked, so nothing is
+                    # lost (the records are fetched again).
+                    self._metrics.fetch_errors.inc()
+                    log.warning("fetch failed (%s); retrying in 1s", describe(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                # Per-record: raised while aiokafka unpacked a record (see worker.salvage).
+                await self._salvage(exc)
+                continue
+            await self.take(self.owned_records(fetched))
+
+    def owned_records(
+        self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> list[ConsumerRecord[Any, Any]]:
+        """The fetched records of the partitions this worker owns. Others are dropped, and nothing
+        is lost by it: a partition no longer assigned is read by its new owner from the committed
+        offset, and one being taken (aiokafka fetches a new assignment before the rebalance
+        callback has fenced the previous owner, from a position that may be stale by then) is
+        positioned at its committed offset by position_taken before it is owned."""
+        return [record for tp, batch in fetched.items() if tp in self._owned for record in batch]
+
+    async def position_taken(self) -> None:
+        """Moves each taken partition to its committed offset, then owns and resumes it. Runs in
+        the fetch loop between two fetches, so no fetch straddles the move: every record fetched
+        from then on comes from the committed offset on. A rebalance during the move (its awaits)
+        leaves the partition to the next round: the move may have applied to the old assignment."""
+        for tp in sorted(self._to_position, key=lambda tp: (tp.topic, tp.partition)):
+            if tp not in self._consumer.assignment():  # revoked meanwhile
+                self._to_position.discard(tp)
+                continue
+            rebalances = self._rebalances
+            try:
+                committed = await self._consumer.committed(tp)
+                if rebalances != self._rebalances:
+                    return
+                if committed is None:
+                    await self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
+                if rebalances != self._rebalances:
+                    return
+            except IllegalStateError:  # no longer assigned: a rebalance is under way
+                return
+            except KafkaError as exc:
+                log.warning("could not read the committed offset of %s (%s); retrying", tp, exc)
+                await asyncio.sleep(1.0)
+                return
+            self._to_position.discard(tp)
+            self._owned.add(tp)
+            if not self._paused:
+                self._consumer.resume(tp)
+
+    async def take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
+        """Tracks, decodes and hands over fetched records (and rejections made by salvage)."""
+        if not records and not extra:
+            return
+        value_bytes = 0
+        for record in records:
+            value_bytes += len(record.value or b"")
+            size = (
+                len(record.value or b"")
+                + len(record.key or b"")
+                + RECORD_OVERHEAD_BYTES
+                + sum(len(k) + len(v or b"") for k, v in record.headers or ())
+            )
+            self._offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
+        self._offsets.observe()
+        if len(records) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES:
+            # A few small records (low load): decoding them here costs less than the hop to the
+            # decode thread and back, which waits for the GIL while the loop is busy.
+            items = self._decoder.decode(records)
+        else:
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(self._decode_executor, self._decoder.decode, records)
+        # Rejections travel in the batches too, so every record is answered in fetch order
+        # (exactly-once commits each batch's offsets with its results).
+        for item in [*items, *extra]:
+            self._batcher.add(item, len(item.tokens.ids) if isinstance(item, Job) else 1)
+        if records:
+            self._observe_lag(records)
+
+    async def _salvage(self, error: Exception) -> None:
+        """getmany failed on a record it cannot unpack: find every such record, hand over the good
+        records around them and a rejection for each, and move past them (worker.salvage)."""
+        log.warning("the Kafka client could not unpack a fetched record (%s); locating it", describe(error))
+
+        async def position_of(tp: TopicPartition) -> int | None:
+            return self._offsets.position(tp)
+
+        try:
+            found = await salvage(
+                self._consumer,
+                self._cluster,
+                [tp for tp in self._consumer.assignment() if tp in self._owned],
+                position_of,
+                max_bytes=self._limits.max_message_bytes + (64 << 10),
+                isolation_level=self._limits.isolation_level,
+                max_expanded_bytes=self._limits.max_expanded_bytes,
+            )
+        except Exception as exc:  # never fatal: the next fetch fails the same way and we try again
+            log.warning(
+                "could not locate the unreadable record yet (%s); retrying in 1s",
+                describe(exc),
+                exc_info=not isinstance(exc, KafkaError),
+            )
+            await asyncio.sleep(1.0)
+            return
+        if not found.unreadable:
+            log.warning("no unreadable record found; fetching again in 1s")
+            await asyncio.sleep(1.0)
+            return
+        rejections = []
+        for unreadable in found.unreadable:
+            self._metrics.unreadable_records.inc()
+            self._offsets.track(
+                unreadable.tp, unreadable.offset, RECORD_OVERHEAD_BYTES, next_offset=unreadable.next_offset
+            )
+            rejections.append(self._decoder.reject_unreadable(unreadable))
+        await self.take(found.records, rejections)
+
+    def _apply_backpressure(self) -> None:
+        count, size = self._offsets.in_flight, self._offsets.in_flight_bytes
+        limits = self._limits
+        assignment = self._consumer.assignment()
+        if not self._paused and (count >= limits.max_in_flight or size >= limits.max_in_flight_bytes):
+            self._consumer.pause(*assignment)
+            self._paused = True
+        elif self._paused and count < limits.max_in_flight // 2 and size < limits.max_in_flight_bytes // 2:
+            self._consumer.resume(*[tp for tp in assignment if tp in self._owned])
+            self._paused = False
+        self._metrics.paused.set(len(self._consumer.paused()))
+
+    def _observe_lag(self, records: list[Any]) -> None:
+        """Lag per partition fetched from: its high watermark minus one past the last record read."""
+        last: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            last[tp] = max(last.get(tp, -1), record.offset)
+        for tp, offset in last.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset - 1))
