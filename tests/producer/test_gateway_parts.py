@@ -20,18 +20,9 @@ from aiokafka.errors import KafkaConnectionError
 from producer.cache import ModelContract
 from producer.client import Client
 from producer.config import ClientConfig
+from producer.gateway import errors
 from producer.gateway.app import api_error, create_app
 from producer.gateway.config import GatewayConfig
-from producer.gateway.errors import (
-    DeadlineExceeded,
-    FleetFailed,
-    GatewayError,
-    NoFleet,
-    Overloaded,
-    RejectedText,
-    UnknownModel,
-    UnsupportedDimensions,
-)
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
     ApiError,
@@ -115,7 +106,7 @@ def test_dimensions_only_the_declared_widths() -> None:
     assert EmbeddingService.width(contract, 384) is None  # the model's own: the plain cache key
     assert EmbeddingService.width(contract, 128) == 128
     # The service reports; the edge answers (one mapping for every route).
-    with pytest.raises(UnsupportedDimensions) as reported:
+    with pytest.raises(errors.UnsupportedDimensions) as reported:
         EmbeddingService.width(contract, 100)
     answer = api_error(reported.value)
     assert answer.status == 400 and "[128, 256, 384]" in answer.message
@@ -124,26 +115,45 @@ def test_dimensions_only_the_declared_widths() -> None:
 @pytest.mark.parametrize(
     ("error", "status", "kind", "code", "param", "retry_after"),
     [
-        (NoFleet("no fleet"), 503, "server_error", "service_unavailable", None, "2"),
-        (Overloaded("busy"), 429, "rate_limit_error", "rate_limit_exceeded", None, "1"),
-        (UnknownModel("which?"), 404, "invalid_request_error", "model_not_found", "model", None),
-        (UnsupportedDimensions("no"), 400, "invalid_request_error", "invalid_value", "dimensions", None),
-        (DeadlineExceeded("late"), 504, "server_error", "timeout", None, None),
+        (errors.NoFleet("no fleet"), 503, "server_error", "service_unavailable", None, "2"),
+        (errors.Overloaded("busy"), 429, "rate_limit_error", "rate_limit_exceeded", None, "1"),
+        (errors.UnknownModel("which?"), 404, "invalid_request_error", "model_not_found", "model", None),
         (
-            RejectedText(0, "empty_text", "empty", 1),
+            errors.UnsupportedDimensions("no"),
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            "dimensions",
+            None,
+        ),
+        (errors.DeadlineExceeded("late"), 504, "server_error", "timeout", None, None),
+        (
+            errors.RejectedText(0, "empty_text", "empty", 1),
             400,
             "invalid_request_error",
             "empty_text",
             "input",
             None,
         ),
-        (RejectedText(2, "inference_failed", "boom", 3), 500, "server_error", "inference_failed", None, None),
-        (FleetFailed("the gateway failed: x"), 500, "server_error", None, None, None),
+        (
+            errors.RejectedText(2, "inference_failed", "boom", 3),
+            500,
+            "server_error",
+            "inference_failed",
+            None,
+            None,
+        ),
+        (errors.FleetFailed("the gateway failed: x"), 500, "server_error", None, None, None),
     ],
-    ids=lambda value: type(value).__name__ if isinstance(value, GatewayError) else None,
+    ids=lambda value: type(value).__name__ if isinstance(value, errors.GatewayError) else None,
 )
 def test_every_domain_error_has_one_http_answer(
-    error: GatewayError, status: int, kind: str, code: str | None, param: str | None, retry_after: str | None
+    error: errors.GatewayError,
+    status: int,
+    kind: str,
+    code: str | None,
+    param: str | None,
+    retry_after: str | None,
 ) -> None:
     answer = api_error(error)
     body = json.loads(answer.body())["error"]
@@ -153,8 +163,8 @@ def test_every_domain_error_has_one_http_answer(
 
 
 def test_a_rejected_text_names_its_place_and_whose_fault() -> None:
-    assert str(RejectedText(0, "empty_text", "the text is empty", 1)) == "'input': the text is empty"
-    failed = RejectedText(2, "inference_failed", "boom", 3)
+    assert str(errors.RejectedText(0, "empty_text", "the text is empty", 1)) == "'input': the text is empty"
+    failed = errors.RejectedText(2, "inference_failed", "boom", 3)
     assert not failed.by_request
     assert str(failed) == "'input[2]': the fleet failed on this text: inference_failed: boom"
 

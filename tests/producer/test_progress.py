@@ -7,6 +7,7 @@ import io
 
 from producer.client import ClientStats
 from producer.progress import PLAIN_INTERVAL_S, Progress
+from tests.fakes import FakeClock
 
 
 class _Terminal(io.StringIO):
@@ -14,16 +15,8 @@ class _Terminal(io.StringIO):
         return True
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_on_a_terminal_one_line_is_redrawn_in_place() -> None:
-    stream, clock = _Terminal(), _Clock()
+    stream, clock = _Terminal(), FakeClock()
     progress = Progress(stream, enabled=True, clock=clock)
     progress.show("results 10/300", force=True)
     clock.now += 0.125
@@ -38,7 +31,7 @@ def test_on_a_terminal_one_line_is_redrawn_in_place() -> None:
 
 def test_off_a_terminal_a_plain_line_every_few_seconds() -> None:
     assert 1 <= PLAIN_INTERVAL_S <= 10
-    stream, clock = io.StringIO(), _Clock()
+    stream, clock = io.StringIO(), FakeClock()
     progress = Progress(stream, enabled=True, clock=clock)
     steps = int(2.5 * PLAIN_INTERVAL_S / 0.25)  # updates every 0.25 s for 2.5 intervals
     for done in range(1, steps + 1):
@@ -54,7 +47,7 @@ def test_off_a_terminal_a_plain_line_every_few_seconds() -> None:
 
 
 def test_produce_line_forced_at_the_end_and_nothing_when_disabled() -> None:
-    stream, clock = _Terminal(), _Clock()
+    stream, clock = _Terminal(), FakeClock()
     progress = Progress(stream, enabled=True, clock=clock)
     clock.now += 2.0
     progress.update(10, 4, ClientStats(cached=1, computed=3), force=True)
