@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +89,22 @@ class RecordingDelivery(AtLeastOnce):
         self.revoked_partitions.extend(partitions)
 
 
+# Worker() builds real aiokafka clients (never started) that the fakes below replace. Each test
+# closes them, or they are collected unclosed later ("Unclosed AIOKafkaProducer", in another test).
+_REPLACED: list[Callable[[], Awaitable[None]]] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_the_replaced_kafka_clients() -> AsyncIterator[None]:
+    yield
+    while _REPLACED:
+        await _REPLACED.pop()()
+
+
 def worker_with_fakes() -> tuple[Worker, FakeConsumer, RecordingDelivery]:
     config = WorkerConfig.from_env({"EMBEDFLEET_REDIS_URL": "", "EMBEDFLEET_METRICS_PORT": "0"})
     worker = Worker(config, Engine())
+    _REPLACED.extend([worker.consumer.stop, worker.delivery.close])
     consumer = FakeConsumer({TP0, TP1})
     delivery = RecordingDelivery(
         worker.delivery._producer,  # type: ignore[attr-defined]
