@@ -1,5 +1,6 @@
 # embedfleet — every target works from a fresh clone: it builds what it needs first.
 #   make run    the main job: venv, model bundle, local stack, two workers, a sample of jobs, a summary
+#   make unit   the tests that need no stack and no model, in seconds (make test runs them first)
 #   make test   the test suite against the real local stack (stopped afterwards, pass or fail)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +13,7 @@ MODEL_DIR := $(EMBEDFLEET_HOME)/models/all-MiniLM-L6-v2
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 PYTEST_ARGS ?=
 
-.PHONY: run test fuzz venv system-deps model image stack-up stack-down stack-status lint bench clean
+.PHONY: run unit test fuzz venv system-deps model image stack-up stack-down stack-status lint bench clean
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,10 +59,26 @@ IMAGE ?= localhost/embedfleet:cpu
 image: system-deps
 	IMAGE=$(IMAGE) bash deploy/local/image.sh
 
+# The unit tier: every test that needs neither the stack nor the model bundle (tests/conftest.py
+# marks the others `stack` and `slow`), so it needs only the venv.
+UNIT_TESTS := not stack and not slow
+
+unit: venv
+	@status=0; $(BIN)/python -m pytest -m "$(UNIT_TESTS)" $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
+	exit $$status
+
+# The unit tier first, before the stack starts: a broken unit fails in seconds. Then the rest.
+# PYTEST_ARGS apply to both; a selection that falls in one tier only leaves the other empty (fine),
+# one that selects nothing at all is a failure.
 test: venv system-deps model image
-	@$(MAKE) --no-print-directory stack-up
-	@status=0; EMBEDFLEET_IMAGE=$(IMAGE) $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	@unit=0; $(BIN)/python -m pytest -m "$(UNIT_TESTS)" $(PYTEST_ARGS) || unit=$$?; \
+	if [ $$unit -ne 0 ] && [ $$unit -ne 5 ]; then exit $$unit; fi; \
+	$(MAKE) --no-print-directory stack-up || exit $$?; \
+	status=0; EMBEDFLEET_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m "not ($(UNIT_TESTS))" $(PYTEST_ARGS) \
+		|| status=$$?; \
 	$(MAKE) --no-print-directory stack-down; \
+	if [ $$status -eq 5 ] && [ $$unit -eq 0 ]; then status=0; fi; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$status
 

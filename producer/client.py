@@ -74,6 +74,8 @@ class Prepared:
     vectors: list[Vector | None]
     tokens: list[int | None]  # tokens the model read per text, where known
     misses: list[Distinct]  # distinct texts to send to the fleet
+    # The contract the keys were computed with: complete() expects results of its width.
+    contract: ModelContract | None
 
     def fill(self, indices: list[int], vector: Vector, tokens: int | None) -> None:
         # Repeated texts get copies, so changing one returned array never changes another.
@@ -258,17 +260,24 @@ class Client:
         return [v for v in outcome.vectors if v is not None]
 
     async def prepare(
-        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        task: str | None = None,
+        dimensions: int | None = None,
+        contract: ModelContract | None = None,
     ) -> Prepared:
         """Step one of ``embed``: content hashes and the cache lookup (one round trip). What is
-        left to compute is ``Prepared.misses``; ``complete`` sends them and awaits the results."""
+        left to compute is ``Prepared.misses``; ``complete`` sends them and awaits the results.
+        ``contract``: one the caller already read for this call (else it is read here)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
-        contract = await self.model_contract()
+        if contract is None:
+            contract = await self.model_contract()
         plan = plan_requests(
             texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
         )
-        prepared = Prepared(plan, task, dimensions, [None] * len(texts), [None] * len(texts), [])
+        prepared = Prepared(plan, task, dimensions, [None] * len(texts), [None] * len(texts), [], contract)
         dim = dimensions or (contract.dim if contract else None)
         if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
             prepared.misses.extend(plan.distinct)
@@ -294,7 +303,7 @@ class Client:
         plan = prepared.plan
         failures = list(plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
-        contract = await self.model_contract()
+        contract = prepared.contract
         width = prepared.dimensions or (contract.dim if contract is not None else None)
         futures = {
             request_id: self._router.expect(

@@ -40,14 +40,20 @@ def _require_listening(address: str, what: str) -> None:
 
 # A test that uses any of these (directly or through another fixture) needs the local stack.
 STACK_FIXTURES = frozenset({"kafka_bootstrap", "redis_url"})
+# A test that uses any of these loads the model bundle (or builds it, a minute or more on a fresh
+# clone): seconds each, so `make unit` leaves them to `make test`.
+SLOW_FIXTURES = frozenset({"model_dir", "bundle"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks every test that needs the stack `stack`, so `pytest -m 'not stack'` runs the rest
-    (unit tests, engine, deploy files) with no stack running."""
+    """Marks every test that needs the stack `stack` and every test that needs the model `slow`,
+    so `pytest -m 'not stack and not slow'` (`make unit`) runs the rest in seconds with no stack."""
     for item in items:
-        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if STACK_FIXTURES & fixtures:
             item.add_marker(pytest.mark.stack)
+        if SLOW_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """In-memory stand-ins for unit tests of pure logic (never for the integration path): a Redis
-that keeps hashes in a dict and can be switched off, in the spirit of httpx's MockTransport."""
+that keeps hashes in a dict and can be switched off, in the spirit of httpx's MockTransport, and a
+clock that moves only when told."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+
+class FakeClock:
+    """A monotonic clock for code that takes one (``clock=``): ``now`` is moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FakeRedis:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 
 async def create_topic(
@@ -42,3 +45,14 @@ def read_jsonl_texts(path: Path, limit: int | None = None) -> list[str]:
             if limit is not None and len(texts) >= limit:
                 break
     return texts
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A checkout script (deploy/local/*.py, not part of the package) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the script runs.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

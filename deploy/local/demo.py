@@ -6,7 +6,8 @@ to ``embed.requests`` keyed by content hash, reads every result back from ``embe
 a few results and a summary (results, cache hit rate, throughput, end-to-end latency, where the
 metrics are), sends one request through the gateway's OpenAI-compatible /v1/embeddings (and prints
 the curl command that does the same), then stops everything gracefully. A second run is answered
-from the Redis cache.
+from the Redis cache. The workers' and the gateway's logs go to ``$EMBEDFLEET_HOME/logs/demo-*.log``;
+only their own warnings and errors are shown here too (libraries' stay in the files).
 """
 
 from __future__ import annotations
@@ -15,25 +16,37 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from producer.progress import Progress
 from schemas import content_hash, decode_result, encode_request, request_headers
 from schemas.messages import EmbedRequest
+from worker.checkout import default_home
 from worker.config import WorkerConfig
 from worker.engine.bundle import load_bundle, serving_fingerprint
 
 # Local-dev tooling: this script belongs to the checkout, next to its sample texts.
 SAMPLE = Path(__file__).resolve().with_name("demo-queries.jsonl")
 METRICS_PORTS = (9401, 9402)
+# The project's own loggers: their warnings and errors are for the person running the demo.
+# Libraries' (aiokafka's coordinator warnings while the group rebalances, uvicorn's) say nothing
+# they can act on: those stay in the log files.
+OWN_LOGGERS = frozenset({"worker", "producer", "schemas"})
+SHOWN_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+# A record in worker.logs' text format: "<date> <time> LEVEL [worker-id] logger: message".
+TEXT_RECORD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ (?P<level>[A-Z]+) \[[^\]]*\] (?P<logger>[^\s:]+): ")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +70,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     texts = [json.loads(line) for line in args.texts.read_text().splitlines()[: args.limit]]
     fingerprint = serving_fingerprint(load_bundle(config.model).manifest, config.variant)
-    workers = start_workers(args.workers)
-    gateway = start_gateway(args.gateway_port)
+    logs = default_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"logs of the workers and the gateway: {logs}/demo-*.log")
+    relays: list[LogRelay] = []
+    workers = start_workers(args.workers, logs, relays)
+    gateway = start_gateway(args.gateway_port, logs, relays)
     try:
         status = asyncio.run(demo(config, texts, fingerprint, workers, args.timeout))
         gateway_status = try_gateway(args.gateway_port, config, texts[:2])
@@ -71,14 +88,79 @@ def run(args: argparse.Namespace) -> int:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+        for relay in relays:
+            relay.join()
         print("gateway and workers stopped (drained, committed, left the group)")
 
 
-def start_gateway(port: int) -> subprocess.Popen[bytes]:
+def start_gateway(port: int, logs: Path, relays: list[LogRelay]) -> subprocess.Popen[bytes]:
     executable = str(Path(sys.executable).with_name("embedfleet"))
     env = dict(os.environ, EMBEDFLEET_GATEWAY_PORT=str(port))
     env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")
-    return subprocess.Popen([executable, "gateway"], env=env)
+    return start_logged([executable, "gateway"], env, logs / "demo-gateway.log", relays)
+
+
+def start_logged(
+    argv: list[str], env: dict[str, str], log_file: Path, relays: list[LogRelay]
+) -> subprocess.Popen[bytes]:
+    """Starts ``argv`` with its log (stderr) relayed into ``log_file`` and, in part, to ours."""
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    relays.append(LogRelay(process.stderr, log_file, sys.stderr))
+    return process
+
+
+def shown(line: str, previous: bool) -> bool:
+    """Whether a line of a worker's or the gateway's log is also shown on the demo's output: a
+    warning or error of the project's own loggers. A line that starts no record (a traceback's)
+    goes with the record before it (``previous``); before any record, everything is shown (a
+    command that fails before logging starts prints its error plainly)."""
+    record = record_of(line)
+    if record is None:
+        return previous
+    level, logger = record
+    return level.upper() in SHOWN_LEVELS and logger.split(".")[0] in OWN_LOGGERS
+
+
+def record_of(line: str) -> tuple[str, str] | None:
+    """(level, logger) of a log line that starts a record, text or JSON (EMBEDFLEET_LOG_FORMAT)."""
+    if line.startswith("{"):
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(fields, dict) and "level" in fields and "logger" in fields:
+            return str(fields["level"]), str(fields["logger"])
+        return None
+    match = TEXT_RECORD.match(line)
+    return (match["level"], match["logger"]) if match else None
+
+
+class LogRelay:
+    """Copies a child's stderr, line by line, into ``log_file`` (all of it) and onto ``terminal``
+    (what ``shown`` lets through), in a thread until the child closes it."""
+
+    def __init__(self, source: IO[bytes], log_file: Path, terminal: IO[str]) -> None:
+        self._source = source
+        self._log_file = log_file
+        self._terminal = terminal
+        self._thread = threading.Thread(target=self._run, name=f"log-{log_file.stem}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        show = True
+        with self._source, self._log_file.open("wb") as log:  # this run's log only
+            for raw in iter(self._source.readline, b""):
+                log.write(raw)
+                log.flush()
+                line = raw.decode(errors="replace")
+                show = shown(line, show)
+                if show:
+                    self._terminal.write(line)
+                    self._terminal.flush()
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        self._thread.join(timeout_s)
 
 
 def try_gateway(port: int, config: WorkerConfig, texts: list[str]) -> int:
@@ -110,7 +192,7 @@ def try_gateway(port: int, config: WorkerConfig, texts: list[str]) -> int:
     return 0
 
 
-def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(count: int, logs: Path, relays: list[LogRelay]) -> list[subprocess.Popen[bytes]]:
     executable = str(Path(sys.executable).with_name("embedfleet"))
     threads = str(max(1, (os.cpu_count() or 2) // count))
     processes = []
@@ -123,9 +205,9 @@ def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
             EMBEDFLEET_INFERENCE_THREADS="1",
         )
         env.setdefault("EMBEDFLEET_LOG_LEVEL", "WARNING")  # keep the demo's own output readable
-        processes.append(
-            subprocess.Popen([executable, "worker", "--worker-id", f"demo-{index + 1}"], env=env)
-        )
+        worker_id = f"demo-{index + 1}"
+        argv = [executable, "worker", "--worker-id", worker_id]
+        processes.append(start_logged(argv, env, logs / f"{worker_id}.log", relays))
     return processes
 
 
@@ -140,7 +222,10 @@ def wait_ready(ports: list[int], timeout_s: float = 90, what: str = "worker") ->
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit(f"{what} on port {port} not ready after {timeout_s:.0f}s: see its log above")
+                raise SystemExit(
+                    f"{what} on port {port} not ready after {timeout_s:.0f}s: see the errors above, "
+                    f"and its log in {default_home() / 'logs'}"
+                )
             time.sleep(0.3)
 
 
@@ -183,6 +268,7 @@ async def demo(
 
         received: dict[str, tuple[float, bool, bool, list[float] | None]] = {}
         deadline = time.monotonic() + timeout_s
+        progress = Progress(sys.stdout, enabled=True)
         while len(received) < len(texts) and time.monotonic() < deadline:
             batches = await results_reader.getmany(timeout_ms=200)
             now = time.perf_counter()
@@ -196,9 +282,10 @@ async def demo(
                             result.ok,
                             result.vector,
                         )
-            print(f"\r  results {len(received)}/{len(texts)}", end="", flush=True)
+            progress.show(f"  results {len(received)}/{len(texts)}")
         elapsed = time.perf_counter() - started
-        print()
+        progress.show(f"  results {len(received)}/{len(texts)}", force=True)
+        progress.finish()
     finally:
         await producer.stop()
         await results_reader.stop()

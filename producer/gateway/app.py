@@ -32,6 +32,15 @@ from starlette.routing import Route
 from producer.client import Client
 from producer.config import ClientConfig
 from producer.gateway.config import GatewayConfig
+from producer.gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    NoFleet,
+    Overloaded,
+    RejectedText,
+    UnknownModel,
+    UnsupportedDimensions,
+)
 from producer.gateway.guard import header_deadline_protocol
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
@@ -110,8 +119,9 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
             started = time.perf_counter()
             try:
                 response = await handler(request)
-            except ApiError as exc:
-                response = Response(exc.body(), exc.status, headers=exc.headers, media_type=JSON)
+            except (ApiError, GatewayError) as exc:
+                error = exc if isinstance(exc, ApiError) else api_error(exc)
+                response = Response(error.body(), error.status, headers=error.headers, media_type=JSON)
             except Exception:
                 log.exception("the gateway failed on %s", route)
                 error = ApiError(500, "the gateway failed; see its log", type="server_error")
@@ -134,7 +144,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         texts = input_texts(body.input, config.max_inputs)
         contract = await service.contract()
         width = service.width(contract, body.dimensions)
-        embedded = await service.embed(texts, width, deadline)
+        embedded = await service.embed(texts, contract, width, deadline)
         answer = embeddings_response(
             embedded.vectors, embedded.tokens, service.model_name, body.encoding_format
         )
@@ -145,8 +155,8 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         authorize(request)
         body = decode_seed_request(await read_body(request))
         check_count(len(body.texts), config.max_inputs, "texts")
-        await service.contract()
-        embedded = await service.embed(body.texts, None, deadline)
+        contract = await service.contract()
+        embedded = await service.embed(body.texts, contract, None, deadline)
         answer = SeedEmbedResponse(
             embeddings=[v.tolist() for v in embedded.vectors], model=service.model_name
         )
@@ -213,6 +223,36 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
+
+
+def api_error(error: GatewayError) -> ApiError:
+    """The one place where what the service reports becomes an HTTP answer: the status clients act
+    on (the openai SDK retries 429 and 5xx), OpenAI's error object, and when to come back."""
+    message = str(error)
+    match error:
+        case NoFleet():
+            return ApiError(
+                503, message, type="server_error", code="service_unavailable", headers={"Retry-After": "2"}
+            )
+        case Overloaded():
+            return ApiError(
+                429,
+                message,
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        case UnknownModel():
+            return ApiError(404, message, param="model", code="model_not_found")
+        case UnsupportedDimensions():
+            return ApiError(400, message, param="dimensions", code="invalid_value")
+        case DeadlineExceeded():
+            return ApiError(504, message, type="server_error", code="timeout")
+        case RejectedText(by_request=True):
+            return ApiError(400, message, param="input", code=error.code)
+        case RejectedText():
+            return ApiError(500, message, type="server_error", code=error.code)
+    return ApiError(500, message, type="server_error")  # FleetFailed: the gateway's own call failed
 
 
 def _too_large(size: int, limit: int) -> ApiError:

@@ -1,5 +1,6 @@
 """What the gateway does with a request's texts: the client's cache lookup, the misses to the fleet,
-a bound on texts outstanding, and the translation of outcomes into answers or ``ApiError``s.
+a bound on texts outstanding, and the outcomes as answers or domain errors (``gateway.errors``; the
+HTTP edge, ``gateway.app``, decides what each is in HTTP).
 
 The gateway computes nothing itself: the model contract the workers publish in Redis tells it the
 fingerprint (for content hashes), the width and the Matryoshka widths; the fleet does the rest.
@@ -18,25 +19,20 @@ from producer.cache import ModelContract
 from producer.client import Client
 from producer.errors import EmbeddingError, Vector
 from producer.gateway.config import GatewayConfig
+from producer.gateway.errors import (
+    DeadlineExceeded,
+    FleetFailed,
+    NoFleet,
+    Overloaded,
+    RejectedText,
+    UnknownModel,
+    UnsupportedDimensions,
+)
 from producer.gateway.metrics import GatewayMetrics
-from producer.gateway.openai_api import ApiError
 from producer.gateway.reaper import ReplyTopicReaper
 from producer.kafka import ServiceUnavailable
 
 log = logging.getLogger(__name__)
-# The request's fault: 400. Anything else a worker answers (inference_failed, internal_error...)
-# is the server's: 500.
-CLIENT_ERROR_CODES = frozenset(
-    {
-        "empty_text",
-        "text_too_long",
-        "invalid_encoding",
-        "invalid_request",
-        "unknown_task",
-        "unsupported_dimensions",
-        "message_too_large",
-    }
-)
 START_RETRY_S = 2.0
 
 
@@ -47,7 +43,7 @@ class Embedded:
 
 
 class EmbeddingService:
-    """The fleet as the HTTP handlers see it: ``embed(texts)`` or an ``ApiError``."""
+    """The fleet as the HTTP handlers see it: ``embed(texts)`` or a ``GatewayError``."""
 
     def __init__(self, client: Client, config: GatewayConfig, metrics: GatewayMetrics) -> None:
         self.client = client
@@ -115,102 +111,74 @@ class EmbeddingService:
     # --- requests ------------------------------------------------------------------------------
 
     async def contract(self) -> ModelContract:
-        """The served model's contract, or a 503 (no fleet)."""
+        """The served model's contract, read once per request and passed along (or NoFleet)."""
         if not self._started:
-            raise _unavailable(f"the embedding fleet is unavailable: {self._start_problem}")
+            raise NoFleet(f"the embedding fleet is unavailable: {self._start_problem}")
         contract = await self.client.model_contract()
         if contract is None or contract.dim is None:
-            raise _unavailable(self._no_contract_message())
+            raise NoFleet(self._no_contract_message())
         return contract
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise ApiError(
-                404,
-                f"The model '{model}' does not exist: this server serves '{self.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+            raise UnknownModel(f"The model '{model}' does not exist: this server serves '{self.model_name}'")
 
     @staticmethod
     def width(contract: ModelContract, dimensions: int | None) -> int | None:
-        """The Matryoshka width to ask the fleet for (None: the model's own), or a 400."""
+        """The Matryoshka width to ask the fleet for (None: the model's own)."""
         if dimensions is None or dimensions == contract.dim:
             return None
         if dimensions in contract.dimensions:
             return dimensions
         offered = sorted({*contract.dimensions, *([contract.dim] if contract.dim else [])})
-        raise ApiError(
-            400,
-            f"dimensions={dimensions} is not supported by this model: it offers {offered}",
-            param="dimensions",
-            code="invalid_value",
+        raise UnsupportedDimensions(
+            f"dimensions={dimensions} is not supported by this model: it offers {offered}"
         )
 
-    async def embed(self, texts: Sequence[str], dimensions: int | None, deadline: float) -> Embedded:
-        """Vectors for ``texts`` in order, by ``deadline`` (a ``time.monotonic()`` instant)."""
-        prepared = await self.client.prepare(texts, dimensions=dimensions)
+    async def embed(
+        self, texts: Sequence[str], contract: ModelContract, dimensions: int | None, deadline: float
+    ) -> Embedded:
+        """Vectors for ``texts`` in order, by ``deadline`` (a ``time.monotonic()`` instant), keyed
+        with ``contract`` (the request's, from ``contract()``)."""
+        prepared = await self.client.prepare(texts, dimensions=dimensions, contract=contract)
         if prepared.plan.failures:
             # Nothing is sent when any text is hopeless: the whole request fails anyway.
             first = prepared.plan.failures[0]
-            raise _text_error(first.index, first.code, first.message, len(texts))
+            raise RejectedText(first.index, first.code, first.message, len(texts))
         misses = sum(len(entry.indices) for entry in prepared.misses)
         cached = len(texts) - misses
         if prepared.misses:
             wanted = len(prepared.misses)
             if self.outstanding + wanted > self.config.max_outstanding:
                 self.metrics.rejected.labels("overloaded").inc()
-                raise ApiError(
-                    429,
+                raise Overloaded(
                     f"this gateway has {self.outstanding} texts waiting for the fleet (limit "
-                    f"{self.config.max_outstanding}): retry later, or add gateways and workers",
-                    type="rate_limit_error",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": "1"},
+                    f"{self.config.max_outstanding}): retry later, or add gateways and workers"
                 )
             self.outstanding += wanted
             self.metrics.outstanding.set(self.outstanding)
             try:
                 outcome = await self.client.complete(prepared, timeout=max(0.0, deadline - time.monotonic()))
             except ServiceUnavailable as exc:
-                raise _unavailable(f"the embedding fleet is unavailable: {exc}") from exc
+                raise NoFleet(f"the embedding fleet is unavailable: {exc}") from exc
             except EmbeddingError as exc:
-                raise ApiError(500, f"the gateway failed: {exc}", type="server_error") from exc
+                raise FleetFailed(f"the gateway failed: {exc}") from exc
             finally:
                 self.outstanding -= wanted
                 self.metrics.outstanding.set(self.outstanding)
             if outcome.missing:
                 self.metrics.texts.labels("timed_out").inc(outcome.missing)
-                raise ApiError(
-                    504,
+                raise DeadlineExceeded(
                     f"{outcome.missing} of {len(texts)} texts got no vector within "
                     f"{self.config.deadline_s:g}s: the fleet is not answering (are workers running "
-                    "and keeping up?); retry later",
-                    type="server_error",
-                    code="timeout",
+                    "and keeping up?); retry later"
                 )
             if outcome.failures:
                 self.metrics.texts.labels("failed").inc(len(outcome.failures))
                 first = outcome.failures[0]
-                raise _text_error(first.index, first.code, first.message, len(texts))
+                raise RejectedText(first.index, first.code, first.message, len(texts))
         self.metrics.texts.labels("cached").inc(cached)
         self.metrics.texts.labels("fleet").inc(len(texts) - cached)
         vectors = [v for v in prepared.vectors if v is not None]
         assert len(vectors) == len(texts)
         return Embedded(vectors, sum(t or 0 for t in prepared.tokens))
-
-
-def _unavailable(message: str) -> ApiError:
-    """503: no fleet to send to (clients retry after Retry-After)."""
-    return ApiError(
-        503, message, type="server_error", code="service_unavailable", headers={"Retry-After": "2"}
-    )
-
-
-def _text_error(index: int, code: str, message: str, count: int) -> ApiError:
-    where = "'input'" if count == 1 else f"'input[{index}]'"
-    if code in CLIENT_ERROR_CODES:
-        return ApiError(400, f"{where}: {message}", param="input", code=code)
-    return ApiError(
-        500, f"{where}: the fleet failed on this text: {code}: {message}", type="server_error", code=code
-    )

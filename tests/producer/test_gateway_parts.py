@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from aiokafka.errors import KafkaConnectionError
@@ -19,6 +20,8 @@ from aiokafka.errors import KafkaConnectionError
 from producer.cache import ModelContract
 from producer.client import Client
 from producer.config import ClientConfig
+from producer.gateway import errors
+from producer.gateway.app import api_error, create_app
 from producer.gateway.config import GatewayConfig
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
@@ -32,7 +35,7 @@ from producer.gateway.reaper import gateway_client_id, parse_gateway_topic
 from producer.gateway.service import EmbeddingService
 from producer.kafka import ServiceUnavailable
 from producer.replies import ReplyRouter
-from schemas import EmbedResult, encode_result, result_headers
+from schemas import EmbedResult, decode_request, encode_result, result_headers
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -102,9 +105,68 @@ def test_dimensions_only_the_declared_widths() -> None:
     assert EmbeddingService.width(contract, None) is None
     assert EmbeddingService.width(contract, 384) is None  # the model's own: the plain cache key
     assert EmbeddingService.width(contract, 128) == 128
-    with pytest.raises(ApiError) as raised:
+    # The service reports; the edge answers (one mapping for every route).
+    with pytest.raises(errors.UnsupportedDimensions) as reported:
         EmbeddingService.width(contract, 100)
-    assert raised.value.status == 400 and "[128, 256, 384]" in raised.value.message
+    answer = api_error(reported.value)
+    assert answer.status == 400 and "[128, 256, 384]" in answer.message
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind", "code", "param", "retry_after"),
+    [
+        (errors.NoFleet("no fleet"), 503, "server_error", "service_unavailable", None, "2"),
+        (errors.Overloaded("busy"), 429, "rate_limit_error", "rate_limit_exceeded", None, "1"),
+        (errors.UnknownModel("which?"), 404, "invalid_request_error", "model_not_found", "model", None),
+        (
+            errors.UnsupportedDimensions("no"),
+            400,
+            "invalid_request_error",
+            "invalid_value",
+            "dimensions",
+            None,
+        ),
+        (errors.DeadlineExceeded("late"), 504, "server_error", "timeout", None, None),
+        (
+            errors.RejectedText(0, "empty_text", "empty", 1),
+            400,
+            "invalid_request_error",
+            "empty_text",
+            "input",
+            None,
+        ),
+        (
+            errors.RejectedText(2, "inference_failed", "boom", 3),
+            500,
+            "server_error",
+            "inference_failed",
+            None,
+            None,
+        ),
+        (errors.FleetFailed("the gateway failed: x"), 500, "server_error", None, None, None),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, errors.GatewayError) else None,
+)
+def test_every_domain_error_has_one_http_answer(
+    error: errors.GatewayError,
+    status: int,
+    kind: str,
+    code: str | None,
+    param: str | None,
+    retry_after: str | None,
+) -> None:
+    answer = api_error(error)
+    body = json.loads(answer.body())["error"]
+    assert (answer.status, body["type"], body["code"], body["param"]) == (status, kind, code, param)
+    assert body["message"] == str(error)
+    assert answer.headers.get("Retry-After") == retry_after
+
+
+def test_a_rejected_text_names_its_place_and_whose_fault() -> None:
+    assert str(errors.RejectedText(0, "empty_text", "the text is empty", 1)) == "'input': the text is empty"
+    failed = errors.RejectedText(2, "inference_failed", "boom", 3)
+    assert not failed.by_request
+    assert str(failed) == "'input[2]': the fleet failed on this text: inference_failed: boom"
 
 
 def test_reaper_topic_names_carry_start_and_lease() -> None:
@@ -176,13 +238,15 @@ class _FlakyConsumer:
         pass
 
 
-def _service(consumer: _FlakyConsumer) -> tuple[EmbeddingService, ReplyRouter, GatewayMetrics]:
-    config = ClientConfig.from_env({}, model_fingerprint="f", model_dim=2, redis_url="")
-    client = Client(config)
+def _service(
+    consumer: _FlakyConsumer, config: GatewayConfig | None = None
+) -> tuple[EmbeddingService, ReplyRouter, GatewayMetrics]:
+    client_config = ClientConfig.from_env({}, model_fingerprint="f", model_dim=2, redis_url="")
+    client = Client(client_config)
     router = ReplyRouter(consumer)
     client._router = router
     metrics = GatewayMetrics()
-    service = EmbeddingService(client, GatewayConfig(), metrics)
+    service = EmbeddingService(client, config or GatewayConfig(), metrics)
     service._started = True  # connected: only the reply reader decides
     return service, router, metrics
 
@@ -265,5 +329,67 @@ async def test_records_that_trip_the_reader_are_counted_not_fatal() -> None:
             "embedfleet_gateway_reply_records_skipped_total", {"reason": "undecodable"}
         )
         assert sample == 3
+    finally:
+        await router.stop()
+
+
+# --- the HTTP edge over the service --------------------------------------------------------------
+
+
+class _AnsweringProducer:
+    """Answers each request it is sent on ``consumer``'s queue at once, as a worker would."""
+
+    def __init__(self, consumer: _FlakyConsumer) -> None:
+        self.consumer = consumer
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        request = decode_request(value, headers)
+        result = EmbedResult.success(request_id=request.id, key=key.decode(), model="m", vector=[1.0, 2.0])
+        await self.consumer.queue.put([_Record(encode_result(result))])
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
+
+
+async def test_a_request_reads_the_contract_once_and_the_edge_answers_what_the_service_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = _FlakyConsumer()
+    service, router, metrics = _service(consumer, GatewayConfig(max_outstanding=2))
+    service.client._producer = _AnsweringProducer(consumer)
+    reads = 0
+    read_contract = service.client.model_contract
+
+    async def counted() -> ModelContract | None:
+        nonlocal reads
+        reads += 1
+        return await read_contract()
+
+    monkeypatch.setattr(service.client, "model_contract", counted)
+    app = create_app(service, GatewayConfig(max_outstanding=2), metrics)
+    router.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            ok = await http.post("/v1/embeddings", json={"model": service.model_name, "input": ["a", "b"]})
+            assert ok.status_code == 200, ok.text
+            assert [item["embedding"] for item in ok.json()["data"]] == [[1.0, 2.0], [1.0, 2.0]]
+            assert reads == 1  # read once, passed along to the lookup and the wait for results
+            seed = await http.post("/embed", json={"texts": ["c"]})
+            assert seed.status_code == 200 and reads == 2
+            busy = await http.post(
+                "/v1/embeddings", json={"model": service.model_name, "input": ["x", "y", "z"]}
+            )
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+            unknown = await http.get("/v1/models/another")
+            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+            empty = await http.post("/v1/embeddings", json={"model": service.model_name, "input": ["a", ""]})
+            assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
+            service._started = False
+            down = await http.post("/embed", json={"texts": ["c"]})
+            assert down.status_code == 503 and down.headers["retry-after"] == "2"
     finally:
         await router.stop()

@@ -2,25 +2,19 @@
 argparse4j, so an id that starts with '-' is read as an option and `stack up` fails (this broke
 one CI run: 1 random id in 64 starts with '-')."""
 
-import importlib.util
-import sys
 import uuid
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.helpers import load_script
+
 STACK_SCRIPT = Path(__file__).resolve().parents[2] / "deploy/local/stack.py"
 
 
 def load_stack_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("embedfleet_stack_script", STACK_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the script runs.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STACK_SCRIPT, "embedfleet_stack_script")
 
 
 def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:

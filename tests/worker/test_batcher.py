@@ -6,15 +6,8 @@ import asyncio
 
 import pytest
 
+from tests.fakes import FakeClock
 from worker.batcher import MicroBatcher
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_closes_on_size_cap() -> None:
