@@ -235,6 +235,7 @@ class VectorCache:
 
     def _up(self) -> None:
         self.healthy = True
+        self._skip_until = 0.0  # it answered: no reason to keep computing without it
         self._metrics.cache_up.set(1)
 
     def _failed(self, operation: str, exc: Exception) -> None:
@@ -408,16 +409,19 @@ class VectorCache:
             return None
         return value.decode() if isinstance(value, bytes) else value
 
-    async def publish_model(self, name: str, fields: dict[str, str]) -> None:
+    async def publish_model(self, name: str, fields: dict[str, str]) -> bool:
         """Writes the served model's contract (fingerprint, dim, tasks...) to
-        ``{prefix}:models:{name}``, so clients can compute content hashes and use the cache."""
+        ``{prefix}:models:{name}``, so clients can compute content hashes and use the cache.
+        False when it could not be written (the caller tries again later)."""
         if not self._available():
-            return
+            return False
         assert self._client is not None
         try:
             await self._client.hset(contract_key(self._key_prefix, name), mapping=fields)  # type: ignore[arg-type]
         except CACHE_FAILURES as exc:
             self._failed("publish_model", exc)
+            return False
+        return True
 
     async def ping(self) -> bool:
         if self._client is None:

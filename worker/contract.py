@@ -18,7 +18,7 @@ class ContractStore(Protocol):
 
     async def ping(self) -> bool: ...
     async def published_fingerprint(self, name: str) -> str | None: ...
-    async def publish_model(self, name: str, fields: dict[str, str]) -> None: ...
+    async def publish_model(self, name: str, fields: dict[str, str]) -> bool: ...
 
 
 class ContractPublisher:
@@ -54,5 +54,4 @@ class ContractPublisher:
                 published[:12],
                 model.fingerprint[:12],
             )
-        await self._store.publish_model(model.name, model.redis_fields())
-        self.published = True
+        self.published = await self._store.publish_model(model.name, model.redis_fields())
