@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import Fleet, start_fleet
+from tests.fleet import Fleet, running_fleet
 from tests.helpers import create_topic, delete_topics
 from worker.engine.bundle import default_bundle_dir
 
@@ -117,11 +117,6 @@ async def fleet(
     kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Fleet]:
     """Two real workers on fresh topics, shared by the tests of one module."""
-    running = await start_fleet(
-        kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("fleet-logs"), workers=2
-    )
-    try:
+    log_dir = tmp_path_factory.mktemp("fleet-logs")
+    async with running_fleet(kafka_bootstrap, redis_url, model_dir, log_dir, workers=2) as running:
         yield running
-    finally:
-        running.stop_all()
-        await running.cleanup()

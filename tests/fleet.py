@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +290,22 @@ async def start_fleet(
         fleet.start_worker()
     await fleet.wait_ready()
     return fleet
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, log_dir: Path, workers: int, **extra_env: str
+) -> AsyncIterator[Fleet]:
+    """A started fleet (workers ready), and afterwards its gateways and workers stopped and its
+    topics and cache entries gone."""
+    fleet = await start_fleet(kafka_bootstrap, redis_url, model_dir, log_dir, workers, 1, **extra_env)
+    try:
+        yield fleet
+    finally:
+        for gateway in fleet.gateways:
+            gateway.stop()
+        fleet.stop_all()
+        await fleet.cleanup()
 
 
 async def drop_cache(redis_url: str, prefix: str) -> None:

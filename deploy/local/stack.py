@@ -196,6 +196,17 @@ class TrackedProcess:
                 return None
         return pid
 
+    def exited_during_start(self) -> bool:
+        """Whether the process just started has gone. Judged by /proc/<pid> alone, not by its
+        command line: for a moment after the exec, /proc/<pid>/cmdline can still read empty,
+        which running_pid takes for "not ours" (it failed `stack up` for Toxiproxy 2 times in 3)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except (OSError, ValueError, IndexError):
+            return True
+        return state == "Z"
+
     def start(self, argv: list[str], log_file: Path, env: dict[str, str]) -> int:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -567,7 +578,7 @@ class KafkaService:
         deadline = time.monotonic() + START_TIMEOUT_S
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            if self.process.running_pid() is None:
+            if self.process.exited_during_start():
                 raise StackError(
                     f"kafka exited during start. Last lines of {self.log_file}:\n" + log_tail(self.log_file)
                 )
@@ -793,7 +804,7 @@ class RedisService:
         deadline = time.monotonic() + START_TIMEOUT_S
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            if self.process.running_pid() is None:
+            if self.process.exited_during_start():
                 raise StackError(
                     f"redis exited during start. Last lines of {self.log_file}:\n" + log_tail(self.log_file)
                 )
@@ -1063,7 +1074,7 @@ class ToxiproxyService:
         deadline = time.monotonic() + START_TIMEOUT_S
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            if self.process.running_pid() is None:
+            if self.process.exited_during_start():
                 raise StackError(
                     f"toxiproxy exited during start. Last lines of {self.log_file}:\n"
                     + log_tail(self.log_file)

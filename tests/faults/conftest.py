@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,20 @@ class Audit:
         return Counter(h.get("dlq-error-code", b"").decode() for h in self.dead_letters)
 
 
+async def assign_from_beginning(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
+    """Assigns every partition of ``topics`` to ``consumer`` at its beginning. The partitions come
+    from an all-topics metadata request, as tests/dlq reads them: none is auto-created."""
+    metadata = await consumer._client.fetch_all_metadata()
+    partitions = [
+        TopicPartition(topic, p)
+        for topic in topics
+        for p in sorted(metadata.partitions_for_topic(topic) or ())
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    return partitions
+
+
 async def read_topics(bootstrap: str, topics: list[str], timeout_s: float = 60) -> list[Any]:
     """Every committed record of ``topics`` (all partitions), from the beginning to the current end."""
     consumer = AIOKafkaConsumer(
@@ -150,14 +164,7 @@ async def read_topics(bootstrap: str, topics: list[str], timeout_s: float = 60) 
     await consumer.start()
     found: list[Any] = []
     try:
-        metadata = await consumer._client.fetch_all_metadata()  # as tests/dlq does: no auto-creation
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(metadata.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        partitions = await assign_from_beginning(consumer, topics)
         end = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -46,7 +46,7 @@ from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from schemas.codec import DEFAULT_REQUEST_LIMITS, RequestError, RequestLimits, decode_request
-from tests.faults.conftest import FaultLedger, FaultReport
+from tests.faults.conftest import FaultLedger, FaultReport, assign_from_beginning
 from tests.fleet import WorkerProcess, diagnose, start_fleet
 from tests.fuzz_records import Expect, FuzzBatch, RecordGenerator, RecordInfo, Topics
 from tests.helpers import create_topic, delete_topics
@@ -176,14 +176,7 @@ async def read_all(bootstrap: str, topics: Iterable[str], into: Findings, stop: 
     )
     await consumer.start()
     try:
-        metadata = await consumer._client.fetch_all_metadata()  # never creates a topic
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(metadata.partitions_for_topic(topic) or ())
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        partitions = await assign_from_beginning(consumer, topics)
         end = await consumer.end_offsets(partitions) if stop is None else {}
         while True:
             for records in (await consumer.getmany(timeout_ms=300, max_records=2000)).values():

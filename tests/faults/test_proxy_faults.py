@@ -61,6 +61,27 @@ async def toxiproxy() -> AsyncIterator[Toxiproxy]:
     await proxy.reset()
 
 
+StartProxied = Callable[..., Awaitable[Fleet]]
+
+
+@pytest.fixture
+async def proxied(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path, toxiproxy: Toxiproxy
+) -> AsyncIterator[StartProxied]:
+    """Starts proxied fleets for one test (worker env as keywords); stops and cleans them after."""
+    started: list[Fleet] = []
+
+    async def start(**env: str) -> Fleet:
+        fleet = await proxied_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, toxiproxy, **env)
+        started.append(fleet)
+        return fleet
+
+    yield start
+    for fleet in started:
+        fleet.stop_all()
+        await fleet.cleanup()
+
+
 async def proxied_fleet(
     kafka_bootstrap: str,
     redis_url: str,
@@ -303,75 +324,61 @@ async def test_clients_that_bootstrap_through_the_proxy_stay_behind_it(
 
 
 async def test_redis_answering_300_ms_late_for_20_s(
-    kafka_bootstrap: str,
-    redis_url: str,
-    model_dir: Path,
-    tmp_path: Path,
+    proxied: StartProxied,
     shared_dir: Path,
     toxiproxy: Toxiproxy,
     fault_ledger: FaultLedger,
 ) -> None:
-    fleet = await proxied_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, toxiproxy)
-    try:
-        before = Counters.read(fleet)
+    fleet = await proxied()
+    before = Counters.read(fleet)
 
-        async def late_redis() -> str:
-            async with toxiproxy.toxic("redis", "latency", stream="downstream", latency=300):
-                await asyncio.sleep(FAULT_S)
-            return f"every Redis reply 300 ms late for {FAULT_S:.0f} s (the cache's timeout is 250 ms)"
+    async def late_redis() -> str:
+        async with toxiproxy.toxic("redis", "latency", stream="downstream", latency=300):
+            await asyncio.sleep(FAULT_S)
+        return f"every Redis reply 300 ms late for {FAULT_S:.0f} s (the cache's timeout is 250 ms)"
 
-        run = await run_paced(fleet, proxy_texts(shared_dir), late_redis)
-        moved = Counters.read(fleet).since(before)
-        await check_and_record(
-            fault_ledger, "Redis answering 300 ms late for 20 s", fleet, run, moved, duplicates_allowed=False
-        )
-        assert moved[CACHE_ERRORS] > 0, "the cache never saw the late replies"
-        assert moved[ASSIGNMENTS] == 0, "a slow cache cost a worker its partitions"
-        await wait_cache_up(fleet)
-    finally:
-        fleet.stop_all()
-        await fleet.cleanup()
+    run = await run_paced(fleet, proxy_texts(shared_dir), late_redis)
+    moved = Counters.read(fleet).since(before)
+    await check_and_record(
+        fault_ledger, "Redis answering 300 ms late for 20 s", fleet, run, moved, duplicates_allowed=False
+    )
+    assert moved[CACHE_ERRORS] > 0, "the cache never saw the late replies"
+    assert moved[ASSIGNMENTS] == 0, "a slow cache cost a worker its partitions"
+    await wait_cache_up(fleet)
 
 
 async def test_redis_connections_reset_mid_pipeline(
-    kafka_bootstrap: str,
-    redis_url: str,
-    model_dir: Path,
-    tmp_path: Path,
+    proxied: StartProxied,
     shared_dir: Path,
     toxiproxy: Toxiproxy,
     fault_ledger: FaultLedger,
 ) -> None:
-    fleet = await proxied_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, toxiproxy)
-    try:
-        before = Counters.read(fleet)
-        rounds = 0
+    fleet = await proxied()
+    before = Counters.read(fleet)
+    rounds = 0
 
-        async def resets() -> str:
-            nonlocal rounds
-            # A reset on the reply: Redis has run the pipeline (lookups, or the writes of a
-            # batch's vectors) and the connection dies before the client reads the answers.
-            # In rounds (0.5 s on, 1.5 s off) so that connections come back and die again.
-            deadline = time.monotonic() + FAULT_S
-            while time.monotonic() < deadline:
-                async with toxiproxy.toxic("redis", "reset_peer", stream="downstream", timeout=0):
-                    await asyncio.sleep(0.5)
-                rounds += 1
-                await asyncio.sleep(1.5)
-            return f"Redis replies reset (RST) in {rounds} rounds of 0.5 s over {FAULT_S:.0f} s"
+    async def resets() -> str:
+        nonlocal rounds
+        # A reset on the reply: Redis has run the pipeline (lookups, or the writes of a
+        # batch's vectors) and the connection dies before the client reads the answers.
+        # In rounds (0.5 s on, 1.5 s off) so that connections come back and die again.
+        deadline = time.monotonic() + FAULT_S
+        while time.monotonic() < deadline:
+            async with toxiproxy.toxic("redis", "reset_peer", stream="downstream", timeout=0):
+                await asyncio.sleep(0.5)
+            rounds += 1
+            await asyncio.sleep(1.5)
+        return f"Redis replies reset (RST) in {rounds} rounds of 0.5 s over {FAULT_S:.0f} s"
 
-        run = await run_paced(fleet, proxy_texts(shared_dir), resets)
-        moved = Counters.read(fleet).since(before)
-        await check_and_record(
-            fault_ledger, "Redis connections reset mid-pipeline", fleet, run, moved, duplicates_allowed=False
-        )
-        assert moved[CACHE_ERRORS] > 0, "no cache operation met a reset"
-        assert run.reconnections["redis"] > 0, "the workers never reconnected to Redis"
-        assert moved[ASSIGNMENTS] == 0, "Redis resets cost a worker its partitions"
-        await wait_cache_up(fleet)
-    finally:
-        fleet.stop_all()
-        await fleet.cleanup()
+    run = await run_paced(fleet, proxy_texts(shared_dir), resets)
+    moved = Counters.read(fleet).since(before)
+    await check_and_record(
+        fault_ledger, "Redis connections reset mid-pipeline", fleet, run, moved, duplicates_allowed=False
+    )
+    assert moved[CACHE_ERRORS] > 0, "no cache operation met a reset"
+    assert run.reconnections["redis"] > 0, "the workers never reconnected to Redis"
+    assert moved[ASSIGNMENTS] == 0, "Redis resets cost a worker its partitions"
+    await wait_cache_up(fleet)
 
 
 async def wait_cache_up(fleet: Fleet, timeout_s: float = 20) -> None:
@@ -398,69 +405,53 @@ async def kafka_resets(toxiproxy: Toxiproxy, counts: list[int]) -> str:
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 async def test_kafka_connections_reset_mid_produce(
     guarantee: str,
-    kafka_bootstrap: str,
-    redis_url: str,
-    model_dir: Path,
-    tmp_path: Path,
+    proxied: StartProxied,
     shared_dir: Path,
     toxiproxy: Toxiproxy,
     fault_ledger: FaultLedger,
 ) -> None:
-    fleet = await proxied_fleet(
-        kafka_bootstrap, redis_url, model_dir, tmp_path, toxiproxy, EMBEDFLEET_GUARANTEE=guarantee
+    fleet = await proxied(EMBEDFLEET_GUARANTEE=guarantee)
+    before = Counters.read(fleet)
+    rounds: list[int] = []
+    run = await run_paced(fleet, proxy_texts(shared_dir), lambda: kafka_resets(toxiproxy, rounds))
+    moved = Counters.read(fleet).since(before)
+    await check_and_record(
+        fault_ledger,
+        f"Kafka resets mid-produce ({guarantee})",
+        fleet,
+        run,
+        moved,
+        # At-least-once may answer twice after a lost commit; exactly-once never.
+        duplicates_allowed=guarantee == "at-least-once",
     )
-    try:
-        before = Counters.read(fleet)
-        rounds: list[int] = []
-        run = await run_paced(fleet, proxy_texts(shared_dir), lambda: kafka_resets(toxiproxy, rounds))
-        moved = Counters.read(fleet).since(before)
-        await check_and_record(
-            fault_ledger,
-            f"Kafka resets mid-produce ({guarantee})",
-            fleet,
-            run,
-            moved,
-            # At-least-once may answer twice after a lost commit; exactly-once never.
-            duplicates_allowed=guarantee == "at-least-once",
-        )
-        # aiokafka retries a reset request by itself, so the workers' counters may not move:
-        # the proof that the resets hit is the workers' connections, made again every round.
-        assert run.reconnections["kafka"] >= len(rounds), "the resets never hit a broker connection"
-    finally:
-        fleet.stop_all()
-        await fleet.cleanup()
+    # aiokafka retries a reset request by itself, so the workers' counters may not move:
+    # the proof that the resets hit is the workers' connections, made again every round.
+    assert run.reconnections["kafka"] >= len(rounds), "the resets never hit a broker connection"
 
 
 async def test_broker_bandwidth_down_to_100_kb_s_for_20_s(
-    kafka_bootstrap: str,
-    redis_url: str,
-    model_dir: Path,
-    tmp_path: Path,
+    proxied: StartProxied,
     shared_dir: Path,
     toxiproxy: Toxiproxy,
     fault_ledger: FaultLedger,
 ) -> None:
-    fleet = await proxied_fleet(kafka_bootstrap, redis_url, model_dir, tmp_path, toxiproxy)
-    try:
-        before = Counters.read(fleet)
+    fleet = await proxied()
+    before = Counters.read(fleet)
 
-        async def narrow() -> str:
-            # Both directions of every connection: fetches of requests, and produced results.
-            async with (
-                toxiproxy.toxic("kafka", "bandwidth", stream="downstream", rate=100),
-                toxiproxy.toxic("kafka", "bandwidth", stream="upstream", rate=100),
-            ):
-                await asyncio.sleep(FAULT_S)
-            return f"100 KB/s each way on every broker connection for {FAULT_S:.0f} s"
+    async def narrow() -> str:
+        # Both directions of every connection: fetches of requests, and produced results.
+        async with (
+            toxiproxy.toxic("kafka", "bandwidth", stream="downstream", rate=100),
+            toxiproxy.toxic("kafka", "bandwidth", stream="upstream", rate=100),
+        ):
+            await asyncio.sleep(FAULT_S)
+        return f"100 KB/s each way on every broker connection for {FAULT_S:.0f} s"
 
-        run = await run_paced(fleet, proxy_texts(shared_dir), narrow)
-        moved = Counters.read(fleet).since(before)
-        await check_and_record(
-            fault_ledger, "broker bandwidth 100 KB/s for 20 s", fleet, run, moved, duplicates_allowed=False
-        )
-        # 1000 requests were sent during the fault; unhindered, about as many are answered
-        # (1000-1200 in the other scenarios). The narrow link must have held results back.
-        assert run.answered_during < 0.8 * FAULT_S * RATE, "the bandwidth limit never slowed the results"
-    finally:
-        fleet.stop_all()
-        await fleet.cleanup()
+    run = await run_paced(fleet, proxy_texts(shared_dir), narrow)
+    moved = Counters.read(fleet).since(before)
+    await check_and_record(
+        fault_ledger, "broker bandwidth 100 KB/s for 20 s", fleet, run, moved, duplicates_allowed=False
+    )
+    # 1000 requests were sent during the fault; unhindered, about as many are answered
+    # (1000-1200 in the other scenarios). The narrow link must have held results back.
+    assert run.answered_during < 0.8 * FAULT_S * RATE, "the bandwidth limit never slowed the results"

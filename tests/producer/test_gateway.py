@@ -29,7 +29,7 @@ from producer.config import ClientConfig
 from producer.kafka import reply_consumer
 from producer.replies import Expected, ReplyRouter
 from schemas import EmbedResult, encode_result, result_headers
-from tests.fleet import Fleet, GatewayProcess, start_fleet
+from tests.fleet import Fleet, GatewayProcess, running_fleet
 from worker.engine import quality
 from worker.engine.embedder import Embedder
 
@@ -44,16 +44,9 @@ MIN_REFERENCE_COSINE = 0.99
 async def fleet(
     kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Fleet]:
-    running = await start_fleet(
-        kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("gateway-logs"), workers=1
-    )
-    try:
+    log_dir = tmp_path_factory.mktemp("gateway-logs")
+    async with running_fleet(kafka_bootstrap, redis_url, model_dir, log_dir, workers=1) as running:
         yield running
-    finally:
-        for gateway in running.gateways:
-            gateway.stop()
-        running.stop_all()
-        await running.cleanup()
 
 
 @pytest.fixture(scope="module")

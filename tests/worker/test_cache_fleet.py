@@ -26,7 +26,7 @@ from redis.typing import EncodableT
 from producer import Client
 from schemas.cache_layout import ENTRY_FIELDS, contract_key, servable_entry, vector_key
 from schemas.content_hash import content_hash
-from tests.fleet import Fleet, FleetIO, GatewayProcess, drop_cache, free_port, start_fleet
+from tests.fleet import Fleet, FleetIO, GatewayProcess, drop_cache, free_port, running_fleet, start_fleet
 
 pytestmark = pytest.mark.stack
 
@@ -38,16 +38,9 @@ DIM = 384
 async def fleet(
     kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Fleet]:
-    running = await start_fleet(
-        kafka_bootstrap, redis_url, model_dir, tmp_path_factory.mktemp("cache-fleet-logs"), workers=1
-    )
-    try:
+    log_dir = tmp_path_factory.mktemp("cache-fleet-logs")
+    async with running_fleet(kafka_bootstrap, redis_url, model_dir, log_dir, workers=1) as running:
         yield running
-    finally:
-        for gateway in running.gateways:
-            gateway.stop()
-        running.stop_all()
-        await running.cleanup()
 
 
 def _hash(vector: list[float], model: str = MODEL) -> dict[EncodableT, EncodableT]:
