@@ -284,8 +284,13 @@ class KafkaIntake:
             loop = asyncio.get_running_loop()
             items = await loop.run_in_executor(self._decode_executor, self._decoder.decode, records)
         # Rejections travel in the batches too, so every record is answered in fetch order
-        # (exactly-once commits each batch's offsets with its results).
+        # (exactly-once commits each batch's offsets with its results). A rebalance may have run
+        # while the records were decoded: the items of partitions no longer owned are dropped
+        # (their next owner, maybe this worker again, reads them from the committed offset).
+        # Kept, a stale item would commit its offset past the records the revoke dropped.
         for item in [*items, *extra]:
+            if TopicPartition(item.source.topic, item.source.partition) not in self._owned:
+                continue
             self._batcher.add(item, len(item.tokens.ids) if isinstance(item, Job) else 1)
         if records:
             self._observe_lag(records)

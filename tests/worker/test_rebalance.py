@@ -165,3 +165,16 @@ async def test_a_rebalance_during_the_move_leaves_the_partition_to_the_next_roun
     await intake.position_taken()
     assert TP1 in intake.owned and worker.consumer.position_of(TP1) == 40
     worker.close()
+
+
+async def test_records_of_a_partition_revoked_while_they_were_decoded_are_dropped() -> None:
+    """The revoke runs while the fetch loop awaits the decode thread: what it decoded for the
+    revoked partition must not reach the batcher. In exactly-once mode such a stale item once
+    committed its partition's offset past the records the revoke had left to the next owner."""
+    worker = await owning(TP0)
+    stale = dataclasses.replace(record(b'{"id": "r1", "text": "late"}', 7), partition=TP1.partition)
+    kept = record(b'{"id": "r2", "text": "kept"}', 8)
+    await worker.parts.intake.take([stale, kept])
+    queued: list[Any] = worker.parts.batcher.discard(lambda item: True)
+    assert [(item.source.partition, item.source.offset) for item in queued] == [(0, 8)]
+    worker.close()
