@@ -508,9 +508,9 @@ class ExactlyOnce:
         Every send is acknowledged (reply topics within their bound) before the offsets go in; a
         send that failed aborts the transaction, and the next one answers its records as the
         failure policy says (a failed produce leaves a transaction abortable only)."""
-        await self._cluster.vet_for_transactions(
-            {j.reply_topic for j, _ in part.results} | {r.reply_topic for r in part.rejections}
-        )
+        replies = {j.reply_topic for j, _ in part.results} | {r.reply_topic for r in part.rejections}
+        # Only reply topics: the fleet's own topics are the operator's, not a requester's choice.
+        await self._cluster.vet_for_transactions(t for t in replies if self._publisher.is_reply_topic(t))
         await producer.begin_transaction()
         outgoing = await self._publisher.prepare(part.results, part.rejections, plan)
         acks = await self._publisher.send(producer, outgoing.sends)
