@@ -39,6 +39,7 @@ from worker.delivery import AtLeastOnce, BatchWork, Delivery, ExactlyOnce
 from worker.errors import ContractMismatch
 from worker.failures import WorkerFatal
 from worker.health import HealthServer, HealthState, log_task_stacks
+from worker.hits import HitLane
 from worker.intake import IntakeLimits, KafkaIntake, create_consumer, max_expanded_bytes
 from worker.jobs import Job, Rejection
 from worker.kafka_connection import explain_kafka_error, kafka_connection_options
@@ -186,6 +187,14 @@ def build_parts(
     )
     # Decoding and tokenizing run here, off the event loop (long texts would stall heartbeats).
     decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+    # The hit lane answers cache hits at intake, beside the batches. Exactly-once commits each
+    # batch's offsets in its transaction, in the order batches were cut, so there hits ride the
+    # batches.
+    hits = (
+        None
+        if exactly_once or not cache.enabled
+        else HitLane(cache, metrics, model_name=model.name, max_tokens=int(embedder.manifest.max_tokens))
+    )
     intake = KafkaIntake(
         consumer,
         decoder=decoder,
@@ -195,6 +204,7 @@ def build_parts(
         metrics=metrics,
         decode_executor=decode_executor,
         limits=IntakeLimits.of(config, READ_COMMITTED if exactly_once else READ_UNCOMMITTED),
+        hits=hits,
     )
     processor = BatchProcessor(
         backend=embedder,
@@ -204,6 +214,7 @@ def build_parts(
         inference_batch_size=config.inference_batch_size,
         token_budget=config.inference_token_budget,
         inference_threads=inference_threads,
+        looked_up_at_intake=hits is not None,
     )
     health = HealthState(model_loaded=True)
     metrics.model.info(

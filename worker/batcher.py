@@ -39,16 +39,22 @@ class Batch(Generic[T]):
     items: list[T] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     opened_at: float = 0.0
+    longest: int = 0  # max(tokens), kept as items are added: add() stays O(1)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def append(self, item: T, tokens: int) -> None:
+        self.items.append(item)
+        self.tokens.append(tokens)
+        self.longest = max(self.longest, tokens)
+
     @property
     def padded_tokens(self) -> int:
-        return max(self.tokens, default=0) * len(self.tokens)
+        return self.longest * len(self.tokens)
 
     def padded_tokens_with(self, tokens: int) -> int:
-        return max(max(self.tokens, default=0), tokens) * (len(self.tokens) + 1)
+        return max(self.longest, tokens) * (len(self.tokens) + 1)
 
 
 class MicroBatcher(Generic[T]):
@@ -83,8 +89,7 @@ class MicroBatcher(Generic[T]):
             self._close_open()
         if not self._open.items:
             self._open.opened_at = self._clock()
-        self._open.items.append(item)
-        self._open.tokens.append(tokens)
+        self._open.append(item, tokens)
         if len(self._open) >= self.max_size or self._open.padded_tokens >= self.token_budget:
             self._close_open()
         self._changed.set()
@@ -119,6 +124,7 @@ class MicroBatcher(Generic[T]):
             removed.extend(item for item in batch.items if predicate(item))
             batch.items = [item for item, _ in kept]
             batch.tokens = [tokens for _, tokens in kept]
+            batch.longest = max(batch.tokens, default=0)
         self._closed = deque(b for b in self._closed if b.items)
         return removed
 

@@ -49,6 +49,7 @@ from schemas.cache_layout import (
     MODEL_FIELD,
     TOKENS_FIELD,
     VECTOR_FIELD,
+    CacheEntry,
     cluster_node_url,
     cluster_startup_nodes,
     contract_key,
@@ -252,8 +253,19 @@ class VectorCache:
             )
         self._skip_until = time.monotonic() + self._retry_after_s
 
-    async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[np.ndarray | None]:
-        """Vectors for (content hash, dim) pairs; None for a miss, or for every key when Redis fails."""
+    async def lookup(
+        self, keys: Sequence[tuple[str, int]], *, count_lookups: bool = True
+    ) -> list[np.ndarray | None]:
+        """Vectors for (content hash, dim) pairs; None for a miss, or for every key when Redis fails.
+        ``count_lookups=False``: these keys were counted as looked up already (by the hit lane,
+        worker.hits), so the hit rate counts each request's key once; hits are counted."""
+        entries = await self.lookup_entries(keys, count_lookups=count_lookups)
+        return [None if entry is None else entry.vector for entry in entries]
+
+    async def lookup_entries(
+        self, keys: Sequence[tuple[str, int]], *, count_lookups: bool = True, count_hits: bool = True
+    ) -> list[CacheEntry | None]:
+        """Entries (vector and token count) for (content hash, dim) pairs, as ``lookup``."""
         if not keys or not self._available():
             return [None] * len(keys)
         names = [self.redis_key(key, dim) for key, dim in keys]
@@ -263,14 +275,16 @@ class VectorCache:
             self._failed("lookup", exc)
             return [None] * len(keys)
         self._up()
-        found: list[np.ndarray | None] = []
+        found: list[CacheEntry | None] = []
         for i, ((_, dim), fields) in enumerate(zip(keys, raw, strict=True)):
             entry = servable_entry(fields, model=self._model_name, dim=dim)
             if entry is None and (i in wrong or any(value is not None for value in fields)):
                 self._metrics.cache_invalid.inc()  # there, but not servable: the store overwrites it
-            found.append(None if entry is None else entry.vector)
-        self._metrics.cache_lookups.inc(len(keys))
-        self._metrics.cache_hits.inc(sum(v is not None for v in found))
+            found.append(entry)
+        if count_lookups:
+            self._metrics.cache_lookups.inc(len(keys))
+        if count_hits:
+            self._metrics.cache_hits.inc(sum(v is not None for v in found))
         return found
 
     async def _read_entries(self, names: list[str]) -> tuple[list[list[bytes | None]], set[int]]:

@@ -80,13 +80,28 @@ class RequestDecoder:
         return self._default_reply_topic
 
     def decode(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
-        """Jobs and rejections, in record order. Runs off the event loop (it tokenizes)."""
-        decoded: list[Job | Rejection | None] = [None] * len(records)
-        # Valid requests wait here, grouped by task, so each task is tokenized in one call.
-        by_task: dict[str | None, list[tuple[int, Source, RawMessage, Any, ContentType, str]]] = defaultdict(
-            list
-        )
-        for index, record in enumerate(records):
+        """Jobs (tokenized) and rejections, in record order: ``read`` then ``tokenize``."""
+        items = self.read(records)
+        tokenized = iter(self.tokenize([i for i in items if isinstance(i, Job)]))
+        return [next(tokenized) if isinstance(i, Job) else i for i in items]
+
+    def tokenize(self, jobs: Sequence[Job]) -> list[Job]:
+        """The jobs with their tokens, in order; each task's texts in one call."""
+        by_task: dict[str | None, list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            by_task[job.request.task].append(index)
+        tokenized: list[Job] = list(jobs)
+        for task, indices in by_task.items():
+            tokens = self._tokenize([jobs[i].request.text for i in indices], task)
+            for index, job_tokens in zip(indices, tokens, strict=True):
+                tokenized[index] = jobs[index].with_tokens(job_tokens)
+        return tokenized
+
+    def read(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
+        """Jobs (not yet tokenized) and rejections, in record order: everything but the
+        tokenizer, so a cache hit can be answered without it."""
+        decoded: list[Job | Rejection] = []
+        for record in records:
             source = Source(record.topic, record.partition, record.offset, record.timestamp)
             headers = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
             raw = RawMessage(record.key, record.value, headers)
@@ -127,41 +142,38 @@ class RequestDecoder:
                         error = RequestError(
                             error.code, error.message, readable.request_id, reply_to=readable.reply_to
                         )
-                decoded[index] = Rejection(
-                    source,
-                    self._kept(raw),
-                    error,
-                    self._error_reply_topic(error),
-                    content_type,
-                    request=error.request,
+                decoded.append(
+                    Rejection(
+                        source,
+                        self._kept(raw),
+                        error,
+                        self._error_reply_topic(error),
+                        content_type,
+                        request=error.request,
+                    )
                 )
                 continue
             except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
                 hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)
-                decoded[index] = Rejection(
-                    source, self._kept(raw), hash_error, self._default_reply_topic, content_type
+                decoded.append(
+                    Rejection(source, self._kept(raw), hash_error, self._default_reply_topic, content_type)
                 )
                 continue
-            by_task[request.task].append((index, source, raw, request, content_type, key))
-        for task, pending in by_task.items():
-            tokenized = self._tokenize([p[3].text for p in pending], task)
-            for (index, source, raw, request, content_type, key), tokens in zip(
-                pending, tokenized, strict=True
-            ):
-                reply_topic = request.reply_to or self._default_reply_topic
-                # The value is released: a dead-letter copy is re-encoded from the request.
-                released = RawMessage(raw.key, None, raw.headers, original_size=len(raw.value or b""))
-                decoded[index] = Job(
+            # The value is released: a dead-letter copy is re-encoded from the request.
+            released = RawMessage(raw.key, None, raw.headers, original_size=len(raw.value or b""))
+            decoded.append(
+                Job(
                     source,
                     released,
                     request,
                     key,
                     request.dimensions or self._full_width,
-                    tokens,
+                    None,
                     reply_topic,
                     content_type,
                 )
-        return [d for d in decoded if d is not None]
+            )
+        return decoded
 
     def _kept(self, raw: RawMessage) -> RawMessage:
         if raw.value is None or len(raw.value) <= self._max_kept_value_bytes:

@@ -16,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
+from schemas import EmbedResult
 from worker.batcher import MicroBatcher
 from worker.cluster import ClusterView
 from worker.config import WorkerConfig
 from worker.decoder import RequestDecoder
 from worker.failures import FATAL, TRANSIENT, WorkerFatal, classify, describe
-from worker.jobs import Job, Rejection
+from worker.hits import HitLane
+from worker.jobs import Job, Rejection, Source
 from worker.kafka_connection import kafka_connection_options
 from worker.metrics import WorkerMetrics
 from worker.offsets import ConsumedOffsets
@@ -37,6 +39,8 @@ from worker.records import DEFAULT_MAX_EXPANDED_BYTES
 from worker.salvage import salvage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 FETCH_MAX_RECORDS = 500
 # What a record costs in memory beyond its bytes: token ids, the vector, the encoded result.
 RECORD_OVERHEAD_BYTES = 16 * 1024
@@ -44,6 +48,14 @@ RECORD_OVERHEAD_BYTES = 16 * 1024
 # larger ones in the decode thread, so long texts never stall heartbeats.
 INLINE_DECODE_RECORDS = 16
 INLINE_DECODE_BYTES = 16 * 1024
+
+
+# Publishes cache hits answered at intake (the runtime's WorkerRuntime.answer).
+Answer = Callable[[list[tuple[Job, EmbedResult]]], None]
+
+
+def _no_answer(answered: list[tuple[Job, EmbedResult]]) -> None:
+    raise RuntimeError("the hit lane answered requests, but nothing publishes them")
 
 
 def create_consumer(config: WorkerConfig, *, read_committed: bool) -> AIOKafkaConsumer:
@@ -111,8 +123,11 @@ class KafkaIntake:
         metrics: WorkerMetrics,
         decode_executor: Executor,
         limits: IntakeLimits,
+        hits: HitLane | None = None,
     ) -> None:
         self._consumer = consumer
+        self._hits = hits  # None: every job goes to the batcher (no cache, or exactly-once)
+        self._answer: Answer = _no_answer
         self._decoder = decoder
         self._batcher = batcher
         self._offsets = offsets
@@ -183,9 +198,11 @@ class KafkaIntake:
 
     # --- the fetch loop ------------------------------------------------------------------------
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Fetches until ``stopping`` is set. Raises WorkerFatal when the failure policy says so
-        (the worker's own credentials or configuration)."""
+    async def run(self, stopping: asyncio.Event, answer: Answer = _no_answer) -> None:
+        """Fetches until ``stopping`` is set; ``answer`` publishes what the hit lane answered.
+        Raises WorkerFatal when the failure policy says so (the worker's own credentials or
+        configuration)."""
+        self._answer = answer
         while not stopping.is_set():
             await self._fetch_allowed.wait()
             self._apply_backpressure()
@@ -262,7 +279,8 @@ class KafkaIntake:
                 self._consumer.resume(tp)
 
     async def take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection] = ()) -> None:
-        """Tracks, decodes and hands over fetched records (and rejections made by salvage)."""
+        """Tracks, decodes and hands over fetched records (and rejections made by salvage): cache
+        hits to the hit lane's answer (published at once), the rest to the batcher."""
         if not records and not extra:
             return
         value_bytes = 0
@@ -276,24 +294,48 @@ class KafkaIntake:
             )
             self._offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
         self._offsets.observe()
-        if len(records) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES:
-            # A few small records (low load): decoding them here costs less than the hop to the
-            # decode thread and back, which waits for the GIL while the loop is busy.
-            items = self._decoder.decode(records)
-        else:
-            loop = asyncio.get_running_loop()
-            items = await loop.run_in_executor(self._decode_executor, self._decoder.decode, records)
-        # Rejections travel in the batches too, so every record is answered in fetch order
-        # (exactly-once commits each batch's offsets with its results). A rebalance may have run
-        # while the records were decoded: the items of partitions no longer owned are dropped
-        # (their next owner, maybe this worker again, reads them from the committed offset).
-        # Kept, a stale item would commit its offset past the records the revoke dropped.
-        for item in [*items, *extra]:
-            if TopicPartition(item.source.topic, item.source.partition) not in self._owned:
-                continue
-            self._batcher.add(item, len(item.tokens.ids) if isinstance(item, Job) else 1)
+        inline = len(records) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES
+        items = [*await self._off_loop(inline, self._decoder.read, records), *extra]
+        jobs = [item for item in items if isinstance(item, Job)]
+        answered: set[Source] = set()
+        if self._hits is not None and jobs:
+            split = await self._hits.split(jobs)
+            # A rebalance may have run during any await here: the items of partitions no longer
+            # owned are dropped (their next owner, maybe this worker again, reads them from the
+            # committed offset). Kept, a stale item would let a commit pass records the revoke
+            # dropped.
+            hits = [(job, result) for job, result in split.answered if self._owns(job)]
+            answered = {job.source for job, _ in split.answered}
+            if hits:
+                self._answer(hits)
+            jobs = split.rest
+        tokenized: Iterator[Job] = iter(())
+        if jobs:
+            inline = len(jobs) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES
+            tokenized = iter(await self._off_loop(inline, self._decoder.tokenize, jobs))
+        # Rejections travel in the batches too, so every record is answered in fetch order.
+        for item in items:
+            if isinstance(item, Job):
+                if item.source in answered:
+                    continue
+                item = next(tokenized)
+            if self._owns(item):
+                self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
         if records:
             self._observe_lag(records)
+
+    async def _off_loop(
+        self, inline: bool, work: Callable[[Sequence[T]], list[R]], items: Sequence[T]
+    ) -> list[R]:
+        """``work(items)``: here when ``inline`` (a few small records at low load: cheaper than the
+        hop to the decode thread and back, which waits for the GIL while the loop is busy), else in
+        the decode thread, so long texts never stall heartbeats."""
+        if inline:
+            return work(items)
+        return await asyncio.get_running_loop().run_in_executor(self._decode_executor, work, items)
+
+    def _owns(self, item: Job | Rejection) -> bool:
+        return TopicPartition(item.source.topic, item.source.partition) in self._owned
 
     async def _salvage(self, error: Exception) -> None:
         """getmany failed on a record it cannot unpack: find every such record, hand over the good

@@ -46,9 +46,30 @@ class Job:
     request: EmbedRequest
     key: str  # the content hash: cache key and Kafka key of the result
     dim: int  # the output width (the model's, or the asked Matryoshka dimensions)
-    tokens: TokenizedText  # the model's token ids after prefix and truncation
+    # The model's token ids after prefix and truncation; None until tokenized (a cache hit
+    # answered right after decoding never is: worker.hits).
+    tokens: TokenizedText | None
     reply_topic: str
     content_type: ContentType
+
+    @property
+    def tokenized(self) -> TokenizedText:
+        """The tokens of a job that reached the batcher (every such job was tokenized)."""
+        if self.tokens is None:
+            raise ValueError(f"request {self.request.id} was not tokenized")
+        return self.tokens
+
+    def with_tokens(self, tokens: TokenizedText) -> Job:
+        return Job(
+            self.source,
+            self.raw,
+            self.request,
+            self.key,
+            self.dim,
+            tokens,
+            self.reply_topic,
+            self.content_type,
+        )
 
     def rejected(self, code: ErrorCode, message: str, *, reply_topic: str | None = None) -> Rejection:
         """This request answered with an error instead (and dead-lettered), on its own reply

@@ -62,6 +62,12 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "embedfleet_batch_size", "Requests per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r
         )
+        self.hit_lane_size = Histogram(
+            "embedfleet_hit_lane_size",
+            "Cache hits answered at intake per fetch, published beside the micro-batches",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
         self.batch_tokens = Histogram(
             "embedfleet_batch_tokens",
             "Padded tokens (longest x count) per micro-batch",

@@ -108,8 +108,12 @@ class BatchProcessor:
         inference_batch_size: int,
         token_budget: int,
         inference_threads: int = 1,
+        looked_up_at_intake: bool = False,
     ) -> None:
         self._backend = backend
+        # The hit lane (worker.hits) looked every job up already and counted it: looking the
+        # misses up again here finds what was computed meanwhile, counting only those hits.
+        self._count_lookups = not looked_up_at_intake
         self._cache = cache
         self._metrics = metrics
         self._model_name = model_name
@@ -129,7 +133,9 @@ class BatchProcessor:
         self._metrics.batch_duplicates.inc(len(jobs) - len(unique))
 
         representatives = list(unique.values())
-        found = await self._cache.lookup([(j.key, j.dim) for j in representatives])
+        found = await self._cache.lookup(
+            [(j.key, j.dim) for j in representatives], count_lookups=self._count_lookups
+        )
         cached = {j.key: v for j, v in zip(representatives, found, strict=True) if v is not None}
         misses = [j for j in representatives if j.key not in cached]
 
@@ -141,7 +147,7 @@ class BatchProcessor:
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
             self._metrics.computed_texts.inc(len(computed.vectors))
             self._metrics.truncated_texts.inc(len(computed.truncated))
-            tokens = {job.key: len(job.tokens.ids) for job in misses}
+            tokens = {job.key: len(job.tokenized.ids) for job in misses}
             await self._cache.store(
                 [(key, vector, tokens[key]) for key, vector in computed.vectors.items()], self._model_name
             )
@@ -173,8 +179,8 @@ class BatchProcessor:
                         encoding_format=job.request.encoding_format,
                         cached=from_cache,
                         # Known for every job (it was tokenized when decoded), cached or computed.
-                        truncated=job.tokens.truncated,
-                        tokens=len(job.tokens.ids),
+                        truncated=job.tokenized.truncated,
+                        tokens=len(job.tokenized.ids),
                         metadata=job.request.metadata,
                     ),
                 )
@@ -197,7 +203,7 @@ class BatchProcessor:
     ) -> None:
         try:
             output = self._backend.embed_tokenized(
-                [j.tokens for j in jobs],
+                [j.tokenized for j in jobs],
                 [j.request.text for j in jobs],
                 dimensions=dimensions,
                 batch_size=self._inference_batch_size,

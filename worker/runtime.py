@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from schemas import ErrorCode
+from schemas import EmbedResult, ErrorCode
 from worker.batcher import Batch, MicroBatcher
 from worker.contract import ContractPublisher
 from worker.delivery import BatchWork, Delivered, Delivery
@@ -192,7 +193,7 @@ class WorkerRuntime:
             batch_loop = asyncio.create_task(self._batch_loop(), name="batch-loop")
             commit_loop = asyncio.create_task(self._commit_loop(), name="commit-loop")
             try:
-                await self._intake.run(self._stopping)
+                await self._intake.run(self._stopping, answer=self.answer)
             except WorkerFatal as exc:
                 self._fail(exc)
             finally:
@@ -301,6 +302,15 @@ class WorkerRuntime:
                 log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self._fail(task.exception() or RuntimeError("pipeline task failed"))
 
+    def answer(self, results: list[tuple[Job, EmbedResult]]) -> None:
+        """Publishes cache hits the intake answered (worker.hits) at once, beside the batches:
+        a hit never waits for the window or the model."""
+        self._metrics.hit_lane_size.observe(len(results))
+        sequence = self._batches_started
+        self._batches_started += 1
+        outcome = BatchOutcome(results=results, served=Counter(cached=len(results)))
+        self._spawn(self._publish([job for job, _ in results], outcome, [], sequence))
+
     async def _process(
         self, items: list[Job | Rejection], sequence: int, model_done: Callable[[], None]
     ) -> None:
@@ -316,6 +326,17 @@ class WorkerRuntime:
             outcome = BatchOutcome(failures=[_internal_error(job, exc) for job in jobs])
         finally:
             model_done()
+        await self._publish(items, outcome, refused, sequence)
+
+    async def _publish(
+        self,
+        items: Sequence[Job | Rejection],
+        outcome: BatchOutcome,
+        refused: list[Rejection],
+        sequence: int,
+    ) -> None:
+        """Delivers a batch's outcome (results, and rejections by the decoder or the pipeline),
+        then marks its records done: their offsets may be committed."""
         rejections = [*refused, *outcome.failures]
         try:
             delivered = await self._delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))

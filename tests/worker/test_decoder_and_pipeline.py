@@ -63,7 +63,9 @@ def test_a_valid_request_carries_its_tokens_and_releases_its_bytes() -> None:
     value = json.dumps({"id": "a", "text": "one two three"}).encode()
     [job] = decoder().decode([record(value)])
     assert isinstance(job, Job)
-    assert job.tokens.ids == [0, 1, 2] and not job.tokens.truncated
+    assert job.tokenized.ids == [0, 1, 2] and not job.tokenized.truncated
+    [read] = decoder().read([record(value)])
+    assert isinstance(read, Job) and read.tokens is None and read.key == job.key  # read: not tokenized
     assert job.raw.value is None and job.raw.original_size == len(value)
 
 

@@ -124,3 +124,56 @@ async def test_a_revoke_during_a_batch_finishes_it_commits_it_and_leaves_the_res
     assert TP0 not in parts.intake.owned and parts.offsets.in_flight_of([TP0]) == 0
     await stopped(runtime, running)
     assert successes(broker) == Counter({"running": 1})  # nothing of TP0 published after the revoke
+
+
+async def test_cache_hits_are_answered_while_a_miss_is_in_the_model_and_never_committed_past_it() -> None:
+    engine = GatedEngine()
+    engine.gate.set()
+    broker = FakeBroker()
+    for i in range(5):
+        broker.request(request(f"first-{i}", f"cached text {i}"))
+    runtime, parts, _ = runtime_of(broker, engine)
+    running = asyncio.create_task(runtime.run())
+    await until(lambda: broker.committed.get(TP0) == 5)
+    engine.gate.clear()
+    engine.entered.clear()
+    broker.request(request("miss", "a text nobody asked for before"))  # offset 5: held in the model
+    await asyncio.to_thread(engine.entered.wait, 5)
+    for i in range(5):
+        broker.request(request(f"hit-{i}", f"cached text {i}"))  # offsets 6-10
+    await until(lambda: all(f"hit-{i}" in successes(broker) for i in range(5)))
+    # Answered from the hit lane while the miss is still in the model; the commit waits for it.
+    assert "miss" not in successes(broker)
+    await asyncio.sleep(0.2)  # the commit loop's interval, twice
+    assert broker.committed[TP0] == 5
+    engine.gate.set()
+    await until(lambda: broker.committed.get(TP0) == 11)
+    await stopped(runtime, running)
+    expected = {f"first-{i}": 1 for i in range(5)} | {f"hit-{i}": 1 for i in range(5)} | {"miss": 1}
+    assert successes(broker) == Counter(expected)
+    hits = [r for r in broker.results() if r["id"].startswith("hit-")]
+    assert all(r["cached"] and r["tokens"] == 3 and not r.get("truncated") for r in hits)
+    assert parts.metrics.hit_lane_size._sum.get() == 5
+    assert parts.metrics.computed_texts._value.get() == 6
+    # Every request's key counted once as looked up (the hit lane's lookup), its hit once.
+    assert parts.metrics.cache_lookups._value.get() == 11
+    assert parts.metrics.cache_hits._value.get() == 5
+
+
+async def test_an_entry_at_the_models_token_limit_goes_the_batch_path_and_says_whether_it_was_cut() -> None:
+    broker = FakeBroker()
+    cut = "one two three four five six seven eight nine"  # 9 words: cut at the fake model's 8
+    exact = "one two three four five six seven eight"  # exactly 8: not cut, same count
+    runtime, parts, _ = runtime_of(broker, Engine())
+    running = asyncio.create_task(runtime.run())
+    for round_, committed in (("first", 2), ("again", 4)):
+        broker.request(request(f"{round_}-cut", cut))
+        broker.request(request(f"{round_}-exact", exact))
+        await until(lambda committed=committed: broker.committed.get(TP0) == committed)  # type: ignore[misc]
+    await stopped(runtime, running)
+    by_id = {r["id"]: r for r in broker.results()}
+    assert by_id["again-cut"]["cached"] and by_id["again-exact"]["cached"]
+    assert by_id["again-cut"]["truncated"] and by_id["first-cut"]["truncated"]
+    assert not by_id["again-exact"].get("truncated") and not by_id["first-exact"].get("truncated")
+    assert all(by_id[i]["tokens"] == 8 for i in by_id)
+    assert parts.metrics.hit_lane_size._sum.get() == 0  # neither can be answered without its tokens

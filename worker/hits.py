@@ -1,0 +1,82 @@
+"""The hit lane: cache hits answered right after decoding, beside the batches.
+
+A fetch's requests are looked up in the cache in one round trip (worker.cache), before anything
+is tokenized or batched; every request whose entry can answer it is published at once
+(worker.runtime), so a hit never waits for the batch window, the tokenizer or the model, and
+only the misses go on to the batcher. An entry answers a request by itself when its token count
+says the text was not cut: fewer tokens than the model reads means nothing was truncated. An entry
+without a count, or with exactly the model's maximum (cut, or a text of exactly that length),
+goes the batch path instead, which tokenizes it and then serves it from the cache as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schemas import EmbedResult
+from schemas.cache_layout import CacheEntry
+from worker.jobs import Job
+from worker.metrics import WorkerMetrics
+
+
+class EntryCache(Protocol):
+    """What the lane asks of the cache (worker.cache.VectorCache)."""
+
+    @property
+    def enabled(self) -> bool: ...
+    async def lookup_entries(
+        self, keys: Sequence[tuple[str, int]], *, count_lookups: bool = True, count_hits: bool = True
+    ) -> list[CacheEntry | None]: ...
+
+
+@dataclass(slots=True)
+class Split:
+    """A fetch's jobs: those the cache answered (with their results), and the rest, in order."""
+
+    answered: list[tuple[Job, EmbedResult]] = field(default_factory=list)
+    rest: list[Job] = field(default_factory=list)
+
+
+class HitLane:
+    """Looks a fetch's jobs up in the cache and answers those it can."""
+
+    def __init__(
+        self, cache: EntryCache, metrics: WorkerMetrics, *, model_name: str, max_tokens: int
+    ) -> None:
+        self._cache = cache
+        self._metrics = metrics
+        self._model_name = model_name
+        self._max_tokens = max_tokens
+
+    async def split(self, jobs: Sequence[Job]) -> Split:
+        if not jobs or not self._cache.enabled:
+            return Split(rest=list(jobs))
+        keys = list(dict.fromkeys((job.key, job.dim) for job in jobs))
+        # Every key is counted as looked up here (the batch path does not count it again); a hit
+        # is counted where it is served: here, or in the batch path for entries sent on.
+        entries = await self._cache.lookup_entries(keys, count_hits=False)
+        found = dict(zip(keys, entries, strict=True))
+        split = Split()
+        for job in jobs:
+            entry = found[(job.key, job.dim)]
+            if entry is None or entry.tokens is None or entry.tokens >= self._max_tokens:
+                split.rest.append(job)
+                continue
+            split.answered.append((job, self._result(job, entry)))
+        self._metrics.cache_hits.inc(len({(job.key, job.dim) for job, _ in split.answered}))
+        return split
+
+    def _result(self, job: Job, entry: CacheEntry) -> EmbedResult:
+        return EmbedResult.success(
+            request_id=job.request.id,
+            key=job.key,
+            model=self._model_name,
+            vector=entry.vector,
+            encoding_format=job.request.encoding_format,
+            cached=True,
+            truncated=False,
+            tokens=entry.tokens,
+            metadata=job.request.metadata,
+        )
