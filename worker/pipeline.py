@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from schemas import EmbedResult, ErrorCode
 from worker.cache import VectorCache
+from worker.engine.embedder import plan_batches
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, Rejection
 from worker.metrics import WorkerMetrics
@@ -142,8 +143,7 @@ class BatchProcessor:
         computed = _Computed()
         if misses:
             started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            computed = await loop.run_in_executor(self._executor, self._compute, misses)
+            computed = await self._compute(misses)
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
             self._metrics.computed_texts.inc(len(computed.vectors))
             self._metrics.truncated_texts.inc(len(computed.truncated))
@@ -187,15 +187,33 @@ class BatchProcessor:
             )
         return outcome
 
-    # --- in the inference thread ---------------------------------------------------------------
-
-    def _compute(self, misses: Sequence[Job]) -> _Computed:
+    async def _compute(self, misses: Sequence[Job]) -> _Computed:
+        """The misses in model calls of at most the inference batch size and token budget, each
+        length-sorted (worker.engine.embedder.plan_batches), spread over every inference thread: a batch
+        that grew while the model was busy is done in the time of its share, not of all of it,
+        and the next batch stays small (at moderate load that keeps latency near one call's)."""
         groups: dict[tuple[str | None, int | None], list[Job]] = defaultdict(list)
         for job in misses:
             groups[(job.request.task, job.request.dimensions)].append(job)
-        computed = _Computed()
+        loop = asyncio.get_running_loop()
+        calls = []
         for (task, dimensions), group in groups.items():
-            self._compute_isolating(group, task, dimensions, computed)
+            counts = [len(job.tokenized.ids) for job in group]
+            for indices in plan_batches(counts, self._inference_batch_size, self._token_budget):
+                call = [group[i] for i in indices]
+                calls.append(loop.run_in_executor(self._executor, self._compute_call, call, task, dimensions))
+        computed = _Computed()
+        for part in await asyncio.gather(*calls):
+            computed.vectors.update(part.vectors)
+            computed.truncated |= part.truncated
+            computed.failed.update(part.failed)
+        return computed
+
+    # --- in the inference thread ---------------------------------------------------------------
+
+    def _compute_call(self, jobs: Sequence[Job], task: str | None, dimensions: int | None) -> _Computed:
+        computed = _Computed()
+        self._compute_isolating(jobs, task, dimensions, computed)
         return computed
 
     def _compute_isolating(

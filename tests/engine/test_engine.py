@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.commands import main as cli_main
 from worker.engine import quality, quantize
@@ -18,6 +21,7 @@ from worker.engine.embedder import (
     InjectedFault,
     InvalidDimensionsError,
     UnknownTaskError,
+    padding_allowed,
     plan_batches,
 )
 
@@ -176,13 +180,29 @@ def test_embed_restores_order_across_batches(fp32: Embedder) -> None:
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
-def test_plan_batches_respects_size_and_budget() -> None:
-    counts = [5, 300, 40, 40, 12, 7, 7, 7, 100]
-    batches = plan_batches(counts, batch_size=3, token_budget=120)
+@given(
+    counts=st.lists(st.integers(1, 512), max_size=300),
+    batch_size=st.integers(1, 64),
+    token_budget=st.integers(1, 8192),
+)
+def test_plan_batches_respects_size_budget_and_padding(
+    counts: list[int], batch_size: int, token_budget: int
+) -> None:
+    batches = plan_batches(counts, batch_size=batch_size, token_budget=token_budget)
     assert sorted(i for b in batches for i in b) == list(range(len(counts)))
     for batch in batches:
-        assert len(batch) <= 3
-        assert len(batch) == 1 or max(counts[i] for i in batch) * len(batch) <= 120
+        longest = max(counts[i] for i in batch)
+        assert len(batch) <= batch_size
+        assert len(batch) == 1 or longest * len(batch) <= token_budget
+        assert all(longest - counts[i] <= padding_allowed(longest) for i in batch)
+    # Greedy, longest first: a batch is cut only when the next text could not join it.
+    for batch, following in itertools.pairwise(batches):
+        longest, nxt = max(counts[i] for i in batch), counts[following[0]]
+        assert (
+            len(batch) == batch_size
+            or longest * (len(batch) + 1) > token_budget
+            or longest - nxt > padding_allowed(longest)
+        )
 
 
 def test_fault_marker_makes_run_fail(bundle: Bundle) -> None:

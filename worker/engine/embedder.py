@@ -47,6 +47,9 @@ class EmbedOutput:
     token_counts: list[int]
 
 
+PADDING_SLACK_TOKENS = 8
+
+
 def physical_cpu_count() -> int:
     """Physical cores this process may run on (hyper-threads add little to GEMM throughput)."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -303,9 +306,18 @@ class Embedder:
         return result
 
 
+def padding_allowed(longest: int) -> int:
+    """Padding tokens a text may carry in a model call whose longest text has ``longest``: a
+    quarter of it, or a few tokens (a call costs little more than its padded tokens, so padding
+    is what a poor split wastes: random short queries padded to the longest of 32 cost about
+    twice their own tokens)."""
+    return max(PADDING_SLACK_TOKENS, longest // 4)
+
+
 def plan_batches(token_counts: Sequence[int], batch_size: int, token_budget: int) -> list[list[int]]:
     """Indices grouped into batches, longest texts first, each batch within ``batch_size``
-    texts and ``token_budget`` padded tokens (a single text over the budget runs alone)."""
+    texts and ``token_budget`` padded tokens (a single text over the budget runs alone), and no
+    text padded by more than ``padding_allowed`` of its batch's longest."""
     if batch_size < 1 or token_budget < 1:
         raise ValueError("batch_size and token_budget must be positive")
     order = sorted(range(len(token_counts)), key=lambda i: token_counts[i], reverse=True)
@@ -314,7 +326,11 @@ def plan_batches(token_counts: Sequence[int], batch_size: int, token_budget: int
     for index in order:
         # Sorted longest first, so the batch's first text sets its padded length.
         longest = token_counts[current[0]] if current else token_counts[index]
-        if current and (len(current) >= batch_size or longest * (len(current) + 1) > token_budget):
+        if current and (
+            len(current) >= batch_size
+            or longest * (len(current) + 1) > token_budget
+            or longest - token_counts[index] > padding_allowed(longest)
+        ):
             batches.append(current)
             current = []
         current.append(index)
