@@ -5,6 +5,10 @@ Each worker owns its registry (no global state): tests can run several workers i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,10 +19,50 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class BulkHistogram(Collector):
+    """A histogram observed a batch of values at a time (one vectorised call), exposed exactly as
+    prometheus_client's Histogram is. Latency is observed for every result; at tens of thousands
+    of results a second, one ``Histogram.observe`` each (a lock and a bucket search in Python)
+    was a noticeable share of a cache hit's cost. Event-loop use only (no lock)."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = np.array(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last: above every bound
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: npt.ArrayLike) -> None:
+        array = np.asarray(values, dtype=np.float64)
+        # Bucket i counts values <= bound i (Prometheus' "le"): the first bound >= the value.
+        self._counts += np.bincount(np.searchsorted(self._bounds, array), minlength=len(self._counts))
+        self._sum += float(array.sum())
+
+    def collect(self) -> Iterable[Metric]:
+        cumulative = np.cumsum(self._counts).tolist()
+        labels = [*(_bound_label(b) for b in self._bounds.tolist()), "+Inf"]
+        yield HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=list(zip(labels, cumulative, strict=True)),
+            sum_value=self._sum,
+        )
+
+
+def _bound_label(bound: float) -> str:
+    """As prometheus_client writes a bucket bound (1.0 -> "1.0", 0.001 -> "0.001")."""
+    return repr(float(bound))
 
 
 class WorkerMetrics:
@@ -80,11 +124,11 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.end_to_end_seconds = Histogram(
+        self.end_to_end_seconds = BulkHistogram(
             "embedfleet_end_to_end_latency_seconds",
             "From the request's Kafka timestamp to its result acknowledged",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
         self.in_flight = Gauge(
             "embedfleet_in_flight_messages", "Messages consumed and not yet committed", registry=r

@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from schemas import EmbedResult, ErrorCode
@@ -390,11 +391,11 @@ class WorkerRuntime:
         metrics.requests.labels("rejected").inc(len(refused) + len(delivered.rejected))
         for rejection in [*refused, *outcome.failures, *delivered.rejected]:
             metrics.dlq.labels(rejection.error.code.value).inc()
-        now = time.time()
-        gone = {(r.source.partition, r.source.offset) for r in delivered.rejected}
-        for job, _ in outcome.results:
-            if (job.source.partition, job.source.offset) not in gone:
-                metrics.end_to_end_seconds.observe(max(0.0, now - job.source.timestamp_ms / 1000))
+        gone = {r.source for r in delivered.rejected}
+        stamps = [job.source.timestamp_ms for job, _ in outcome.results if job.source not in gone]
+        if stamps:
+            latency = time.time() - np.asarray(stamps, dtype=np.float64) / 1000
+            metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))
 
     def _lose(self, partitions: set[TopicPartition]) -> None:
         """Partitions another worker owns now (fenced): drop their queued work and pause them;
