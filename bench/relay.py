@@ -345,7 +345,7 @@ async def relay_main(options: RelayOptions, ready_file: Path | None) -> RelaySta
     seconds = time.time() - (stats.ready_at or stats.started)
     print(
         f"relay done: {stats.records} records in {stats.fetches} fetches, {stats.batches} batches, "
-        f"{seconds:.1f} s since ready, {stats.commits_failed} failed commits",
+        f"{stats.commits} commits ({stats.commits_failed} failed), {seconds:.1f} s since ready",
         flush=True,
     )
     return stats
