@@ -1,5 +1,6 @@
-"""End-to-end benchmark of one worker through the real broker, judged against a ceiling measured in
-the same run, all phases in one run.
+"""End-to-end benchmark of one worker through the real broker, judged by a ceiling of the same run.
+
+All phases run in one run.
 
     python bench/e2e.py [--unique 2000] [--hits 100000] [--mix 10000] [--latency-seconds 20]
         [--latency-min-requests 10000] [--g-seconds 60] [--hit-rates R1,R2] [--json FILE]
