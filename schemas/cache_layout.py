@@ -24,7 +24,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -171,21 +171,41 @@ def servable_entry(values: Sequence[bytes | str | None], *, model: str, dim: int
     check), ``dim`` is the width asked for in plain decimal, ``vector`` is exactly ``4 * dim``
     bytes of finite float32 numbers, and ``tokens``, when present, is a plain decimal count.
     Anything else is a miss."""
-    if len(values) != len(ENTRY_FIELDS):
-        raise ValueError(f"expected the {len(ENTRY_FIELDS)} fields {ENTRY_FIELDS}, got {len(values)}")
-    vector, entry_model, entry_dim, tokens = (_raw(v) for v in values)
-    if (
-        dim <= 0
-        or vector is None
-        or len(vector) != 4 * dim
-        or entry_model != model.encode()
-        or entry_dim != str(dim).encode()
-    ):
-        return None
-    if tokens is not None and _TOKENS.fullmatch(tokens) is None:
-        return None
-    floats = np.frombuffer(vector, dtype="<f4")
-    if not bool(np.isfinite(floats).all()):
-        return None
-    # A native, writable copy: the reply's bytes are not kept alive by the vector.
-    return CacheEntry(floats.astype(np.float32), None if tokens is None else int(tokens))
+    return servable_entries([values], model=model, dims=[dim])[0]
+
+
+def servable_entries(
+    rows: Sequence[Sequence[bytes | str | None]], *, model: str, dims: Sequence[int]
+) -> list[CacheEntry | None]:
+    """``servable_entry`` for many entries at once (``rows[i]`` asked at width ``dims[i]``): the
+    same rule, with the vectors of one width checked in one vectorised pass (a worker serves
+    thousands of cache hits a second)."""
+    if len(rows) != len(dims):
+        raise ValueError(f"{len(rows)} entries but {len(dims)} widths")
+    wanted_model = model.encode()
+    found: list[CacheEntry | None] = [None] * len(rows)
+    by_width: dict[int, list[tuple[int, bytes, int | None]]] = {}
+    for index, (values, dim) in enumerate(zip(rows, dims, strict=True)):
+        if len(values) != len(ENTRY_FIELDS):
+            raise ValueError(f"expected the {len(ENTRY_FIELDS)} fields {ENTRY_FIELDS}, got {len(values)}")
+        vector, entry_model, entry_dim, tokens = (_raw(v) for v in values)
+        if (
+            dim <= 0
+            or vector is None
+            or len(vector) != 4 * dim
+            or entry_model != wanted_model
+            or entry_dim != str(dim).encode()
+        ):
+            continue
+        if tokens is not None and _TOKENS.fullmatch(tokens) is None:
+            continue
+        by_width.setdefault(dim, []).append((index, vector, None if tokens is None else int(tokens)))
+    for dim, group in by_width.items():
+        # Native, writable copies: the reply's bytes are not kept alive by the vectors.
+        floats = np.frombuffer(b"".join(v for _, v, _ in group), dtype="<f4").astype(np.float32)
+        vectors = floats.reshape(len(group), dim)
+        all_finite = cast(list[bool], np.isfinite(vectors).all(axis=1).tolist())
+        for (index, _, count), row, ok in zip(group, vectors, all_finite, strict=True):
+            if ok:
+                found[index] = CacheEntry(row, count)
+    return found

@@ -54,7 +54,7 @@ from schemas.cache_layout import (
     cluster_startup_nodes,
     contract_key,
     index_name,
-    servable_entry,
+    servable_entries,
     vector_key,
     vector_key_prefix,
 )
@@ -275,12 +275,14 @@ class VectorCache:
             self._failed("lookup", exc)
             return [None] * len(keys)
         self._up()
-        found: list[CacheEntry | None] = []
-        for i, ((_, dim), fields) in enumerate(zip(keys, raw, strict=True)):
-            entry = servable_entry(fields, model=self._model_name, dim=dim)
-            if entry is None and (i in wrong or any(value is not None for value in fields)):
-                self._metrics.cache_invalid.inc()  # there, but not servable: the store overwrites it
-            found.append(entry)
+        found = servable_entries(raw, model=self._model_name, dims=[dim for _, dim in keys])
+        invalid = sum(
+            1
+            for i, (entry, fields) in enumerate(zip(found, raw, strict=True))
+            if entry is None and (i in wrong or any(value is not None for value in fields))
+        )
+        if invalid:  # there, but not servable: the store overwrites it
+            self._metrics.cache_invalid.inc(invalid)
         if count_lookups:
             self._metrics.cache_lookups.inc(len(keys))
         if count_hits:

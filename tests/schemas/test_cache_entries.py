@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.cache_layout import ENTRY_FIELDS, servable_entry
+from schemas.cache_layout import ENTRY_FIELDS, servable_entries, servable_entry
 from schemas.testdata.generate import CACHE_ENTRIES_FILE, cache_entries_vectors
 
 CASES: list[dict[str, Any]] = json.loads(CACHE_ENTRIES_FILE.read_text(encoding="utf-8"))["cases"]
@@ -60,3 +62,22 @@ def test_str_fields_read_like_bytes() -> None:
 def test_a_reader_that_fetched_other_fields_is_a_bug_not_a_miss() -> None:
     with pytest.raises(ValueError, match="fields"):
         servable_entry([b"", b"m", b"1"], model="m", dim=1)
+
+
+@given(st.lists(st.sampled_from(range(len(CASES))), max_size=40))
+def test_many_entries_at_once_are_decided_as_each_alone(picks: list[int]) -> None:
+    """servable_entries groups the vectors by width for one vectorised check: any mix of cases
+    (widths, bad entries, duplicates) gets what each case gets on its own."""
+    cases = [CASES[i] for i in picks]
+    for model in {c["model"] for c in cases}:
+        asked = [c for c in cases if c["model"] == model]
+        together = servable_entries(
+            [fields_of(c) for c in asked], model=model, dims=[c["dim"] for c in asked]
+        )
+        for case, entry in zip(asked, together, strict=True):
+            alone = servable_entry(fields_of(case), model=model, dim=case["dim"])
+            assert (entry is None) == (alone is None) == (not case["servable"])
+            if entry is not None and alone is not None:
+                assert entry.tokens == alone.tokens
+                np.testing.assert_array_equal(entry.vector, alone.vector)
+                assert entry.vector.dtype == np.float32 and entry.vector.flags.writeable
