@@ -358,24 +358,25 @@ class WorkerRuntime:
         if delivered.lost:
             self._lose(delivered.lost)
         self._count(outcome, refused, delivered)
-        spans: dict[int, list[int]] = {}
+        lost = delivered.lost
         for item in items:
             tp = _source(item)
-            if tp in delivered.lost:
-                continue
-            self._offsets.done(tp, item.source.offset)
-            span = spans.setdefault(item.source.partition, [item.source.offset, item.source.offset])
-            span[0], span[1] = min(span[0], item.source.offset), max(span[1], item.source.offset)
+            if not lost or tp not in lost:
+                self._offsets.done(tp, item.source.offset)
         self._offsets.observe()
         self._commit_wanted.set()
         if log.isEnabledFor(logging.DEBUG):
+            spans: dict[int, tuple[int, int]] = {}
+            for item in items:
+                low, high = spans.get(item.source.partition, (item.source.offset, item.source.offset))
+                spans[item.source.partition] = (min(low, item.source.offset), max(high, item.source.offset))
             log.debug(
                 "batch done",
                 extra={
                     "batch_size": len(items),
                     "results": len(outcome.results),
                     "rejected": len(rejections),
-                    "cached": sum(r.cached for _, r in outcome.results),
+                    "cached": outcome.served["cached"],
                     "offsets": {str(p): f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())},
                 },
             )
