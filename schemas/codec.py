@@ -7,6 +7,7 @@
 ``decode_request`` never raises anything but ``RequestError`` on hostile input. Checks
 run cheapest first: tombstone, header size, message size (before any parsing), content
 type, schema version, strict typed decode, then the rules that need the decoded request.
+The headers are read once, in one pass, for all their checks.
 When the request cannot be decoded but its ``id`` can (a lenient second decode of just
 ``{"id": str}``), the error carries that id so the worker can answer the requester.
 
@@ -172,14 +173,6 @@ def _header_name(name: str | bytes) -> str:
     return name.lower()
 
 
-def _header_bytes(headers: Sequence[Header]) -> int:
-    total = 0
-    for name, value in headers:
-        total += len(name) if isinstance(name, bytes) else len(name.encode("utf-8", "replace"))
-        total += len(value) if value is not None else 0
-    return total
-
-
 def _last_header(headers: Sequence[Header], name: str) -> bytes | None:
     """The last value of a header (as Kafka's Java client's ``lastHeader``), or None."""
     found: bytes | None = None
@@ -189,11 +182,17 @@ def _last_header(headers: Sequence[Header], name: str) -> bytes | None:
     return found
 
 
-def content_type_of(headers: Sequence[Header]) -> ContentType:
-    """The message's encoding; JSON when the header is absent."""
-    raw = _last_header(headers, HEADER_CONTENT_TYPE)
+# The exact header values producers send, looked up before any parsing.
+_EXACT_CONTENT_TYPES: Final = {name.encode("ascii"): kind for name, kind in CONTENT_TYPE_ALIASES.items()}
+
+
+def _content_type_from(raw: bytes | None) -> ContentType:
+    """The encoding a ``content-type`` value names (None: the header is absent, JSON)."""
     if raw is None:
         return ContentType.JSON
+    exact = _EXACT_CONTENT_TYPES.get(raw)
+    if exact is not None:
+        return exact
     media_type = raw.split(b";", 1)[0].strip().lower()
     try:
         return CONTENT_TYPE_ALIASES[media_type.decode("ascii")]
@@ -204,11 +203,63 @@ def content_type_of(headers: Sequence[Header]) -> ContentType:
         ) from None
 
 
-def _lenient_content_type(headers: Sequence[Header]) -> ContentType:
+def content_type_of(headers: Sequence[Header]) -> ContentType:
+    """The message's encoding; JSON when the header is absent."""
+    return _content_type_from(_last_header(headers, HEADER_CONTENT_TYPE))
+
+
+def _lenient_content_type_from(raw: bytes | None) -> ContentType:
     try:
-        return content_type_of(headers)
+        return _content_type_from(raw)
     except RequestError:
         return ContentType.JSON
+
+
+# What decode_request needs of the headers, read in one pass (a plain tuple: one object):
+# their size in bytes (names in UTF-8, as Kafka counts them, and values); the last
+# `content-type` value and the last `schema` value (a null value reads as b"", None: absent);
+# the name of the first header whose name or value is not UTF-8 (None: all are).
+_HeaderScan = tuple[int, bytes | None, bytes | None, str | None]
+
+
+def _scan_headers(headers: Sequence[Header]) -> _HeaderScan:
+    """Size, content type, schema version and UTF-8 check of the headers, in one pass.
+
+    Equivalent to summing the sizes, two ``_last_header`` look-ups and a UTF-8 check of every
+    name and value in turn (``tests/schemas/test_header_scan.py`` checks it against them).
+    """
+    size = 0
+    content_type: bytes | None = None
+    schema: bytes | None = None
+    not_utf8: str | None = None
+    for name, value in headers:
+        if isinstance(name, bytes):
+            size += len(name)
+            if name.isascii():
+                text = name.decode("ascii")
+            else:
+                try:
+                    text = name.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = name.decode("utf-8", "replace")
+                    if not_utf8 is None:
+                        not_utf8 = text
+        else:
+            text = name
+            size += len(name) if name.isascii() else len(name.encode("utf-8", "replace"))
+        if value is not None:
+            size += len(value)
+            if not_utf8 is None and not value.isascii():
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    not_utf8 = text
+        lowered = text.lower()
+        if lowered == HEADER_CONTENT_TYPE:
+            content_type = value if value is not None else b""
+        elif lowered == HEADER_SCHEMA:
+            schema = value if value is not None else b""
+    return size, content_type, schema, not_utf8
 
 
 def is_valid_request_id(value: object) -> bool:
@@ -253,9 +304,12 @@ def _code_for_validation_error(message: str) -> ErrorCode:
     return ErrorCode.INVALID_REQUEST
 
 
-def _check_schema_version(headers: Sequence[Header]) -> None:
-    raw = _last_header(headers, HEADER_SCHEMA)
-    if raw is None:
+_SUPPORTED_SCHEMA_VALUES: Final = frozenset(v.encode("ascii") for v in SUPPORTED_SCHEMA_VERSIONS)
+
+
+def _check_schema_version(raw: bytes | None) -> None:
+    """``raw``: the last ``schema`` header's value, None when absent (accepted)."""
+    if raw is None or raw in _SUPPORTED_SCHEMA_VALUES:
         return
     version = raw.decode("utf-8", "replace").strip()
     if version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -266,36 +320,21 @@ def _check_schema_version(headers: Sequence[Header]) -> None:
         )
 
 
-def _check_header_text(
-    headers: Sequence[Header], value: bytes, content_type: ContentType, limits: RequestLimits
-) -> None:
-    """Header names and values are text in this contract (Kafka allows any bytes in values):
-    a header that is not UTF-8 is an error, never passed on half-decoded."""
-    for name, header_value in headers:
-        try:
-            if isinstance(name, bytes):
-                name.decode("utf-8")
-            if header_value is not None:
-                header_value.decode("utf-8")
-        except UnicodeDecodeError:
-            shown = name if isinstance(name, str) else name.decode("utf-8", "replace")
-            message = f"header {shown[:64]!r} is not valid UTF-8"
-            if len(value) <= limits.max_message_bytes:
-                raise _undecodable(ErrorCode.INVALID_HEADERS, message, value, content_type) from None
-            raise RequestError(ErrorCode.INVALID_HEADERS, message) from None
-
-
 def _check_rules(request: EmbedRequest, limits: RequestLimits) -> None:
     """The rules msgspec's types cannot express (configurable or semantic)."""
 
     def fail(code: ErrorCode, message: str) -> RequestError:
         return RequestError(code, message, request.id, request=request)
 
-    try:
-        text_bytes = len(request.text.encode("utf-8"))
-    except UnicodeEncodeError:
-        # msgspec rejects lone surrogates already; kept so content_hash can never see one.
-        raise fail(ErrorCode.INVALID_ENCODING, "text is not valid Unicode") from None
+    text = request.text
+    if text.isascii():  # most texts: no copy to count their UTF-8 bytes
+        text_bytes = len(text)
+    else:
+        try:
+            text_bytes = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            # msgspec rejects lone surrogates already; kept so content_hash can never see one.
+            raise fail(ErrorCode.INVALID_ENCODING, "text is not valid Unicode") from None
     if text_bytes > limits.max_text_bytes:
         raise fail(
             ErrorCode.TEXT_TOO_LONG,
@@ -331,25 +370,37 @@ def decode_request(
     # Header problems are checked first (they are cheap), but the id is still read when the value
     # is of an acceptable size, so the requester gets its error.
     small = len(value) <= limits.max_message_bytes
+    header_size, content_type_raw, schema_raw, not_utf8 = _scan_headers(headers)
     if len(headers) > limits.max_headers:
         message = f"message has {len(headers)} headers; the limit is {limits.max_headers}"
         if small:
-            raise _undecodable(ErrorCode.INVALID_HEADERS, message, value, _lenient_content_type(headers))
+            raise _undecodable(
+                ErrorCode.INVALID_HEADERS, message, value, _lenient_content_type_from(content_type_raw)
+            )
         raise RequestError(ErrorCode.INVALID_HEADERS, message)
-    header_bytes = _header_bytes(headers)
-    if header_bytes > limits.max_header_bytes:
-        message = f"headers are {header_bytes} bytes; the limit is {limits.max_header_bytes}"
+    if header_size > limits.max_header_bytes:
+        message = f"headers are {header_size} bytes; the limit is {limits.max_header_bytes}"
         if small:
-            raise _undecodable(ErrorCode.MESSAGE_TOO_LARGE, message, value, _lenient_content_type(headers))
+            raise _undecodable(
+                ErrorCode.MESSAGE_TOO_LARGE, message, value, _lenient_content_type_from(content_type_raw)
+            )
         raise RequestError(ErrorCode.MESSAGE_TOO_LARGE, message)
-    if len(value) > limits.max_message_bytes:
+    if not small:
         raise RequestError(
             ErrorCode.MESSAGE_TOO_LARGE,
             f"message is {len(value)} bytes; the limit is {limits.max_message_bytes}",
         )
-    content_type = content_type_of(headers)
-    _check_schema_version(headers)
-    _check_header_text(headers, value, content_type, limits)
+    content_type = _content_type_from(content_type_raw)
+    _check_schema_version(schema_raw)
+    if not_utf8 is not None:
+        # Header names and values are text in this contract (Kafka allows any bytes in values):
+        # a header that is not UTF-8 is an error, never passed on half-decoded.
+        raise _undecodable(
+            ErrorCode.INVALID_HEADERS,
+            f"header {not_utf8[:64]!r} is not valid UTF-8",
+            value,
+            content_type,
+        )
     decoder = _JSON_REQUEST_DECODER if content_type is ContentType.JSON else _MSGPACK_REQUEST_DECODER
     try:
         request = decoder.decode(value)
