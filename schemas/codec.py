@@ -18,13 +18,16 @@ RecursionError, which becomes ``invalid_encoding``.
 
 from __future__ import annotations
 
+import binascii
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 import msgspec
+import numpy as np
+from numpy.typing import NDArray
 
 from schemas.errors import SchemaError
 from schemas.messages import (
@@ -33,6 +36,7 @@ from schemas.messages import (
     SCHEMA_VERSION,
     EmbedRequest,
     EmbedResult,
+    EncodingFormat,
     ErrorCode,
     truncate_message,
 )
@@ -445,6 +449,122 @@ def request_headers(content_type: ContentType = ContentType.JSON) -> list[tuple[
 
 def encode_result(result: EmbedResult, content_type: ContentType = ContentType.JSON) -> bytes:
     return _encode(result, content_type)
+
+
+class _SuccessFrame(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """``EmbedResult``'s fields in its order, under its options, with the vector already encoded:
+    msgspec writes every other field exactly as it writes an ``EmbedResult`` and splices the
+    ``Raw`` bytes as they are (``tests/schemas/test_success_encoding.py`` holds the two together).
+    A JSON float vector is the list of floats itself (msgspec writes it in place: no copy).
+    """
+
+    id: str | None = None
+    key: str | None = None
+    model: str | None = None
+    dim: int | None = None
+    vector: msgspec.Raw | list[float] | None = None
+    vector_b64: msgspec.Raw | None = None
+    cached: bool = False
+    truncated: bool = False
+    tokens: int | None = None
+    metadata: dict[str, str] = {}
+    error: None = None
+
+
+# A msgpack float as msgspec writes a Python float: the float 64 marker, then big-endian bytes.
+_MSGPACK_FLOAT64: Final = np.dtype([("marker", "u1"), ("value", ">f8")])
+
+
+def _msgpack_array_header(length: int) -> bytes:
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+def _msgpack_str_header(length: int) -> bytes:
+    if length < 32:
+        return bytes((0xA0 | length,))
+    if length < 1 << 8:
+        return b"\xd9" + length.to_bytes(1, "big")
+    if length < 1 << 16:
+        return b"\xda" + length.to_bytes(2, "big")
+    return b"\xdb" + length.to_bytes(4, "big")
+
+
+def _float_vector(vector: NDArray[np.float32], content_type: ContentType) -> msgspec.Raw | list[float]:
+    """``EmbedResult.vector`` as msgspec writes it (for JSON: the floats msgspec writes so)."""
+    if content_type is ContentType.JSON:
+        # Python floats, which msgspec writes as the shortest text of each float64 (about 17
+        # digits for a float32 value). The shortest float32 text would halve a result, but no
+        # vectorised way found makes it as fast as this (bench/hit_codec.py measures one).
+        return vector.tolist()  # type: ignore[no-any-return]
+    items = np.empty(vector.shape[0], dtype=_MSGPACK_FLOAT64)
+    items["marker"] = 0xCB
+    items["value"] = vector  # float32 -> float64 is exact
+    return msgspec.Raw(_msgpack_array_header(vector.shape[0]) + items.tobytes())
+
+
+def _b64_vector(vector: NDArray[np.float32], content_type: ContentType) -> msgspec.Raw:
+    """``EmbedResult.vector_b64`` as msgspec writes it."""
+    b64 = binascii.b2a_base64(vector.astype("<f4", copy=False).tobytes(), newline=False)
+    if content_type is ContentType.JSON:
+        return msgspec.Raw(b'"' + b64 + b'"')  # the base64 alphabet needs no JSON escape
+    return msgspec.Raw(_msgpack_str_header(len(b64)) + b64)
+
+
+def encode_success_result(
+    *,
+    request_id: str,
+    key: str,
+    model: str,
+    vector: NDArray[np.float32],
+    encoding_format: EncodingFormat = "float",
+    cached: bool = False,
+    truncated: bool = False,
+    tokens: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    content_type: ContentType = ContentType.JSON,
+) -> bytes:
+    """The encoded value of a success result: the same bytes as
+    ``encode_result(EmbedResult.success(...same arguments...), content_type)``, without building
+    the ``EmbedResult``, nor (for base64, and for floats in msgpack) a Python float per value.
+
+    Precondition, not checked here: ``vector`` is a 1-d float32 numpy array whose values are all
+    finite (the worker checks a whole batch at once). ``EmbedResult.success`` raises on NaN or
+    infinity; this function would write them (``null`` in a JSON float array, as they are in
+    msgpack and base64), which no reader of the contract accepts as a vector. Only the dtype and
+    the shape are checked (``TypeError``, ``ValueError``), and ``encoding_format``
+    (``ValueError``). ``metadata`` is encoded as given, not copied.
+    """
+    if vector.dtype.kind != "f" or vector.dtype.itemsize != 4:
+        raise TypeError(f"a vector must be float32, got {vector.dtype}")
+    if vector.ndim != 1:
+        raise ValueError(f"a vector must be 1-d, got shape {vector.shape}")
+    floats: msgspec.Raw | list[float] | None = None
+    b64: msgspec.Raw | None = None
+    if encoding_format == "float":
+        floats = _float_vector(vector, content_type)
+    elif encoding_format == "base64":
+        b64 = _b64_vector(vector, content_type)
+    else:
+        raise ValueError(f"unknown encoding_format {encoding_format!r}")
+    frame = _SuccessFrame(
+        id=request_id,
+        key=key,
+        model=model,
+        dim=vector.shape[0],
+        vector=floats,
+        vector_b64=b64,
+        cached=cached,
+        truncated=truncated,
+        tokens=tokens,
+        metadata=metadata if type(metadata) is dict else dict(metadata or {}),
+    )
+    if content_type is ContentType.JSON:
+        return _JSON_ENCODER.encode(frame)
+    return _MSGPACK_ENCODER.encode(frame)
 
 
 def result_headers(content_type: ContentType = ContentType.JSON) -> list[tuple[str, bytes]]:
