@@ -4,15 +4,16 @@
         [--bootstrap 127.0.0.1:9092] [--ready-file PATH] [--max-records 10000] [--depth 2]
         [--model-name all-MiniLM-L6-v2] [--dim 384] [--tokens 12]
 
-It consumes the request topic as a worker does (a consumer group, auto_offset_reset earliest,
-manual commits, the worker's fetch sizes) and answers every request with ONE result of the size
-and form the worker would send for a cache hit: a real ``EmbedResult`` of a fixed random unit
-vector in the requested ``encoding_format`` (float: ~8.3 KB of JSON for 384 dimensions; base64
-~2.2 KB), encoded once per format and templated (prefix + id + middle + key + suffix), with the
-worker's result headers. The key is 64 hex characters derived from the request's bytes (SHA-256 of
-the value; not the content hash, which would need the model's fingerprint and text canonicalisation)
-so keys spread over partitions as the worker's do; the partition is the Java client's murmur2 of the
-key over the results topic's partitions (``worker.partitioner``), as the worker computes it.
+It consumes the request topic as a worker does (a consumer group, auto_offset_reset earliest, manual
+commits, the worker's fetch sizes) and answers every request with ONE result of the size and form
+the worker would send for a cache hit: a real result of a fixed random unit vector in the requested
+``encoding_format``, encoded as the worker encodes it (float: ~4.7 KB of JSON for 384 dimensions;
+base64 ~2.2 KB), encoded once per format and templated (prefix + id + middle + key + suffix), with
+the worker's result headers. The key is 64 hex characters derived from the request's bytes (SHA-256
+of the value; not the content hash, which would need the model's fingerprint and text
+canonicalisation) so keys spread over partitions as the worker's do; the partition is the Java
+client's murmur2 of the key over the results topic's partitions (``worker.partitioner``), as the
+worker computes it.
 
 Per fetch (``getmany`` with a large ``max_records``): one record batch per results partition
 (``create_batch``, closed before ``send_batch``, more batches only when one is full), one future
@@ -54,7 +55,7 @@ from aiokafka.errors import KafkaError
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from schemas import EmbedResult, encode_result, result_headers  # noqa: E402
+from schemas import encode_success_result, result_headers  # noqa: E402
 from worker.partitioner import partition_hashes  # noqa: E402
 
 log = logging.getLogger("relay")
@@ -92,7 +93,8 @@ class Template:
     def of(cls, encoding_format: str, *, model_name: str, dim: int, tokens: int, seed: int = 21) -> Template:
         vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
         vector /= np.linalg.norm(vector)
-        result = EmbedResult.success(
+        # Encoded as the worker encodes its results (schemas.encode_success_result).
+        encoded = encode_success_result(
             request_id=_ID_MARK,
             key=_KEY_MARK,
             model=model_name,
@@ -101,7 +103,6 @@ class Template:
             cached=True,
             tokens=tokens,
         )
-        encoded = encode_result(result)
         id_json = _ENCODE_STR(_ID_MARK)
         prefix, rest = encoded.split(id_json)
         middle, suffix = rest.split(_KEY_MARK.encode())

@@ -27,7 +27,6 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
-from schemas import EmbedResult
 from worker.errors import WorkerError
 from worker.failures import (
     FATAL,
@@ -38,7 +37,7 @@ from worker.failures import (
     describe,
     discard_producer,
 )
-from worker.jobs import Job, Rejection, Source
+from worker.jobs import Answer, Job, Rejection, Source
 from worker.metrics import WorkerMetrics
 from worker.publisher import Ack, Outgoing, Part, Plan, Send, acknowledged
 
@@ -60,7 +59,7 @@ class BatchWork:
     """One batch's outcome, ready to publish."""
 
     items: Sequence[Job | Rejection]  # every record of the batch (their offsets)
-    results: list[tuple[Job, EmbedResult]]
+    results: list[Answer]
     rejections: list[Rejection]
 
 
@@ -74,7 +73,7 @@ class BatchPublisher(Protocol):
     """Turns a batch's outcome into records and sends them (worker.publisher.ResultPublisher)."""
 
     async def prepare(
-        self, results: list[tuple[Job, EmbedResult]], rejections: list[Rejection], plan: Plan | None = None
+        self, results: list[Answer], rejections: list[Rejection], plan: Plan | None = None
     ) -> Outgoing: ...
     async def send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]: ...
     def is_reply_topic(self, topic: str) -> bool: ...
@@ -296,7 +295,7 @@ class _Redo(WorkerError):
 
 @dataclass(slots=True)
 class _Part:
-    results: list[tuple[Job, EmbedResult]] = field(default_factory=list)
+    results: list[Answer] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     next_offset: int = 0
 

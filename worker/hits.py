@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from schemas import EmbedResult
+from schemas import encode_success_result
 from schemas.cache_layout import CacheEntry
-from worker.jobs import Job
+from worker.jobs import Answer, Job
 from worker.metrics import WorkerMetrics
 
 
@@ -35,7 +35,7 @@ class EntryCache(Protocol):
 class Split:
     """A fetch's jobs: those the cache answered (with their results), and the rest, in order."""
 
-    answered: list[tuple[Job, EmbedResult]] = field(default_factory=list)
+    answered: list[Answer] = field(default_factory=list)
     rest: list[Job] = field(default_factory=list)
 
 
@@ -68,8 +68,9 @@ class HitLane:
         self._metrics.cache_hits.inc(len({(job.key, job.dim) for job, _ in split.answered}))
         return split
 
-    def _result(self, job: Job, entry: CacheEntry) -> EmbedResult:
-        return EmbedResult.success(
+    def _result(self, job: Job, entry: CacheEntry) -> bytes:
+        # The entry's vector is finite: servable_entries checked it.
+        return encode_success_result(
             request_id=job.request.id,
             key=job.key,
             model=self._model_name,
@@ -79,4 +80,5 @@ class HitLane:
             truncated=False,
             tokens=entry.tokens,
             metadata=job.request.metadata,
+            content_type=job.content_type,
         )

@@ -24,14 +24,13 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from schemas import EmbedResult
 from worker.batcher import MicroBatcher
 from worker.cluster import ClusterView
 from worker.config import WorkerConfig
 from worker.decoder import RequestDecoder
 from worker.failures import FATAL, TRANSIENT, WorkerFatal, classify, describe
 from worker.hits import HitLane
-from worker.jobs import Job, Rejection, Source
+from worker.jobs import Answer, Job, Rejection, Source
 from worker.kafka_connection import kafka_connection_options
 from worker.metrics import WorkerMetrics
 from worker.offsets import ConsumedOffsets
@@ -51,10 +50,10 @@ INLINE_DECODE_BYTES = 16 * 1024
 
 
 # Publishes cache hits answered at intake (the runtime's WorkerRuntime.answer).
-Answer = Callable[[list[tuple[Job, EmbedResult]]], None]
+Publish = Callable[[list[Answer]], None]
 
 
-def _no_answer(answered: list[tuple[Job, EmbedResult]]) -> None:
+def _no_answer(answered: list[Answer]) -> None:
     raise RuntimeError("the hit lane answered requests, but nothing publishes them")
 
 
@@ -127,7 +126,7 @@ class KafkaIntake:
     ) -> None:
         self._consumer = consumer
         self._hits = hits  # None: every job goes to the batcher (no cache, or exactly-once)
-        self._answer: Answer = _no_answer
+        self._answer: Publish = _no_answer
         self._decoder = decoder
         self._batcher = batcher
         self._offsets = offsets
@@ -198,7 +197,7 @@ class KafkaIntake:
 
     # --- the fetch loop ------------------------------------------------------------------------
 
-    async def run(self, stopping: asyncio.Event, answer: Answer = _no_answer) -> None:
+    async def run(self, stopping: asyncio.Event, answer: Publish = _no_answer) -> None:
         """Fetches until ``stopping`` is set; ``answer`` publishes what the hit lane answered.
         Raises WorkerFatal when the failure policy says so (the worker's own credentials or
         configuration)."""

@@ -86,6 +86,10 @@ class Job:
         )
 
 
+# A job and the encoded value of its success result (schemas.encode_success_result), as published.
+Answer = tuple[Job, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """A message that gets an error result (when its id is known) and a dead-letter copy."""

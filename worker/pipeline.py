@@ -20,11 +20,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas import EmbedResult, ErrorCode
+from schemas import ErrorCode, encode_success_result
 from worker.cache import VectorCache
 from worker.engine.embedder import plan_batches
 from worker.engine.tokenize import TokenizedText
-from worker.jobs import Job, Rejection
+from worker.jobs import Answer, Job, Rejection
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Engine(EmbeddingBackend, Protocol):
 class BatchOutcome:
     """What the pipeline made of a batch's jobs."""
 
-    results: list[tuple[Job, EmbedResult]] = field(default_factory=list)
+    results: list[Answer] = field(default_factory=list)
     failures: list[Rejection] = field(default_factory=list)
     # How each result was served: "cached", "deduplicated" (same text earlier in the batch) or
     # "computed". The worker counts every outcome in one place (worker.app), with the rejections.
@@ -171,7 +171,9 @@ class BatchProcessor:
             outcome.results.append(
                 (
                     job,
-                    EmbedResult.success(
+                    # Every vector here is finite: the cache's entries were checked when read,
+                    # the model's once per call (_compute_isolating).
+                    encode_success_result(
                         request_id=job.request.id,
                         key=job.key,
                         model=self._model_name,
@@ -182,6 +184,7 @@ class BatchProcessor:
                         truncated=job.tokenized.truncated,
                         tokens=len(job.tokenized.ids),
                         metadata=job.request.metadata,
+                        content_type=job.content_type,
                     ),
                 )
             )

@@ -29,7 +29,7 @@ from schemas import (
     HEADER_DLQ_REENCODED,
     HEADER_DLQ_TRUNCATED_KEY,
     HEADER_DLQ_TRUNCATED_VALUE,
-    EmbedResult,
+    ContentType,
     ErrorCode,
     dlq_headers,
     encode_result,
@@ -37,7 +37,7 @@ from schemas import (
 )
 from worker.config import WorkerConfig
 from worker.failures import AckTimeout, Disposition, classify
-from worker.jobs import Headers, Job, Rejection, Source
+from worker.jobs import Answer, Headers, Job, Rejection, Source
 from worker.kafka_connection import kafka_connection_options
 from worker.partitioner import partition_hashes
 
@@ -168,6 +168,8 @@ class ResultPublisher:
         self._sending: weakref.WeakKeyDictionary[AIOKafkaProducer, int] = weakref.WeakKeyDictionary()
         self._added: weakref.WeakKeyDictionary[AIOKafkaProducer, set[str]] = weakref.WeakKeyDictionary()
         self._base = frozenset(self.base_topics)
+        # One list per content type, shared by every result record (aiokafka only reads it).
+        self._result_headers = {content_type: result_headers(content_type) for content_type in ContentType}
 
     @property
     def base_topics(self) -> list[str]:
@@ -179,7 +181,7 @@ class ResultPublisher:
 
     async def prepare(
         self,
-        results: Sequence[tuple[Job, EmbedResult]],
+        results: Sequence[Answer],
         rejections: Sequence[Rejection],
         plan: Plan | None = None,
     ) -> Outgoing:
@@ -194,7 +196,7 @@ class ResultPublisher:
         keys = [job.key.encode() for job, _ in results]
         # The Java client's key -> partition mapping (murmur2), as every Kafka client computes
         # it, so results for one content hash always land on one partition (compaction needs it).
-        for (job, result), key, key_hash in zip(results, keys, partition_hashes(keys), strict=True):
+        for (job, value), key, key_hash in zip(results, keys, partition_hashes(keys), strict=True):
             targets = partitions[job.reply_topic]
             why = plan.unavailable.get(job.source) or self._cluster.quarantined(job.reply_topic)
             refused = plan.refused.get(job.source)
@@ -219,9 +221,7 @@ class ResultPublisher:
                     span = spans[(job.reply_topic, partition)] = Send(job.reply_topic, partition)
                     outgoing.sends.append(span)
                 send = span
-            send.records.append(
-                (key, encode_result(result, job.content_type), result_headers(job.content_type))
-            )
+            send.records.append((key, value, self._result_headers[job.content_type]))
             send.pieces.append((job.source, Part.RESULT))
         for rejection in rejections:
             if (

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from schemas import EmbedResult, ErrorCode
+from schemas import ErrorCode
 from worker.batcher import Batch, MicroBatcher
 from worker.contract import ContractPublisher
 from worker.delivery import BatchWork, Delivered, Delivery
@@ -36,7 +36,7 @@ from worker.errors import ContractMismatch
 from worker.failures import FATAL, WorkerFatal, classify, describe
 from worker.health import HealthServer, HealthState, watch_event_loop
 from worker.intake import KafkaIntake
-from worker.jobs import Job, Rejection
+from worker.jobs import Answer, Job, Rejection
 from worker.metrics import WorkerMetrics
 from worker.offsets import ConsumedOffsets
 from worker.pipeline import BatchOutcome
@@ -303,7 +303,7 @@ class WorkerRuntime:
                 log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self._fail(task.exception() or RuntimeError("pipeline task failed"))
 
-    def answer(self, results: list[tuple[Job, EmbedResult]]) -> None:
+    def answer(self, results: list[Answer]) -> None:
         """Publishes cache hits the intake answered (worker.hits) at once, beside the batches:
         a hit never waits for the window or the model."""
         self._metrics.hit_lane_size.observe(len(results))

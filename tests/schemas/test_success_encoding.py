@@ -1,12 +1,15 @@
 """encode_success_result: the bytes of encode_result(EmbedResult.success(...)), built without it.
 
 Property tests over every finite float32 bit pattern (subnormals, -0.0, the extremes): the
-value is byte-identical to the EmbedResult path in every format (float and base64, JSON and
-msgpack), and a client's decode_result gives back the input vector bit for bit.
+value is byte-identical to the EmbedResult path in base64 (JSON and msgpack) and float msgpack;
+a JSON float vector differs only in its numbers' text (the shortest of each float32), which is
+the same vector under the contract's rule (parse as float64, cast to float32) in fewer bytes;
+a client's decode_result gives back the input vector bit for bit in every format.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -94,6 +97,24 @@ def via_embed_result(vector: NDArray[np.float32], **kwargs: Any) -> bytes:
     return encode_result(EmbedResult.success(vector=vector, **kwargs), content_type)
 
 
+def assert_same_result(
+    ours: bytes, reference: bytes, encoding_format: str, content_type: ContentType
+) -> None:
+    """Byte-identical, except a JSON float vector: the same fields in the same order, and the
+    same float32 values, in no more bytes."""
+    if (encoding_format, content_type) != ("float", ContentType.JSON):
+        assert ours == reference
+        return
+    mine, theirs = json.loads(ours), json.loads(reference)
+    assert list(mine) == list(theirs)
+    mine_vector, their_vector = mine.pop("vector"), theirs.pop("vector")
+    assert mine == theirs
+    assert bits(np.array(mine_vector, dtype=np.float64).astype(np.float32)) == bits(
+        np.array(their_vector, dtype=np.float64).astype(np.float32)
+    )
+    assert len(ours) <= len(reference)
+
+
 def bits(vector: NDArray[np.float32]) -> list[int]:
     return vector.astype(np.float32).view(np.uint32).tolist()  # type: ignore[no-any-return]
 
@@ -108,7 +129,12 @@ def test_bytes_are_those_of_encode_result(
     other: dict[str, Any],
 ) -> None:
     kwargs = dict(other, encoding_format=encoding_format, content_type=content_type)
-    assert encode_success_result(vector=vector, **kwargs) == via_embed_result(vector, **kwargs)
+    assert_same_result(
+        encode_success_result(vector=vector, **kwargs),
+        via_embed_result(vector, **kwargs),
+        encoding_format,
+        content_type,
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -144,7 +170,7 @@ def test_extremes_subnormals_and_negative_zero(
         content_type=content_type,
     )
     value = encode_success_result(vector=vector, **kwargs)
-    assert value == via_embed_result(vector, **kwargs)
+    assert_same_result(value, via_embed_result(vector, **kwargs), encoding_format, content_type)
     assert bits(decode_result(value, result_headers(content_type)).vector_array()) == bits(vector)
 
 
@@ -161,7 +187,12 @@ def test_msgpack_headers_at_every_length_boundary(dims: int, encoding_format: En
         encoding_format=encoding_format,
         content_type=ContentType.MSGPACK,
     )
-    assert encode_success_result(vector=vector, **kwargs) == via_embed_result(vector, **kwargs)
+    assert_same_result(
+        encode_success_result(vector=vector, **kwargs),
+        via_embed_result(vector, **kwargs),
+        kwargs.get("encoding_format", "float"),
+        kwargs["content_type"],
+    )
 
 
 def test_a_typical_result_in_every_format() -> None:
@@ -180,7 +211,12 @@ def test_a_typical_result_in_every_format() -> None:
             metadata={"tenant": "acme", "ключ": "значение"},
             content_type=content_type,
         )
-        assert encode_success_result(vector=vector, **kwargs) == via_embed_result(vector, **kwargs)
+        assert_same_result(
+            encode_success_result(vector=vector, **kwargs),
+            via_embed_result(vector, **kwargs),
+            kwargs.get("encoding_format", "float"),
+            kwargs["content_type"],
+        )
 
 
 def test_a_non_contiguous_or_big_endian_float32_vector() -> None:
@@ -195,7 +231,12 @@ def test_a_non_contiguous_or_big_endian_float32_vector() -> None:
                 encoding_format=encoding_format,
                 content_type=content_type,
             )
-            assert encode_success_result(vector=vector, **kwargs) == via_embed_result(vector, **kwargs)
+            assert_same_result(
+                encode_success_result(vector=vector, **kwargs),
+                via_embed_result(vector, **kwargs),
+                kwargs.get("encoding_format", "float"),
+                kwargs["content_type"],
+            )
 
 
 def test_metadata_is_encoded_from_any_mapping() -> None:
@@ -207,7 +248,27 @@ def test_metadata_is_encoded_from_any_mapping() -> None:
         kwargs: dict[str, Any] = dict(
             request_id="r", key="k", model="m", metadata=value, content_type=ContentType.JSON
         )
-        assert encode_success_result(vector=vector, **kwargs) == via_embed_result(vector, **kwargs)
+        assert_same_result(
+            encode_success_result(vector=vector, **kwargs),
+            via_embed_result(vector, **kwargs),
+            kwargs.get("encoding_format", "float"),
+            kwargs["content_type"],
+        )
+
+
+def test_a_json_float_vector_is_the_shortest_text_of_each_float32() -> None:
+    """Each number is numpy's shortest round-tripping text of the float32 value (the same digits;
+    orjson may write an exponent where numpy does not)."""
+    rng = np.random.default_rng(7)
+    vector = np.concatenate([SPECIAL, rng.standard_normal(2000).astype(np.float32)])
+    value = encode_success_result(request_id="r", key="k", model="m", vector=vector)
+    texts = value.split(b'"vector":[')[1].split(b"]")[0].split(b",")
+    for text, number in zip(texts, vector, strict=True):
+        shortest = np.format_float_scientific(number, unique=True, trim="-")
+        assert float(text) == float(shortest), (text, shortest)
+        digits = shortest.split("e")[0].replace("-", "").replace(".", "").lstrip("0") or "0"
+        mine = text.split(b"e")[0].replace(b"-", b"").replace(b".", b"").strip(b"0") or b"0"
+        assert len(mine) <= len(digits.rstrip("0") or "0"), (text, shortest)
 
 
 def test_only_the_cheap_preconditions_are_checked() -> None:

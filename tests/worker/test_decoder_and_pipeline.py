@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits
+from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits, decode_result
 from schemas.cache_layout import ModelContract
 from tests.fakes import FakeRedis
 from worker.cache import VectorCache
@@ -161,7 +161,7 @@ async def test_the_pipeline_dedups_and_never_answers_with_a_non_finite_vector() 
     assert all(isinstance(j, Job) for j in jobs)
     outcome = await processor.process([j for j in jobs if isinstance(j, Job)])
     processor.close()
-    results = {job.request.id: result for job, result in outcome.results}
+    results = {job.request.id: decode_result(value) for job, value in outcome.results}
     assert set(results) == {"a", "b", "d"}
     assert results["a"].key == results["b"].key and results["d"].truncated
     [failure] = outcome.failures
@@ -200,7 +200,7 @@ async def test_the_pipeline_serves_a_second_batch_from_the_cache_it_filled() -> 
     second = await processor.process(jobs_of("gamma", "alpha beta", "delta"))
     processor.close()
     assert second.served == {"cached": 2, "computed": 1}
-    by_text = {job.request.text: result for job, result in second.results}
+    by_text = {job.request.text: decode_result(value) for job, value in second.results}
     assert by_text["gamma"].cached and not by_text["delta"].cached
     assert by_text["alpha beta"].vector == [2.0, 1.0, 0.0, 0.0]  # the stored bytes, read back
 

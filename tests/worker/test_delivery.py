@@ -400,7 +400,7 @@ def real_publisher(cluster: TopicsCluster) -> Any:
 
 
 def jobs_for(*reply_topics: str) -> list[tuple[Any, Any]]:
-    from schemas import EmbedResult
+    from schemas import EmbedResult, encode_result
     from worker.engine.tokenize import TokenizedText
     from worker.jobs import Job
 
@@ -417,8 +417,10 @@ def jobs_for(*reply_topics: str) -> list[tuple[Any, Any]]:
             topic,
             ContentType.JSON,
         )
-        result = EmbedResult.success(
-            request_id=request.id, key=job.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+        result = encode_result(
+            EmbedResult.success(
+                request_id=request.id, key=job.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+            )
         )
         pairs.append((job, result))
     return pairs

@@ -17,6 +17,7 @@ from schemas import (
     EmbedResult,
     ErrorCode,
     RequestError,
+    encode_result,
 )
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, RawMessage, Rejection, Source
@@ -104,8 +105,10 @@ def job(reply_topic: str) -> Job:
 
 async def test_results_for_a_reply_topic_that_is_gone_become_errors_on_the_default_topic() -> None:
     gone = job("embed.results.client-closed")
-    result = EmbedResult.success(
-        request_id="j1", key=gone.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+    result = encode_result(
+        EmbedResult.success(
+            request_id="j1", key=gone.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+        )
     )
     outgoing = await publisher().prepare([(gone, result)], [])
     [error_result, dead_letter] = outgoing.sends
@@ -122,8 +125,10 @@ async def test_results_for_a_reply_topic_that_is_gone_become_errors_on_the_defau
 
 async def test_results_for_an_existing_reply_topic_go_there() -> None:
     mine = job("embed.results.mine")
-    result = EmbedResult.success(
-        request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+    result = encode_result(
+        EmbedResult.success(
+            request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+        )
     )
     outgoing = await publisher({"embed.results": [0], "embed.results.mine": [0, 1, 2]}).prepare(
         [(mine, result)], [rejection(b"bad")]
@@ -159,8 +164,10 @@ async def test_all_reply_topics_of_a_batch_are_looked_up_in_one_request() -> Non
     results = [
         (
             j,
-            EmbedResult.success(
-                request_id="j1", key=j.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+            encode_result(
+                EmbedResult.success(
+                    request_id="j1", key=j.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+                )
             ),
         )
         for j in jobs
@@ -173,8 +180,10 @@ async def test_all_reply_topics_of_a_batch_are_looked_up_in_one_request() -> Non
 
 async def test_a_plan_answers_refused_records_otherwise_and_isolates_others() -> None:
     mine = job("embed.results.mine")
-    result = EmbedResult.success(
-        request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+    result = encode_result(
+        EmbedResult.success(
+            request_id="j1", key=mine.key, model="m", vector=[1.0, 0.0], encoding_format="float"
+        )
     )
     topics = {"embed.results": [0], "embed.results.mine": [0]}
     plan = Plan(unavailable={SOURCE: "MessageSizeTooLargeError"})
