@@ -38,6 +38,7 @@ from schemas.codec import (
 )
 from schemas.content_hash import (
     CONTENT_HASH_TAG,
+    ContentHasher,
     canonical_text,
     content_hash,
     content_hash_payload,
@@ -77,6 +78,7 @@ __all__ = [
     "HEADER_DLQ_WORKER",
     "HEADER_SCHEMA",
     "SCHEMA_VERSION",
+    "ContentHasher",
     "ContentType",
     "EmbedRequest",
     "EmbedResult",

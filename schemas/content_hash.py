@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from typing import Final
+from typing import Any, Final
 
 CONTENT_HASH_TAG: Final = b"embedfleet-content-v1"
 LENGTH_PREFIX_BYTES: Final = 8
@@ -90,3 +90,31 @@ def content_hash(text: str, *, model_fingerprint: str, task: str | None, dimensi
         text, model_fingerprint=model_fingerprint, task=task, dimensions=dimensions
     )
     return hashlib.sha256(payload).hexdigest()
+
+
+class ContentHasher:
+    """``content_hash`` for one model fingerprint, faster: the fixed part of the payload (tag,
+    fingerprint, task, dimensions) is hashed once per (task, dimensions) and the hash state copied
+    for each text. The same hashes (tests/schemas check it over arbitrary inputs)."""
+
+    MAX_PREFIXES: Final = 256  # (task, dimensions) pairs kept; a worker allows a handful
+
+    def __init__(self, model_fingerprint: str) -> None:
+        self._fingerprint = model_fingerprint
+        self._prefixes: dict[tuple[str | None, int | None], Any] = {}
+
+    def __call__(self, text: str, *, task: str | None, dimensions: int | None) -> str:
+        prefix = self._prefixes.get((task, dimensions))
+        if prefix is None:
+            fixed = content_hash_payload(
+                "", model_fingerprint=self._fingerprint, task=task, dimensions=dimensions
+            )
+            # The payload of an empty text ends with its length field (8 zero bytes): drop it.
+            prefix = hashlib.sha256(fixed[:-LENGTH_PREFIX_BYTES])
+            if len(self._prefixes) < self.MAX_PREFIXES:
+                self._prefixes[(task, dimensions)] = prefix
+        digest = prefix.copy()
+        data = _utf8(canonical_text(text), "text")
+        digest.update(len(data).to_bytes(LENGTH_PREFIX_BYTES, "big"))
+        digest.update(data)
+        return digest.hexdigest()

@@ -17,11 +17,11 @@ from aiokafka import ConsumerRecord
 from schemas import (
     HEADER_DLQ_HEADERS_REPAIRED,
     HEADER_DLQ_RAW_BATCH,
+    ContentHasher,
     ContentType,
     ErrorCode,
     RequestError,
     RequestLimits,
-    content_hash,
     content_type_of,
     decode_request,
     readable_fields,
@@ -34,6 +34,7 @@ from worker.salvage import Unreadable
 Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
+MAX_REMEMBERED_TOPICS = 4096
 
 
 class RequestDecoder:
@@ -66,10 +67,22 @@ class RequestDecoder:
         # A rejected value is kept only as far as its dead-letter copy can carry it.
         self._max_kept_value_bytes = max_kept_value_bytes
         self._reply_to = re.compile(reply_to_pattern)
+        self._allowed_topics: dict[str, bool] = {}
+        self._content_hash = ContentHasher(model.fingerprint)
         self._default_reply_topic = default_reply_topic
 
     def reply_topic_allowed(self, topic: str) -> bool:
         return self._reply_to.fullmatch(topic) is not None
+
+    def _reply_topic_allowed(self, topic: str) -> bool:
+        """``reply_topic_allowed``, remembered for the topics seen (most requests name one)."""
+        allowed = self._allowed_topics.get(topic)
+        if allowed is None:
+            allowed = self.reply_topic_allowed(topic)
+            if len(self._allowed_topics) >= MAX_REMEMBERED_TOPICS:
+                self._allowed_topics.clear()
+            self._allowed_topics[topic] = allowed
+        return allowed
 
     def _error_reply_topic(self, error: RequestError) -> str:
         """Where the requester waits: its own reply_to when it could be read (even from a request
@@ -103,7 +116,8 @@ class RequestDecoder:
         decoded: list[Job | Rejection] = []
         for record in records:
             source = Source(record.topic, record.partition, record.offset, record.timestamp)
-            headers = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
+            # aiokafka's header names are str, its values bytes or None.
+            headers = [(k, b"" if v is None else v) for k, v in (record.headers or ())]
             raw = RawMessage(record.key, record.value, headers)
             content_type = ContentType.JSON
             try:
@@ -115,19 +129,14 @@ class RequestDecoder:
                 content_type = content_type_of(headers)
                 request = decode_request(record.value, headers, self._limits)
                 reply_topic = request.reply_to or self._default_reply_topic
-                if not self.reply_topic_allowed(reply_topic):
+                if not self._reply_topic_allowed(reply_topic):
                     raise RequestError(
                         ErrorCode.REPLY_TO_NOT_ALLOWED,
                         f"reply_to {reply_topic[:64]!r} is not an allowed results topic",
                         request.id,
                         request=request,
                     )
-                key = content_hash(
-                    request.text,
-                    model_fingerprint=self._model.fingerprint,
-                    task=request.task,
-                    dimensions=request.dimensions,
-                )
+                key = self._content_hash(request.text, task=request.task, dimensions=request.dimensions)
             except RequestError as error:
                 if (
                     error.request_id is None
