@@ -517,6 +517,18 @@ def _b64_vector(vector: NDArray[np.float32], content_type: ContentType) -> msgsp
     return msgspec.Raw(_msgpack_str_header(len(b64)) + b64)
 
 
+def encode_vector(
+    vector: NDArray[np.float32], encoding_format: EncodingFormat, content_type: ContentType
+) -> msgspec.Raw:
+    """A success result's vector field as encoded in its value (``vector`` for "float",
+    ``vector_b64`` for "base64"), under ``encode_success_result``'s precondition."""
+    if encoding_format == "float":
+        return _float_vector(vector, content_type)
+    if encoding_format == "base64":
+        return _b64_vector(vector, content_type)
+    raise ValueError(f"unknown encoding_format {encoding_format!r}")
+
+
 def encode_success_result(
     *,
     request_id: str,
@@ -529,6 +541,7 @@ def encode_success_result(
     tokens: int | None = None,
     metadata: Mapping[str, str] | None = None,
     content_type: ContentType = ContentType.JSON,
+    encoded_vector: msgspec.Raw | None = None,
 ) -> bytes:
     """The encoded value of a success result, without building an ``EmbedResult`` or a Python
     float per value: the same bytes as
@@ -541,20 +554,16 @@ def encode_success_result(
     infinity; this function would write them (``null`` in a JSON float array, as they are in
     msgpack and base64), which no reader of the contract accepts as a vector. Only the dtype and
     the shape are checked (``TypeError``, ``ValueError``), and ``encoding_format``
-    (``ValueError``). ``metadata`` is encoded as given, not copied.
+    (``ValueError``). ``metadata`` is encoded as given, not copied. ``encoded_vector``: what
+    ``encode_vector`` gave for this vector, format and content type (a worker keeps the wire
+    forms of hot keys), written as given.
     """
     if vector.dtype.kind != "f" or vector.dtype.itemsize != 4:
         raise TypeError(f"a vector must be float32, got {vector.dtype}")
     if vector.ndim != 1:
         raise ValueError(f"a vector must be 1-d, got shape {vector.shape}")
-    floats: msgspec.Raw | None = None
-    b64: msgspec.Raw | None = None
-    if encoding_format == "float":
-        floats = _float_vector(vector, content_type)
-    elif encoding_format == "base64":
-        b64 = _b64_vector(vector, content_type)
-    else:
-        raise ValueError(f"unknown encoding_format {encoding_format!r}")
+    encoded = encoded_vector or encode_vector(vector, encoding_format, content_type)
+    floats, b64 = (encoded, None) if encoding_format == "float" else (None, encoded)
     frame = _SuccessFrame(
         id=request_id,
         key=key,

@@ -193,7 +193,13 @@ def build_parts(
     hits = (
         None
         if exactly_once or not cache.enabled
-        else HitLane(cache, metrics, model_name=model.name, max_tokens=int(embedder.manifest.max_tokens))
+        else HitLane(
+            cache,
+            metrics,
+            model_name=model.name,
+            max_tokens=int(embedder.manifest.max_tokens),
+            wire_cache_bytes=config.wire_cache_bytes,
+        )
     )
     intake = KafkaIntake(
         consumer,

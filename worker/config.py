@@ -168,6 +168,12 @@ class WorkerConfig:
         "after a minute)",
         default=4096,
     )
+    wire_cache_bytes: int = setting(
+        "EMBEDFLEET_WIRE_CACHE_BYTES",
+        "bytes of encoded float vectors kept for cache hits of hot keys (a JSON float vector costs "
+        "more to write than the rest of a hit; least recently used dropped first; 0 = off)",
+        default=64 * 1024 * 1024,
+    )
     on_contract_mismatch: str = setting(
         "EMBEDFLEET_ON_CONTRACT_MISMATCH",
         "when Redis holds another serving fingerprint for this model: refuse to start, or replace "
@@ -209,6 +215,8 @@ class WorkerConfig:
             raise ValueError("EMBEDFLEET_TRANSACTION_TIMEOUT_MS must be >= 1000")
         if self.reply_timeout_s <= 0 or self.reply_topics_kept <= 0:
             raise ValueError("EMBEDFLEET_REPLY_TIMEOUT_S and EMBEDFLEET_REPLY_TOPICS_KEPT must be > 0")
+        if self.wire_cache_bytes < 0:
+            raise ValueError("EMBEDFLEET_WIRE_CACHE_BYTES must be >= 0")
         re.compile(self.reply_to_pattern)
 
     @classmethod

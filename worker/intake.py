@@ -30,7 +30,7 @@ from worker.config import WorkerConfig
 from worker.decoder import RequestDecoder
 from worker.failures import FATAL, TRANSIENT, WorkerFatal, classify, describe
 from worker.hits import HitLane
-from worker.jobs import Answer, Job, Rejection, Source
+from worker.jobs import Answer, Job, Rejection
 from worker.kafka_connection import kafka_connection_options
 from worker.metrics import WorkerMetrics
 from worker.offsets import ConsumedOffsets
@@ -296,7 +296,6 @@ class KafkaIntake:
         inline = len(records) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES
         items = [*await self._off_loop(inline, self._decoder.read, records), *extra]
         jobs = [item for item in items if isinstance(item, Job)]
-        answered: set[Source] = set()
         if self._hits is not None and jobs:
             split = await self._hits.split(jobs)
             # A rebalance may have run during any await here: the items of partitions no longer
@@ -304,9 +303,11 @@ class KafkaIntake:
             # committed offset). Kept, a stale item would let a commit pass records the revoke
             # dropped.
             hits = [(job, result) for job, result in split.answered if self._owns(job)]
-            answered = {job.source for job, _ in split.answered}
             if hits:
                 self._answer(hits)
+            if split.answered:
+                rest = {id(job) for job in split.rest}  # the same objects: no hashing of sources
+                items = [item for item in items if not isinstance(item, Job) or id(item) in rest]
             jobs = split.rest
         tokenized: Iterator[Job] = iter(())
         if jobs:
@@ -315,8 +316,6 @@ class KafkaIntake:
         # Rejections travel in the batches too, so every record is answered in fetch order.
         for item in items:
             if isinstance(item, Job):
-                if item.source in answered:
-                    continue
                 item = next(tokenized)
             if self._owns(item):
                 self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)

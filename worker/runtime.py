@@ -393,7 +393,7 @@ class WorkerRuntime:
         for rejection in [*refused, *outcome.failures, *delivered.rejected]:
             metrics.dlq.labels(rejection.error.code.value).inc()
         gone = {r.source for r in delivered.rejected}
-        stamps = [job.source.timestamp_ms for job, _ in outcome.results if job.source not in gone]
+        stamps = [job.source.timestamp_ms for job, _ in outcome.results if not gone or job.source not in gone]
         if stamps:
             latency = time.time() - np.asarray(stamps, dtype=np.float64) / 1000
             metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))

@@ -1,0 +1,44 @@
+"""The hit lane's parts that need no stack: the wire forms of hot keys (worker.hits.WireForms)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas import ContentType, encode_vector
+from worker.hits import WireForms
+
+
+def vector(seed: int, dim: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+
+@given(
+    asks=st.lists(st.tuples(st.integers(0, 30), st.sampled_from([4, 8])), max_size=200),
+    room=st.integers(0, 2000),
+)
+def test_a_reused_form_is_the_encoding_of_its_vector_and_the_bytes_stay_bounded(
+    asks: list[tuple[int, int]], room: int
+) -> None:
+    forms = WireForms(room)
+    for seed, dim in asks:
+        v = vector(seed, dim)
+        assert forms.get(f"key-{seed}", v) == encode_vector(v, "float", ContentType.JSON)
+        assert forms.bytes <= room
+    assert forms.bytes == sum(len(f) for f in forms._forms.values())
+
+
+def test_the_least_recently_used_form_goes_first() -> None:
+    a = b = c = np.full(8, 0.5, dtype=np.float32)  # forms of one size, under three keys
+    size = len(encode_vector(a, "float", ContentType.JSON))
+    forms = WireForms(2 * size + size // 2)  # room for two
+    forms.get("a", a)
+    forms.get("b", b)
+    forms.get("a", a)  # a is now the most recent
+    forms.get("c", c)  # b goes
+    reused = forms.reused
+    forms.get("a", a)
+    assert forms.reused == reused + 1
+    forms.get("b", b)
+    assert forms.reused == reused + 1  # b was dropped: encoded again
