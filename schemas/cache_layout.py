@@ -185,16 +185,23 @@ def servable_entries(
     wanted_model = model.encode()
     found: list[CacheEntry | None] = [None] * len(rows)
     by_width: dict[int, list[tuple[int, bytes, int | None]]] = {}
+    dim_texts: dict[int, bytes] = {}
     for index, (values, dim) in enumerate(zip(rows, dims, strict=True)):
         if len(values) != len(ENTRY_FIELDS):
             raise ValueError(f"expected the {len(ENTRY_FIELDS)} fields {ENTRY_FIELDS}, got {len(values)}")
-        vector, entry_model, entry_dim, tokens = (_raw(v) for v in values)
+        vector, entry_model, entry_dim, tokens = values
+        if isinstance(vector, str) or isinstance(entry_model, str) or isinstance(entry_dim, str):
+            vector, entry_model, entry_dim = _raw(vector), _raw(entry_model), _raw(entry_dim)
+        tokens = _raw(tokens)
+        dim_text = dim_texts.get(dim)
+        if dim_text is None:
+            dim_text = dim_texts[dim] = str(dim).encode()
         if (
             dim <= 0
             or vector is None
             or len(vector) != 4 * dim
             or entry_model != wanted_model
-            or entry_dim != str(dim).encode()
+            or entry_dim != dim_text
         ):
             continue
         if tokens is not None and _TOKENS.fullmatch(tokens) is None:

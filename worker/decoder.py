@@ -118,7 +118,6 @@ class RequestDecoder:
             source = Source(record.topic, record.partition, record.offset, record.timestamp)
             # aiokafka's header names are str, its values bytes or None.
             headers = [(k, b"" if v is None else v) for k, v in (record.headers or ())]
-            raw = RawMessage(record.key, record.value, headers)
             content_type = ContentType.JSON
             try:
                 if record.key is not None and len(record.key) > MAX_KEY_BYTES:
@@ -154,7 +153,7 @@ class RequestDecoder:
                 decoded.append(
                     Rejection(
                         source,
-                        self._kept(raw),
+                        self._kept(RawMessage(record.key, record.value, headers)),
                         error,
                         self._error_reply_topic(error),
                         content_type,
@@ -164,12 +163,13 @@ class RequestDecoder:
                 continue
             except (ValueError, UnicodeError) as exc:  # content_hash on text it cannot encode
                 hash_error = RequestError(ErrorCode.INVALID_REQUEST, str(exc), None)
+                raw = RawMessage(record.key, record.value, headers)
                 decoded.append(
                     Rejection(source, self._kept(raw), hash_error, self._default_reply_topic, content_type)
                 )
                 continue
             # The value is released: a dead-letter copy is re-encoded from the request.
-            released = RawMessage(raw.key, None, raw.headers, original_size=len(raw.value or b""))
+            released = RawMessage(record.key, None, headers, original_size=len(record.value or b""))
             decoded.append(
                 Job(
                     source,
