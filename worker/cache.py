@@ -55,7 +55,6 @@ from schemas.cache_layout import (
     contract_key,
     index_name,
     servable_entries,
-    vector_key,
     vector_key_prefix,
 )
 from worker.config import WorkerConfig
@@ -210,6 +209,7 @@ class VectorCache:
         self.healthy = True  # False while Redis fails (the cache is skipped: degraded, not down)
         self._key_prefix = key_prefix
         self._model_name = model_name
+        self._vector_key_prefixes: dict[int, str] = {}
         self._ttl_s = ttl_s
         self._metrics = metrics
         self._retry_after_s = retry_after_s
@@ -226,7 +226,13 @@ class VectorCache:
         return self._client is not None
 
     def redis_key(self, key: str, dim: int) -> str:
-        return vector_key(self._key_prefix, self._model_name, dim, key)
+        """``vector_key`` (schemas.cache_layout), its prefix per width worked out once."""
+        prefix = self._vector_key_prefixes.get(dim)
+        if prefix is None:
+            prefix = self._vector_key_prefixes[dim] = vector_key_prefix(
+                self._key_prefix, self._model_name, dim
+            )
+        return prefix + key
 
     def index_name(self, dim: int) -> str:
         return index_name(self._key_prefix, self._model_name, dim)

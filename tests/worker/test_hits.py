@@ -42,3 +42,14 @@ def test_the_least_recently_used_form_goes_first() -> None:
     assert forms.reused == reused + 1
     forms.get("b", b)
     assert forms.reused == reused + 1  # b was dropped: encoded again
+
+
+@given(model=st.text(min_size=1, max_size=30), prefix=st.text(max_size=10), dim=st.integers(1, 4096))
+def test_the_cache_keys_are_the_layouts(model: str, prefix: str, dim: int) -> None:
+    from schemas.cache_layout import vector_key
+    from worker.cache import VectorCache
+    from worker.metrics import WorkerMetrics
+
+    cache = VectorCache(None, key_prefix=prefix, model_name=model, ttl_s=0, metrics=WorkerMetrics())
+    for key in ("ab" * 32, "cd" * 32):  # the second reuses the width's prefix
+        assert cache.redis_key(key, dim) == vector_key(prefix, model, dim, key)
