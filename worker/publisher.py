@@ -105,6 +105,9 @@ class Send:
     partition: int | None  # None: the producer partitions by key (error results, dead letters)
     records: list[tuple[bytes | None, bytes | None, Headers]] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
+    # A record sent in a batch of its own (Plan.alone): a refusal is its own. A result span shares
+    # its batches with other sends for its partition, so their refusal may be another record's.
+    alone: bool = False
 
     @property
     def part(self) -> Part:
@@ -211,7 +214,7 @@ class ResultPublisher:
                 continue
             partition = targets[key_hash % len(targets)]
             if job.source in plan.alone:
-                send = Send(job.reply_topic, partition)
+                send = Send(job.reply_topic, partition, alone=True)
                 outgoing.sends.append(send)
             else:
                 span = spans.get((job.reply_topic, partition))
