@@ -7,6 +7,17 @@ up in ``ClusterView`` (never creating it): results for a reply topic that does n
 for it go to the default topic. Every send returns a future that resolves when the broker has
 acknowledged the records (acks=all, idempotent producer); the pipeline marks a consumed record
 done only then, so a commit never covers a result that could still be lost.
+
+Keeping the broker busy: aiokafka sends one produce request per broker at a time and queues one
+batch per partition behind it (``send_batch`` waits while that slot is taken). Result batches go
+through a lane per (producer, partition): while the lane's first batch waits for the slot, every
+later send for that partition, from any batch being delivered, is appended to it, and it is
+closed the moment aiokafka takes it. So each produce request carries everything that was pending
+for each partition when the one before it completed, and an idle broker gets a batch at once
+(``linger_ms`` is 0: a closed batch never lingers anyway). A send's ack resolves only once every
+batch carrying its records was handed over and acknowledged, and a transaction commits only
+after all its acks (worker.delivery): so no batch of ours is open across a commit, and a
+transaction that fails has its producer discarded with whatever of its batches is left.
 """
 
 from __future__ import annotations
@@ -15,12 +26,13 @@ import asyncio
 import enum
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, RecordTooLargeError
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError, RecordTooLargeError
 
 from schemas import (
     HEADER_DLQ_DROPPED_HEADERS,
@@ -36,7 +48,7 @@ from schemas import (
     result_headers,
 )
 from worker.config import WorkerConfig
-from worker.failures import AckTimeout, Disposition, classify
+from worker.failures import AckTimeout
 from worker.jobs import Answer, Headers, Job, Rejection, Source
 from worker.kafka_connection import kafka_connection_options
 from worker.partitioner import partition_hashes
@@ -47,6 +59,9 @@ Ack = asyncio.Future[Any]
 DLQ_FRAMING_BYTES = 1024
 MAX_DLQ_KEY_BYTES = 1024
 MAX_DLQ_HEADERS = 64
+# How long a result batch may wait for its partition's slot in the producer: aiokafka's own bound
+# (its default request timeout, which the fleet's producers keep), measured by us (see _submit).
+HAND_OVER_TIMEOUT_S = 40.0
 
 
 def create_producer(
@@ -64,7 +79,9 @@ def create_producer(
         **kafka_connection_options(config),
         acks="all",
         enable_idempotence=not for_replies,
-        linger_ms=2,
+        # Nothing waits while the broker is idle; under load, sends pile up behind the request in
+        # flight and go out together (result batches: ResultPublisher's lanes).
+        linger_ms=0,
         max_batch_size=max(16 * 1024, min(1024 * 1024, record_limit - DLQ_FRAMING_BYTES)),
         max_request_size=max(config.max_message_bytes * 2, 1 << 20),
     )
@@ -105,6 +122,9 @@ class Send:
     partition: int | None  # None: the producer partitions by key (error results, dead letters)
     records: list[tuple[bytes | None, bytes | None, Headers]] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
+    # A record sent in a batch of its own (Plan.alone): a refusal is its own. A result span shares
+    # its batches with other sends for its partition, so their refusal may be another record's.
+    alone: bool = False
 
     @property
     def part(self) -> Part:
@@ -157,6 +177,7 @@ class ResultPublisher:
         model: str,
         max_dlq_record_bytes: int,
         max_dlq_header_bytes: int = 16 * 1024,
+        hand_over_timeout_s: float = HAND_OVER_TIMEOUT_S,
     ) -> None:
         self._cluster = cluster
         self._results_topic = results_topic
@@ -167,6 +188,10 @@ class ResultPublisher:
         self._max_headers = max_dlq_header_bytes
         self._sending: weakref.WeakKeyDictionary[AIOKafkaProducer, int] = weakref.WeakKeyDictionary()
         self._added: weakref.WeakKeyDictionary[AIOKafkaProducer, set[str]] = weakref.WeakKeyDictionary()
+        self._lanes: weakref.WeakKeyDictionary[AIOKafkaProducer, dict[TopicPartition, _Lane]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._hand_over_timeout_s = hand_over_timeout_s
         self._base = frozenset(self.base_topics)
         # One list per content type, shared by every result record (aiokafka only reads it).
         self._result_headers = {content_type: result_headers(content_type) for content_type in ContentType}
@@ -213,7 +238,7 @@ class ResultPublisher:
                 continue
             partition = targets[key_hash % len(targets)]
             if job.source in plan.alone:
-                send = Send(job.reply_topic, partition)
+                send = Send(job.reply_topic, partition, alone=True)
                 outgoing.sends.append(send)
             else:
                 span = spans.get((job.reply_topic, partition))
@@ -283,9 +308,9 @@ class ResultPublisher:
             )
 
     async def send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]:
-        """Hands every record to the producer; returns an ack future per send. A send the
-        producer refuses at once (a record too large for it) gets a failed future, so one record
-        never fails the others.
+        """Hands every send over (result spans through their partition's lane); returns an ack
+        future per send, failed with whatever kept that send from being written (a record too
+        large for a batch, a fenced producer), so one send never fails the others.
 
         aiokafka refreshes metadata only for the topics in its client's topic set, and a refresh
         replaces what it knew: a batch for a topic outside that set (one it found in an earlier
@@ -303,7 +328,7 @@ class ResultPublisher:
                 if not reply_topics <= added:
                     added |= reply_topics
                     await producer.client.set_topics([*self._base, *added])
-            acks = await self._send(producer, sends)
+            acks = self._send(producer, sends)
         except BaseException:
             self._done_sending(producer)
             raise
@@ -320,41 +345,97 @@ class ResultPublisher:
             self._added.pop(producer, None)
             producer.client.set_topics(self.base_topics)
 
-    async def _send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]:
+    def _send(self, producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[tuple[Send, Ack]]:
+        """Hands every send over without one waiting for another; a failure to hand a send over
+        (a fenced producer included) is that send's outcome, in its ack."""
         acks: list[tuple[Send, Ack]] = []
         for send in sends:
-            try:
-                if send.partition is None:
-                    [(key, value, headers)] = send.records
-                    ack = await producer.send(send.topic, value=value, key=key, headers=headers)
-                else:
-                    ack = await self._send_batches(producer, send)
-            except Exception as exc:  # one send's failure is that send's outcome (worker.failures)
-                if classify(exc) is Disposition.FATAL:
-                    raise  # a fenced producer or refused credentials: nothing more can be sent
-                ack = _failed(exc)
-            acks.append((send, ack))
+            if send.partition is None:
+                acks.append((send, asyncio.ensure_future(_send_one(producer, send))))
+            else:
+                acks.append((send, self._enqueue(producer, send)))
         return acks
 
-    async def _send_batches(self, producer: AIOKafkaProducer, send: Send) -> Ack:
-        """One partition's results in as few record batches as the producer's batch size allows;
-        one future for all of them."""
+    def _enqueue(self, producer: AIOKafkaProducer, send: Send) -> Ack:
+        """Appends a partition span to its lane (the open batch there, then new ones as they
+        fill up; a send that goes alone gets a batch of its own); one future for all the batches
+        that carry its records."""
         assert send.partition is not None
-        futures: list[Ack] = []
-        batch = producer.create_batch()
+        tp = TopicPartition(send.topic, send.partition)
+        lanes = self._lanes.setdefault(producer, {})
+        lane = lanes.get(tp)
+        if lane is None:
+            lane = lanes[tp] = _Lane()
+            lane.task = asyncio.ensure_future(self._hand_over(producer, tp, lane, lanes))
+        last = lane.batches[-1] if lane.batches else None
+        batch = last if last is not None and last.open and not send.alone else None
+        acks: list[Ack] = []
         for key, value, headers in send.records:
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                if batch.record_count():
-                    futures.append(await producer.send_batch(batch, send.topic, partition=send.partition))
-                    batch = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    raise RecordTooLargeError(
-                        f"a result of {len(value or b'')} bytes does not fit a record batch"
-                    )
-        futures.append(await producer.send_batch(batch, send.topic, partition=send.partition))
-        if len(futures) == 1:
-            return futures[0]
-        return asyncio.ensure_future(_all_of(futures))
+            if batch is None or not batch.append(key, value, headers):
+                if batch is not None:
+                    batch.open = False  # full
+                batch = _Batch(producer.create_batch(), asyncio.get_running_loop().create_future())
+                if not batch.append(key, value, headers):
+                    too_large = f"a result of {len(value or b'')} bytes does not fit a record batch"
+                    return _failed(RecordTooLargeError(too_large))
+                lane.batches.append(batch)
+            if not acks or acks[-1] is not batch.acked:
+                acks.append(batch.acked)
+        if send.alone and batch is not None:
+            batch.open = False
+        if len(acks) == 1:
+            return acks[0]
+        return asyncio.ensure_future(_all_of(acks))
+
+    async def _hand_over(
+        self, producer: AIOKafkaProducer, tp: TopicPartition, lane: _Lane, lanes: dict[TopicPartition, _Lane]
+    ) -> None:
+        """Hands a lane's batches to the producer, oldest first, until none is left. The first
+        one takes more records until aiokafka takes it (when the partition's queued batch joins
+        a produce request); it is closed right then, before aiokafka's sender can see it."""
+        try:
+            while lane.batches:
+                batch = lane.batches[0]
+                try:
+                    ack = await self._submit(producer, tp, batch.builder)
+                except Exception as exc:  # the batch's outcome: its spans' acks fail
+                    ack = _failed(exc)
+                # Same step as aiokafka queueing it (nothing awaited in between): closed before
+                # its sender drains it, so it never lingers and no record joins it after.
+                batch.builder.close()
+                batch.open = False
+                lane.batches.popleft()
+                _settle(batch.acked, ack)
+        except BaseException as exc:  # cancelled (the loop shutting down), or a bug: no span waits forever
+            for batch in lane.batches:
+                if isinstance(exc, Exception):
+                    batch.acked.set_exception(exc)
+                else:
+                    batch.acked.cancel()
+            raise
+        finally:
+            del lanes[tp]
+
+    async def _submit(self, producer: AIOKafkaProducer, tp: TopicPartition, builder: Any) -> Ack:
+        """``send_batch`` within our own deadline. aiokafka 0.14's add_batch subtracts all the
+        time waited so far on each pass of its wait loop, so when the partition's slot is taken
+        again before this batch gets it (a single record sent to that partition meanwhile), it
+        gives up long before its timeout: such an early KafkaTimeoutError is tried again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._hand_over_timeout_s
+        while True:
+            try:
+                # asyncio.timeout, not wait_for: send_batch must run in this task, so that
+                # _hand_over closes the batch in the step in which aiokafka queued it.
+                async with asyncio.timeout_at(deadline):
+                    ack: Ack = await producer.send_batch(builder, tp.topic, partition=tp.partition)
+                    return ack
+            except KafkaTimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            except TimeoutError:
+                waited = f"{self._hand_over_timeout_s:.0f}s"
+                raise KafkaTimeoutError(f"no room for a batch to {tp} within {waited}") from None
 
     def dead_letter(self, rejection: Rejection) -> tuple[bytes, bytes, Headers]:
         """The DLQ copy: the raw message with the reason in headers, cut to fit the DLQ topic's
@@ -422,6 +503,50 @@ def _redirect(rejection: Rejection, topic: str) -> Rejection:
         key=rejection.key,
         request=rejection.request,
     )
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """One record batch of a lane: takes records while open, then is handed over as it is."""
+
+    builder: Any  # aiokafka's BatchBuilder
+    acked: Ack  # the ack of every span with records in it
+    open: bool = True
+
+    def append(self, key: bytes | None, value: bytes | None, headers: Headers) -> bool:
+        if not self.open:
+            return False
+        return self.builder.append(key=key, value=value, timestamp=None, headers=headers) is not None
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """The batches of one (producer, partition) not yet handed over, and the task handing them
+    over in order (one waiter per partition in aiokafka's add_batch)."""
+
+    batches: deque[_Batch] = field(default_factory=deque)
+    task: asyncio.Future[None] | None = None  # held here: the loop keeps only a weak reference
+
+
+async def _send_one(producer: AIOKafkaProducer, send: Send) -> Any:
+    [(key, value, headers)] = send.records
+    return await (await producer.send(send.topic, value=value, key=key, headers=headers))
+
+
+def _settle(future: Ack, outcome: Ack) -> None:
+    """Resolves ``future`` as ``outcome`` resolves."""
+
+    def copy(done: Ack) -> None:
+        if future.done():
+            return
+        if done.cancelled():
+            future.cancel()
+        elif done.exception() is not None:
+            future.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            future.set_result(done.result())
+
+    outcome.add_done_callback(copy)
 
 
 def _failed(exc: BaseException) -> Ack:

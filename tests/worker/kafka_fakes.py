@@ -172,6 +172,9 @@ class FakeBatch:
     def record_count(self) -> int:
         return len(self.records)
 
+    def close(self) -> None:
+        return None
+
 
 class FakeClient:
     def set_topics(self, topics: Iterable[str]) -> asyncio.Future[None]:

@@ -316,6 +316,9 @@ class FakeBatch:
     def record_count(self) -> int:
         return len(self.records)
 
+    def close(self) -> None:
+        return None
+
 
 class FakeClient:
     def __init__(self) -> None:
