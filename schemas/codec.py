@@ -370,6 +370,21 @@ def decode_request(
     limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
 ) -> EmbedRequest:
     """Decode and validate one request message; raises only ``RequestError``."""
+    return decode_request_and_type(value, headers, limits)[0]
+
+
+def lenient_content_type(headers: Sequence[Header]) -> ContentType:
+    """``content_type_of``, or JSON where the header names no encoding this contract knows."""
+    return _lenient_content_type_from(_last_header(headers, HEADER_CONTENT_TYPE))
+
+
+def decode_request_and_type(
+    value: bytes | None,
+    headers: Sequence[Header],
+    limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+) -> tuple[EmbedRequest, ContentType]:
+    """``decode_request``, and the content type it read the value as (the headers are read
+    once)."""
     if value is None:
         raise RequestError(ErrorCode.INVALID_REQUEST, "message has no value (a tombstone)")
     # Header problems are checked first (they are cheap), but the id is still read when the value
@@ -418,7 +433,7 @@ def decode_request(
             ErrorCode.INVALID_ENCODING, f"undecodable {content_type}: {exc}", value, content_type
         ) from None
     _check_rules(request, limits)
-    return request
+    return request, content_type
 
 
 def _encode(message: EmbedRequest | EmbedResult, content_type: ContentType) -> bytes:

@@ -22,8 +22,8 @@ from schemas import (
     ErrorCode,
     RequestError,
     RequestLimits,
-    content_type_of,
-    decode_request,
+    decode_request_and_type,
+    lenient_content_type,
     readable_fields,
 )
 from schemas.cache_layout import ModelContract
@@ -119,14 +119,15 @@ class RequestDecoder:
             # aiokafka's header names are str, its values bytes or None.
             headers = [(k, b"" if v is None else v) for k, v in (record.headers or ())]
             content_type = ContentType.JSON
+            key_checked = False
             try:
                 if record.key is not None and len(record.key) > MAX_KEY_BYTES:
                     raise RequestError(
                         ErrorCode.MESSAGE_TOO_LARGE,
                         f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}",
                     )
-                content_type = content_type_of(headers)
-                request = decode_request(record.value, headers, self._limits)
+                key_checked = True
+                request, content_type = decode_request_and_type(record.value, headers, self._limits)
                 reply_topic = request.reply_to or self._default_reply_topic
                 if not self._reply_topic_allowed(reply_topic):
                     raise RequestError(
@@ -137,6 +138,8 @@ class RequestDecoder:
                     )
                 key = self._content_hash(request.text, task=request.task, dimensions=request.dimensions)
             except RequestError as error:
+                if key_checked:  # the error result is written as the request was (JSON if unknown)
+                    content_type = lenient_content_type(headers)
                 if (
                     error.request_id is None
                     and error.request is None

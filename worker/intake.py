@@ -235,6 +235,7 @@ class KafkaIntake:
                 await self._salvage(exc)
                 continue
             await self.take(self.owned_records(fetched))
+            self._observe_lag(fetched)
 
     def owned_records(
         self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
@@ -319,8 +320,6 @@ class KafkaIntake:
                 item = next(tokenized)
             if self._owns(item):
                 self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
-        if records:
-            self._observe_lag(records)
 
     async def _off_loop(
         self, inline: bool, work: Callable[[Sequence[T]], list[R]], items: Sequence[T]
@@ -386,13 +385,11 @@ class KafkaIntake:
             self._paused = False
         self._metrics.paused.set(len(self._consumer.paused()))
 
-    def _observe_lag(self, records: list[Any]) -> None:
-        """Lag per partition fetched from: its high watermark minus one past the last record read."""
-        last: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            last[tp] = max(last.get(tp, -1), record.offset)
-        for tp, offset in last.items():
-            highwater = self._consumer.highwater(tp)
+    def _observe_lag(self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        """Lag per partition fetched from: its high watermark minus one past the last record read
+        (a fetch holds each partition's records in offset order)."""
+        for tp, records in fetched.items():
+            highwater = self._consumer.highwater(tp) if records and tp in self._owned else None
             if highwater is not None:
-                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset - 1))
+                lag = max(0, highwater - records[-1].offset - 1)
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
