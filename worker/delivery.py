@@ -32,6 +32,7 @@ from worker.failures import (
     FATAL,
     PER_RECORD,
     AckTimeout,
+    SharedBatchRefused,
     WorkerFatal,
     classify,
     describe,
@@ -88,12 +89,12 @@ class KnownTopics(Protocol):
 
 class FailedSends:
     """What a failed send teaches the next attempt at a batch, by the failure policy
-    (worker.failures): a result send refused per record is split into records sent alone; a
-    record a reply topic refuses alone, or records it does not acknowledge within
-    ``reply_timeout_s``, are answered reply_to_unavailable on the default results topic; a result
-    the results topic itself refuses alone becomes an error result; a dead letter that cannot be
-    written is retried a few times, then counted and given up; an outage of the fleet's own topics
-    is waited out."""
+    (worker.failures): a send of several records refused per record, or one refused in a batch it
+    shared with other sends, is split into records sent alone; a single record a reply topic
+    refuses, or that it does not acknowledge within ``reply_timeout_s``, is answered
+    reply_to_unavailable on the default results topic; a result the results topic itself refuses
+    becomes an error result; a dead letter that cannot be written is retried a few times, then
+    counted and given up; an outage of the fleet's own topics is waited out."""
 
     def __init__(
         self, publisher: BatchPublisher, cluster: KnownTopics, metrics: WorkerMetrics, reply_timeout_s: float
@@ -150,11 +151,8 @@ class FailedSends:
                         source.offset,
                         why,
                     )
-            elif disposition is PER_RECORD and send.part is Part.RESULT and not send.alone:
-                # Find the record that is refused: its batch may have carried other sends' records
-                # too (worker.publisher coalesces a partition's sends), so even a span of one
-                # record is sent again alone before it is blamed.
-                plan.alone.update(sources)
+            elif disposition is PER_RECORD and (len(sources) > 1 or isinstance(error, SharedBatchRefused)):
+                plan.alone.update(sources)  # find the record that is refused
             elif self._publisher.is_reply_topic(send.topic):
                 timed_out = (
                     isinstance(error, AckTimeout) or time.monotonic() - started >= self.reply_timeout_s

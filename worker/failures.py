@@ -75,6 +75,11 @@ class AckTimeout(WorkerError, TimeoutError):
     """A send was not acknowledged within its bound (a reply topic that never acknowledges)."""
 
 
+class SharedBatchRefused(WorkerError):
+    """A record batch that carried the records of several sends was refused per record: any of
+    them may be the one to blame (worker.publisher coalesces a partition's sends)."""
+
+
 class WorkerFatal(WorkerError, RuntimeError):
     """The worker's own configuration or credentials are wrong: it stops (exit 2), saying why."""
 
@@ -98,6 +103,7 @@ POLICY: Final[dict[type[BaseException], Disposition]] = {
     ProducerFenced: FATAL,
     InvalidProducerEpoch: FATAL,
     # per-record: what one record (or its reply topic) causes
+    SharedBatchRefused: PER_RECORD,
     MessageSizeTooLargeError: PER_RECORD,
     RecordTooLargeError: PER_RECORD,
     RecordListTooLargeError: PER_RECORD,

@@ -48,7 +48,7 @@ from schemas import (
     result_headers,
 )
 from worker.config import WorkerConfig
-from worker.failures import AckTimeout
+from worker.failures import PER_RECORD, AckTimeout, SharedBatchRefused, classify, describe
 from worker.jobs import Answer, Headers, Job, Rejection, Source
 from worker.kafka_connection import kafka_connection_options
 from worker.partitioner import partition_hashes
@@ -122,8 +122,8 @@ class Send:
     partition: int | None  # None: the producer partitions by key (error results, dead letters)
     records: list[tuple[bytes | None, bytes | None, Headers]] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
-    # A record sent in a batch of its own (Plan.alone): a refusal is its own. A result span shares
-    # its batches with other sends for its partition, so their refusal may be another record's.
+    # A record sent in a batch of its own (Plan.alone), so that a refusal is its own: a result span
+    # may share its batches with other sends for its partition.
     alone: bool = False
 
     @property
@@ -381,6 +381,7 @@ class ResultPublisher:
                 lane.batches.append(batch)
             if not acks or acks[-1] is not batch.acked:
                 acks.append(batch.acked)
+                batch.sends += 1
         if send.alone and batch is not None:
             batch.open = False
         if len(acks) == 1:
@@ -405,7 +406,7 @@ class ResultPublisher:
                 batch.builder.close()
                 batch.open = False
                 lane.batches.popleft()
-                _settle(batch.acked, ack)
+                _settle(batch.acked, ack, shared=batch.sends > 1)
         except BaseException as exc:  # cancelled (the loop shutting down), or a bug: no span waits forever
             for batch in lane.batches:
                 if isinstance(exc, Exception):
@@ -512,6 +513,7 @@ class _Batch:
     builder: Any  # aiokafka's BatchBuilder
     acked: Ack  # the ack of every span with records in it
     open: bool = True
+    sends: int = 0  # how many sends have records in it
 
     def append(self, key: bytes | None, value: bytes | None, headers: Headers) -> bool:
         if not self.open:
@@ -533,18 +535,25 @@ async def _send_one(producer: AIOKafkaProducer, send: Send) -> Any:
     return await (await producer.send(send.topic, value=value, key=key, headers=headers))
 
 
-def _settle(future: Ack, outcome: Ack) -> None:
-    """Resolves ``future`` as ``outcome`` resolves."""
+def _settle(future: Ack, outcome: Ack, *, shared: bool) -> None:
+    """Resolves ``future`` as ``outcome`` resolves. A refusal of a batch ``shared`` by several sends
+    says so: the record to blame may be another send's (worker.delivery sends each record alone)."""
 
     def copy(done: Ack) -> None:
         if future.done():
             return
         if done.cancelled():
             future.cancel()
-        elif done.exception() is not None:
-            future.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
+            return
+        error = done.exception()
+        if error is None:
             future.set_result(done.result())
+        elif shared and classify(error) is PER_RECORD:
+            refused = SharedBatchRefused(f"a batch of several sends was refused ({describe(error)})")
+            refused.__cause__ = error
+            future.set_exception(refused)
+        else:
+            future.set_exception(error)
 
     outcome.add_done_callback(copy)
 

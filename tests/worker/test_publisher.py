@@ -349,8 +349,19 @@ async def test_a_refusal_fails_the_spans_of_its_batch_only_and_each_is_sent_alon
     from aiokafka.errors import MessageSizeTooLargeError
 
     from worker.delivery import FailedSends
+    from worker.failures import SharedBatchRefused
     from worker.metrics import WorkerMetrics
     from worker.publisher import acknowledged
+
+    class Cluster:
+        def forget(self, topic: str) -> None: ...
+
+    async def learned(outcomes: list[tuple[Send, BaseException | None]]) -> Plan:
+        plan = Plan()
+        await FailedSends(the_publisher, cast(Any, Cluster()), WorkerMetrics(), 10.0).learn(
+            outcomes, plan, started=0.0, dlq_attempts={}, keep_acknowledged=True
+        )
+        return plan
 
     producer, the_publisher = SlotProducer(), publisher()
     queued = await queue_one(the_publisher, producer, 0)
@@ -364,34 +375,24 @@ async def test_a_refusal_fails_the_spans_of_its_batch_only_and_each_is_sent_alon
     assert shared.values == [b"b1", b"b2", b"c"]
     producer.acknowledge(shared, MessageSizeTooLargeError())
     outcomes = await acknowledged([*acks, (span(0, b"queued"), queued)])
-    refused = [send for send, error in outcomes if isinstance(error, MessageSizeTooLargeError)]
-    assert refused == sends[:2] and [e for _, e in outcomes[2:]] == [None, None]
+    assert [type(e) for _, e in outcomes] == [SharedBatchRefused, SharedBatchRefused, type(None), type(None)]
+    refusal = outcomes[0][1]
+    assert refusal is not None and isinstance(refusal.__cause__, MessageSizeTooLargeError)
     # The span of one record may not be the one refused either: both are sent alone next.
-
-    class Cluster:
-        def forget(self, topic: str) -> None: ...
-
-    plan = Plan()
-    await FailedSends(the_publisher, cast(Any, Cluster()), WorkerMetrics(), 10.0).learn(
-        outcomes, plan, started=0.0, dlq_attempts={}, keep_acknowledged=True
-    )
+    plan = await learned(outcomes)
     assert plan.alone == {source for send in sends[:2] for source, _ in send.pieces} and not plan.refused
-    # Sent alone, each gets a batch of its own, and a refusal is then its own.
-    alone = [span(2, b"x", alone=True), span(2, b"y", alone=True), span(2, b"z")]
+    # Sent alone, each gets a batch of its own, and a refusal is then its own; so is the refusal
+    # of a batch that carried one send only.
+    alone = [span(2, b"x", alone=True), span(2, b"y", alone=True), span(2, b"z"), span(3, b"w")]
     acks = await the_publisher.send(cast(Any, producer), alone)
     for _ in range(3):
         await turns()
         producer.next_request()
     assert [b.values for p, b in producer.handed if p == 2] == [[b"x"], [b"y"], [b"z"]]
-    producer.acknowledge(producer.handed[-3][1], MessageSizeTooLargeError())
-    producer.acknowledge(producer.handed[-2][1])
-    producer.acknowledge(producer.handed[-1][1])
-    outcomes = await acknowledged(acks)
-    plan = Plan()
-    await FailedSends(the_publisher, cast(Any, Cluster()), WorkerMetrics(), 10.0).learn(
-        outcomes, plan, started=0.0, dlq_attempts={}, keep_acknowledged=True
-    )
-    assert list(plan.refused) == [alone[0].pieces[0][0]] and not plan.alone
+    for _, batch in producer.handed[-4:]:
+        producer.acknowledge(batch, MessageSizeTooLargeError() if batch.values in ([b"x"], [b"w"]) else None)
+    plan = await learned(await acknowledged(acks))
+    assert set(plan.refused) == {alone[0].pieces[0][0], alone[3].pieces[0][0]} and not plan.alone
 
 
 async def test_nothing_joins_a_batch_once_handed_over() -> None:
