@@ -429,7 +429,14 @@ async def test_kafka_connections_reset_mid_produce(
     assert run.reconnections["kafka"] >= len(rounds), "the resets never hit a broker connection"
 
 
-async def test_broker_bandwidth_down_to_100_kb_s_for_20_s(
+# Each worker's results go out on its own producer connection: 50 results/s of ~4.9 KB (float
+# JSON) over two workers are ~122 KB/s per connection, so a 50 KB/s link holds back about half of
+# them (488 of 1000 answered during the fault in one run). At 100 KB/s, about 860 got through once
+# results shrank to the float32 text (issue 21), too close to unhindered to prove the fault bit.
+BANDWIDTH_KB_S = 50
+
+
+async def test_broker_bandwidth_down_to_50_kb_s_for_20_s(
     proxied: StartProxied,
     shared_dir: Path,
     toxiproxy: Toxiproxy,
@@ -441,16 +448,21 @@ async def test_broker_bandwidth_down_to_100_kb_s_for_20_s(
     async def narrow() -> str:
         # Both directions of every connection: fetches of requests, and produced results.
         async with (
-            toxiproxy.toxic("kafka", "bandwidth", stream="downstream", rate=100),
-            toxiproxy.toxic("kafka", "bandwidth", stream="upstream", rate=100),
+            toxiproxy.toxic("kafka", "bandwidth", stream="downstream", rate=BANDWIDTH_KB_S),
+            toxiproxy.toxic("kafka", "bandwidth", stream="upstream", rate=BANDWIDTH_KB_S),
         ):
             await asyncio.sleep(FAULT_S)
-        return f"100 KB/s each way on every broker connection for {FAULT_S:.0f} s"
+        return f"{BANDWIDTH_KB_S} KB/s each way on every broker connection for {FAULT_S:.0f} s"
 
     run = await run_paced(fleet, proxy_texts(shared_dir), narrow)
     moved = Counters.read(fleet).since(before)
     await check_and_record(
-        fault_ledger, "broker bandwidth 100 KB/s for 20 s", fleet, run, moved, duplicates_allowed=False
+        fault_ledger,
+        f"broker bandwidth {BANDWIDTH_KB_S} KB/s for 20 s",
+        fleet,
+        run,
+        moved,
+        duplicates_allowed=False,
     )
     # 1000 requests were sent during the fault; unhindered, about as many are answered
     # (1000-1200 in the other scenarios). The narrow link must have held results back.
