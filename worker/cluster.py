@@ -41,6 +41,8 @@ METADATA_TOPICS_PER_REQUEST = 500
 # Exactly-once: a reply topic must accept records stamped at least this long ago (see
 # ClusterView.vet_for_transactions).
 MIN_TIMESTAMP_SLACK_MS = 60_000
+VET_ATTEMPTS = 5
+VET_BACKOFF_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +136,22 @@ class ClusterView:
         if self._admin is None:
             self._admin = AIOKafkaAdminClient(**self._connection)
             await self._admin.start()
-        try:
-            responses = await self._admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, t) for t in unvetted]
-            )
-        except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("cannot read the configuration of reply topics (%s); taking them as they are", exc)
-            return
+        # Right after start the admin client may not know a broker yet (NodeNotReadyError, node
+        # id None): a check that gives up at once leaves the trap unchecked, so it is retried
+        # (about 3 s in all) before the topics are taken as they are.
+        for attempt in range(VET_ATTEMPTS):
+            try:
+                responses = await self._admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, t) for t in unvetted]
+                )
+                break
+            except (KafkaError, OSError, TimeoutError) as exc:
+                if attempt + 1 == VET_ATTEMPTS:
+                    log.warning(
+                        "cannot read the configuration of reply topics (%s); taking them as they are", exc
+                    )
+                    return
+                await asyncio.sleep(VET_BACKOFF_S * 2**attempt)
         for response in responses:
             for resource in response.resources:
                 topic, entries = resource[3], {e[0]: e[1] for e in resource[4]}
