@@ -41,6 +41,9 @@ METADATA_TOPICS_PER_REQUEST = 500
 # Exactly-once: a reply topic must accept records stamped at least this long ago (see
 # ClusterView.vet_for_transactions).
 MIN_TIMESTAMP_SLACK_MS = 60_000
+# How long a reply topic found to exist is taken to exist without asking again; a topic deleted
+# within this time of a send may be re-created by that send on a broker that auto-creates topics.
+FOUND_TTL_S = 5.0
 VET_ATTEMPTS = 5
 VET_BACKOFF_S = 0.2
 
@@ -65,7 +68,7 @@ class ClusterView:
         connection: dict[str, Any],
         *,
         request_timeout_ms: int = 10_000,
-        found_ttl_s: float = 5.0,
+        found_ttl_s: float = FOUND_TTL_S,
         missing_ttl_s: float = 5.0,
         max_topics: int = 4096,
         idle_s: float = 60.0,
