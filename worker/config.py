@@ -170,8 +170,9 @@ class WorkerConfig:
     )
     wire_cache_bytes: int = setting(
         "EMBEDFLEET_WIRE_CACHE_BYTES",
-        "bytes of encoded float vectors kept for cache hits of hot keys (a JSON float vector costs "
-        "more to write than the rest of a hit; least recently used dropped first; 0 = off)",
+        "bytes of encoded vectors (each format and content type) kept for cache hits of hot keys "
+        "(writing a vector is the largest cost of a hit after decoding; least recently used dropped "
+        "first; 0 = off)",
         default=64 * 1024 * 1024,
     )
     on_contract_mismatch: str = setting(

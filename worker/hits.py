@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from schemas import ContentType, encode_success_result, encode_vector
+from schemas import ContentType, EncodingFormat, encode_success_result, encode_vector
 from schemas.cache_layout import CacheEntry
 from worker.jobs import Answer, Job
 from worker.metrics import WorkerMetrics
@@ -45,25 +45,31 @@ class Split:
 
 
 class WireForms:
-    """Encoded JSON float vectors of hot keys, least recently used dropped first past
-    ``max_bytes``. Writing 384 floats as text is the largest single cost of a float cache hit
-    (about 7 us, the rest of the hit about as much again); a key asked for again reuses its text.
-    Keyed by content hash and width (the content hash covers the model, task and width)."""
+    """Encoded vectors of hot keys, least recently used dropped first past ``max_bytes``.
+    Writing a vector (384 floats as text, or base64) is the largest single cost of a cache hit
+    after decoding; a key asked for again in the same form reuses its bytes. Keyed by content
+    hash (which covers the model, task and width), encoding format and content type."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._forms: OrderedDict[tuple[str, int], msgspec.Raw] = OrderedDict()
+        self._forms: OrderedDict[tuple[str, EncodingFormat, ContentType], msgspec.Raw] = OrderedDict()
         self.bytes = 0
         self.reused = 0
 
-    def get(self, key: str, vector: NDArray[np.float32]) -> msgspec.Raw:
-        wire_key = (key, int(vector.shape[0]))
+    def get(
+        self,
+        key: str,
+        vector: NDArray[np.float32],
+        encoding_format: EncodingFormat = "float",
+        content_type: ContentType = ContentType.JSON,
+    ) -> msgspec.Raw:
+        wire_key = (key, encoding_format, content_type)
         form = self._forms.get(wire_key)
         if form is not None:
             self._forms.move_to_end(wire_key)
             self.reused += 1
             return form
-        form = encode_vector(vector, "float", ContentType.JSON)
+        form = encode_vector(vector, encoding_format, content_type)
         if len(form) <= self._max_bytes:
             self._forms[wire_key] = form
             self.bytes += len(form)
@@ -111,19 +117,18 @@ class HitLane:
 
     def _result(self, job: Job, entry: CacheEntry) -> bytes:
         # The entry's vector is finite: servable_entries checked it.
-        wire_form = None
-        if (
-            self.wire_forms is not None
-            and job.request.encoding_format == "float"
-            and job.content_type is ContentType.JSON
-        ):
-            wire_form = self.wire_forms.get(job.key, entry.vector)
+        encoding_format = job.request.encoding_format
+        wire_form = (
+            None
+            if self.wire_forms is None
+            else self.wire_forms.get(job.key, entry.vector, encoding_format, job.content_type)
+        )
         return encode_success_result(
             request_id=job.request.id,
             key=job.key,
             model=self._model_name,
             vector=entry.vector,
-            encoding_format=job.request.encoding_format,
+            encoding_format=encoding_format,
             cached=True,
             truncated=False,
             tokens=entry.tokens,

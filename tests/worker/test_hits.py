@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas import ContentType, encode_vector
+from schemas import ContentType, EncodingFormat, encode_vector
 from worker.hits import WireForms
 
 
@@ -14,19 +14,41 @@ def vector(seed: int, dim: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
 
 
+ENCODINGS: tuple[EncodingFormat, ...] = ("float", "base64")
+FORMS = [(f, c) for f in ENCODINGS for c in ContentType]
+
+
 @given(
-    asks=st.lists(st.tuples(st.integers(0, 30), st.sampled_from([4, 8])), max_size=200),
-    room=st.integers(0, 2000),
+    asks=st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from([4, 8]), st.sampled_from(FORMS)), max_size=200
+    ),
+    room=st.integers(0, 4000),
 )
 def test_a_reused_form_is_the_encoding_of_its_vector_and_the_bytes_stay_bounded(
-    asks: list[tuple[int, int]], room: int
+    asks: list[tuple[int, int, tuple[EncodingFormat, ContentType]]], room: int
 ) -> None:
     forms = WireForms(room)
-    for seed, dim in asks:
+    for seed, dim, (encoding_format, content_type) in asks:
         v = vector(seed, dim)
-        assert forms.get(f"key-{seed}", v) == encode_vector(v, "float", ContentType.JSON)
+        # The content hash covers the width: one key, one vector (seed and width name the key).
+        key = f"key-{seed}-{dim}"
+        got = forms.get(key, v, encoding_format, content_type)
+        assert got == encode_vector(v, encoding_format, content_type)
         assert forms.bytes <= room
     assert forms.bytes == sum(len(f) for f in forms._forms.values())
+
+
+def test_one_key_keeps_a_form_per_format_and_content_type() -> None:
+    v = vector(1)
+    forms = WireForms(1 << 20)
+    for encoding_format, content_type in FORMS:
+        assert forms.get("k", v, encoding_format, content_type) == encode_vector(
+            v, encoding_format, content_type
+        )
+    assert forms.reused == 0  # four forms, none taken for another
+    for encoding_format, content_type in FORMS:
+        forms.get("k", v, encoding_format, content_type)
+    assert forms.reused == len(FORMS)
 
 
 def test_the_least_recently_used_form_goes_first() -> None:
