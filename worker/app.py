@@ -198,7 +198,8 @@ def build_parts(
             metrics,
             model_name=model.name,
             max_tokens=int(embedder.manifest.max_tokens),
-            wire_cache_bytes=config.wire_cache_bytes,
+            hot_cache_bytes=config.hot_cache_bytes,
+            hot_cache_max_age_s=config.hot_cache_max_age_s,
         )
     )
     intake = KafkaIntake(

@@ -168,12 +168,18 @@ class WorkerConfig:
         "after a minute)",
         default=4096,
     )
-    wire_cache_bytes: int = setting(
-        "EMBEDFLEET_WIRE_CACHE_BYTES",
-        "bytes of encoded vectors (each format and content type) kept for cache hits of hot keys "
-        "(writing a vector is the largest cost of a hit after decoding; least recently used dropped "
-        "first; 0 = off)",
+    hot_cache_bytes: int = setting(
+        "EMBEDFLEET_HOT_CACHE_BYTES",
+        "bytes of hot cache entries kept in the worker's memory, with the encoded forms of their "
+        "vectors: a key asked for again is answered without a Redis round trip or encoding its "
+        "vector again (least recently used dropped first; 0 = off)",
         default=64 * 1024 * 1024,
+    )
+    hot_cache_max_age_s: float = setting(
+        "EMBEDFLEET_HOT_CACHE_MAX_AGE_S",
+        "seconds a hot entry is kept at most: how long an entry deleted from Redis may still be "
+        "served by a worker that holds it",
+        default=60.0,
     )
     on_contract_mismatch: str = setting(
         "EMBEDFLEET_ON_CONTRACT_MISMATCH",
@@ -216,8 +222,10 @@ class WorkerConfig:
             raise ValueError("EMBEDFLEET_TRANSACTION_TIMEOUT_MS must be >= 1000")
         if self.reply_timeout_s <= 0 or self.reply_topics_kept <= 0:
             raise ValueError("EMBEDFLEET_REPLY_TIMEOUT_S and EMBEDFLEET_REPLY_TOPICS_KEPT must be > 0")
-        if self.wire_cache_bytes < 0:
-            raise ValueError("EMBEDFLEET_WIRE_CACHE_BYTES must be >= 0")
+        if self.hot_cache_bytes < 0:
+            raise ValueError("EMBEDFLEET_HOT_CACHE_BYTES must be >= 0")
+        if self.hot_cache_max_age_s <= 0:
+            raise ValueError("EMBEDFLEET_HOT_CACHE_MAX_AGE_S must be > 0")
         re.compile(self.reply_to_pattern)
 
     @classmethod

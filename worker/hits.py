@@ -7,10 +7,19 @@ only the misses go on to the batcher. An entry answers a request by itself when 
 says the text was not cut: fewer tokens than the model reads means nothing was truncated. An entry
 without a count, or with exactly the model's maximum (cut, or a text of exactly that length),
 goes the batch path instead, which tokenizes it and then serves it from the cache as before.
+
+Hot entries (``HotEntries``) sit in front of Redis: an entry the lane found is kept in the
+worker's memory, with the encoded forms of its vector, for a while. A cache entry never changes
+(its key is the content hash of the model's serving fingerprint and the text, and the model is
+deterministic), so a kept copy is never wrong; keeping it only for ``max_age_s`` bounds how long
+an entry deleted from Redis is still served from here. A key asked for again within that time
+costs neither a Redis round trip nor encoding its vector again, and is served even while Redis is
+away.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,39 +53,82 @@ class Split:
     rest: list[Job] = field(default_factory=list)
 
 
-class WireForms:
-    """Encoded vectors of hot keys, least recently used dropped first past ``max_bytes``.
-    Writing a vector (384 floats as text, or base64) is the largest single cost of a cache hit
-    after decoding; a key asked for again in the same form reuses its bytes. Keyed by content
-    hash (which covers the model, task and width), encoding format and content type."""
+@dataclass(slots=True)
+class _Hot:
+    entry: CacheEntry
+    expires_at: float
+    size: int
+    forms: dict[tuple[EncodingFormat, ContentType], msgspec.Raw] = field(default_factory=dict)
 
-    def __init__(self, max_bytes: int) -> None:
+
+# What a kept entry costs beyond its vector and forms: the key, the objects around them.
+HOT_ENTRY_OVERHEAD_BYTES = 400
+
+
+class HotEntries:
+    """Cache entries of hot keys and the encoded forms of their vectors, in the worker's memory:
+    at most ``max_bytes`` (least recently used dropped first), each for at most ``max_age_s``."""
+
+    def __init__(self, max_bytes: int, max_age_s: float) -> None:
         self._max_bytes = max_bytes
-        self._forms: OrderedDict[tuple[str, EncodingFormat, ContentType], msgspec.Raw] = OrderedDict()
+        self._max_age_s = max_age_s
+        self._entries: OrderedDict[tuple[str, int], _Hot] = OrderedDict()
         self.bytes = 0
-        self.reused = 0
+        self.reused_forms = 0
 
-    def get(
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, int], now: float) -> CacheEntry | None:
+        hot = self._entries.get(key)
+        if hot is None:
+            return None
+        if hot.expires_at <= now:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return hot.entry
+
+    def put(self, key: tuple[str, int], entry: CacheEntry, now: float) -> None:
+        if key in self._entries:
+            self._drop(key)
+        size = int(entry.vector.nbytes) + HOT_ENTRY_OVERHEAD_BYTES
+        if size > self._max_bytes:
+            return
+        self._entries[key] = _Hot(entry, now + self._max_age_s, size)
+        self.bytes += size
+        self._shrink()
+
+    def form(
         self,
-        key: str,
+        key: tuple[str, int],
         vector: NDArray[np.float32],
-        encoding_format: EncodingFormat = "float",
-        content_type: ContentType = ContentType.JSON,
+        encoding_format: EncodingFormat,
+        content_type: ContentType,
     ) -> msgspec.Raw:
-        wire_key = (key, encoding_format, content_type)
-        form = self._forms.get(wire_key)
-        if form is not None:
-            self._forms.move_to_end(wire_key)
-            self.reused += 1
-            return form
+        """``encode_vector(vector, encoding_format, content_type)``, kept with the entry of
+        ``key`` (when it is kept) and reused."""
+        hot = self._entries.get(key)
+        if hot is not None and hot.entry.vector is vector:
+            form = hot.forms.get((encoding_format, content_type))
+            if form is not None:
+                self.reused_forms += 1
+                return form
         form = encode_vector(vector, encoding_format, content_type)
-        if len(form) <= self._max_bytes:
-            self._forms[wire_key] = form
+        if hot is not None and hot.entry.vector is vector:
+            hot.forms[(encoding_format, content_type)] = form
+            hot.size += len(form)
             self.bytes += len(form)
-            while self.bytes > self._max_bytes:
-                _, dropped = self._forms.popitem(last=False)
-                self.bytes -= len(dropped)
+            self._shrink()
         return form
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        self.bytes -= self._entries.pop(key).size
+
+    def _shrink(self) -> None:
+        while self.bytes > self._max_bytes and self._entries:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped.size
 
 
 class HitLane:
@@ -89,39 +141,60 @@ class HitLane:
         *,
         model_name: str,
         max_tokens: int,
-        wire_cache_bytes: int = 0,
+        hot_cache_bytes: int = 0,
+        hot_cache_max_age_s: float = 60.0,
     ) -> None:
         self._cache = cache
         self._metrics = metrics
         self._model_name = model_name
         self._max_tokens = max_tokens
-        self.wire_forms = WireForms(wire_cache_bytes) if wire_cache_bytes else None
+        self.hot = HotEntries(hot_cache_bytes, hot_cache_max_age_s) if hot_cache_bytes else None
 
     async def split(self, jobs: Sequence[Job]) -> Split:
         if not jobs or not self._cache.enabled:
             return Split(rest=list(jobs))
-        keys = list(dict.fromkeys((job.key, job.dim) for job in jobs))
+        hot = self.hot
+        now = time.monotonic()
+        found: dict[tuple[str, int], CacheEntry | None] = {}
+        asked: list[tuple[str, int]] = []
+        for job in jobs:
+            key = (job.key, job.dim)
+            if key not in found:
+                entry = found[key] = hot.get(key, now) if hot is not None else None
+                if entry is None:
+                    asked.append(key)
         # Every key is counted as looked up here (the batch path does not count it again); a hit
         # is counted where it is served: here, or in the batch path for entries sent on.
-        entries = await self._cache.lookup_entries(keys, count_hits=False)
-        found = dict(zip(keys, entries, strict=True))
+        held = len(found) - len(asked)
+        if held:
+            self._metrics.cache_lookups.inc(held)
+        if asked:
+            entries = await self._cache.lookup_entries(asked, count_hits=False)
+            for key, entry in zip(asked, entries, strict=True):
+                found[key] = entry
+                if entry is not None and hot is not None:
+                    hot.put(key, entry, now)
         split = Split()
+        served: set[tuple[str, int]] = set()
         for job in jobs:
-            entry = found[(job.key, job.dim)]
+            key = (job.key, job.dim)
+            entry = found[key]
             if entry is None or entry.tokens is None or entry.tokens >= self._max_tokens:
                 split.rest.append(job)
                 continue
-            split.answered.append((job, self._result(job, entry)))
-        self._metrics.cache_hits.inc(len({(job.key, job.dim) for job, _ in split.answered}))
+            served.add(key)
+            split.answered.append((job, self._result(job, key, entry)))
+        self._metrics.cache_hits.inc(len(served))
+        hot_served = len(served.difference(asked)) if held else 0
+        if hot_served:
+            self._metrics.hot_cache_hits.inc(hot_served)
         return split
 
-    def _result(self, job: Job, entry: CacheEntry) -> bytes:
+    def _result(self, job: Job, key: tuple[str, int], entry: CacheEntry) -> bytes:
         # The entry's vector is finite: servable_entries checked it.
         encoding_format = job.request.encoding_format
         wire_form = (
-            None
-            if self.wire_forms is None
-            else self.wire_forms.get(job.key, entry.vector, encoding_format, job.content_type)
+            None if self.hot is None else self.hot.form(key, entry.vector, encoding_format, job.content_type)
         )
         return encode_success_result(
             request_id=job.request.id,

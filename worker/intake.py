@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -54,11 +55,17 @@ INLINE_DECODE_BYTES = 16 * 1024
 INLINE_READ_BYTES = 256 * 1024
 
 
-# Publishes cache hits answered at intake (the runtime's WorkerRuntime.answer).
-Publish = Callable[[list[Answer]], None]
+# Publishes cache hits answered at intake (the runtime's WorkerRuntime.answer); done once they
+# are acknowledged (or failed: the runtime handles that).
+Publish = Callable[[list[Answer]], "asyncio.Future[None]"]
+# Fetches whose hits may be unacknowledged when the next fetch is taken, as bench/relay.py's
+# --depth: the next fetch's hits are answered while these are acknowledged. Without a bound the
+# loop answers hits faster than the producer takes them: work piles up (300 MB of records in
+# flight on a 100k backlog) and every hit costs twice the CPU.
+HIT_FETCHES_AHEAD = 2
 
 
-def _no_answer(answered: list[Answer]) -> None:
+def _no_answer(answered: list[Answer]) -> asyncio.Future[None]:
     raise RuntimeError("the hit lane answered requests, but nothing publishes them")
 
 
@@ -132,6 +139,7 @@ class KafkaIntake:
         self._consumer = consumer
         self._hits = hits  # None: every job goes to the batcher (no cache, or exactly-once)
         self._answer: Publish = _no_answer
+        self._answering: deque[asyncio.Future[None]] = deque()  # hits being published, oldest first
         self._decoder = decoder
         self._batcher = batcher
         self._offsets = offsets
@@ -310,7 +318,8 @@ class KafkaIntake:
             # dropped.
             hits = [(job, result) for job, result in split.answered if self._owns(job)]
             if hits:
-                self._answer(hits)
+                self._answering.append(self._answer(hits))
+                await self._hits_acknowledged(HIT_FETCHES_AHEAD)
             if split.answered:
                 rest = {id(job) for job in split.rest}  # the same objects: no hashing of sources
                 items = [item for item in items if not isinstance(item, Job) or id(item) in rest]
@@ -325,6 +334,14 @@ class KafkaIntake:
                 item = next(tokenized)
             if self._owns(item):
                 self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
+
+    async def _hits_acknowledged(self, ahead: int) -> None:
+        """Waits until at most ``ahead`` fetches' hits are still being published."""
+        answering = self._answering
+        while answering and answering[0].done():
+            answering.popleft()
+        while len(answering) > ahead:
+            await asyncio.wait([answering.popleft()])  # its failure is the runtime's to handle
 
     async def _off_loop(
         self, inline: bool, work: Callable[[Sequence[T]], list[R]], items: Sequence[T]

@@ -82,9 +82,18 @@ class WorkerMetrics:
             registry=r,
         )
         self.cache_lookups = Counter(
-            "embedfleet_cache_lookups", "Distinct keys looked up in Redis", registry=r
+            "embedfleet_cache_lookups",
+            "Distinct keys looked up in the cache (the worker's hot entries, then Redis)",
+            registry=r,
         )
-        self.cache_hits = Counter("embedfleet_cache_hits", "Distinct keys found in Redis", registry=r)
+        self.cache_hits = Counter(
+            "embedfleet_cache_hits", "Distinct keys found in the cache (hot entries or Redis)", registry=r
+        )
+        self.hot_cache_hits = Counter(
+            "embedfleet_hot_cache_hits",
+            "Of the cache hits, those served from the worker's own hot entries (no Redis round trip)",
+            registry=r,
+        )
         self.cache_invalid = Counter(
             "embedfleet_cache_invalid_entries",
             "Cache entries found but not served (another model or "

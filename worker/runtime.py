@@ -303,14 +303,14 @@ class WorkerRuntime:
                 log.error("pipeline task failed; stopping the worker", exc_info=task.exception())
             self._fail(task.exception() or RuntimeError("pipeline task failed"))
 
-    def answer(self, results: list[Answer]) -> None:
+    def answer(self, results: list[Answer]) -> asyncio.Task[None]:
         """Publishes cache hits the intake answered (worker.hits) at once, beside the batches:
-        a hit never waits for the window or the model."""
+        a hit never waits for the window or the model. Done once they are acknowledged."""
         self._metrics.hit_lane_size.observe(len(results))
         sequence = self._batches_started
         self._batches_started += 1
         outcome = BatchOutcome(results=results, served=Counter(cached=len(results)))
-        self._spawn(self._publish([job for job, _ in results], outcome, [], sequence))
+        return self._spawn(self._publish([job for job, _ in results], outcome, [], sequence))
 
     async def _process(
         self, items: list[Job | Rejection], sequence: int, model_done: Callable[[], None]
