@@ -125,8 +125,6 @@ class FailedSends:
         reachable: bool | None = None
         for send, error in outcomes:
             if error is None:
-                if keep_acknowledged:
-                    plan.skip.update(send.pieces)
                 continue
             again = True
             self._cluster.forget(send.topic)
@@ -175,6 +173,10 @@ class FailedSends:
                 else:  # an error result the results topic refuses: its dead letter still goes
                     plan.skip.update(send.pieces)
                     log.error("the results topic refused an error result (%s); dead letter only", why)
+        if again and keep_acknowledged:  # only another attempt needs to know what is done
+            for send, error in outcomes:
+                if error is None:
+                    plan.skip.update(send.pieces)
         return again
 
 

@@ -148,6 +148,7 @@ class KafkaIntake:
         self._decode_executor = decode_executor
         self._limits = limits
         self._owned: set[TopicPartition] = set()  # partitions this worker may process right now
+        self._releases = 0  # times partitions left _owned: a take that saw none checks no item
         # Taken (fenced, for exactly-once) but not yet positioned: the fetch loop moves each to its
         # committed offset between two fetches, then owns and resumes it (see position_taken).
         self._to_position: set[TopicPartition] = set()
@@ -200,11 +201,13 @@ class KafkaIntake:
     def release(self, partitions: Sequence[TopicPartition]) -> None:
         """Revoked partitions: no longer processed."""
         self._owned -= set(partitions)
+        self._releases += 1
         self._to_position -= set(partitions)
 
     def lose(self, partitions: set[TopicPartition]) -> None:
         """Partitions another worker owns now (fenced): paused until the group hands them out."""
         self._owned -= partitions
+        self._releases += 1
         with contextlib.suppress(Exception):
             self._consumer.pause(*[tp for tp in partitions if tp in self._consumer.assignment()])
 
@@ -296,16 +299,20 @@ class KafkaIntake:
         hits to the hit lane's answer (published at once), the rest to the batcher."""
         if not records and not extra:
             return
+        releases = self._releases
         value_bytes = 0
-        for record in records:
-            value_bytes += len(record.value or b"")
-            size = (
-                len(record.value or b"")
-                + len(record.key or b"")
-                + RECORD_OVERHEAD_BYTES
-                + sum(len(k) + len(v or b"") for k, v in record.headers or ())
-            )
-            self._offsets.track(TopicPartition(record.topic, record.partition), record.offset, size)
+        tp: TopicPartition | None = None
+        unowned = any(rejection.source[:2] not in self._owned for rejection in extra)
+        for record in records:  # grouped by partition: one TopicPartition per group
+            if tp is None or record.partition != tp.partition or record.topic != tp.topic:
+                tp = TopicPartition(record.topic, record.partition)
+                unowned = unowned or tp not in self._owned
+            value_size = len(record.value or b"")
+            value_bytes += value_size
+            size = value_size + len(record.key or b"") + RECORD_OVERHEAD_BYTES
+            if record.headers:
+                size += sum(len(k) + len(v or b"") for k, v in record.headers)
+            self._offsets.track(tp, record.offset, size)
         self._offsets.observe()
         inline = value_bytes <= INLINE_READ_BYTES
         items = [*await self._off_loop(inline, self._decoder.read, records), *extra]
@@ -316,7 +323,11 @@ class KafkaIntake:
             # owned are dropped (their next owner, maybe this worker again, reads them from the
             # committed offset). Kept, a stale item would let a commit pass records the revoke
             # dropped.
-            hits = [(job, result) for job, result in split.answered if self._owns(job)]
+            hits = (
+                split.answered
+                if self._releases == releases and not unowned
+                else [(job, result) for job, result in split.answered if self._owns(job)]
+            )
             if hits:
                 self._answering.append(self._answer(hits))
                 await self._hits_acknowledged(HIT_FETCHES_AHEAD)
@@ -329,10 +340,11 @@ class KafkaIntake:
             inline = len(jobs) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES
             tokenized = iter(await self._off_loop(inline, self._decoder.tokenize, jobs))
         # Rejections travel in the batches too, so every record is answered in fetch order.
+        check = unowned or self._releases != releases  # else every item is of an owned partition
         for item in items:
             if isinstance(item, Job):
                 item = next(tokenized)
-            if self._owns(item):
+            if not check or self._owns(item):
                 self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
 
     async def _hits_acknowledged(self, ahead: int) -> None:
@@ -354,7 +366,7 @@ class KafkaIntake:
         return await asyncio.get_running_loop().run_in_executor(self._decode_executor, work, items)
 
     def _owns(self, item: Job | Rejection) -> bool:
-        return TopicPartition(item.source.topic, item.source.partition) in self._owned
+        return item.source[:2] in self._owned  # (topic, partition): equal to its TopicPartition
 
     async def _salvage(self, error: Exception) -> None:
         """getmany failed on a record it cannot unpack: find every such record, hand over the good

@@ -359,10 +359,14 @@ class WorkerRuntime:
             self._lose(delivered.lost)
         self._count(outcome, refused, delivered)
         lost = delivered.lost
-        for item in items:
-            tp = _source(item)
+        done = self._offsets.done
+        tp: TopicPartition | None = None
+        for item in items:  # mostly grouped by partition: one TopicPartition per group
+            source = item.source
+            if tp is None or source.partition != tp.partition or source.topic != tp.topic:
+                tp = TopicPartition(source.topic, source.partition)
             if not lost or tp not in lost:
-                self._offsets.done(tp, item.source.offset)
+                done(tp, source.offset)
         self._offsets.observe()
         self._commit_wanted.set()
         if log.isEnabledFor(logging.DEBUG):
