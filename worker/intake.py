@@ -58,11 +58,12 @@ INLINE_READ_BYTES = 256 * 1024
 # Publishes cache hits answered at intake (the runtime's WorkerRuntime.answer); done once they
 # are acknowledged (or failed: the runtime handles that).
 Publish = Callable[[list[Answer]], "asyncio.Future[None]"]
-# Fetches whose hits may be unacknowledged when the next fetch is taken, as bench/relay.py's
-# --depth: the next fetch's hits are answered while these are acknowledged. Without a bound the
+# Hits that may be unacknowledged when the next fetch is taken: two full fetches' worth, as
+# bench/relay.py's --depth 2 on a backlog, while small fetches at moderate rates never wait (a
+# bound in fetches held them back: requests waited in the client's buffer). Without a bound the
 # loop answers hits faster than the producer takes them: work piles up (300 MB of records in
 # flight on a 100k backlog) and every hit costs twice the CPU.
-HIT_FETCHES_AHEAD = 2
+HITS_AHEAD = 2 * FETCH_MAX_RECORDS
 
 
 def _no_answer(answered: list[Answer]) -> asyncio.Future[None]:
@@ -139,7 +140,9 @@ class KafkaIntake:
         self._consumer = consumer
         self._hits = hits  # None: every job goes to the batcher (no cache, or exactly-once)
         self._answer: Publish = _no_answer
-        self._answering: deque[asyncio.Future[None]] = deque()  # hits being published, oldest first
+        # Hits being published (the publication, how many), oldest first; their count.
+        self._answering: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._answering_hits = 0
         self._decoder = decoder
         self._batcher = batcher
         self._offsets = offsets
@@ -329,8 +332,9 @@ class KafkaIntake:
                 else [(job, result) for job, result in split.answered if self._owns(job)]
             )
             if hits:
-                self._answering.append(self._answer(hits))
-                await self._hits_acknowledged(HIT_FETCHES_AHEAD)
+                self._answering.append((self._answer(hits), len(hits)))
+                self._answering_hits += len(hits)
+                await self._hits_acknowledged(HITS_AHEAD)
             if split.answered:
                 rest = {id(job) for job in split.rest}  # the same objects: no hashing of sources
                 items = [item for item in items if not isinstance(item, Job) or id(item) in rest]
@@ -348,12 +352,12 @@ class KafkaIntake:
                 self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
 
     async def _hits_acknowledged(self, ahead: int) -> None:
-        """Waits until at most ``ahead`` fetches' hits are still being published."""
+        """Waits until at most ``ahead`` hits are still being published."""
         answering = self._answering
-        while answering and answering[0].done():
-            answering.popleft()
-        while len(answering) > ahead:
-            await asyncio.wait([answering.popleft()])  # its failure is the runtime's to handle
+        while answering and (answering[0][0].done() or self._answering_hits > ahead):
+            published, count = answering.popleft()
+            await asyncio.wait([published])  # its failure is the runtime's to handle
+            self._answering_hits -= count
 
     async def _off_loop(
         self, inline: bool, work: Callable[[Sequence[T]], list[R]], items: Sequence[T]

@@ -177,3 +177,31 @@ async def test_an_entry_at_the_models_token_limit_goes_the_batch_path_and_says_w
     assert not by_id["again-exact"].get("truncated") and not by_id["first-exact"].get("truncated")
     assert all(by_id[i]["tokens"] == 8 for i in by_id)
     assert parts.metrics.hit_lane_size._sum.get() == 0  # neither can be answered without its tokens
+
+
+async def test_the_fetch_loop_waits_only_while_more_hits_than_its_bound_are_unacknowledged() -> None:
+    """Backpressure on the hit lane (worker.intake.HITS_AHEAD): small publications go on without
+    waiting; past the bound the loop waits for the oldest ones, and only as many as needed."""
+    from worker import intake as intake_module
+
+    _, parts, _ = runtime_of(FakeBroker(), Engine())
+    intake = parts.intake
+    loop = asyncio.get_running_loop()
+    bound = intake_module.HITS_AHEAD
+    first, second, third = (loop.create_future() for _ in range(3))
+    intake._answering.extend([(first, bound // 2), (second, bound // 2)])
+    intake._answering_hits = bound
+    await asyncio.wait_for(intake._hits_acknowledged(bound), 1)  # at the bound: no wait
+    intake._answering.append((third, 1))
+    intake._answering_hits += 1
+    waiting = asyncio.create_task(intake._hits_acknowledged(bound))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # one past the bound: waits for the oldest
+    first.set_result(None)
+    await asyncio.wait_for(waiting, 1)
+    assert [count for _, count in intake._answering] == [bound // 2, 1]
+    assert intake._answering_hits == bound // 2 + 1
+    second.set_exception(RuntimeError("a failed publication is the runtime's to handle"))
+    third.set_result(None)
+    await asyncio.wait_for(intake._hits_acknowledged(bound), 1)  # done ones are let go
+    assert not intake._answering and intake._answering_hits == 0
