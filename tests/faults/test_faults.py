@@ -85,7 +85,9 @@ async def test_redis_down_for_10s_then_back(
     finally:
         await asyncio.to_thread(stack, "up", "redis")  # idempotent: never leave Redis down
     assert two_workers.metric("embedfleet_cache_errors_total") > 0
-    # The hit rate recovers: the warm entries are served from Redis again.
+    # The hit rate recovers: the warm entries are served from Redis again. (A worker's hot entries
+    # cannot stand in for Redis here: it keeps only entries its hit lane found in Redis, and these
+    # were computed, never found, before the outage; each is found in Redis at least once after.)
     async with FleetIO(two_workers) as io:
         deadline = asyncio.get_running_loop().time() + 30
         while True:
