@@ -236,3 +236,51 @@ async def test_worker_started_without_redis_uses_it_once_it_comes_back(
         fleet.stop_all()
         await fleet.delete_topics()
         await drop_cache(redis_url, fleet.cache_prefix)  # the fleet's URL is the closed port
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot-entries", "hot-entries-off"])
+async def test_a_hot_key_is_answered_from_the_workers_memory_while_redis_is_away(
+    kafka_bootstrap: str, redis_url: str, model_dir: Path, tmp_path: Path, hot: bool
+) -> None:
+    """Hot entries (worker.hits.HotEntries): texts the hit lane found in Redis are answered as
+    cache hits, with the same vectors, after Redis went away; a text never seen is computed. With
+    hot entries off the same texts are computed again: the hits come from the worker's memory."""
+    port = free_port()
+    env = {} if hot else {"EMBEDFLEET_HOT_CACHE_BYTES": "0"}
+    fleet = await start_fleet(
+        kafka_bootstrap, f"redis://127.0.0.1:{port}/0", model_dir, tmp_path, workers=1, **env
+    )
+    texts = [f"hot key {i} {uuid.uuid4().hex}" for i in range(5)]
+    try:
+        worker = fleet.workers[0]
+        async with forwarder(port, redis_url):
+            for _ in range(100):  # the health loop pings every 2 s
+                if worker.metric("embedfleet_cache_up") == 1:
+                    break
+                await asyncio.sleep(0.2)
+            assert worker.metric("embedfleet_cache_up") == 1
+            await asyncio.sleep(1.5)  # past the skip interval of the start's failure
+            async with FleetIO(fleet) as io:
+                computed = await io.wait_for(await io.send_texts(texts), timeout_s=90)
+                found = await io.wait_for(await io.send_texts(texts), timeout_s=90)
+            assert not any(r.get("cached") for r in computed.values()), computed
+            assert all(r.get("cached") for r in found.values()), found  # from Redis: now hot
+        # Redis is away: the forwarder is closed and nothing listens at the worker's Redis URL.
+        async with FleetIO(fleet) as io:
+            away = await io.wait_for(await io.send_texts(texts), timeout_s=90)
+            fresh = await io.wait_for(await io.send_texts([f"never seen {uuid.uuid4().hex}"]), timeout_s=90)
+        assert all(r.get("error") is None for r in [*away.values(), *fresh.values()])
+        assert not any(r.get("cached") for r in fresh.values())
+        hot_hits = worker.metric("embedfleet_hot_cache_hits_total")
+        if hot:
+            assert all(r.get("cached") for r in away.values()), away
+            assert [r["vector"] for r in away.values()] == [r["vector"] for r in found.values()]
+            assert hot_hits == len(texts)
+        else:
+            assert not any(r.get("cached") for r in away.values()), away
+            assert hot_hits == 0
+        assert worker.alive
+    finally:
+        fleet.stop_all()
+        await fleet.delete_topics()
+        await drop_cache(redis_url, fleet.cache_prefix)
