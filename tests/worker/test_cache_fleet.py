@@ -27,6 +27,7 @@ from producer import Client
 from schemas.cache_layout import ENTRY_FIELDS, contract_key, servable_entry, vector_key
 from schemas.content_hash import content_hash
 from tests.fleet import Fleet, FleetIO, GatewayProcess, drop_cache, free_port, running_fleet, start_fleet
+from worker.config import WorkerConfig
 
 pytestmark = pytest.mark.stack
 
@@ -246,9 +247,14 @@ async def test_a_hot_key_is_answered_from_the_workers_memory_while_redis_is_away
     cache hits, with the same vectors, after Redis went away; a text never seen is computed. With
     hot entries off the same texts are computed again: the hits come from the worker's memory."""
     port = free_port()
-    env = {} if hot else {"EMBEDFLEET_HOT_CACHE_BYTES": "0"}
+    hot_bytes = str(WorkerConfig().hot_cache_bytes) if hot else "0"
     fleet = await start_fleet(
-        kafka_bootstrap, f"redis://127.0.0.1:{port}/0", model_dir, tmp_path, workers=1, **env
+        kafka_bootstrap,
+        f"redis://127.0.0.1:{port}/0",
+        model_dir,
+        tmp_path,
+        workers=1,
+        EMBEDFLEET_HOT_CACHE_BYTES=hot_bytes,
     )
     texts = [f"hot key {i} {uuid.uuid4().hex}" for i in range(5)]
     try:
