@@ -27,6 +27,7 @@ from schemas.codec import (
     content_type_of,
     decode_request,
     decode_request_and_type,
+    decode_request_scanned,
     decode_result,
     dlq_headers,
     encode_request,
@@ -38,6 +39,7 @@ from schemas.codec import (
     readable_fields,
     request_headers,
     result_headers,
+    scan_headers,
 )
 from schemas.content_hash import (
     CONTENT_HASH_TAG,
@@ -98,6 +100,7 @@ __all__ = [
     "content_type_of",
     "decode_request",
     "decode_request_and_type",
+    "decode_request_scanned",
     "decode_result",
     "decode_vector_b64",
     "dlq_headers",
@@ -112,4 +115,5 @@ __all__ = [
     "readable_fields",
     "request_headers",
     "result_headers",
+    "scan_headers",
 ]

@@ -224,10 +224,10 @@ def _lenient_content_type_from(raw: bytes | None) -> ContentType:
 # their size in bytes (names in UTF-8, as Kafka counts them, and values); the last
 # `content-type` value and the last `schema` value (a null value reads as b"", None: absent);
 # the name of the first header whose name or value is not UTF-8 (None: all are).
-_HeaderScan = tuple[int, bytes | None, bytes | None, str | None]
+HeaderScan = tuple[int, bytes | None, bytes | None, str | None]
 
 
-def _scan_headers(headers: Sequence[Header]) -> _HeaderScan:
+def _scan_headers(headers: Sequence[Header]) -> HeaderScan:
     """Size, content type, schema version and UTF-8 check of the headers, in one pass.
 
     Equivalent to summing the sizes, two ``_last_header`` look-ups and a UTF-8 check of every
@@ -385,14 +385,30 @@ def decode_request_and_type(
 ) -> tuple[EmbedRequest, ContentType]:
     """``decode_request``, and the content type it read the value as (the headers are read
     once)."""
+    return decode_request_scanned(value, len(headers), scan_headers(headers), limits)
+
+
+def scan_headers(headers: Sequence[Header]) -> HeaderScan:
+    """What ``decode_request_scanned`` needs of a message's headers, read in one pass. The same
+    headers always give the same scan: a reader may keep it for headers it sees again."""
+    return _scan_headers(headers)
+
+
+def decode_request_scanned(
+    value: bytes | None,
+    header_count: int,
+    scan: HeaderScan,
+    limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+) -> tuple[EmbedRequest, ContentType]:
+    """``decode_request_and_type`` for headers already scanned (``scan_headers``)."""
     if value is None:
         raise RequestError(ErrorCode.INVALID_REQUEST, "message has no value (a tombstone)")
     # Header problems are checked first (they are cheap), but the id is still read when the value
     # is of an acceptable size, so the requester gets its error.
     small = len(value) <= limits.max_message_bytes
-    header_size, content_type_raw, schema_raw, not_utf8 = _scan_headers(headers)
-    if len(headers) > limits.max_headers:
-        message = f"message has {len(headers)} headers; the limit is {limits.max_headers}"
+    header_size, content_type_raw, schema_raw, not_utf8 = scan
+    if header_count > limits.max_headers:
+        message = f"message has {header_count} headers; the limit is {limits.max_headers}"
         if small:
             raise _undecodable(
                 ErrorCode.INVALID_HEADERS, message, value, _lenient_content_type_from(content_type_raw)

@@ -22,11 +22,13 @@ from schemas import (
     ErrorCode,
     RequestError,
     RequestLimits,
-    decode_request_and_type,
+    decode_request_scanned,
     lenient_content_type,
     readable_fields,
+    scan_headers,
 )
 from schemas.cache_layout import ModelContract
+from schemas.codec import HeaderScan
 from worker.engine.tokenize import TokenizedText
 from worker.jobs import Job, RawMessage, Rejection, Source
 from worker.salvage import Unreadable
@@ -35,6 +37,10 @@ Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
 MAX_REMEMBERED_TOPICS = 4096
+# Header lists remembered with their scan, and the largest remembered (values' bytes): a producer
+# that sends a new value each time (a trace id) only refills the memory.
+MAX_REMEMBERED_HEADERS = 256
+MAX_REMEMBERED_HEADER_BYTES = 1024
 
 
 class RequestDecoder:
@@ -68,6 +74,9 @@ class RequestDecoder:
         self._max_kept_value_bytes = max_kept_value_bytes
         self._reply_to = re.compile(reply_to_pattern)
         self._allowed_topics: dict[str, bool] = {}
+        # Header lists seen (producers send the same few over and over): aiokafka's tuple of
+        # (name, value) -> the list with null values as b"" and its scan, read once each.
+        self._headers_seen: dict[tuple[Any, ...], tuple[list[tuple[str, bytes]], HeaderScan]] = {}
         self._content_hash = ContentHasher(model.fingerprint)
         self._default_reply_topic = default_reply_topic
 
@@ -116,8 +125,7 @@ class RequestDecoder:
         decoded: list[Job | Rejection] = []
         for record in records:
             source = Source(record.topic, record.partition, record.offset, record.timestamp)
-            # aiokafka's header names are str, its values bytes or None.
-            headers = [(k, b"" if v is None else v) for k, v in (record.headers or ())]
+            headers, scan = self._headers_of(record.headers)
             content_type = ContentType.JSON
             key_checked = False
             try:
@@ -127,7 +135,7 @@ class RequestDecoder:
                         f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}",
                     )
                 key_checked = True
-                request, content_type = decode_request_and_type(record.value, headers, self._limits)
+                request, content_type = decode_request_scanned(record.value, len(headers), scan, self._limits)
                 reply_topic = request.reply_to or self._default_reply_topic
                 if not self._reply_topic_allowed(reply_topic):
                     raise RequestError(
@@ -186,6 +194,21 @@ class RequestDecoder:
                 )
             )
         return decoded
+
+    def _headers_of(self, raw: Sequence[Any] | None) -> tuple[list[tuple[str, bytes]], HeaderScan]:
+        """A record's headers (aiokafka's names are str, its values bytes or None: None reads
+        as b"") and their scan, remembered for the header tuples seen. The list is shared by every
+        record with the same headers: nothing changes it."""
+        key = tuple(raw or ())
+        seen = self._headers_seen.get(key)
+        if seen is None:
+            headers = [(k, b"" if v is None else v) for k, v in key]
+            seen = (headers, scan_headers(headers))
+            if len(self._headers_seen) >= MAX_REMEMBERED_HEADERS:
+                self._headers_seen.clear()
+            if sum(len(v) for _, v in headers) <= MAX_REMEMBERED_HEADER_BYTES:
+                self._headers_seen[key] = seen
+        return seen
 
     def _kept(self, raw: RawMessage) -> RawMessage:
         if raw.value is None or len(raw.value) <= self._max_kept_value_bytes:

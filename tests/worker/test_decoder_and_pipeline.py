@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas import HEADER_DLQ_HEADERS_REPAIRED, ErrorCode, RequestLimits, decode_result
 from schemas.cache_layout import ModelContract
@@ -240,3 +242,34 @@ async def test_a_server_refusing_scripts_gets_pipelined_lookups() -> None:
     processor.close()
     assert outcome.served == {"cached": 1, "computed": 1}
     assert metrics.cache_errors.labels("lookup")._value.get() == 0  # not counted as an outage
+
+
+HEADER_NAMES = st.sampled_from(["content-type", "Content-Type", "schema", "trace", "x"])
+HEADER_VALUES = st.one_of(
+    st.none(),
+    st.sampled_from([b"application/json", b"application/msgpack", b"1", b"2", b"\xff\xfe", b"text/plain"]),
+    st.binary(max_size=8),
+)
+
+
+def outcome(item: Job | Rejection) -> tuple[object, ...]:
+    if isinstance(item, Job):
+        return ("job", item.key, item.content_type, item.raw.headers)
+    return ("rejection", item.error.code, item.error.message, item.content_type, item.raw.headers)
+
+
+@given(
+    headers=st.lists(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=4), min_size=1, max_size=6),
+    order=st.lists(st.integers(0, 5), min_size=1, max_size=20),
+)
+def test_headers_seen_before_are_read_as_the_first_time(
+    headers: list[list[tuple[str, bytes | None]]], order: list[int]
+) -> None:
+    """The decoder remembers the header lists it has read (worker.decoder._headers_of): a record
+    whose headers it has seen decodes exactly as a fresh decoder decodes it."""
+    value = json.dumps({"id": "a", "text": "one two"}).encode()
+    records = [record(value, offset, headers[i % len(headers)]) for offset, i in enumerate(order)]  # type: ignore[arg-type]
+    remembering = decoder()
+    items = remembering.read(records)
+    assert [outcome(item) for item in items] == [outcome(decoder().read([r])[0]) for r in records]
+    assert len(remembering._headers_seen) <= len(headers)
