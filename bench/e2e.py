@@ -696,6 +696,7 @@ async def main() -> int:
         fixed_phases.append(at_rate)
         print(show(at_rate), flush=True)
 
+    settle()  # the latency phases wrote ~300k results each: their writeback must not land in c64
     hits64 = await backlog_phase(
         "c64. all hits, base64", hit_texts(unique, args.hits), f"bench-{run_id}-b", encoding_format="base64"
     )
