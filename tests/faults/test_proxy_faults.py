@@ -442,9 +442,6 @@ async def test_broker_bandwidth_down_to_50_kb_s_for_20_s(
     toxiproxy: Toxiproxy,
     fault_ledger: FaultLedger,
 ) -> None:
-    fleet = await proxied()
-    before = Counters.read(fleet)
-
     async def narrow() -> str:
         # Both directions of every connection: fetches of requests, and produced results.
         async with (
@@ -454,16 +451,25 @@ async def test_broker_bandwidth_down_to_50_kb_s_for_20_s(
             await asyncio.sleep(FAULT_S)
         return f"{BANDWIDTH_KB_S} KB/s each way on every broker connection for {FAULT_S:.0f} s"
 
-    run = await run_paced(fleet, proxy_texts(shared_dir), narrow)
-    moved = Counters.read(fleet).since(before)
-    await check_and_record(
-        fault_ledger,
-        f"broker bandwidth {BANDWIDTH_KB_S} KB/s for 20 s",
-        fleet,
-        run,
-        moved,
-        duplicates_allowed=False,
-    )
-    # 1000 requests were sent during the fault; unhindered, about as many are answered
-    # (1000-1200 in the other scenarios). The narrow link must have held results back.
+    # 1000 requests are sent during the fault; unhindered, about as many are answered (1000-1200
+    # in the other scenarios). The narrow link must have held results back (338-517 in runs that
+    # it did). Toxiproxy has been seen to leave connections without a toxic (Shopify/toxiproxy
+    # #148; once here: all 1000 answered during the fault): such a run proves nothing about the
+    # fault, though it is still audited, so the scenario runs once more on a fresh fleet.
+    for attempt in (1, 2):
+        fleet = await proxied()
+        before = Counters.read(fleet)
+        run = await run_paced(fleet, proxy_texts(shared_dir), narrow)
+        moved = Counters.read(fleet).since(before)
+        await check_and_record(
+            fault_ledger,
+            f"broker bandwidth {BANDWIDTH_KB_S} KB/s for 20 s" + ("" if attempt == 1 else " (run again)"),
+            fleet,
+            run,
+            moved,
+            duplicates_allowed=False,
+        )
+        if run.answered_during < 0.8 * FAULT_S * RATE:
+            break
+        fleet.stop_all()  # idle from here; the fixture cleans it up
     assert run.answered_during < 0.8 * FAULT_S * RATE, "the bandwidth limit never slowed the results"
