@@ -227,8 +227,10 @@ def _lenient_content_type_from(raw: bytes | None) -> ContentType:
 HeaderScan = tuple[int, bytes | None, bytes | None, str | None]
 
 
-def _scan_headers(headers: Sequence[Header]) -> HeaderScan:
-    """Size, content type, schema version and UTF-8 check of the headers, in one pass.
+def scan_headers(headers: Sequence[Header]) -> HeaderScan:
+    """Size, content type, schema version and UTF-8 check of the headers, in one pass: what
+    ``decode_request_scanned`` needs of them. The same headers always give the same scan, so a
+    reader may keep it for headers it sees again.
 
     Equivalent to summing the sizes, two ``_last_header`` look-ups and a UTF-8 check of every
     name and value in turn (``tests/schemas/test_header_scan.py`` checks it against them).
@@ -386,12 +388,6 @@ def decode_request_and_type(
     """``decode_request``, and the content type it read the value as (the headers are read
     once)."""
     return decode_request_scanned(value, len(headers), scan_headers(headers), limits)
-
-
-def scan_headers(headers: Sequence[Header]) -> HeaderScan:
-    """What ``decode_request_scanned`` needs of a message's headers, read in one pass. The same
-    headers always give the same scan: a reader may keep it for headers it sees again."""
-    return _scan_headers(headers)
 
 
 def decode_request_scanned(

@@ -109,14 +109,15 @@ class HotEntries:
         """``encode_vector(vector, encoding_format, content_type)``, kept with the entry of
         ``key`` (when it is kept) and reused."""
         hot = self._entries.get(key)
-        if hot is not None and hot.entry.vector is vector:
-            form = hot.forms.get((encoding_format, content_type))
-            if form is not None:
-                self.reused_forms += 1
-                return form
-        form = encode_vector(vector, encoding_format, content_type)
-        if hot is not None and hot.entry.vector is vector:
-            hot.forms[(encoding_format, content_type)] = form
+        if hot is None or hot.entry.vector is not vector:  # not kept, or another entry now
+            return encode_vector(vector, encoding_format, content_type)
+        form = hot.forms.get((encoding_format, content_type))
+        if form is not None:
+            self.reused_forms += 1
+        else:
+            form = hot.forms[(encoding_format, content_type)] = encode_vector(
+                vector, encoding_format, content_type
+            )
             hot.size += len(form)
             self.bytes += len(form)
             self._shrink()
