@@ -231,6 +231,7 @@ def build_parts(
             "dim": str(model.dim),
             "variant": str(getattr(embedder, "variant", config.variant)),
             "device": config.device,
+            "kernel": str(getattr(embedder, "kernel", "")),
         }
     )
     return WorkerParts(

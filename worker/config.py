@@ -109,6 +109,13 @@ class WorkerConfig:
     variant: str = setting(
         "EMBEDFLEET_VARIANT", "model variant", default="int8", choices=("int8", "fp32", "fp16")
     )
+    int8_weights: str = setting(
+        "EMBEDFLEET_INT8_WEIGHTS",
+        "encoding of the int8 variant's weights: s8 (u8 x s8 GEMMs, VNNI/AMX), u8 (exact on any "
+        "x86 CPU) or auto (s8 where the CPU has AVX-512 VNNI, AVX-VNNI or AMX); the same vectors",
+        default="auto",
+        choices=("auto", "u8", "s8"),
+    )
     device: str = setting("EMBEDFLEET_DEVICE", "inference device", default="cpu", choices=("cpu", "cuda"))
     intra_op_threads: int = setting(
         "EMBEDFLEET_INTRA_OP_THREADS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from worker.commands import main as cli_main
 from worker.engine import quality, quantize
 from worker.engine.bundle import Bundle, BundleError, load_bundle
+from worker.engine.cpu import read_cpu
 from worker.engine.embedder import (
     Embedder,
     InjectedFault,
@@ -229,18 +231,24 @@ def test_missing_files_are_named(derive_bundle: DeriveBundle, tmp_path: Path) ->
         load_bundle(path)
 
 
-def test_corrupt_model_file_is_named(derive_bundle: DeriveBundle, bundle: Bundle) -> None:
+@pytest.mark.parametrize(("weights", "filename"), [("u8", "model_int8.onnx"), ("s8", "model_int8_s8.onnx")])
+def test_corrupt_model_file_is_named(
+    derive_bundle: DeriveBundle, bundle: Bundle, weights: str, filename: str
+) -> None:
+    if weights == "s8" and not read_cpu().exact_s8_gemm:
+        pytest.skip("this CPU has no VNNI or AMX: the s8 weights are never loaded here")
+    good = bundle.variant_path("int8", weights).read_bytes()
     path = derive_bundle()
-    (path / "model_int8.onnx").unlink()
-    (path / "model_int8.onnx").write_bytes(bundle.variant_path("int8").read_bytes()[:100_000])
-    with pytest.raises(BundleError, match=r"model_int8\.onnx is corrupt.*embedfleet model build"):
-        Embedder.from_bundle(path, variant="int8")
+    (path / filename).unlink()
+    (path / filename).write_bytes(good[:100_000])
+    with pytest.raises(BundleError, match=rf"{re.escape(filename)} is corrupt.*embedfleet model build"):
+        Embedder.from_bundle(path, variant="int8", int8_weights=weights)
     # Without a recorded hash, ONNX Runtime's own failure is reported with the file name.
     path = derive_bundle(file_sha256={})
-    (path / "model_int8.onnx").unlink()
-    (path / "model_int8.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(BundleError, match=r"model_int8\.onnx cannot be loaded"):
-        Embedder.from_bundle(path, variant="int8")
+    (path / filename).unlink()
+    (path / filename).write_bytes(b"not an onnx file")
+    with pytest.raises(BundleError, match=rf"{re.escape(filename)} cannot be loaded"):
+        Embedder.from_bundle(path, variant="int8", int8_weights=weights)
 
 
 def test_import_foreign_onnx(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> None:

@@ -63,3 +63,4 @@ def test_the_command_measures_the_bundle_and_recommends(model_dir: Path, shared_
     recommended = [line for line in done.stdout.splitlines() if line.startswith("recommended for queries:")]
     assert len(recommended) == 1 and "EMBEDFLEET_VARIANT=" in recommended[0], done.stdout
     assert "measuring int8 on cpu" in done.stderr  # progress on stderr
+    assert "int8 u8 x " in done.stdout  # the INT8 kernel that ran, whichever weights this CPU takes

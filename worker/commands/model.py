@@ -129,6 +129,9 @@ def _build(args: argparse.Namespace) -> int:
     for variant, filename in sorted(bundle.manifest.variants.items()):
         size = (bundle.path / filename).stat().st_size / 1e6
         print(f"{variant:5s} {bundle.path / filename}  {size:.1f} MB")
+    if bundle.manifest.int8_s8_weights:
+        s8_file = bundle.path / bundle.manifest.int8_s8_weights
+        print(f"int8  {s8_file}  {s8_file.stat().st_size / 1e6:.1f} MB (s8 weights, for VNNI/AMX CPUs)")
     print(f"fingerprint {bundle.manifest.fingerprint}")
     return 0
 
@@ -194,6 +197,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _recommend(args: argparse.Namespace) -> int:
     from worker.engine.bundle import load_bundle
+    from worker.engine.cpu import read_cpu
     from worker.engine.embedder import physical_cpu_count
     from worker.engine.recommend import (
         MAX_BATCH_DRIFT,
@@ -214,6 +218,8 @@ def _recommend(args: argparse.Namespace) -> int:
     queries = quality.first_distinct(quality.read_jsonl_strings(corpus / "queries.jsonl"), args.queries)
     docs = quality.read_jsonl_strings(corpus / "docs.jsonl")[: args.docs]
     progress = _progress()
+    cpu = read_cpu()
+    print(f"CPU: {cpu.model}, {cpu.cores} logical cores; {', '.join(cpu.reported_flags) or 'no AVX2'}")
     reports = []
     for variant, device in runnable_variants(list(load_bundle(path).manifest.variants)):
         progress(f"measuring {variant} on {device} ({len(queries)} queries, {len(docs)} docs)")
@@ -230,6 +236,7 @@ def _recommend(args: argparse.Namespace) -> int:
             f"{report.min_cosine:9.5f} {report.mean_cosine:9.5f} {report.batch_drift:12.1e}  "
             f"{'ok' if report.meets_floors else 'FAIL'}"
         )
+    print("kernels: " + "; ".join(f"{report.variant} {report.kernel}" for report in reports))
     print(
         f"floors: every reference text >= {MIN_COSINE}, mean >= {MEAN_COSINE}, "
         f"batch drift <= {MAX_BATCH_DRIFT:g}"

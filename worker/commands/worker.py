@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.describe(), indent=2))
         return 0
     setup_logging(config.log_format, config.log_level, worker_id=config.worker_id)
-    from worker.engine.bundle import BundleError
     from worker.engine.embedder import Embedder, physical_cpu_count
+    from worker.engine.errors import EngineError
 
     calls, per_call = config.model_threads(physical_cpu_count())
     log.info("model: %d call(s) side by side, %d ONNX Runtime thread(s) each", calls, per_call)
@@ -55,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
             intra_op_threads=per_call,
             fault_marker=args.fault_marker if args.fault_kind != "hold-transaction" else None,
             fault_kind=args.fault_kind,
+            int8_weights=config.int8_weights,
         )
-    except BundleError as exc:
+    except EngineError as exc:  # a bundle, a device or INT8 weights this machine cannot serve
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    log.info("model: variant %s, kernel %s", embedder.variant, embedder.kernel)
     hold = args.fault_marker if args.fault_kind == "hold-transaction" else None
     return asyncio.run(serve(config, embedder, inference_threads=calls, hold_marker=hold))

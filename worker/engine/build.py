@@ -26,8 +26,10 @@ from worker.engine.bundle import (
     write_manifest,
 )
 
-BUILDER_VERSION = "embedfleet-export/2"  # 2: INT8 with per-row activations
+BUILDER_VERSION = "embedfleet-export/3"  # 2: INT8 with per-row activations; 3: and s8 weights
 VARIANT_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
+# The INT8 weights again, as int8 (worker.engine.cpu: for CPUs with VNNI or AMX).
+INT8_S8_FILE = "model_int8_s8.onnx"
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8", "fp16")
 
 Progress = Callable[[str], None]
@@ -82,6 +84,7 @@ def build_from_source(
             variants={v: VARIANT_FILES[v] for v in variants},
             source=str(source.directory),
             builder_version=BUILDER_VERSION,
+            int8_s8_weights=_s8_file(stage),
             file_sha256=_hashes(stage, variants),
             quantization=_notes(variants, quantize.SENSITIVE_MATMULS),
         )
@@ -120,6 +123,7 @@ def import_onnx(
             variants={v: VARIANT_FILES[v] for v in variants},
             source=str(onnx_file),
             builder_version=BUILDER_VERSION,
+            int8_s8_weights=_s8_file(stage),
             matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True),
             matryoshka_layer_norm=settings.matryoshka_layer_norm,
             prompts=dict(settings.prompts),
@@ -142,6 +146,9 @@ def _derive_variants(
     if "int8" in variants:
         progress("quantizing INT8 (per-row activations, per-channel weights)")
         quantize.to_int8(fp32, stage / VARIANT_FILES["int8"], exclude_nodes=int8_exclude)
+        progress("storing the INT8 weights as int8 too (u8 x s8 GEMMs, for CPUs with VNNI or AMX)")
+        if not quantize.to_s8_weights(stage / VARIANT_FILES["int8"], stage / INT8_S8_FILE):
+            (stage / INT8_S8_FILE).unlink()  # not the per-row scheme (an old imported graph)
     if "fp16" in variants:
         progress("converting FP16")
         quantize.to_fp16(fp32, stage / VARIANT_FILES["fp16"])
@@ -164,8 +171,13 @@ def _probe_dim(model_path: Path, info: export.ForeignOnnx) -> int:
     return int(output.shape[-1])
 
 
+def _s8_file(stage: Path) -> str:
+    return INT8_S8_FILE if (stage / INT8_S8_FILE).is_file() else ""
+
+
 def _hashes(stage: Path, variants: Sequence[str]) -> dict[str, str]:
-    return {VARIANT_FILES[v]: sha256_file(stage / VARIANT_FILES[v]) for v in variants}
+    files = [VARIANT_FILES[v] for v in variants] + ([INT8_S8_FILE] if _s8_file(stage) else [])
+    return {name: sha256_file(stage / name) for name in files}
 
 
 def _notes(variants: Sequence[str], excluded: Sequence[str]) -> str:

@@ -55,6 +55,9 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     # file name -> SHA-256, checked when a variant is loaded (catches truncated copies).
     file_sha256: dict[str, str] = msgspec.field(default_factory=dict)
     quantization: str = ""
+    # The int8 variant's weights stored as int8 instead of uint8 + 128: u8 x s8 GEMMs for CPUs
+    # with VNNI or AMX, the same vectors (worker.engine.cpu). Empty in bundles built before.
+    int8_s8_weights: str = ""
     # Name of the graph output to pool (rank 3), or a pooled output (rank 2).
     output_name: str = "last_hidden_state"
     format_version: int = FORMAT_VERSION
@@ -67,7 +70,9 @@ def serving_fingerprint(manifest: Manifest, variant: str) -> str:
     covers every input that changes one: the source weights, the variant's ONNX file (its
     quantization scheme), pooling, normalisation, max tokens, prompts and Matryoshka settings.
     An FP32 worker and an INT8 worker therefore never serve each other's vectors, and a rebuilt
-    INT8 file with a new quantization scheme starts a fresh cache.
+    INT8 file with a new quantization scheme starts a fresh cache. The int8 variant's s8 weights
+    are not part of it: they are the u8 file's weights re-encoded, giving the same vectors
+    (worker.engine.cpu), so workers on CPUs with and without VNNI share one fingerprint.
     """
     filename = manifest.variants.get(variant, "")
     identity = {
@@ -95,13 +100,25 @@ class Bundle:
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER_FILE
 
-    def variant_path(self, variant: str) -> Path:
-        """Path of a variant's ONNX file, checked against the manifest's SHA-256."""
+    @property
+    def int8_weights(self) -> frozenset[str]:
+        """The encodings of the int8 variant's weights this bundle has (worker.engine.cpu)."""
+        if "int8" not in self.manifest.variants:
+            return frozenset()
+        return frozenset({"u8", "s8"} if self.manifest.int8_s8_weights else {"u8"})
+
+    def variant_path(self, variant: str, int8_weights: str = "u8") -> Path:
+        """Path of a variant's ONNX file (for int8, of the weights' encoding ``int8_weights``),
+        checked against the manifest's SHA-256."""
         filename = self.manifest.variants.get(variant)
         if filename is None:
             raise BundleError(
                 f"{self.path / MANIFEST_FILE}: no variant {variant!r} (has {sorted(self.manifest.variants)})"
             )
+        if variant == "int8" and int8_weights == "s8":
+            if not self.manifest.int8_s8_weights:
+                raise BundleError(f"{self.path / MANIFEST_FILE}: no s8 INT8 weights: {REBUILD_HINT}")
+            filename = self.manifest.int8_s8_weights
         file_path = self.path / filename
         if not file_path.is_file():
             raise BundleError(f"{file_path} is missing: {REBUILD_HINT}")
@@ -156,7 +173,7 @@ def load_bundle(path: Path | str) -> Bundle:
     tokenizer_path = bundle_path / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise BundleError(f"{tokenizer_path} is missing: {REBUILD_HINT}")
-    for filename in manifest.variants.values():
+    for filename in [*manifest.variants.values(), *filter(None, [manifest.int8_s8_weights])]:
         if not (bundle_path / filename).is_file():
             raise BundleError(f"{bundle_path / filename} is missing: {REBUILD_HINT}")
     return Bundle(bundle_path, manifest)

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
+from worker.engine.cpu import CpuInfo, Int8Weights, choose_int8_weights, read_cpu
 from worker.engine.errors import EngineError
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, TextTokenizer, TokenizedText
 
@@ -107,9 +108,14 @@ class Embedder:
         fault_marker: str | None = None,
         fault_kind: str = "raise",
         low_memory: bool = True,
+        int8_weights: Int8Weights | None = None,
+        cpu: CpuInfo | None = None,
     ) -> None:
         self.bundle = bundle
         self.variant = variant
+        # The int8 variant's weight encoding loaded (None for other variants), and the kernel.
+        self.int8_weights = int8_weights
+        self.kernel = (cpu or read_cpu()).int8_kernel(int8_weights) if int8_weights else variant
         self.device = device
         self.fault_marker = fault_marker
         self.fault_kind = fault_kind
@@ -136,14 +142,21 @@ class Embedder:
         low_memory: bool = True,
         fault_marker: str | None = None,
         fault_kind: str = "raise",
+        int8_weights: str = "auto",
     ) -> Embedder:
         """Load a bundle. ``variant`` defaults to int8 on the CPU and fp16 on CUDA;
-        ``intra_op_threads`` defaults to the physical cores available to this process."""
+        ``intra_op_threads`` defaults to the physical cores available to this process;
+        ``int8_weights`` (auto, u8, s8): the int8 variant's weight encoding
+        (``worker.engine.cpu.choose_int8_weights``; auto is the exact and fastest one here)."""
         bundle = load_bundle(path)
         chosen = variant or ("fp16" if device == "cuda" else "int8")
         if chosen not in bundle.manifest.variants and variant is None:
             chosen = "fp32"  # an imported bundle may carry only fp32 / int8
-        model_path = bundle.variant_path(chosen)
+        cpu = read_cpu()
+        weights: Int8Weights | None = None
+        if chosen == "int8":  # Int8WeightsError (an EngineError) where the choice cannot run here
+            weights = choose_int8_weights(int8_weights, cpu, bundle.int8_weights)
+        model_path = bundle.variant_path(chosen, weights or "u8")
         threads = intra_op_threads or physical_cpu_count()
         options = session_options(threads)
         providers = _providers(device, chosen, cuda_device_id)
@@ -168,6 +181,8 @@ class Embedder:
             fault_marker=fault_marker,
             fault_kind=fault_kind,
             low_memory=low_memory,
+            int8_weights=weights,
+            cpu=cpu,
         )
 
     @property

@@ -4,7 +4,9 @@ INT8 (``to_int8``): every MatMul with per-channel int8 weights (stored as uint8 
 zero point of 128, so the GEMM is u8 x u8, which cannot saturate on AVX2 CPUs without VNNI) and
 per-row (per-token) asymmetric uint8 activations computed in the graph, so a text's vector does
 not depend on its batch; the word-embedding table as int8 rows. Why this scheme, and the
-measurements of every scheme tried: ``QUANTIZATION.md`` beside this file.
+measurements of every scheme tried: ``QUANTIZATION.md`` beside this file. ``to_s8_weights``
+stores the same weights as int8 (u8 x s8 GEMMs: VNNI's instruction); which one a CPU runs is
+``worker.engine.cpu``'s choice.
 
 FP16 (``to_fp16``): onnxruntime.transformers.float16 with keep_io_types, so the I/O stays
 int64 ids / float32 hidden states; it is meant for the CUDA provider (the CPU has no FP16
@@ -41,7 +43,8 @@ QUANTIZATION_NOTES = (
     "int8: MatMul weights int8 per output column; activations uint8 per row (per token, "
     "asymmetric min/max, computed in the graph, so a text's vector does not depend on its "
     "batch); {excluded} kept FP32; embedding tables as int8 rows with per-row scales; "
-    "attention core FP32. "
+    "attention core FP32; the weights stored as uint8 + 128 (u8 x u8 GEMMs, exact on any x86 "
+    "CPU) and again as int8 (u8 x s8, for CPUs with VNNI or AMX: the same vectors). "
     "fp16: float16 weights and compute, float32/int64 I/O, for the CUDA provider."
 )
 
@@ -274,6 +277,34 @@ def _per_row_nodes(base: str, x: str, y: str, axes_as_input: bool) -> list[onnx.
         helper.make_node("Reshape", [f"{base}_y2", f"{base}_out_shape"], [y], name=f"{base}_out")
     )
     return replacement
+
+
+def to_s8_weights(int8_model: Path, output: Path) -> int:
+    """Write ``int8_model`` (``to_int8``'s per-row graph) with its MatMul weights stored as int8
+    instead of uint8 + 128: the same integer grid (``w_u8 - 128 == w_s8`` exactly, and each
+    GEMM's zero-point term was exact integer arithmetic), so the same integer sums and the same
+    vectors, on the u8 x s8 kernels that VNNI and AMX run. Returns how many MatMuls it rewrote."""
+    model = onnx.load(str(int8_model))
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulIntegerToFloat" or len(node.input) < 6:
+            continue
+        weights, zero_point = initializers.get(node.input[1]), initializers.get(node.input[5])
+        if weights is None or zero_point is None or weights.data_type != TensorProto.UINT8:
+            continue
+        points = numpy_helper.to_array(zero_point)
+        if not np.all(points == WEIGHT_ZERO_POINT):
+            raise ValueError(f"{node.name}: weight zero points other than {WEIGHT_ZERO_POINT}")
+        signed = (numpy_helper.to_array(weights).astype(np.int16) - WEIGHT_ZERO_POINT).astype(np.int8)
+        weights.CopyFrom(numpy_helper.from_array(signed, weights.name))
+        del node.input[5]  # no weight zero point: 0
+        rewritten += 1
+    used = {name for node in model.graph.node for name in node.input}
+    for unused in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(unused)
+    onnx.save(model, str(output))
+    return rewritten
 
 
 def _quantize_matmuls(staged: Path, output: Path, exclude_nodes: Sequence[str], present: set[str]) -> None:

@@ -38,6 +38,7 @@ class VariantReport:
     mean_cosine: float
     batch_drift: float  # 1 - the lowest cosine between a text's batched and single vectors
     fingerprint: str
+    kernel: str = ""  # what ran: the variant, or the int8 weights' GEMM kernel on this CPU
 
     @property
     def meets_floors(self) -> bool:
@@ -87,6 +88,7 @@ def measure_variant(
         mean_cosine=float(cosines.mean()),
         batch_drift=max(0.0, drift),
         fingerprint=embedder.model_fingerprint,
+        kernel=embedder.kernel,
     )
 
 
