@@ -53,7 +53,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,13 @@ sys.path.insert(0, str(REPO))
 from schemas import EmbedRequest, encode_request, request_headers  # noqa: E402
 from worker.cache import drop_cache_prefix  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
+from worker.engine.cpu import read_cpu  # noqa: E402
 
 BOOTSTRAP = os.environ.get("EMBEDFLEET_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 SHARED = Path(os.environ.get("EMBEDFLEET_SHARED", REPO.parent / "shared"))
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # the bench extra installs it
 RELAY = str(Path(__file__).resolve().with_name("relay.py"))
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 LOG_APPEND_TIME = 1  # a record's timestamp_type when the topic stamps it on append
 # How often readiness is polled, the worker's and the relay's alike: the clock of a backlog phase
 # starts when it is seen (a 100k base64 backlog takes the relay under 2 s).
@@ -136,28 +136,6 @@ class Check:
     @property
     def passed(self) -> bool:
         return bool(self.value >= self.target)
-
-
-@dataclass
-class Cpu:
-    model: str
-    cores: int
-    flags: list[str] = field(default_factory=list)
-
-
-def cpu() -> Cpu:
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return Cpu(model, os.cpu_count() or 1, [f for f in CPU_FLAGS if f in flags])
 
 
 def corpus_queries(limit: int, *, distinct: bool, skip: int = 0) -> list[str]:
@@ -541,7 +519,9 @@ def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
     from worker.engine.embedder import Embedder, physical_cpu_count
 
     calls, per_call = config.model_threads(physical_cpu_count())
-    embedder = Embedder.from_bundle(config.model, variant=config.variant, intra_op_threads=per_call)
+    embedder = Embedder.from_bundle(
+        config.model, variant=config.variant, intra_op_threads=per_call, int8_weights=config.int8_weights
+    )
 
     def embed(batch: list[str]) -> object:
         return embedder.embed(
@@ -646,8 +626,11 @@ async def main() -> int:
     Run.relay_model = bundle_identity(config)
     run_id = uuid.uuid4().hex[:8]
     unique = corpus_queries(args.unique, distinct=True)
-    machine = cpu()
-    print(f"CPU: {machine.model}, {machine.cores} logical cores; {', '.join(machine.flags) or 'no AVX2'}")
+    machine = read_cpu()
+    print(
+        f"CPU: {machine.model}, {machine.cores} logical cores; "
+        f"{', '.join(machine.reported_flags) or 'no AVX2'}"
+    )
     print(
         f"bench/e2e.py: model {config.model} ({config.variant}), window {config.batch_window_ms} ms, "
         f"token budget {config.token_budget}, inference batch {config.inference_batch_size}",
@@ -784,7 +767,7 @@ async def main() -> int:
         )
     print(
         f"info  g. 2 workers x 1 thread / one worker: {two_workers.throughput / misses.throughput:.2f} "
-        f"(no target; CPU {machine.model}, {', '.join(machine.flags)})"
+        f"(no target; CPU {machine.model}, {', '.join(machine.reported_flags)})"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -795,7 +778,11 @@ async def main() -> int:
         checks_json = [
             {"label": c.label, "value": c.value, "target": c.target, "detail": c.detail} for c in checks
         ]
-        figures = {"cpu": vars(machine), "phases": phases, "checks": checks_json}
+        figures = {
+            "cpu": {"model": machine.model, "cores": machine.cores, "flags": machine.reported_flags},
+            "phases": phases,
+            "checks": checks_json,
+        }
         args.json.write_text(json.dumps(figures, indent=2, default=str))
     client = redis_asyncio.Redis.from_url(config.redis_url)
     for phase_prefix in ("b", "d", "e", "g"):

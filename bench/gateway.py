@@ -215,15 +215,9 @@ async def fleet_through_kafka(fleet: Fleet, texts: list[str]) -> Row:
     )
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
 async def main_async(args: argparse.Namespace) -> int:
     from worker.engine.bundle import default_bundle_dir
+    from worker.engine.cpu import read_cpu
 
     model_dir = Path(args.model or os.environ.get("EMBEDFLEET_MODEL") or default_bundle_dir())
     scale = 0.25 if args.quick else 1.0
@@ -232,7 +226,7 @@ async def main_async(args: argparse.Namespace) -> int:
     miss_gateway = distinct_queries(miss_count, skip=10_000)
     miss_kafka = distinct_queries(miss_count, skip=10_000 + miss_count)
     logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    cpu = cpu_name()
+    cpu = read_cpu().model
     print(f"# bench/gateway.py on {os.cpu_count()} cores ({cpu}); logs in {logs}", flush=True)
     fleet = await start_fleet(args.bootstrap, args.redis_url, model_dir, logs, workers=args.workers)
     naive, naive_port = start_naive(model_dir, logs / "naive.log")

@@ -6,10 +6,12 @@
    AVX-512, AVX-VNNI / AVX-512 VNNI, AMX), and which INT8 GEMM kernel that means.
 2. Roofline: the throughput ONNX Runtime reaches on this CPU for the encoder's GEMM shapes
    (M = 512 token rows; 384x384, 384x1536, 1536x384), FP32 ``MatMul`` against INT8
-   ``MatMulInteger`` with u8 activations and u8 weights (the bundle's scheme) and s8 weights.
+   ``MatMulInteger`` with u8 activations and u8 weights and with s8 weights (the bundle's two
+   encodings of its INT8 weights; s8 is served only where it is exact: VNNI or AMX).
    From it, the tokens/s ceiling of a GEMM-only encoder: all-MiniLM-L6-v2 does about 21 MFLOP of
    GEMM per token (6 layers x 2 x 384 x (4 x 384 + 2 x 1536)).
-3. An op-level profile (ONNX Runtime's profiler) of the bundle's INT8 and FP32 graphs on one batch
+3. An op-level profile (ONNX Runtime's profiler) of the bundle's INT8 (each encoding this CPU
+   runs exactly) and FP32 graphs on one batch
    of queries and one of docs: the share of node time per operator type, and the engine's measured
    tokens/s as a fraction of the GEMM-only ceiling.
 Every figure is measured in this run; compare only figures printed side by side.
@@ -20,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from worker.commands.model import shared_dir  # noqa: E402
 from worker.engine.bundle import default_bundle_dir  # noqa: E402
+from worker.engine.cpu import CpuInfo, read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, session_options  # noqa: E402
 from worker.engine.quality import read_jsonl_strings  # noqa: E402
 
@@ -46,38 +47,12 @@ SHAPES = ((384, 384), (384, 1536), (1536, 384))
 # 6 layers, per token: Q, K, V and output projections (4 x 384 x 384) and the FFN (2 x 384 x 1536),
 # two FLOPs per multiply-add.
 GEMM_FLOP_PER_TOKEN = 6 * 2 * 384 * (4 * 384 + 2 * 1536)
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-@dataclass(frozen=True)
-class CpuInfo:
-    model: str
-    cores: int
-    flags: list[str]
-    int8_kernel: str
-
-
-def cpu() -> CpuInfo:
-    model, flags = platform.processor() or "unknown", set()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    present = [f for f in FLAGS if f in flags]
-    if "amx_int8" in flags:
-        kernel = "AMX tiles (u8s8); u8u8 weights use the AVX-512 VNNI path"
-    elif "avx512_vnni" in flags:
-        kernel = "AVX-512 VNNI (vpdpbusd)"
-    elif "avx_vnni" in flags:
-        kernel = "AVX-VNNI (vpdpbusd, 256-bit)"
-    elif "avx2" in flags:
-        kernel = "AVX2 (u8s8: vpmaddubsw, saturating; u8u8: widened to int16, exact)"
-    else:
-        kernel = "SSE"
-    return CpuInfo(model, os.cpu_count() or 1, present, kernel)
+def int8_kernels(cpu: CpuInfo) -> str:
+    """Which INT8 GEMM kernel each weight encoding runs on here."""
+    exact = "" if cpu.exact_s8_gemm else " (not used here: it saturates)"
+    return f"u8 weights: {cpu.int8_kernel('u8')}; s8 weights: {cpu.int8_kernel('s8')}{exact}"
 
 
 def gemm_model(k: int, n: int, kind: str) -> bytes:
@@ -140,9 +115,11 @@ def roofline(threads: int) -> dict[str, dict[str, float]]:
     return table
 
 
-def profile(model: Path, variant: str, texts: Sequence[str], threads: int) -> tuple[dict[str, float], float]:
+def profile(
+    model: Path, variant: str, weights: str, texts: Sequence[str], threads: int
+) -> tuple[dict[str, float], float]:
     """Share of node time per operator type over one batch, and the engine's tokens/s on it."""
-    embedder = Embedder.from_bundle(model, variant=variant, intra_op_threads=threads)
+    embedder = Embedder.from_bundle(model, variant=variant, intra_op_threads=threads, int8_weights=weights)
     encoded = embedder.prepare(texts)
     embedder.run(encoded)  # warm-up
     started = time.perf_counter()
@@ -153,7 +130,7 @@ def profile(model: Path, variant: str, texts: Sequence[str], threads: int) -> tu
         options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        path = model / embedder.manifest.variants[variant]
+        path = embedder.bundle.variant_path(variant, embedder.int8_weights or "u8")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         available = {
             "input_ids": encoded.input_ids,
@@ -179,9 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     model = args.model or default_bundle_dir()
-    machine = cpu()
-    print(f"CPU: {machine.model} ({machine.cores} logical cores); {', '.join(machine.flags)}")
-    print(f"INT8 GEMM kernel: {machine.int8_kernel}; ONNX Runtime {ort.__version__}, {args.threads} threads")
+    machine = read_cpu()
+    print(f"CPU: {machine.model} ({machine.cores} logical cores); {', '.join(machine.reported_flags)}")
+    print(
+        f"INT8 GEMM kernels: {int8_kernels(machine)}; ONNX Runtime {ort.__version__}, {args.threads} threads"
+    )
     print("\nGEMM throughput, M = 512 rows (GOP/s; mix = the encoder's share of each shape)")
     ceiling = roofline(args.threads)
     corpus = shared_dir() / "corpus"
@@ -190,16 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "docs": read_jsonl_strings(corpus / "docs.jsonl")[:16],
     }
     report: dict[str, object] = {
-        "cpu": asdict(machine),
+        "cpu": {
+            "model": machine.model,
+            "cores": machine.cores,
+            "flags": machine.reported_flags,
+            "int8_kernels": int8_kernels(machine),
+        },
         "threads": args.threads,
         "gemm_ops_per_s": ceiling,
         "engine": {},
     }
     print("\nengine on one batch: tokens/s, fraction of the GEMM-only ceiling, top operators by node time")
-    for variant, kind in (("int8", "u8u8"), ("fp32", "fp32")):
+    engines = [("int8", "u8", "u8u8"), ("fp32", "auto", "fp32")]
+    if machine.exact_s8_gemm:
+        engines.insert(0, ("int8", "s8", "u8s8"))
+    for variant, weights, kind in engines:
         tokens_ceiling = ceiling[kind]["mix"] / GEMM_FLOP_PER_TOKEN
+        label = f"{variant} {weights}" if variant == "int8" else variant
         for name, texts in batches.items():
-            shares, tokens_per_s = profile(model, variant, texts, args.threads)
+            shares, tokens_per_s = profile(model, variant, weights, texts, args.threads)
             top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:7])
             gemm = sum(
                 s
@@ -215,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             print(
-                f"  {variant:4} {name:7} {tokens_per_s:8.0f} tok/s = {tokens_per_s / tokens_ceiling:5.1%} of "
+                f"  {label:7} {name:7} {tokens_per_s:8.0f} tok/s = {tokens_per_s / tokens_ceiling:5.1%} of "
                 f"{tokens_ceiling:,.0f}; GEMMs {gemm:.0%} of node time; {top}"
             )
-            report["engine"][f"{variant}/{name}"] = {  # type: ignore[index]
+            report["engine"][f"{label}/{name}"] = {  # type: ignore[index]
                 "tokens_per_s": tokens_per_s,
                 "ceiling_tokens_per_s": tokens_ceiling,
                 "fraction_of_ceiling": tokens_per_s / tokens_ceiling,

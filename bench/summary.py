@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if roofline_path.exists():
         roofline = json.loads(roofline_path.read_text())
         print(f"CPU: {roofline['cpu']['model']}; {', '.join(roofline['cpu']['flags'])}")
-        print(f"INT8 kernel: {roofline['cpu']['int8_kernel']}")
+        print(f"INT8 kernels: {roofline['cpu']['int8_kernels']}")
         for name, figures in roofline["engine"].items():
             print(f"  {name:13} {figures['fraction_of_ceiling']:6.1%} of the GEMM-only ceiling")
     print(f"\n{'':4}  {'bench':6}  {'check':80}  {'value':>8}  {'target':>7}")
