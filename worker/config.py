@@ -107,7 +107,11 @@ class WorkerConfig:
     # Model
     model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_bundle_dir)
     variant: str = setting(
-        "EMBEDFLEET_VARIANT", "model variant", default="int8", choices=("int8", "fp32", "fp16")
+        "EMBEDFLEET_VARIANT",
+        "model variant (openvino: the FP32 graph compiled by OpenVINO, BF16 where the CPU has it; "
+        "needs the openvino extra)",
+        default="int8",
+        choices=("int8", "fp32", "fp16", "openvino"),
     )
     int8_weights: str = setting(
         "EMBEDFLEET_INT8_WEIGHTS",

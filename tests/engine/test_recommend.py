@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from worker.engine.openvino_backend import openvino_available
 from worker.engine.recommend import VariantReport, recommend, runnable_variants
 
 EMBEDFLEET = str(Path(sys.executable).with_name("embedfleet"))
@@ -40,7 +41,8 @@ def test_the_fastest_variant_that_meets_the_floors_wins() -> None:
 
 
 def test_fp16_is_offered_only_on_cuda() -> None:
-    assert runnable_variants(["fp32", "int8", "fp16"], cuda=False) == [("fp32", "cpu"), ("int8", "cpu")]
+    cpu_only = runnable_variants(["fp32", "int8", "fp16"], cuda=False, openvino=False)
+    assert cpu_only == [("fp32", "cpu"), ("int8", "cpu")]
     assert ("fp16", "cuda") in runnable_variants(["fp32", "int8", "fp16"], cuda=True)
 
 
@@ -59,6 +61,9 @@ def test_the_command_measures_the_bundle_and_recommends(model_dir: Path, shared_
         line.split()[0]: line for line in done.stdout.splitlines() if line.split()[:1] in (["fp32"], ["int8"])
     }
     assert set(rows) == {"fp32", "int8"}
+    if openvino_available():  # measured beside the others, against the same floors
+        openvino_rows = [line for line in done.stdout.splitlines() if line.startswith("openvino ")]
+        assert len(openvino_rows) == 1 and openvino_rows[0].rstrip().endswith("ok"), done.stdout
     assert all(row.rstrip().endswith("ok") for row in rows.values()), done.stdout
     recommended = [line for line in done.stdout.splitlines() if line.startswith("recommended for queries:")]
     assert len(recommended) == 1 and "EMBEDFLEET_VARIANT=" in recommended[0], done.stdout

@@ -93,6 +93,41 @@ async def test_a_thousand_texts_fp32_workers_match_the_reference(
         await fp32_fleet.cleanup()
 
 
+async def test_a_thousand_texts_openvino_workers(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    shared_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Workers serving the FP32 graph through OpenVINO (BF16 where the CPU has it) answer under
+    its own serving fingerprint, close to the reference, and their cached copies equal the first
+    answers (the vectors do not depend on the batch)."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from worker.engine.cpu import read_cpu
+    from worker.engine.openvino_backend import openvino_precision
+
+    openvino_fleet = await start_fleet(
+        kafka_bootstrap,
+        redis_url,
+        model_dir,
+        tmp_path_factory.mktemp("openvino"),
+        workers=2,
+        EMBEDFLEET_VARIANT="openvino",
+    )
+    try:
+        await check_a_thousand_texts(
+            openvino_fleet,
+            shared_dir,
+            variant=f"openvino-{openvino_precision(read_cpu())}",
+            per_text_floor=0.999,
+            mean_floor=0.9999,
+        )
+    finally:
+        openvino_fleet.stop_all()
+        await openvino_fleet.cleanup()
+
+
 async def test_a_thousand_texts_int8_workers(fleet: Fleet, shared_dir: Path) -> None:
     """The default INT8 workers: every reference text >= 0.99 (per-row INT8, see
     worker/engine/quantize.py), and batch-invariant, so the cached copy equals the first answer."""

@@ -22,7 +22,7 @@ CHUNK_LINES = 4096  # texts read per engine call: bounds memory on large inputs
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", default="-", help="JSONL file (default: stdin)")
     parser.add_argument("--model", type=Path, help="bundle directory (default: the default bundle)")
-    parser.add_argument("--variant", choices=("fp32", "int8", "fp16"), default=None)
+    parser.add_argument("--variant", choices=("fp32", "int8", "fp16", "openvino"), default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--task", help="prompt name declared by the model, e.g. query")
     parser.add_argument("--dimensions", type=int, help="Matryoshka truncation")

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             fault_marker=args.fault_marker if args.fault_kind != "hold-transaction" else None,
             fault_kind=args.fault_kind,
             int8_weights=config.int8_weights,
+            parallel_calls=calls,
         )
     except EngineError as exc:  # a bundle, a device or INT8 weights this machine cannot serve
         print(f"error: {exc}", file=sys.stderr)

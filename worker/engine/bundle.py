@@ -73,8 +73,11 @@ def serving_fingerprint(manifest: Manifest, variant: str) -> str:
     INT8 file with a new quantization scheme starts a fresh cache. The int8 variant's s8 weights
     are not part of it: they are the u8 file's weights re-encoded, giving the same vectors
     (worker.engine.cpu), so workers on CPUs with and without VNNI share one fingerprint.
+    ``openvino-bf16`` and ``openvino-f32`` are the FP32 file compiled by OpenVINO in that precision.
     """
     filename = manifest.variants.get(variant, "")
+    if variant.startswith("openvino-"):  # OpenVINO's precision on the FP32 file (openvino_backend)
+        filename = manifest.variants.get("fp32", "")
     identity = {
         "weights": manifest.fingerprint,
         "variant": variant,

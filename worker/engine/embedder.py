@@ -19,6 +19,7 @@ import onnxruntime as ort
 from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
 from worker.engine.cpu import CpuInfo, Int8Weights, choose_int8_weights, read_cpu
 from worker.engine.errors import EngineError
+from worker.engine.openvino_backend import OPENVINO_VARIANT, OpenVinoSession, openvino_precision
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, TextTokenizer, TokenizedText
 
 FloatArray = npt.NDArray[np.float32]
@@ -101,7 +102,7 @@ class Embedder:
     def __init__(
         self,
         bundle: Bundle,
-        session: ort.InferenceSession,
+        session: ort.InferenceSession | OpenVinoSession,
         *,
         variant: str,
         device: Device,
@@ -116,6 +117,11 @@ class Embedder:
         # The int8 variant's weight encoding loaded (None for other variants), and the kernel.
         self.int8_weights = int8_weights
         self.kernel = (cpu or read_cpu()).int8_kernel(int8_weights) if int8_weights else variant
+        # What the serving fingerprint names: the variant, and OpenVINO's precision.
+        self.serving_variant = variant
+        if isinstance(session, OpenVinoSession):
+            self.serving_variant = f"{variant}-{session.precision}"
+            self.kernel = f"openvino {session.version}, {session.precision}"
         self.device = device
         self.fault_marker = fault_marker
         self.fault_kind = fault_kind
@@ -143,11 +149,14 @@ class Embedder:
         fault_marker: str | None = None,
         fault_kind: str = "raise",
         int8_weights: str = "auto",
+        parallel_calls: int = 1,
     ) -> Embedder:
         """Load a bundle. ``variant`` defaults to int8 on the CPU and fp16 on CUDA;
         ``intra_op_threads`` defaults to the physical cores available to this process;
         ``int8_weights`` (auto, u8, s8): the int8 variant's weight encoding
-        (``worker.engine.cpu.choose_int8_weights``; auto is the exact and fastest one here)."""
+        (``worker.engine.cpu.choose_int8_weights``; auto is the exact and fastest one here);
+        ``parallel_calls``: how many threads call ``run`` side by side (OpenVINO gives each a
+        stream of its own; an ONNX Runtime session needs nothing for it)."""
         bundle = load_bundle(path)
         chosen = variant or ("fp16" if device == "cuda" else "int8")
         if chosen not in bundle.manifest.variants and variant is None:
@@ -156,8 +165,34 @@ class Embedder:
         weights: Int8Weights | None = None
         if chosen == "int8":  # Int8WeightsError (an EngineError) where the choice cannot run here
             weights = choose_int8_weights(int8_weights, cpu, bundle.int8_weights)
-        model_path = bundle.variant_path(chosen, weights or "u8")
         threads = intra_op_threads or physical_cpu_count()
+        session: ort.InferenceSession | OpenVinoSession
+        if chosen == OPENVINO_VARIANT:
+            if device != "cpu":
+                raise EngineError("variant openvino runs on the CPU; use variant fp16 on CUDA")
+            model_path = bundle.variant_path("fp32")  # OpenVINO compiles the FP32 graph itself
+            try:
+                session = OpenVinoSession(
+                    model_path, threads=threads, precision=openvino_precision(cpu), streams=parallel_calls
+                )
+            except EngineError:
+                raise
+            except Exception as exc:  # OpenVINO's own exception types
+                raise BundleError(
+                    f"{model_path} cannot be compiled by OpenVINO ({exc}); "
+                    "run `embedfleet model build` to rebuild the bundle"
+                ) from exc
+            return cls(
+                bundle,
+                session,
+                variant=chosen,
+                device=device,
+                fault_marker=fault_marker,
+                fault_kind=fault_kind,
+                low_memory=low_memory,
+                cpu=cpu,
+            )
+        model_path = bundle.variant_path(chosen, weights or "u8")
         options = session_options(threads)
         providers = _providers(device, chosen, cuda_device_id)
         try:
@@ -192,7 +227,7 @@ class Embedder:
     @property
     def model_fingerprint(self) -> str:
         """The fingerprint content hashes use: weights + this variant (see serving_fingerprint)."""
-        return serving_fingerprint(self.bundle.manifest, self.variant)
+        return serving_fingerprint(self.bundle.manifest, self.serving_variant)
 
     @property
     def dim(self) -> int:
@@ -287,7 +322,7 @@ class Embedder:
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(encoded.input_ids)
         output_name = self.manifest.output_name
-        if self.device == "cuda":
+        if self.device == "cuda" and not isinstance(self._session, OpenVinoSession):
             binding = self._session.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)

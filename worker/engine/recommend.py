@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.engine.embedder import CUDA_PROVIDER, Embedder
+from worker.engine.openvino_backend import OPENVINO_VARIANT, openvino_available
 from worker.engine.quality import Reference, row_cosines
 
 MIN_COSINE = 0.99
@@ -52,11 +53,16 @@ class VariantReport:
         return self.docs_per_s if workload == "docs" else self.queries_per_s
 
 
-def runnable_variants(variants: Sequence[str], cuda: bool | None = None) -> list[tuple[str, str]]:
+def runnable_variants(
+    variants: Sequence[str], cuda: bool | None = None, openvino: bool | None = None
+) -> list[tuple[str, str]]:
     """(variant, device) pairs this machine can run: every CPU variant but fp16 (ONNX Runtime's
-    CPU kernels run FP16 graphs slowly, through casts), and fp16 on CUDA when it is there."""
+    CPU kernels run FP16 graphs slowly, through casts), the FP32 graph through OpenVINO when the
+    runtime is installed, and fp16 on CUDA when it is there."""
     has_cuda = CUDA_PROVIDER in ort.get_available_providers() if cuda is None else cuda
     pairs = [(variant, "cpu") for variant in sorted(variants) if variant != "fp16"]
+    if "fp32" in variants and (openvino_available() if openvino is None else openvino):
+        pairs.append((OPENVINO_VARIANT, "cpu"))
     if has_cuda and "fp16" in variants:
         pairs.append(("fp16", "cuda"))
     return pairs
