@@ -50,7 +50,7 @@ from worker.engine.bundle import default_bundle_dir  # noqa: E402
 from worker.engine.cpu import read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, physical_cpu_count  # noqa: E402
 from worker.engine.quality import read_jsonl_strings, read_reference, row_cosines  # noqa: E402
-from worker.engine.recommend import MAX_BATCH_DRIFT, MEAN_COSINE, MIN_COSINE  # noqa: E402
+from worker.engine.recommend import meets_floors  # noqa: E402
 
 BATCH_SIZE = 32
 TOKEN_BUDGET = 2048  # the engine's default per model call
@@ -77,11 +77,7 @@ class Engine:
 
     @property
     def meets_floors(self) -> bool:
-        return (
-            self.min_cosine >= MIN_COSINE
-            and self.mean_cosine >= MEAN_COSINE
-            and self.batch_drift <= MAX_BATCH_DRIFT
-        )
+        return meets_floors(self.min_cosine, self.mean_cosine, self.batch_drift)
 
 
 def bundle_engine(embedder: Embedder) -> Embed:
@@ -111,7 +107,7 @@ def openvino_engine(model: Path, tokenizer: Embedder, threads: int) -> tuple[Emb
     compiled = core.compile_model(
         str(tokenizer.bundle.variant_path("fp32")), "CPU", {"INFERENCE_NUM_THREADS": threads}
     )
-    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # bf16, f32
     request = compiled.create_infer_request()
     inputs = {port.any_name for port in compiled.inputs}
 

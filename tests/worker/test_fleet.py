@@ -68,6 +68,35 @@ async def check_a_thousand_texts(
             np.testing.assert_allclose(second[second_id]["vector"], results[first_id]["vector"], atol=1e-6)
 
 
+async def check_a_variant_fleet(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    shared_dir: Path,
+    logs: Path,
+    *,
+    variant: str,
+    serving_variant: str,
+    per_text_floor: float,
+    mean_floor: float,
+) -> None:
+    """Two workers serving EMBEDFLEET_VARIANT=``variant``: check_a_thousand_texts."""
+    variant_fleet = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, logs, workers=2, EMBEDFLEET_VARIANT=variant
+    )
+    try:
+        await check_a_thousand_texts(
+            variant_fleet,
+            shared_dir,
+            variant=serving_variant,
+            per_text_floor=per_text_floor,
+            mean_floor=mean_floor,
+        )
+    finally:
+        variant_fleet.stop_all()
+        await variant_fleet.cleanup()
+
+
 async def test_a_thousand_texts_fp32_workers_match_the_reference(
     kafka_bootstrap: str,
     redis_url: str,
@@ -76,21 +105,17 @@ async def test_a_thousand_texts_fp32_workers_match_the_reference(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Workers serving the FP32 variant reproduce sentence-transformers on every reference text."""
-    fp32_fleet = await start_fleet(
+    await check_a_variant_fleet(
         kafka_bootstrap,
         redis_url,
         model_dir,
+        shared_dir,
         tmp_path_factory.mktemp("fp32"),
-        workers=2,
-        EMBEDFLEET_VARIANT="fp32",
+        variant="fp32",
+        serving_variant="fp32",
+        per_text_floor=0.99,
+        mean_floor=0.9999,
     )
-    try:
-        await check_a_thousand_texts(
-            fp32_fleet, shared_dir, variant="fp32", per_text_floor=0.99, mean_floor=0.9999
-        )
-    finally:
-        fp32_fleet.stop_all()
-        await fp32_fleet.cleanup()
 
 
 async def test_a_thousand_texts_openvino_workers(
@@ -107,25 +132,17 @@ async def test_a_thousand_texts_openvino_workers(
     from worker.engine.cpu import read_cpu
     from worker.engine.openvino_backend import openvino_precision
 
-    openvino_fleet = await start_fleet(
+    await check_a_variant_fleet(
         kafka_bootstrap,
         redis_url,
         model_dir,
+        shared_dir,
         tmp_path_factory.mktemp("openvino"),
-        workers=2,
-        EMBEDFLEET_VARIANT="openvino",
+        variant="openvino",
+        serving_variant=f"openvino-{openvino_precision(read_cpu())}",
+        per_text_floor=0.999,
+        mean_floor=0.9999,
     )
-    try:
-        await check_a_thousand_texts(
-            openvino_fleet,
-            shared_dir,
-            variant=f"openvino-{openvino_precision(read_cpu())}",
-            per_text_floor=0.999,
-            mean_floor=0.9999,
-        )
-    finally:
-        openvino_fleet.stop_all()
-        await openvino_fleet.cleanup()
 
 
 async def test_a_thousand_texts_int8_workers(fleet: Fleet, shared_dir: Path) -> None:

@@ -170,44 +170,11 @@ class Embedder:
         if chosen == OPENVINO_VARIANT:
             if device != "cpu":
                 raise EngineError("variant openvino runs on the CPU; use variant fp16 on CUDA")
-            model_path = bundle.variant_path("fp32")  # OpenVINO compiles the FP32 graph itself
-            try:
-                session = OpenVinoSession(
-                    model_path, threads=threads, precision=openvino_precision(cpu), streams=parallel_calls
-                )
-            except EngineError:
-                raise
-            except Exception as exc:  # OpenVINO's own exception types
-                raise BundleError(
-                    f"{model_path} cannot be compiled by OpenVINO ({exc}); "
-                    "run `embedfleet model build` to rebuild the bundle"
-                ) from exc
-            return cls(
-                bundle,
-                session,
-                variant=chosen,
-                device=device,
-                fault_marker=fault_marker,
-                fault_kind=fault_kind,
-                low_memory=low_memory,
-                cpu=cpu,
-            )
-        model_path = bundle.variant_path(chosen, weights or "u8")
-        options = session_options(threads)
-        providers = _providers(device, chosen, cuda_device_id)
-        try:
-            session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph...)
-            raise BundleError(
-                f"{model_path} cannot be loaded by ONNX Runtime ({exc}); "
-                "run `embedfleet model build` to rebuild the bundle"
-            ) from exc
-        if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
-            # ORT falls back to the CPU silently when CUDA/cuDNN libraries fail to load.
-            raise EngineError(
-                "device='cuda': ONNX Runtime could not initialise CUDAExecutionProvider "
-                "(check the CUDA and cuDNN libraries matching onnxruntime-gpu)"
-            )
+            # OpenVINO compiles the FP32 graph itself.
+            session = _openvino_session(bundle.variant_path("fp32"), threads, cpu, parallel_calls)
+        else:
+            model_path = bundle.variant_path(chosen, weights or "u8")
+            session = _onnxruntime_session(model_path, device, chosen, threads, cuda_device_id)
         return cls(
             bundle,
             session,
@@ -387,6 +354,40 @@ def plan_batches(token_counts: Sequence[int], batch_size: int, token_budget: int
     if current:
         batches.append(current)
     return batches
+
+
+def _onnxruntime_session(
+    model_path: Path, device: Device, variant: str, threads: int, cuda_device_id: int
+) -> ort.InferenceSession:
+    providers = _providers(device, variant, cuda_device_id)
+    try:
+        session = ort.InferenceSession(str(model_path), session_options(threads), providers=providers)
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph...)
+        raise BundleError(
+            f"{model_path} cannot be loaded by ONNX Runtime ({exc}); "
+            "run `embedfleet model build` to rebuild the bundle"
+        ) from exc
+    if device == "cuda" and CUDA_PROVIDER not in session.get_providers():
+        # ORT falls back to the CPU silently when CUDA/cuDNN libraries fail to load.
+        raise EngineError(
+            "device='cuda': ONNX Runtime could not initialise CUDAExecutionProvider "
+            "(check the CUDA and cuDNN libraries matching onnxruntime-gpu)"
+        )
+    return session
+
+
+def _openvino_session(model_path: Path, threads: int, cpu: CpuInfo, streams: int) -> OpenVinoSession:
+    try:
+        return OpenVinoSession(
+            model_path, threads=threads, precision=openvino_precision(cpu), streams=streams
+        )
+    except EngineError:  # the runtime is not installed
+        raise
+    except Exception as exc:  # OpenVINO's own exception types
+        raise BundleError(
+            f"{model_path} cannot be compiled by OpenVINO ({exc}); "
+            "run `embedfleet model build` to rebuild the bundle"
+        ) from exc
 
 
 def _providers(device: Device, variant: str, cuda_device_id: int) -> list[str | tuple[str, dict[str, str]]]:

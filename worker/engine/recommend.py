@@ -29,6 +29,11 @@ MAX_BATCH_DRIFT = 1e-5
 Workload = Literal["queries", "docs"]  # what the ranking favours
 
 
+def meets_floors(min_cosine: float, mean_cosine: float, batch_drift: float) -> bool:
+    """The fleet's floors for any variant's vectors (see the module docstring)."""
+    return min_cosine >= MIN_COSINE and mean_cosine >= MEAN_COSINE and batch_drift <= MAX_BATCH_DRIFT
+
+
 @dataclass(frozen=True, slots=True)
 class VariantReport:
     variant: str
@@ -43,11 +48,7 @@ class VariantReport:
 
     @property
     def meets_floors(self) -> bool:
-        return (
-            self.min_cosine >= MIN_COSINE
-            and self.mean_cosine >= MEAN_COSINE
-            and self.batch_drift <= MAX_BATCH_DRIFT
-        )
+        return meets_floors(self.min_cosine, self.mean_cosine, self.batch_drift)
 
     def speed(self, workload: Workload) -> float:
         return self.docs_per_s if workload == "docs" else self.queries_per_s
