@@ -4,6 +4,7 @@ integer grid, and the same vectors from both where s8 is exact (no timings here)
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.fleet import EMBEDFLEET
 from worker.engine import embedder as embedder_module
 from worker.engine import quality, quantize
 from worker.engine.bundle import Bundle, BundleError, serving_fingerprint
@@ -199,3 +201,20 @@ def test_asking_a_bundle_for_s8_it_lacks_names_the_fix(derive_bundle: DeriveBund
 
     with pytest.raises(BundleError, match=r"no s8 INT8 weights.*embedfleet model build"):
         load_bundle(derive_bundle(int8_s8_weights="")).variant_path("int8", "s8")
+
+
+def test_the_worker_refuses_weights_it_cannot_serve_in_one_line(derive_bundle: DeriveBundle) -> None:
+    """`embedfleet worker` with s8 weights its bundle lacks: one line saying what to do, exit 2,
+    before it touches Kafka or Redis."""
+    path = derive_bundle(int8_s8_weights="")
+    done = subprocess.run(
+        [EMBEDFLEET, "worker", "--model", str(path), "--variant", "int8", "--int8-weights", "s8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: " in done.stderr
+    assert "EMBEDFLEET_INT8_WEIGHTS=auto" in done.stderr or "embedfleet model build" in done.stderr
+    assert "Traceback" not in done.stderr
