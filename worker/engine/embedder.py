@@ -1,7 +1,9 @@
-"""The embedding engine: a model bundle + an ONNX Runtime session -> pooled, normalised vectors.
+"""The embedding engine: a model bundle + an inference session (ONNX Runtime, or OpenVINO for the
+openvino variant) -> pooled, normalised vectors.
 
-Importable on its own (no Kafka, no Redis). One ``Embedder`` is meant to be driven from one
-thread at a time; ONNX Runtime parallelises each batch with ``intra_op_threads``.
+Importable on its own (no Kafka, no Redis). ``run`` may be called from several threads side by
+side (the worker's inference threads, ``parallel_calls``); each call is parallelised with
+``intra_op_threads``.
 """
 
 from __future__ import annotations
