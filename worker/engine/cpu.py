@@ -28,7 +28,6 @@ from typing import Literal
 from worker.engine.errors import EngineError
 
 Int8Weights = Literal["u8", "s8"]
-Int8WeightsSetting = Literal["auto", "u8", "s8"]
 INT8_WEIGHT_SETTINGS: tuple[str, ...] = ("auto", "u8", "s8")
 
 # Instruction sets under which MLAS's u8 x s8 GEMM accumulates without saturation.

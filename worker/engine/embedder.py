@@ -116,14 +116,17 @@ class Embedder:
     ) -> None:
         self.bundle = bundle
         self.variant = variant
-        # The int8 variant's weight encoding loaded (None for other variants), and the kernel.
+        # The int8 variant's weight encoding loaded (None for other variants); the kernel that
+        # runs; what the serving fingerprint names (the variant, and OpenVINO's precision).
         self.int8_weights = int8_weights
-        self.kernel = (cpu or read_cpu()).int8_kernel(int8_weights) if int8_weights else variant
-        # What the serving fingerprint names: the variant, and OpenVINO's precision.
         self.serving_variant = variant
         if isinstance(session, OpenVinoSession):
             self.serving_variant = f"{variant}-{session.precision}"
             self.kernel = f"openvino {session.version}, {session.precision}"
+        elif int8_weights is not None:
+            self.kernel = (cpu or read_cpu()).int8_kernel(int8_weights)
+        else:
+            self.kernel = variant
         self.device = device
         self.fault_marker = fault_marker
         self.fault_kind = fault_kind
