@@ -17,6 +17,7 @@ from schemas import content_hash, decode_vector_b64
 from tests.fleet import Fleet, FleetIO, request, start_fleet
 from tests.helpers import read_jsonl_texts
 from worker.engine.bundle import load_bundle, serving_fingerprint
+from worker.engine.recommend import MAX_BATCH_DRIFT
 
 REFERENCE = "reference/all-MiniLM-L6-v2"
 STACK_SCRIPT = Path(__file__).resolve().parents[2] / "deploy/local/stack.py"
@@ -27,7 +28,13 @@ def model_fingerprint(model_dir: Path, variant: str) -> str:
 
 
 async def check_a_thousand_texts(
-    fleet: Fleet, shared_dir: Path, *, variant: str, per_text_floor: float, mean_floor: float
+    fleet: Fleet,
+    shared_dir: Path,
+    *,
+    variant: str,
+    per_text_floor: float,
+    mean_floor: float,
+    batch_drift: float = 0.0,
 ) -> None:
     """1000 texts in -> exactly one result per id, right key, vectors close to the reference;
     the same texts again -> all served from the cache."""
@@ -65,7 +72,13 @@ async def check_a_thousand_texts(
         second = await io.wait_for(again)
         assert all(r.get("cached") is True for r in second.values())
         for first_id, second_id in zip(ids, again, strict=True):
-            np.testing.assert_allclose(second[second_id]["vector"], results[first_id]["vector"], atol=1e-6)
+            if batch_drift:  # the cached copy may come from another batch of a repeated text
+                cached, first = np.array(second[second_id]["vector"]), np.array(results[first_id]["vector"])
+                assert float(cached @ first) >= 1.0 - batch_drift, (first_id, float(cached @ first))
+            else:
+                np.testing.assert_allclose(
+                    second[second_id]["vector"], results[first_id]["vector"], atol=1e-6
+                )
 
 
 async def check_a_variant_fleet(
@@ -79,6 +92,7 @@ async def check_a_variant_fleet(
     serving_variant: str,
     per_text_floor: float,
     mean_floor: float,
+    batch_drift: float = 0.0,
 ) -> None:
     """Two workers serving EMBEDFLEET_VARIANT=``variant``: check_a_thousand_texts."""
     variant_fleet = await start_fleet(
@@ -91,6 +105,7 @@ async def check_a_variant_fleet(
             variant=serving_variant,
             per_text_floor=per_text_floor,
             mean_floor=mean_floor,
+            batch_drift=batch_drift,
         )
     finally:
         variant_fleet.stop_all()
@@ -126,8 +141,8 @@ async def test_a_thousand_texts_openvino_workers(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Workers serving the FP32 graph through OpenVINO (BF16 where the CPU has it) answer under
-    its own serving fingerprint, close to the reference, and their cached copies equal the first
-    answers (the vectors do not depend on the batch)."""
+    its own serving fingerprint, close to the reference, and their cached copies agree with the
+    first answers within the fleet's batch-drift floor."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     from worker.engine.cpu import read_cpu
     from worker.engine.openvino_backend import openvino_precision
@@ -142,6 +157,9 @@ async def test_a_thousand_texts_openvino_workers(
         serving_variant=f"openvino-{openvino_precision(read_cpu())}",
         per_text_floor=0.999,
         mean_floor=0.9999,
+        # BF16 is batch-invariant to the fleet's floor (1 - cosine <= 1e-5), not bit for bit: a
+        # text repeated in the reference set, computed in two batches, has two close copies.
+        batch_drift=MAX_BATCH_DRIFT,
     )
 
 
