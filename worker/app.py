@@ -143,7 +143,7 @@ def build_parts(
     delivery: Delivery
     if exactly_once:
         delivery = ExactlyOnce(
-            consumer=consumer,
+            offsets=offsets,
             publisher=publisher,
             cluster=cluster,
             metrics=metrics,
@@ -154,11 +154,10 @@ def build_parts(
         )
     else:
         delivery = AtLeastOnce(
-            connections.new_producer(None, False),
+            lambda for_replies: connections.new_producer(None, for_replies),
             publisher,
             cluster,
             metrics,
-            reply_producer=connections.new_producer(None, True),
             reply_timeout_s=config.reply_timeout_s,
         )
     cache = VectorCache(

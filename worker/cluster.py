@@ -25,6 +25,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.structs import OffsetAndMetadata
 
 from worker.errors import WorkerError
 
@@ -101,6 +102,25 @@ class ClusterView:
                 await self._admin.close()
         await self._client.close()
 
+    async def _admin_client(self) -> Any:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._connection)
+            await admin.start()
+            self._admin = admin
+        return self._admin
+
+    async def committed_offset(self, group_id: str, tp: TopicPartition) -> OffsetAndMetadata | None:
+        """The offset and metadata ``group_id`` last committed for ``tp``, or None. Raises a
+        KafkaError when the group coordinator cannot be asked."""
+        admin = await self._admin_client()
+        found: dict[TopicPartition, OffsetAndMetadata] = await admin.list_consumer_group_offsets(
+            group_id, partitions=[tp]
+        )
+        committed = found.get(tp)
+        return committed if committed is not None and committed.offset >= 0 else None
+
     def forget(self, topic: str) -> None:
         """Drop what is known of ``topic`` (a send to it failed): the next use asks again."""
         self._topics.pop(topic, None)
@@ -133,18 +153,15 @@ class ClusterView:
         unvetted = [t for t in set(topics) if self._vetted.get(t, 0.0) < now and self.quarantined(t) is None]
         if not unvetted:
             return
-        from aiokafka.admin import AIOKafkaAdminClient
         from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-        if self._admin is None:
-            self._admin = AIOKafkaAdminClient(**self._connection)
-            await self._admin.start()
+        admin = await self._admin_client()
         # Right after start the admin client may not know a broker yet (NodeNotReadyError, node
         # id None): a check that gives up at once leaves the trap unchecked, so it is retried
         # (about 3 s in all) before the topics are taken as they are.
         for attempt in range(VET_ATTEMPTS):
             try:
-                responses = await self._admin.describe_configs(
+                responses = await admin.describe_configs(
                     [ConfigResource(ConfigResourceType.TOPIC, t) for t in unvetted]
                 )
                 break

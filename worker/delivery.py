@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.structs import OffsetAndMetadata
 
 from worker.errors import WorkerError
 from worker.failures import (
@@ -37,6 +40,7 @@ from worker.failures import (
     classify,
     describe,
     discard_producer,
+    needs_new_producer,
 )
 from worker.jobs import Answer, Job, Rejection, Source
 from worker.metrics import WorkerMetrics
@@ -62,12 +66,18 @@ class BatchWork:
     items: Sequence[Job | Rejection]  # every record of the batch (their offsets)
     results: list[Answer]
     rejections: list[Rejection]
+    # The offsets room's generation of each partition when the batch was cut (see
+    # worker.offsets.OffsetTracker.generation); empty where nothing is tracked (unit tests).
+    generations: Mapping[TopicPartition, int | None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Delivered:
     rejected: list[Rejection] = field(default_factory=list)  # made while publishing (reply topic gone)
     lost: set[TopicPartition] = field(default_factory=set)  # not published: no longer this worker's
+    # not published: cut before the partition was revoked and taken again; read again from the
+    # committed offset under the new ownership, which keeps the partition
+    stale: set[TopicPartition] = field(default_factory=set)
 
 
 class BatchPublisher(Protocol):
@@ -85,6 +95,18 @@ class KnownTopics(Protocol):
     def quarantine(self, topic: str, why: str) -> None: ...
     async def probe(self, timeout_s: float = 5.0) -> bool: ...
     async def vet_for_transactions(self, topics: Iterable[str]) -> None: ...
+
+
+class TransactionCluster(KnownTopics, Protocol):
+    async def committed_offset(self, group_id: str, tp: TopicPartition) -> OffsetAndMetadata | None: ...
+
+
+class PendingOffsets(Protocol):
+    """The offsets room as exactly-once uses it (worker.offsets.ConsumedOffsets)."""
+
+    def commit_point(self, partition: TopicPartition, answering: Iterable[int]) -> int | None: ...
+    def done(self, partition: TopicPartition, offset: int) -> None: ...
+    def generation(self, partition: TopicPartition) -> int | None: ...
 
 
 class FailedSends:
@@ -208,34 +230,68 @@ class AtLeastOnce:
     expire (``reply_timeout_s``): an idempotent producer never gives a batch up, so a reply topic
     that never acknowledges would hold its sends, and the worker's shutdown, forever. A batch's
     records are sent until each is acknowledged or answered otherwise by the failure policy;
-    then its offsets become committable."""
+    then its offsets become committable. A producer whose sequence state the broker lost (after
+    an outage) is replaced by a fresh one from ``new_producer(for_replies)``."""
 
     def __init__(
         self,
-        producer: AIOKafkaProducer,
+        new_producer: Callable[[bool], AIOKafkaProducer],
         publisher: BatchPublisher,
         cluster: KnownTopics,
         metrics: WorkerMetrics,
         *,
-        reply_producer: AIOKafkaProducer | None = None,
         reply_timeout_s: float = 10.0,
     ) -> None:
-        self._producer = producer
-        self._reply_producer = reply_producer or producer
+        self._new_producer = new_producer
+        # for reply topics? -> the producer in use
+        self._producers = {False: new_producer(False), True: new_producer(True)}
+        self._stale: set[bool] = set()  # producers to replace before their next send
+        self._renewing = asyncio.Lock()
         self._publisher = publisher
         self._cluster = cluster
         self._metrics = metrics
         self._failed_sends = FailedSends(publisher, cluster, metrics, reply_timeout_s)
 
     async def start(self) -> None:
-        await self._producer.start()
-        if self._reply_producer is not self._producer:
-            await self._reply_producer.start()
+        for producer in self._producers.values():
+            await producer.start()
 
     async def close(self) -> None:
-        await discard_producer(self._producer, CLEANUP_TIMEOUT_S)
-        if self._reply_producer is not self._producer:
-            await discard_producer(self._reply_producer, CLEANUP_TIMEOUT_S)
+        for producer in self._producers.values():
+            await discard_producer(producer, CLEANUP_TIMEOUT_S)
+
+    async def _producer(self, for_replies: bool) -> AIOKafkaProducer:
+        """The producer to send with, replaced first when it was marked stale. Raises a
+        KafkaError while a fresh one cannot start (an outage: the caller backs off)."""
+        if for_replies in self._stale:
+            async with self._renewing:
+                if for_replies in self._stale:
+                    await discard_producer(self._producers[for_replies], CLEANUP_TIMEOUT_S)
+                    fresh = self._new_producer(for_replies)
+                    try:
+                        await fresh.start()
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await fresh.stop()
+                        raise
+                    self._producers[for_replies] = fresh
+                    self._stale.discard(for_replies)
+                    self._metrics.producers_replaced.inc()
+                    log.warning("a fresh producer took over%s", " for reply topics" if for_replies else "")
+        return self._producers[for_replies]
+
+    def _mark_stale(
+        self, outcomes: list[tuple[Send, BaseException | None]], used: dict[bool, AIOKafkaProducer]
+    ) -> None:
+        for send, error in outcomes:
+            if not needs_new_producer(error):
+                continue
+            for_replies = self._publisher.is_reply_topic(send.topic)
+            # Only the producer this attempt used: another batch may have replaced it already.
+            if for_replies in used and self._producers[for_replies] is used[for_replies]:
+                if for_replies not in self._stale:
+                    log.warning("the broker lost a producer's sequence state (%s): replacing it", error)
+                self._stale.add(for_replies)
 
     async def assigned(self, partitions: list[TopicPartition]) -> set[TopicPartition]:
         return set()
@@ -263,10 +319,14 @@ class AtLeastOnce:
                     return Delivered(rejected=list(rejected.values()))
                 own = [s for s in outgoing.sends if not self._publisher.is_reply_topic(s.topic)]
                 replies = [s for s in outgoing.sends if self._publisher.is_reply_topic(s.topic)]
-                acks = await self._publisher.send(self._producer, own) if own else []
-                if replies:
-                    acks += await self._publisher.send(self._reply_producer, replies)
+                used: dict[bool, AIOKafkaProducer] = {}
+                acks = []
+                for for_replies, sends in ((False, own), (True, replies)):
+                    if sends:
+                        used[for_replies] = await self._producer(for_replies)
+                        acks += await self._publisher.send(used[for_replies], sends)
                 outcomes = await acknowledged(acks, timeout_of=self._failed_sends.timeout_of)
+                self._mark_stale(outcomes, used)
                 if not await self._failed_sends.learn(
                     outcomes, plan, started=started, dlq_attempts=dlq_attempts, keep_acknowledged=True
                 ):
@@ -297,11 +357,18 @@ class _Redo(WorkerError):
         self.per_record = per_record  # nothing to wait for: send again at once
 
 
+class _Stale(enum.Enum):
+    STALE = "stale"
+
+
+STALE: Final = _Stale.STALE
+
+
 @dataclass(slots=True)
 class _Part:
     results: list[Answer] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
-    next_offset: int = 0
+    offsets: list[int] = field(default_factory=list)  # every record of the batch in the partition
 
 
 @dataclass(eq=False, slots=True)
@@ -315,22 +382,24 @@ class _Ownership:
 
 class ExactlyOnce:
     """A transactional producer per input partition; each batch's part for a partition and that
-    partition's offsets commit in one transaction."""
+    partition's offsets commit in one transaction. The offset a transaction commits stops at the
+    partition's lowest record still pending in any other batch (``offsets.commit_point``), and is
+    marked with the attempt's token, so a commit whose answer was lost is recognised exactly."""
 
     def __init__(
         self,
         *,
-        consumer: AIOKafkaConsumer,
+        offsets: PendingOffsets,
         new_producer: Callable[[str], AIOKafkaProducer],
         publisher: BatchPublisher,
-        cluster: KnownTopics,
+        cluster: TransactionCluster,
         metrics: WorkerMetrics,
         group_id: str,
         hold: Callable[[BatchWork], float] | None = None,
         reply_timeout_s: float = 10.0,
     ) -> None:
         self._failed_sends = FailedSends(publisher, cluster, metrics, reply_timeout_s)
-        self._consumer = consumer
+        self._offsets = offsets
         self._hold = hold  # fault injection (tests): seconds to keep a batch's transaction open
         self._new_producer = new_producer
         self._publisher = publisher
@@ -406,8 +475,7 @@ class ExactlyOnce:
     async def deliver(self, sequence: int, work: BatchWork) -> Delivered:
         parts: dict[TopicPartition, _Part] = defaultdict(_Part)
         for item in work.items:
-            part = parts[_source(item)]
-            part.next_offset = max(part.next_offset, item.source.offset + 1)
+            parts[_source(item)].offsets.append(item.source.offset)
         for job, result in work.results:
             parts[_source(job)].results.append((job, result))
         for rejection in work.rejections:
@@ -417,30 +485,41 @@ class ExactlyOnce:
             hold_s = self._hold(work) if self._hold is not None else 0.0
             try:
                 outcomes = await asyncio.gather(
-                    *(self._transaction(tp, part, hold_s) for tp, part in parts.items())
+                    *(
+                        self._transaction(tp, part, work.generations.get(tp), hold_s)
+                        for tp, part in parts.items()
+                    )
                 )
             finally:
                 self._next_sequence = sequence + 1
                 self._turn.notify_all()
         delivered = Delivered()
         for tp, outcome in zip(parts, outcomes, strict=True):
-            if outcome is None:
+            if outcome is STALE:
+                delivered.stale.add(tp)
+            elif outcome is None:
                 delivered.lost.add(tp)
             else:
                 delivered.rejected.extend(outcome)
         return delivered
 
     async def _transaction(
-        self, tp: TopicPartition, part: _Part, hold_s: float = 0.0
-    ) -> list[Rejection] | None:
+        self, tp: TopicPartition, part: _Part, generation: int | None, hold_s: float = 0.0
+    ) -> list[Rejection] | _Stale | None:
         """Publishes one partition's part of a batch with its offsets in one transaction; None when
-        the partition is no longer this worker's (revoked, or fenced by a new owner)."""
+        the partition is no longer this worker's (revoked, or fenced by a new owner); STALE when
+        it was cut under an earlier ownership (the partition was revoked and taken back since:
+        committed under the new one, its offset could move the group's position backwards or
+        past records in flight)."""
         ownership = self._owned.get(tp)
         attempt = 0
         plan = Plan()  # what failed attempts taught: records to answer otherwise, or alone
         dlq_attempts: dict[Source, int] = {}
         started = time.monotonic()
+        token: str | None = None  # the offsets metadata of the last attempt that may have committed
         while True:
+            if self._offsets.generation(tp) != generation:
+                return STALE
             if ownership is None or self._owned.get(tp) is not ownership:
                 return None  # revoked (or fenced) since the batch was cut
             producer = ownership.producer
@@ -450,16 +529,19 @@ class ExactlyOnce:
                     attempt += 1
                     await asyncio.sleep(_backoff(attempt))
                     continue
-                if await self._committed_past(tp, part.next_offset):
+                if token is not None and await self._committed_by(tp, token):
+                    self._answered(tp, part)
                     return []  # it had committed after all (only the answer was lost)
+            token = uuid.uuid4().hex
             try:
                 # A transaction that hangs (a coordinator that never answers) would hold back every
                 # later batch: past the limit it counts as failed, is aborted and retried.
                 rejected = await asyncio.wait_for(
-                    self._publish(producer, tp, part, hold_s, plan, started, dlq_attempts),
+                    self._publish(producer, tp, part, hold_s, plan, started, dlq_attempts, token),
                     TRANSACTION_ATTEMPT_TIMEOUT_S + hold_s,
                 )
                 self._metrics.commits.labels("ok").inc()
+                self._answered(tp, part)
                 return rejected
             except FENCED as exc:
                 log.warning(
@@ -506,6 +588,7 @@ class ExactlyOnce:
         plan: Plan,
         started: float,
         dlq_attempts: dict[Source, int],
+        token: str,
     ) -> list[Rejection]:
         """One transaction: the part's results and dead letters, its offsets, then the commit.
         Every send is acknowledged (reply topics within their bound) before the offsets go in; a
@@ -523,7 +606,12 @@ class ExactlyOnce:
         ):
             errors = [e for _, e in outcomes if e is not None]
             raise _Redo(describe(errors[0]), per_record=all(classify(e) is PER_RECORD for e in errors))
-        await producer.send_offsets_to_transaction({tp: part.next_offset}, self._group_id)
+        # Not simply past this part: a record of the partition still pending in another batch (a
+        # miss in the model while its neighbours were answered from the cache) would be skipped
+        # by the next owner if this commit covered it.
+        point = self._offsets.commit_point(tp, part.offsets)
+        commit_at = point if point is not None else max(part.offsets) + 1
+        await producer.send_offsets_to_transaction({tp: OffsetAndMetadata(commit_at, token)}, self._group_id)
         if hold_s:
             log.warning("holding the open transaction of %s for %.0fs (fault injection)", tp, hold_s)
             await asyncio.sleep(hold_s)
@@ -547,9 +635,19 @@ class ExactlyOnce:
         ownership.producer = producer
         return producer
 
-    async def _committed_past(self, tp: TopicPartition, next_offset: int) -> bool:
+    def _answered(self, tp: TopicPartition, part: _Part) -> None:
+        """The part's records are committed: later transactions of the partition may pass them.
+        Marked here, before the next batch's transaction computes its commit point."""
+        for offset in part.offsets:
+            self._offsets.done(tp, offset)
+
+    async def _committed_by(self, tp: TopicPartition, token: str) -> bool:
+        """Whether the transaction marked ``token`` committed. Its offset alone cannot tell: it
+        need not move past the previous commit (see commit_point). A cluster that cannot be
+        asked counts as not committed: the batch is published again."""
         try:
-            committed = await self._consumer.committed(tp)
-        except KafkaError:
+            committed = await self._cluster.committed_offset(self._group_id, tp)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("cannot read the committed offset of %s (%s)", tp, describe(exc))
             return False
-        return committed is not None and committed >= next_offset
+        return committed is not None and committed.metadata == token

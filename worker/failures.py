@@ -11,6 +11,10 @@ transient          retried with backoff. On a record's own reply topic the retri
                    (``reply_to_unavailable``). On the fleet's own topics (results, DLQ) and for
                    fetches and commits it is an outage, waited out: every record waits on the same
                    broker and nothing is committed meanwhile, so nothing is lost.
+                   A producer whose sequence state the broker no longer shares (an idempotent
+                   producer after an outage: ``OutOfOrderSequenceNumber``) fails every later send
+                   too, so it is replaced by a fresh one (``needs_new_producer``) and the records
+                   are sent again.
 fatal              the worker's own state only: its configuration or credentials (exit 2), or a
                    fenced producer (exactly-once: that partition is given up, the worker goes on).
 =================  ==============================================================================
@@ -37,6 +41,7 @@ from aiokafka.errors import (
     IllegalSaslStateError,
     InvalidMessageError,
     InvalidProducerEpoch,
+    InvalidProducerIdMapping,
     InvalidTimestampError,
     InvalidTopicError,
     KafkaConfigurationError,
@@ -44,6 +49,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     PolicyViolationError,
     ProducerClosed,
     ProducerFenced,
@@ -52,6 +58,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
+    UnknownProducerId,
     UnsupportedCodecError,
     UnsupportedForMessageFormatError,
     UnsupportedSaslMechanismError,
@@ -124,6 +131,11 @@ POLICY: Final[dict[type[BaseException], Disposition]] = {
     AckTimeout: TRANSIENT,
     CommitFailedError: TRANSIENT,  # a rebalance: the next owner re-reads from the last commit
     ProducerClosed: TRANSIENT,  # a producer being replaced under a send
+    # the broker lost this producer's sequence state (an outage): no fault of the record; the
+    # producer is replaced (PRODUCER_STATE_LOST) and the record sent again
+    OutOfOrderSequenceNumber: TRANSIENT,
+    UnknownProducerId: TRANSIENT,
+    InvalidProducerIdMapping: TRANSIENT,
     TimeoutError: TRANSIENT,
     ConnectionError: TRANSIENT,
     OSError: TRANSIENT,
@@ -139,6 +151,16 @@ def classify(exc: BaseException) -> Disposition:
     if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
         return TRANSIENT
     return PER_RECORD
+
+
+# Errors after which a producer's every later send to the partition fails as well: aiokafka
+# gives the batch up and keeps its sequence numbers, so only a new producer id gets through.
+PRODUCER_STATE_LOST: Final = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerIdMapping)
+
+
+def needs_new_producer(exc: BaseException | None) -> bool:
+    """True when the producer that met ``exc`` must be replaced before sending again."""
+    return isinstance(exc, PRODUCER_STATE_LOST)
 
 
 def describe(exc: BaseException) -> str:

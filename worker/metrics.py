@@ -167,6 +167,11 @@ class WorkerMetrics:
             "Batches whose results had to be sent again (broker outage)",
             registry=r,
         )
+        self.producers_replaced = Counter(
+            "embedfleet_producers_replaced",
+            "Idempotent producers replaced because the broker lost their sequence state (an outage)",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "embedfleet_publish_failures",
             "Sends that failed, by the failure policy's disposition (per_record, transient, fatal)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ P = TypeVar("P", bound=Hashable)
 
 @dataclass(slots=True)
 class _PartitionState:
+    generation: int  # a new one each time the partition is tracked afresh (after a forget)
     pending: dict[int, int] = field(default_factory=dict)  # offset -> bytes it holds
     # Every pending offset (and some done ones, dropped lazily): its smallest is the lowest
     # offset still pending, whatever order offsets were tracked in.
@@ -48,11 +50,14 @@ class OffsetTracker(Generic[P]):
     def __init__(self) -> None:
         self._partitions: dict[P, _PartitionState] = {}
         self._bytes = 0
+        self._generations = itertools.count(1)
 
     def track(self, partition: P, offset: int, size: int = 0, next_offset: int | None = None) -> None:
         """A record arrived; ``size`` is what it holds in memory until done; ``next_offset`` is
         where the partition continues after it (past a skipped unreadable batch)."""
-        state = self._partitions.setdefault(partition, _PartitionState())
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _PartitionState(next(self._generations))
         self._bytes += size - state.pending.get(offset, 0)
         if offset not in state.pending:
             heapq.heappush(state.heap, offset)
@@ -63,6 +68,14 @@ class OffsetTracker(Generic[P]):
         state = self._partitions.get(partition)
         if state is not None:  # the partition may have been revoked meanwhile
             self._bytes -= state.pending.pop(offset, 0)
+
+    def generation(self, partition: P) -> int | None:
+        """Which stretch of owning ``partition`` its tracked records belong to: it changes when
+        the partition is forgotten (revoked, fenced) and tracked again. A batch cut under one
+        generation must not be answered for, nor its offsets committed, under another: the new
+        owner reads those records again from the committed offset. None when not tracked."""
+        state = self._partitions.get(partition)
+        return state.generation if state is not None else None
 
     def position(self, partition: P) -> int | None:
         """One past the last offset tracked (where fetching continues), or None."""
@@ -89,6 +102,19 @@ class OffsetTracker(Generic[P]):
             if target > state.committed:
                 offsets[partition] = target
         return offsets
+
+    def commit_point(self, partition: P, answering: Iterable[int]) -> int | None:
+        """Exactly-once: the offset a transaction that answers the records ``answering`` of
+        ``partition`` may commit with them. It stops at the lowest other record still pending,
+        whatever batch holds it (a cache hit answered at once may be past a miss still in the
+        model): a later owner starts there, so nothing below it may be unanswered. None when the
+        partition is not tracked (revoked)."""
+        state = self._partitions.get(partition)
+        if state is None:
+            return None
+        these = set(answering)
+        others = [offset for offset in state.pending if offset not in these]
+        return min(others) if others else state.next_offset
 
     def mark_committed(self, offsets: dict[P, int]) -> None:
         for partition, offset in offsets.items():

@@ -283,7 +283,8 @@ class WorkerRuntime:
                 self._slots.semaphore.release()
                 self._batcher.wake()
 
-        task = self._spawn(self._process(batch.items, sequence, release_slot))
+        generations = self._generations(batch.items)
+        task = self._spawn(self._process(batch.items, sequence, release_slot, generations))
         task.add_done_callback(release_slot)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
@@ -310,10 +311,28 @@ class WorkerRuntime:
         sequence = self._batches_started
         self._batches_started += 1
         outcome = BatchOutcome(results=results, served=Counter(cached=len(results)))
-        return self._spawn(self._publish([job for job, _ in results], outcome, [], sequence))
+        jobs = [job for job, _ in results]
+        return self._spawn(self._publish(jobs, outcome, [], sequence, self._generations(jobs)))
+
+    def _generations(self, items: Sequence[Job | Rejection]) -> dict[TopicPartition, int | None]:
+        """The offsets room's generation of each partition of a batch, as it is cut: the batch
+        belongs to that stretch of ownership (worker.offsets.OffsetTracker.generation)."""
+        generations: dict[TopicPartition, int | None] = {}
+        tp: TopicPartition | None = None
+        for item in items:  # mostly grouped by partition
+            source = item.source
+            if tp is None or source.partition != tp.partition or source.topic != tp.topic:
+                tp = TopicPartition(source.topic, source.partition)
+                if tp not in generations:
+                    generations[tp] = self._offsets.generation(tp)
+        return generations
 
     async def _process(
-        self, items: list[Job | Rejection], sequence: int, model_done: Callable[[], None]
+        self,
+        items: list[Job | Rejection],
+        sequence: int,
+        model_done: Callable[[], None],
+        generations: dict[TopicPartition, int | None],
     ) -> None:
         jobs = [i for i in items if isinstance(i, Job)]
         refused = [i for i in items if isinstance(i, Rejection)]  # by the decoder
@@ -327,7 +346,7 @@ class WorkerRuntime:
             outcome = BatchOutcome(failures=[_internal_error(job, exc) for job in jobs])
         finally:
             model_done()
-        await self._publish(items, outcome, refused, sequence)
+        await self._publish(items, outcome, refused, sequence, generations)
 
     async def _publish(
         self,
@@ -335,12 +354,16 @@ class WorkerRuntime:
         outcome: BatchOutcome,
         refused: list[Rejection],
         sequence: int,
+        generations: dict[TopicPartition, int | None],
     ) -> None:
         """Delivers a batch's outcome (results, and rejections by the decoder or the pipeline),
-        then marks its records done: their offsets may be committed."""
+        then marks its records done: their offsets may be committed. Only under the ownership
+        the batch was cut in: a partition revoked and taken back since tracks its records anew."""
         rejections = [*refused, *outcome.failures]
         try:
-            delivered = await self._delivery.deliver(sequence, BatchWork(items, outcome.results, rejections))
+            delivered = await self._delivery.deliver(
+                sequence, BatchWork(items, outcome.results, rejections, generations)
+            )
         except WorkerFatal:
             raise
         except Exception as exc:
@@ -353,19 +376,30 @@ class WorkerRuntime:
             outcome = BatchOutcome(
                 failures=[i if isinstance(i, Rejection) else _internal_error(i, exc) for i in items]
             )
-            delivered = await self._delivery.deliver(sequence, BatchWork(items, [], outcome.failures))
+            delivered = await self._delivery.deliver(
+                sequence, BatchWork(items, [], outcome.failures, generations)
+            )
             refused = []
         if delivered.lost:
             self._lose(delivered.lost)
+        if delivered.stale:
+            log.info(
+                "dropped a batch's part of partitions %s: cut before they were revoked or fenced, "
+                "their records are read again from the committed offset by their owner",
+                sorted(tp.partition for tp in delivered.stale),
+            )
         self._count(outcome, refused, delivered)
-        lost = delivered.lost
         done = self._offsets.done
+        current = {tp: self._offsets.generation(tp) == g for tp, g in generations.items()}
+        skip = delivered.lost | delivered.stale
         tp: TopicPartition | None = None
+        answered = True
         for item in items:  # mostly grouped by partition: one TopicPartition per group
             source = item.source
             if tp is None or source.partition != tp.partition or source.topic != tp.topic:
                 tp = TopicPartition(source.topic, source.partition)
-            if not lost or tp not in lost:
+                answered = tp not in skip and current.get(tp, False)
+            if answered:
                 done(tp, source.offset)
         self._offsets.observe()
         self._commit_wanted.set()

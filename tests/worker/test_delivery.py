@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaTimeoutError, ProducerFenced
+from aiokafka.structs import OffsetAndMetadata
 
 from schemas import ContentType, EmbedRequest, ErrorCode, RequestError
 from worker.delivery import AtLeastOnce, BatchWork, ExactlyOnce
 from worker.jobs import RawMessage, Rejection, Source
 from worker.metrics import WorkerMetrics
-from worker.offsets import ConsumedOffsets
+from worker.offsets import ConsumedOffsets, OffsetTracker
 from worker.publisher import Outgoing, Part, Plan, Send
 
 TOPIC = "embed.requests"
@@ -27,6 +29,8 @@ class FakeProducer:
         self.transactional_id = transactional_id
         self.log = log
         self.fail = fail  # operation -> errors to raise, in order
+        self.last_offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        self.tokens: list[str] = []
 
     def _do(self, operation: str) -> None:
         self.log.append(f"{self.transactional_id} {operation}")
@@ -43,8 +47,12 @@ class FakeProducer:
     async def begin_transaction(self) -> None:
         self._do("begin")
 
-    async def send_offsets_to_transaction(self, offsets: dict[TopicPartition, int], group: str) -> None:
-        self._do(f"offsets {offsets[next(iter(offsets))]}")
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], group: str
+    ) -> None:
+        self.last_offsets = dict(offsets)
+        self.tokens.extend(o.metadata for o in offsets.values())
+        self._do(f"offsets {next(iter(offsets.values())).offset}")
 
     async def commit_transaction(self) -> None:
         self._do("commit")
@@ -84,6 +92,10 @@ def _acked() -> asyncio.Future[Any]:
 class FakeCluster:
     def __init__(self) -> None:
         self.quarantined: dict[str, str] = {}
+        self.committed: dict[TopicPartition, OffsetAndMetadata] = {}
+
+    async def committed_offset(self, group_id: str, tp: TopicPartition) -> OffsetAndMetadata | None:
+        return self.committed.get(tp)
 
     def forget(self, topic: str) -> None:
         pass
@@ -143,21 +155,32 @@ def work(*items: tuple[int, int]) -> BatchWork:
     return BatchWork(rejections, [], rejections)
 
 
+@dataclass
+class ExactlyOnceRig:
+    cluster: FakeCluster
+    offsets: OffsetTracker[TopicPartition]
+    producers: list[FakeProducer]
+
+
 def exactly_once(
     fail: dict[str, list[BaseException]] | None = None,
-    committed: dict[TopicPartition, int] | None = None,
-) -> tuple[ExactlyOnce, list[str], FakeConsumer]:
+) -> tuple[ExactlyOnce, list[str], ExactlyOnceRig]:
     log: list[str] = []
-    consumer = FakeConsumer(committed or {}, log)
+    rig = ExactlyOnceRig(FakeCluster(), OffsetTracker(), [])
+
+    def new_producer(tid: str) -> Any:
+        rig.producers.append(FakeProducer(tid, log, fail or {}))
+        return rig.producers[-1]
+
     delivery = ExactlyOnce(
-        consumer=consumer,
+        offsets=rig.offsets,
         publisher=FakePublisher(),
-        cluster=FakeCluster(),
+        cluster=rig.cluster,
         metrics=WorkerMetrics(),
         group_id="g",
-        new_producer=lambda tid: FakeProducer(tid, log, fail or {}),
+        new_producer=new_producer,
     )
-    return delivery, log, consumer
+    return delivery, log, rig
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +190,7 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_exactly_once_takes_a_partition_only_once_its_previous_owner_is_fenced() -> None:
     tp0, tp1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
-    delivery, log, _ = exactly_once(committed={tp0: 40})
+    delivery, log, _ = exactly_once()
     assert await delivery.assigned([tp0, tp1]) == set()
     # assigned() returns once the new epoch is in place (start() alone returns before
     # InitProducerId has ended the previous owner's transaction; beginning one waits for it), so
@@ -205,18 +228,86 @@ async def test_a_fenced_worker_gives_the_partition_up_and_never_publishes_it_aga
     assert delivery.reclaimable({tp0}) == []  # not yet: a new owner would have revoked it first
 
 
+def tracked(rig: ExactlyOnceRig, *items: tuple[int, int]) -> BatchWork:
+    """A batch cut now: it carries the offsets room's generation of its partitions."""
+    batch = work(*items)
+    batch.generations = {
+        tp: rig.offsets.generation(tp) for tp in {TopicPartition(TOPIC, p) for p, _ in items}
+    }
+    return batch
+
+
+async def test_a_batch_cut_before_its_partition_was_revoked_and_taken_back_is_not_committed() -> None:
+    """A batch still in the model when its partition is revoked and assigned back: committed
+    under the new ownership, its offset would move the group's position backwards (the new
+    owner's records past it answered twice) or past records still in flight (lost on the next
+    rebalance). It is dropped; the new ownership reads its records again from the committed
+    offset, and nothing of the new ownership is marked done or given up."""
+    tp0 = TopicPartition(TOPIC, 0)
+    delivery, log, rig = exactly_once()
+    await delivery.assigned([tp0])
+    for offset in range(4):
+        rig.offsets.track(tp0, offset)
+    old = tracked(rig, (0, 2), (0, 3))
+    await delivery.revoked([tp0])
+    rig.offsets.forget([tp0])
+    await delivery.assigned([tp0])
+    for offset in range(4):  # read again from the committed offset
+        rig.offsets.track(tp0, offset)
+    log.clear()
+    delivered = await delivery.deliver(0, old)
+    assert delivered.stale == {tp0} and delivered.lost == set()
+    assert log == []  # nothing sent, nothing committed
+    assert rig.offsets.in_flight == 4
+    delivered = await delivery.deliver(1, tracked(rig, (0, 0), (0, 1), (0, 2), (0, 3)))
+    assert delivered.stale == set() and delivered.lost == set()
+    assert [line for line in log if "offsets" in line] == ["embedfleet-g-embed.requests-0 offsets 4"]
+
+
+async def test_a_transaction_never_commits_past_a_record_pending_in_a_later_batch() -> None:
+    """Batches of one partition may finish out of order (a batch cut later can hold lower
+    offsets, e.g. salvaged records): each transaction's offset stops at the lowest record still
+    pending elsewhere, so a new owner after a crash between them reads that record again."""
+    tp0 = TopicPartition(TOPIC, 0)
+    delivery, log, rig = exactly_once()
+    await delivery.assigned([tp0])
+    for offset in range(6):
+        rig.offsets.track(tp0, offset)
+    log.clear()
+    await delivery.deliver(0, tracked(rig, (0, 3), (0, 4)))
+    await delivery.deliver(1, tracked(rig, (0, 0), (0, 1), (0, 2), (0, 5)))
+    assert [line for line in log if "offsets" in line] == [
+        "embedfleet-g-embed.requests-0 offsets 0",  # 0-2 still pending: not past them
+        "embedfleet-g-embed.requests-0 offsets 6",
+    ]
+    assert rig.offsets.in_flight == 0  # marked done as each transaction committed
+    # Each transaction carries its own token in the offsets' metadata.
+    tokens = [t for p in rig.producers for t in p.tokens]
+    assert len(tokens) == 2 and len(set(tokens)) == 2
+
+
 async def test_a_failed_commit_is_retried_unless_it_went_through() -> None:
     tp0 = TopicPartition(TOPIC, 0)
-    # The commit times out but had reached the broker: the fresh producer's committed offset says so.
-    delivery, log, consumer = exactly_once(fail={"commit": [KafkaTimeoutError()]})
+    # The commit times out but had reached the broker: the group's committed offset carries the
+    # failed attempt's token.
+    delivery, log, rig = exactly_once(fail={"commit": [KafkaTimeoutError()]})
     await delivery.assigned([tp0])
-    consumer.committed_offsets[tp0] = 4
-    assert (await delivery.deliver(0, work((0, 3)))).lost == set()
+    original_commit = FakeProducer.commit_transaction
+
+    async def commit_reaches_the_broker(producer: FakeProducer) -> None:
+        rig.cluster.committed.update(producer.last_offsets)
+        await original_commit(producer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeProducer, "commit_transaction", commit_reaches_the_broker)
+        assert (await delivery.deliver(0, work((0, 3)))).lost == set()
     assert log.count("embedfleet-g-embed.requests-0 commit") == 1  # not sent twice
     assert log.count("embedfleet-g-embed.requests-0 start") == 2  # a fresh producer ended it
-    # It had not gone through: the batch is published again, in a new transaction.
-    delivery, log, consumer = exactly_once(fail={"commit": [KafkaTimeoutError()]})
+    # It had not gone through: the batch is published again, in a new transaction, even though
+    # the group's committed offset is the same number (an earlier transaction, another token).
+    delivery, log, rig = exactly_once(fail={"commit": [KafkaTimeoutError()]})
     await delivery.assigned([tp0])
+    rig.cluster.committed[tp0] = OffsetAndMetadata(4, "an earlier transaction")
     assert (await delivery.deliver(0, work((0, 3)))).lost == set()
     assert log.count("embedfleet-g-embed.requests-0 commit") == 2
     assert "embedfleet-g-embed.requests-0 abort" in log
@@ -272,7 +363,7 @@ async def test_batches_publish_in_the_order_they_were_cut() -> None:
 
 async def test_at_least_once_sends_again_until_acknowledged() -> None:
     publisher = FakePublisher(ack_errors=[KafkaTimeoutError(), KafkaTimeoutError()])
-    delivery = AtLeastOnce(FakeProducer("p", [], {}), publisher, FakeCluster(), WorkerMetrics())
+    delivery = AtLeastOnce(lambda _: FakeProducer("p", [], {}), publisher, FakeCluster(), WorkerMetrics())
     delivered = await delivery.deliver(0, work((0, 1)))
     assert delivered.lost == set() and publisher.sent == 3
 
@@ -432,14 +523,82 @@ def jobs_for(*reply_topics: str) -> list[tuple[Any, Any]]:
 def at_least_once_over(producer: TopicProducer, replies: TopicProducer, timeout_s: float = 10.0) -> Any:
     cluster = TopicsCluster()
     delivery = AtLeastOnce(
-        producer,
+        lambda for_replies: replies if for_replies else producer,
         real_publisher(cluster),
         cluster,
         WorkerMetrics(),
-        reply_producer=replies,
         reply_timeout_s=timeout_s,
     )
     return delivery, cluster
+
+
+async def test_a_producer_whose_sequence_state_the_broker_lost_is_replaced_and_nothing_is_refused() -> None:
+    """After an outage the broker may answer an idempotent producer OutOfOrderSequenceNumber;
+    aiokafka then fails that batch and keeps its sequence numbers, so every later send of that
+    producer fails the same way. The records are not at fault: a fresh producer sends them."""
+    from aiokafka.errors import OutOfOrderSequenceNumber
+
+    lost = OutOfOrderSequenceNumber()
+    broken = TopicProducer(refuse={"embed.results": lost, "embed.requests.dlq": lost})
+    made: list[TopicProducer] = []
+
+    def new_producer(for_replies: bool) -> Any:
+        producer = TopicProducer() if made else broken
+        if not for_replies:
+            made.append(producer)
+        return producer
+
+    cluster = TopicsCluster()
+    metrics = WorkerMetrics()
+    delivery = AtLeastOnce(new_producer, real_publisher(cluster), cluster, metrics)
+    # One result alone: a send of one record is never split, so only the policy can save it.
+    results = jobs_for("embed.results")
+    delivered = await asyncio.wait_for(
+        delivery.deliver(0, BatchWork([j for j, _ in results], results, [])), 10
+    )
+    assert delivered.rejected == [] and delivered.lost == set()
+    assert len(made) == 2 and broken.written == []
+    fresh = made[1]
+    assert [(t, v) for t, _, v in fresh.written] == [("embed.results", results[0][1])]  # once, no DLQ
+    assert metrics.producers_replaced._value.get() == 1
+    # The fresh producer stays: the next batch goes straight through it.
+    more = jobs_for("embed.results", "embed.results", "embed.results")
+    delivered = await asyncio.wait_for(delivery.deliver(1, BatchWork([j for j, _ in more], more, [])), 10)
+    assert delivered.rejected == [] and len(made) == 2
+    assert [t for t, _, _ in fresh.written] == ["embed.results"] * 4
+
+
+def test_the_failure_policy_keeps_fatal_for_the_workers_own_state_and_lost_producer_state_transient() -> None:
+    import inspect
+
+    import aiokafka.errors as kafka_errors
+
+    from worker.failures import FATAL, TRANSIENT, classify, needs_new_producer
+
+    own_state = {
+        "AuthenticationFailedError",
+        "SaslAuthenticationFailed",
+        "UnsupportedSaslMechanismError",
+        "IllegalSaslStateError",
+        "ClusterAuthorizationFailedError",
+        "GroupAuthorizationFailedError",
+        "TransactionalIdAuthorizationFailed",
+        "KafkaConfigurationError",
+        "ProducerFenced",
+        "InvalidProducerEpoch",
+    }
+    for name, cls in inspect.getmembers(kafka_errors, inspect.isclass):
+        if not issubclass(cls, kafka_errors.KafkaError):
+            continue
+        try:
+            error = cast(BaseException, cls())
+        except TypeError:
+            continue
+        assert (classify(error) is FATAL) == (name in own_state), name
+    for name in ("OutOfOrderSequenceNumber", "UnknownProducerId", "InvalidProducerIdMapping"):
+        error = getattr(kafka_errors, name)()
+        assert classify(error) is TRANSIENT and needs_new_producer(error), name
+    assert not needs_new_producer(kafka_errors.KafkaTimeoutError())
 
 
 async def test_a_reply_topic_that_refuses_costs_its_requests_only_and_nothing_is_sent_twice() -> None:

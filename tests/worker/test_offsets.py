@@ -27,6 +27,18 @@ def test_commit_waits_for_the_lowest_pending_offset() -> None:
     assert tracker.in_flight == 0
 
 
+def test_a_transaction_commits_up_to_the_lowest_record_pending_in_another_batch() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    for offset in range(6):
+        tracker.track("p0", offset)
+    assert tracker.commit_point("p0", [3, 4]) == 0  # 0-2 and 5 are in other batches
+    tracker.done("p0", 3)
+    tracker.done("p0", 4)
+    assert tracker.commit_point("p0", [0, 1, 2]) == 5
+    assert tracker.commit_point("p0", [0, 1, 2, 5]) == 6
+    assert tracker.commit_point("gone", [1]) is None  # not tracked (revoked)
+
+
 def test_partitions_are_independent_and_forgettable() -> None:
     tracker: OffsetTracker[int] = OffsetTracker()
     tracker.track(0, 5)
@@ -92,6 +104,22 @@ class TrackerMachine(RuleBasedStateMachine):
         partition, offset = data.draw(st.sampled_from(candidates))
         self.tracker.done(partition, offset)
         self.pending[partition].discard(offset)
+
+    @rule(partition=st.sampled_from(PARTITIONS), data=st.data())
+    def transaction(self, partition: int, data: st.DataObject) -> None:
+        """Exactly-once: a batch's records of the partition commit with an offset in one
+        transaction. It covers them and everything answered before, never a record still pending
+        in another batch; when nothing else is pending it covers everything seen."""
+        pending = sorted(self.pending[partition])
+        if not pending:
+            return
+        batch = set(data.draw(st.lists(st.sampled_from(pending), min_size=1, unique=True)))
+        point = self.tracker.commit_point(partition, batch)
+        others = set(pending) - batch
+        assert point == (min(others) if others else self.next_offset[partition]), (point, batch, others)
+        for offset in batch:
+            self.tracker.done(partition, offset)
+        self.pending[partition] = others
 
     @rule(partition=st.sampled_from(PARTITIONS))
     def revoke(self, partition: int) -> None:
