@@ -42,7 +42,7 @@ def _require_listening(address: str, what: str) -> None:
 STACK_FIXTURES = frozenset({"kafka_bootstrap", "redis_url"})
 # A test that uses any of these loads the model bundle (or builds it, a minute or more on a fresh
 # clone): seconds each, so `make unit` leaves them to `make test`.
-SLOW_FIXTURES = frozenset({"model_dir", "bundle"})
+SLOW_FIXTURES = frozenset({"model_dir", "bundle", "mpnet_bundle"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
