@@ -36,7 +36,7 @@ system-deps:
 # code changes.
 $(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/build.py \
 		worker/engine/fetch.py
-	$(BIN)/embedfleet model build --model $(MODEL) --out $(MODEL_DIR) --force
+	$(BIN)/embedfleet model build --out $(MODEL_DIR) --model $(MODEL) --force
 
 model: $(MODEL_STAMP)
 
