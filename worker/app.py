@@ -207,6 +207,7 @@ def build_parts(
         batcher=batcher,
         offsets=offsets,
         cluster=cluster,
+        group_id=config.group_id,
         metrics=metrics,
         decode_executor=decode_executor,
         limits=IntakeLimits.of(config, READ_COMMITTED if exactly_once else READ_UNCOMMITTED),

@@ -28,6 +28,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import OffsetAndMetadata
 
 from worker.errors import WorkerError
+from worker.stable_offsets import fetch_stable_offset
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,10 @@ class ClusterView:
         return self._admin
 
     async def committed_offset(self, group_id: str, tp: TopicPartition) -> OffsetAndMetadata | None:
-        """The offset and metadata ``group_id`` last committed for ``tp``, or None. Raises a
-        KafkaError when the group coordinator cannot be asked."""
-        admin = await self._admin_client()
-        found: dict[TopicPartition, OffsetAndMetadata] = await admin.list_consumer_group_offsets(
-            group_id, partitions=[tp]
-        )
-        committed = found.get(tp)
-        return committed if committed is not None and committed.offset >= 0 else None
+        """The offset and metadata ``group_id`` last committed for ``tp``, or None, once no
+        transaction's offsets for it are pending (worker.stable_offsets). Raises a KafkaError
+        when the group coordinator cannot be asked."""
+        return await fetch_stable_offset(await self._admin_client(), group_id, tp)
 
     def forget(self, topic: str) -> None:
         """Drop what is known of ``topic`` (a send to it failed): the next use asks again."""

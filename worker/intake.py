@@ -132,6 +132,7 @@ class KafkaIntake:
         batcher: MicroBatcher[Job | Rejection],
         offsets: ConsumedOffsets,
         cluster: ClusterView,
+        group_id: str,
         metrics: WorkerMetrics,
         decode_executor: Executor,
         limits: IntakeLimits,
@@ -147,6 +148,7 @@ class KafkaIntake:
         self._batcher = batcher
         self._offsets = offsets
         self._cluster = cluster
+        self._group_id = group_id
         self._metrics = metrics
         self._decode_executor = decode_executor
         self._limits = limits
@@ -277,13 +279,15 @@ class KafkaIntake:
                 continue
             rebalances = self._rebalances
             try:
-                committed = await self._consumer.committed(tp)
+                # A stable read: right after the previous owner's transaction ended, a plain one
+                # can still answer the offset from before it (worker.stable_offsets).
+                committed = await self._cluster.committed_offset(self._group_id, tp)
                 if rebalances != self._rebalances:
                     return
                 if committed is None:
                     await self._consumer.seek_to_beginning(tp)
                 else:
-                    self._consumer.seek(tp, committed)
+                    self._consumer.seek(tp, committed.offset)
                 if rebalances != self._rebalances:
                     return
             except IllegalStateError:  # no longer assigned: a rebalance is under way

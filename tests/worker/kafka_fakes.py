@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 
 from tests.fakes import FakeRedis
 from tests.worker.test_decoder_and_pipeline import FakeEngine
@@ -221,7 +222,16 @@ class FakeProducer:
 
 
 class FakeCluster:
-    """The cluster view: every topic of the fleet exists with two partitions."""
+    """The cluster view: every topic of the fleet exists with two partitions; committed offsets
+    are the broker's."""
+
+    def __init__(self, broker: FakeBroker) -> None:
+        self._broker = broker
+
+    async def committed_offset(self, group_id: str, tp: TopicPartition) -> OffsetAndMetadata | None:
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
+        committed = self._broker.committed.get(tp)
+        return None if committed is None else OffsetAndMetadata(committed, "")
 
     async def start(self) -> None:
         return None
@@ -260,7 +270,7 @@ def runtime_of(
     connections = Connections(
         consumer=cast(Any, consumer),
         new_producer=lambda transactional_id, for_replies: cast(Any, FakeProducer(broker)),
-        cluster=cast(Any, FakeCluster()),
+        cluster=cast(Any, FakeCluster(broker)),
         redis=cast(Any, FakeRedis()),
     )
     parts = build_parts(config(**env), cast(Any, engine), connections)
