@@ -29,8 +29,11 @@ def setting(
     secret: bool = False,
     choices: tuple[str, ...] | None = None,
     factory: Any = None,
+    parse: Any = None,
 ) -> Any:
-    metadata = {"env": env, "help": help, "secret": secret, "choices": choices}
+    """``parse``: turns the raw text into the value, for a setting whose type alone does not say
+    how (the worker's ``--model`` takes a model name or a bundle path)."""
+    metadata = {"env": env, "help": help, "secret": secret, "choices": choices, "parse": parse}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -103,6 +106,9 @@ def convert(f: dataclasses.Field[Any], raw: str) -> Any:
     choices = f.metadata["choices"]
     if choices and raw not in choices:
         raise ValueError(f"{f.metadata['env']}={raw!r}: expected one of {', '.join(choices)}")
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return parse(raw)
     try:
         if kind == "int":
             return int(raw)

@@ -125,8 +125,8 @@ def build_parts(
     hold_marker: str | None = None,
 ) -> WorkerParts:
     """Every part of one worker, wired from its configuration around its connections."""
-    metrics = WorkerMetrics()
     model = served_model(embedder)
+    metrics = WorkerMetrics(model=model.name)
     # The one place the delivery guarantee is decided: the strategy object, the isolation level
     # it needs from the consumer (exactly-once reads only committed requests), and who commits.
     exactly_once = config.guarantee == "exactly-once"

@@ -9,6 +9,7 @@ so they never show up in ``ps`` or shell history.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -18,14 +19,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 from schemas import settings
+from schemas.model_routing import DEFAULT_MODEL, group_id_for, requests_topic_for
 from schemas.settings import setting
-from worker.engine.bundle import default_bundle_dir
+from worker.engine.bundle import MANIFEST_FILE, default_bundle_dir
 
 Guarantee = Literal["at-least-once", "exactly-once"]
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def model_or_bundle(raw: str) -> Path:
+    """``--model``: a bare name (no ``/``) is a model, served from ``$EMBEDFLEET_HOME/models/NAME``
+    (where ``embedfleet model build --model NAME`` puts it); anything with a ``/`` is a bundle
+    directory, as before (write ``./NAME`` for a bundle in the current directory)."""
+    if "/" not in raw and raw not in (".", "..") and not raw.startswith("~"):
+        return default_bundle_dir(raw)
+    return Path(raw).expanduser()
+
+
+def bundle_model_name(bundle: Path) -> str:
+    """The name of the model a bundle holds: its manifest's ``name``, or, where the manifest cannot
+    be read (yet), the directory's name (bundles live in ``models/<name>``)."""
+    try:
+        name = json.loads((bundle / MANIFEST_FILE).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else bundle.name
 
 
 @dataclass(frozen=True)
@@ -36,9 +57,17 @@ class WorkerConfig:
     kafka_bootstrap: str = setting(
         "EMBEDFLEET_KAFKA_BOOTSTRAP", "Kafka bootstrap servers", default="127.0.0.1:9092"
     )
-    group_id: str = setting("EMBEDFLEET_GROUP_ID", "consumer group of the fleet", default="embedfleet")
+    group_id: str = setting(
+        "EMBEDFLEET_GROUP_ID",
+        "consumer group of the model's workers (empty: embedfleet for the default model, "
+        "embedfleet.<model> for the others)",
+        default="",
+    )
     requests_topic: str = setting(
-        "EMBEDFLEET_REQUESTS_TOPIC", "topic the jobs arrive on", default="embed.requests"
+        "EMBEDFLEET_REQUESTS_TOPIC",
+        "topic the model's jobs arrive on (empty: embed.requests for the default model, "
+        "embed.requests.<model> for the others)",
+        default="",
     )
     results_topic: str = setting(
         "EMBEDFLEET_RESULTS_TOPIC", "default topic for results", default="embed.results"
@@ -105,7 +134,18 @@ class WorkerConfig:
         "EMBEDFLEET_CACHE_KEY_PREFIX", "prefix of the cache's Redis keys", default="embedfleet"
     )
     # Model
-    model: Path = setting("EMBEDFLEET_MODEL", "model bundle directory", factory=default_bundle_dir)
+    model: Path = setting(
+        "EMBEDFLEET_MODEL",
+        "model name (its bundle in $EMBEDFLEET_HOME/models/NAME) or model bundle directory (a path with a /)",
+        factory=default_bundle_dir,
+        parse=model_or_bundle,
+    )
+    default_model: str = setting(
+        "EMBEDFLEET_DEFAULT_MODEL",
+        "the model served on the base requests topic and group; every other model on "
+        "<topic>.<model>, <group>.<model>",
+        default=DEFAULT_MODEL,
+    )
     variant: str = setting(
         "EMBEDFLEET_VARIANT",
         "model variant (openvino: the FP32 graph compiled by OpenVINO, BF16 where the CPU has it; "
@@ -219,6 +259,16 @@ class WorkerConfig:
     )
 
     def __post_init__(self) -> None:
+        # The naming rule (schemas.model_routing) fills in what is not set explicitly, so every
+        # part that reads the topic or the group (intake, delivery, runtime) sees the final names.
+        if not self.requests_topic or not self.group_id:
+            name = self.model_name
+            if not self.requests_topic:
+                object.__setattr__(
+                    self, "requests_topic", requests_topic_for(name, default_model=self.default_model)
+                )
+            if not self.group_id:
+                object.__setattr__(self, "group_id", group_id_for(name, default_model=self.default_model))
         if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
             raise ValueError("batch window must be >= 0, token budget and batch size > 0")
         if self.inference_threads < 0 or self.intra_op_threads < 0:
@@ -250,6 +300,11 @@ class WorkerConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> WorkerConfig:
         return settings.from_args(cls, args, environ)
+
+    @property
+    def model_name(self) -> str:
+        """The name of the model this worker serves (what its contract is published under)."""
+        return bundle_model_name(self.model)
 
     def model_threads(self, physical_cores: int) -> tuple[int, int]:
         """(model calls side by side, ONNX Runtime threads per call) with the 0 = auto defaults.

@@ -68,8 +68,13 @@ def _bound_label(bound: float) -> str:
 class WorkerMetrics:
     """The worker's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, model: str = "") -> None:
         self.registry = registry or CollectorRegistry()
+        # Several models, one fleet: every series a worker exposes carries the model it serves, so
+        # dashboards and alerts can split (or sum) by model without relabelling in Prometheus.
+        self._exposed: CollectorRegistry | _ConstantLabels = (
+            _ConstantLabels(self.registry, {"model": model}) if model else self.registry
+        )
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         PlatformCollector(registry=self.registry)
         r = self.registry
@@ -220,4 +225,18 @@ class WorkerMetrics:
         self.cache_up = Gauge("embedfleet_cache_up", "1 while the Redis cache answers", registry=r)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
+
+
+class _ConstantLabels:
+    """A registry's metrics with constant labels added to every sample (prometheus-client has no
+    registry-wide constant labels); a label a metric sets itself wins."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s._replace(labels={**self._labels, **s.labels}) for s in metric.samples]
+            yield metric
