@@ -9,6 +9,7 @@ too) the call carries on as if the cache were empty, and Redis is skipped for ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -79,6 +80,11 @@ def connect(config: ClientConfig) -> CacheClient | None:
     return redis.Redis.from_url(config.redis_url, **kwargs)  # type: ignore[arg-type]
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN MATCH pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
 def _wrong_type(reply: Exception) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
@@ -115,26 +121,50 @@ class CacheReader:
             )
         self._skip_until = time.monotonic() + self._retry_after_s
 
-    async def read_contract(self) -> ModelContract | None:
+    async def read_contract(self, model: str | None = None) -> ModelContract | None:
+        """The published contract of ``model`` (default: the client's model)."""
         if not self._available():
             return None
         assert self._client is not None
+        name = model or self._model_name
         try:
-            fields = await self._client.hgetall(contract_key(self._prefix, self._model_name))
+            fields = await self._client.hgetall(contract_key(self._prefix, name))
         except _FAILURES as exc:
             self._failed("contract read", exc)
             return None
-        return ModelContract.from_redis_fields(fields)
+        contract = ModelContract.from_redis_fields(fields)
+        return None if contract is None else dataclasses.replace(contract, name=name)
 
-    async def lookup(self, keys: Sequence[str], dim: int) -> list[CachedVector | None]:
+    async def published_models(self) -> list[str] | None:
+        """The names of every model whose contract is published under the prefix, sorted; None
+        when Redis cannot be read (fail open: the caller keeps what it knew)."""
+        if not self._available():
+            return None
+        assert self._client is not None
+        head = contract_key(self._prefix, "")
+        names: set[str] = set()
+        try:
+            async for key in self._client.scan_iter(match=_glob_escape(head) + "*", count=1000):
+                text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+                if text.startswith(head) and len(text) > len(head):
+                    names.add(text[len(head) :])
+        except _FAILURES as exc:
+            self._failed("contract scan", exc)
+            return None
+        return sorted(names)
+
+    async def lookup(
+        self, keys: Sequence[str], dim: int, model: str | None = None
+    ) -> list[CachedVector | None]:
         """Cached vectors (and their token counts) for content hashes, in one pipelined round
         trip; None = miss."""
         if not keys or not self._available():
             return [None] * len(keys)
         assert self._client is not None
+        name = model or self._model_name
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.hmget(vector_key(self._prefix, self._model_name, dim, key), list(ENTRY_FIELDS))
+            pipe.hmget(vector_key(self._prefix, name, dim, key), list(ENTRY_FIELDS))
         try:
             # Per-command errors kept: a key of another type must not fail the others.
             raw: list[Any] = await pipe.execute(raise_on_error=False)
@@ -145,7 +175,7 @@ class CacheReader:
             self._failed("lookup", exc)
             return [None] * len(keys)
         return [
-            None if isinstance(fields, Exception) else servable_entry(fields, model=self._model_name, dim=dim)
+            None if isinstance(fields, Exception) else servable_entry(fields, model=name, dim=dim)
             for fields in raw
         ]
 

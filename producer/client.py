@@ -4,8 +4,9 @@ One call of ``embed``:
 
 1. keys every text by its content hash (``keys.py``) and merges identical texts (one request each);
 2. reads all keys from the Redis cache in one pipelined round trip (fail open);
-3. produces one request per miss to ``embed.requests`` (idempotent producer, acks=all), keyed by
-   the content hash so identical texts meet on one partition and one worker;
+3. produces one request per miss to the model's requests topic (``embed.requests`` for the
+   default model, ``embed.requests.<model>`` for the others: ``schemas.model_routing``; idempotent
+   producer, acks=all), keyed by the content hash so identical texts meet on one partition and one worker;
 4. awaits the results by request id on the reply topic, read by one background task.
 
 Reply topics: ``private`` (default) creates ``embed.results.<client id>`` (1 partition) on start and
@@ -76,6 +77,7 @@ class Prepared:
     misses: list[Distinct]  # distinct texts to send to the fleet
     # The contract the keys were computed with: complete() expects results of its width.
     contract: ModelContract | None
+    model: str  # the model asked for: its requests topic gets the misses
 
     def fill(self, indices: list[int], vector: Vector, tokens: int | None) -> None:
         # Repeated texts get copies, so changing one returned array never changes another.
@@ -105,6 +107,8 @@ class Client:
         if config is None:
             config = ClientConfig.from_env(**overrides)
         elif overrides:
+            if "model_name" in overrides and "requests_topic" not in overrides:
+                overrides["requests_topic"] = ""  # the new model's topic, by the naming rule
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.stats = ClientStats()
@@ -117,8 +121,8 @@ class Client:
         self._consumer: AIOKafkaConsumer | None = None
         self._router: ReplyRouter | None = None
         self._created_topic: str | None = None
-        self._contract: ModelContract | None = None
-        self._contract_read_at = float("-inf")
+        # model name -> (its contract or None, when it was read)
+        self._contracts: dict[str, tuple[ModelContract | None, float]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -215,23 +219,32 @@ class Client:
 
     # --- the model contract --------------------------------------------------------------------
 
-    async def model_contract(self) -> ModelContract | None:
-        """The fingerprint (and dim) that content hashes need: from the config, else from Redis."""
+    async def model_contract(self, model: str | None = None) -> ModelContract | None:
+        """The fingerprint (and dim) that content hashes need, of ``model`` (default: the
+        configured one): from the config (the configured model only), else from Redis."""
+        return await self.contract_of(model or self.config.model_name)
+
+    async def contract_of(self, name: str) -> ModelContract | None:
+        """``model_contract`` of the model ``name``, read again at most every 30 s."""
         loop = asyncio.get_running_loop()
-        age = loop.time() - self._contract_read_at
-        if age < (CONTRACT_REFRESH_S if self._contract is not None else CONTRACT_RETRY_S):
-            return self._contract
-        self._contract_read_at = loop.time()
-        published = await self._cache.read_contract() if self._cache.enabled else None
-        if self.config.model_fingerprint:
+        known, read_at = self._contracts.get(name, (None, float("-inf")))
+        if loop.time() - read_at < (CONTRACT_REFRESH_S if known is not None else CONTRACT_RETRY_S):
+            return known
+        published = await self._cache.read_contract(name) if self._cache.enabled else None
+        if self.config.model_fingerprint and name == self.config.model_name:
             dim = self.config.model_dim
             same_model = published is not None and published.fingerprint == self.config.model_fingerprint
             if dim is None and same_model and published is not None:
                 dim = published.dim
-            self._contract = ModelContract(fingerprint=self.config.model_fingerprint, dim=dim)
+            known = ModelContract(fingerprint=self.config.model_fingerprint, dim=dim, name=name)
         elif published is not None:
-            self._contract = published
-        return self._contract
+            known = published
+        self._contracts[name] = (known, loop.time())
+        return known
+
+    async def published_models(self) -> list[str] | None:
+        """Every model whose contract the fleet has published (None: Redis cannot be read)."""
+        return await self._cache.published_models() if self._cache.enabled else None
 
     # --- embedding -----------------------------------------------------------------------------
 
@@ -243,15 +256,16 @@ class Client:
         task: str | None = None,
         dimensions: int | None = None,
         timeout: float = 30.0,  # noqa: ASYNC109
+        model: str | None = None,
     ) -> list[Vector]:
-        """One float32 vector per text, in order.
+        """One float32 vector per text, in order, from ``model`` (default: the configured one).
 
         Raises ``EmbedBatchError`` when some texts failed (the others' vectors are on it) and
         ``EmbedTimeout`` when results were still missing after ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        prepared = await self.prepare(texts, task=task, dimensions=dimensions)
+        prepared = await self.prepare(texts, task=task, dimensions=dimensions, model=model)
         outcome = await self.complete(prepared, timeout=max(0.0, deadline - loop.time()))
         if outcome.missing:
             raise EmbedTimeout(outcome.missing, len(texts), timeout, outcome.vectors, outcome.failures)
@@ -266,23 +280,29 @@ class Client:
         task: str | None = None,
         dimensions: int | None = None,
         contract: ModelContract | None = None,
+        model: str | None = None,
     ) -> Prepared:
         """Step one of ``embed``: content hashes and the cache lookup (one round trip). What is
         left to compute is ``Prepared.misses``; ``complete`` sends them and awaits the results.
-        ``contract``: one the caller already read for this call (else it is read here)."""
+        ``contract``: one the caller already read for this call (else it is read here); ``model``:
+        which of the fleet's models (default: the configured one); its contract keys the texts,
+        its cache entries answer them and its requests topic gets the misses."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
+        name = model or self.config.model_name
         if contract is None:
-            contract = await self.model_contract()
+            contract = await self.contract_of(name)
         plan = plan_requests(
             texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
         )
-        prepared = Prepared(plan, task, dimensions, [None] * len(texts), [None] * len(texts), [], contract)
+        prepared = Prepared(
+            plan, task, dimensions, [None] * len(texts), [None] * len(texts), [], contract, name
+        )
         dim = dimensions or (contract.dim if contract else None)
         if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
             prepared.misses.extend(plan.distinct)
             return prepared
-        found = await self._cache.lookup([entry.key for entry in plan.distinct], dim)
+        found = await self._cache.lookup([entry.key for entry in plan.distinct], dim, name)
         for entry, cached in zip(plan.distinct, found, strict=True):
             if cached is None:
                 prepared.misses.append(entry)
@@ -313,7 +333,9 @@ class Client:
         }
         try:
             await asyncio.wait_for(
-                self._produce(requests, prepared.task, prepared.dimensions, self.config.reply_topic),
+                self._produce(
+                    requests, prepared.task, prepared.dimensions, self.config.reply_topic, prepared.model
+                ),
                 max(0.0, deadline - loop.time()),
             )
             if futures:
@@ -334,7 +356,12 @@ class Client:
         return EmbedOutcome(prepared.vectors, prepared.tokens, failures, missing, len(requests))
 
     async def send(
-        self, texts: Sequence[str], *, task: str | None = None, dimensions: int | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        task: str | None = None,
+        dimensions: int | None = None,
+        model: str | None = None,
     ) -> list[str | None]:
         """Fire and forget: produce the misses and return each text's request id.
 
@@ -343,11 +370,11 @@ class Client:
         """
         if self._producer is None:
             raise RuntimeError("send() needs a started client")
-        prepared = await self.prepare(texts, task=task, dimensions=dimensions)
+        prepared = await self.prepare(texts, task=task, dimensions=dimensions, model=model)
         self.stats.failed += len(prepared.plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
         reply_to = self.config.reply_topic if self.config.reply_mode == "private" else None
-        await self._produce(requests, task, dimensions, reply_to)
+        await self._produce(requests, task, dimensions, reply_to, prepared.model)
         ids: list[str | None] = [None] * len(texts)
         for request_id, entry in requests:
             for index in entry.indices:
@@ -379,6 +406,7 @@ class Client:
         task: str | None,
         dimensions: int | None,
         reply_to: str | None,
+        model: str,
     ) -> None:
         """Produces every request and waits for the broker's acks, retrying transient failures."""
         assert self._producer is not None
@@ -400,7 +428,7 @@ class Client:
             )
             for request_id, entry in requests
         ]
-        topic = self.config.requests_topic
+        topic = self.config.requests_topic_of(model)
         for attempt in range(1, PRODUCE_ATTEMPTS + 1):
             deliveries = [
                 await self._producer.send(topic, value, key=key, headers=headers) for key, value in pending

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from schemas.model_routing import DEFAULT_MODEL, requests_topic_for
+
 ReplyMode = Literal["private", "shared", "none"]
 REPLY_MODES: tuple[ReplyMode, ...] = ("private", "shared", "none")
 
@@ -47,7 +49,9 @@ class ClientConfig:
     """Every setting of the client, read from the environment, overridable by keyword."""
 
     kafka_bootstrap: str = "127.0.0.1:9092"
-    requests_topic: str = "embed.requests"
+    # Empty: the model's topic by the naming rule (schemas.model_routing): embed.requests for the
+    # default model, embed.requests.<model> for the others.
+    requests_topic: str = ""
     results_topic: str = "embed.results"
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str = "PLAIN"
@@ -64,7 +68,10 @@ class ClientConfig:
     redis_ssl_cafile: str = ""  # CA bundle for rediss:// URLs
     redis_timeout_s: float = 1.0
     cache_key_prefix: str = "embedfleet"
-    model_name: str = "all-MiniLM-L6-v2"
+    model_name: str = DEFAULT_MODEL
+    # The model the fleet serves on the base topic (the workers' EMBEDFLEET_DEFAULT_MODEL; by
+    # keyword only for now: the Go client reads the same variables and does not know it yet).
+    default_model: str = DEFAULT_MODEL
     # Normally read from Redis ({prefix}:models:{model_name}); set it to hash without Redis.
     model_fingerprint: str = ""
     model_dim: int | None = None
@@ -75,10 +82,19 @@ class ClientConfig:
     linger_ms: int = 5
 
     def __post_init__(self) -> None:
+        if not self.requests_topic:
+            object.__setattr__(self, "requests_topic", self.requests_topic_of(self.model_name))
         if self.reply_mode not in REPLY_MODES:
             raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {self.reply_mode!r}")
         if self.model_dim is not None and self.model_dim < 1:
             raise ValueError(f"model_dim must be positive, got {self.model_dim}")
+
+    def requests_topic_of(self, model: str) -> str:
+        """Where jobs for ``model`` go: the configured topic for this client's own model, the
+        naming rule's for any other model of the fleet."""
+        if model == self.model_name and self.requests_topic:
+            return self.requests_topic
+        return requests_topic_for(model, default_model=self.default_model)
 
     @property
     def reply_topic(self) -> str | None:
