@@ -3,8 +3,10 @@
 Routes (auth, when API keys are set, on everything but health and metrics):
 
 * ``POST /v1/embeddings``: OpenAI's embeddings API;
-* ``POST /embed``: the seed's ``{"texts": [...]}`` -> ``{"embeddings": [...], "model": ...}``;
-* ``GET /v1/models``, ``GET /v1/models/{model}``: the served model;
+* ``POST /embed``: the seed's ``{"texts": [...]}`` -> ``{"embeddings": [...], "model": ...}``
+  (the configured model);
+* ``GET /v1/models``, ``GET /v1/models/{model}``: every model whose contract the fleet publishes
+  (``model`` in a request routes it to that model's requests topic);
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (connected and the contract known),
   ``GET /metrics`` (Prometheus).
 """
@@ -140,14 +142,14 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         deadline = time.monotonic() + config.deadline_s
         authorize(request)
         body = decode_embeddings_request(await read_body(request))
-        service.check_model(body.model)
+        await service.check_model(body.model)
         texts = input_texts(body.input, config.max_inputs)
-        contract = await service.contract()
+        # `model` routes the request: that model's contract keys it, checks `dimensions` and
+        # names its requests topic (schemas.model_routing).
+        contract = await service.contract(body.model)
         width = service.width(contract, body.dimensions)
         embedded = await service.embed(texts, contract, width, deadline)
-        answer = embeddings_response(
-            embedded.vectors, embedded.tokens, service.model_name, body.encoding_format
-        )
+        answer = embeddings_response(embedded.vectors, embedded.tokens, body.model, body.encoding_format)
         return Response(encode(answer), media_type=JSON)
 
     async def seed_embed(request: Request) -> Response:
@@ -164,12 +166,14 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
 
     async def models(request: Request) -> Response:
         authorize(request)
-        return Response(encode(ModelList(data=[ModelObject(id=service.model_name)])), media_type=JSON)
+        listed = [ModelObject(id=name) for name in await service.models()]
+        return Response(encode(ModelList(data=listed)), media_type=JSON)
 
     async def model(request: Request) -> Response:
         authorize(request)
-        service.check_model(request.path_params["model"])
-        return Response(encode(ModelObject(id=service.model_name)), media_type=JSON)
+        name = request.path_params["model"]
+        await service.check_model(name)
+        return Response(encode(ModelObject(id=name)), media_type=JSON)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)

@@ -110,18 +110,44 @@ class EmbeddingService:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def contract(self) -> ModelContract:
-        """The served model's contract, read once per request and passed along (or NoFleet)."""
+    async def _published(self, model: str) -> ModelContract | None:
+        # The configured model's read keeps its no-argument form (the client's own model).
+        if model == self.model_name:
+            return await self.client.model_contract()
+        return await self.client.contract_of(model)
+
+    async def contract(self, model: str | None = None) -> ModelContract:
+        """The contract of ``model`` (default: the configured one), read once per request and
+        passed along: NoFleet when the configured model has none yet, UnknownModel for any other
+        model without one (the gateway serves every model whose contract the fleet publishes)."""
+        name = model or self.model_name
         if not self._started:
             raise NoFleet(f"the embedding fleet is unavailable: {self._start_problem}")
-        contract = await self.client.model_contract()
+        contract = await self._published(name)
         if contract is None or contract.dim is None:
+            if name != self.model_name:
+                raise self._unknown(name)
             raise NoFleet(self._no_contract_message())
         return contract
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise UnknownModel(f"The model '{model}' does not exist: this server serves '{self.model_name}'")
+    async def check_model(self, model: str) -> None:
+        """UnknownModel unless ``model`` is the configured one or has a published contract."""
+        if model == self.model_name:
+            return
+        contract = await self._published(model) if self._started else None
+        if contract is None or contract.dim is None:
+            raise self._unknown(model)
+
+    def _unknown(self, model: str) -> UnknownModel:
+        return UnknownModel(
+            f"The model '{model}' does not exist: no worker of this fleet has published its contract "
+            f"(this server serves '{self.model_name}' and every model listed by GET /v1/models)"
+        )
+
+    async def models(self) -> list[str]:
+        """The configured model first, then every other model whose contract is published."""
+        published = await self.client.published_models() if self._started else None
+        return [self.model_name, *sorted(set(published or ()) - {self.model_name})]
 
     @staticmethod
     def width(contract: ModelContract, dimensions: int | None) -> int | None:
@@ -140,7 +166,10 @@ class EmbeddingService:
     ) -> Embedded:
         """Vectors for ``texts`` in order, by ``deadline`` (a ``time.monotonic()`` instant), keyed
         with ``contract`` (the request's, from ``contract()``)."""
-        prepared = await self.client.prepare(texts, dimensions=dimensions, contract=contract)
+        # The contract says which model: its keys, its cache entries and its requests topic.
+        prepared = await self.client.prepare(
+            texts, dimensions=dimensions, contract=contract, model=contract.name or None
+        )
         if prepared.plan.failures:
             # Nothing is sent when any text is hopeless: the whole request fails anyway.
             first = prepared.plan.failures[0]
