@@ -52,3 +52,15 @@ def test_a_password_in_the_redis_url_is_masked() -> None:
     config = WorkerConfig.from_env({"EMBEDFLEET_REDIS_URL": "redis://app:hunter2@cache:6379/0"})
     assert config.describe()["redis_url"] == "redis://app:***@cache:6379/0"
     assert "hunter2" not in str(config.describe())
+
+
+def test_every_metric_carries_the_served_model() -> None:
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(model="all-mpnet-base-v2")
+    metrics.computed_texts.inc(3)
+    metrics.model.info({"name": "all-mpnet-base-v2", "dim": "768"})
+    text = metrics.exposition().decode()
+    assert 'embedfleet_computed_texts_total{model="all-mpnet-base-v2"} 3.0' in text
+    assert 'embedfleet_model_info{dim="768",model="all-mpnet-base-v2",name="all-mpnet-base-v2"}' in text
+    assert "model=" not in WorkerMetrics().exposition().decode()  # no model given: no label
