@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from schemas.model_routing import DEFAULT_MODEL, requests_topic_for
+from schemas.model_routing import BASE_REQUESTS_TOPIC, DEFAULT_MODEL, requests_topic_for
 
 ReplyMode = Literal["private", "shared", "none"]
 REPLY_MODES: tuple[ReplyMode, ...] = ("private", "shared", "none")
@@ -91,10 +91,14 @@ class ClientConfig:
 
     def requests_topic_of(self, model: str) -> str:
         """Where jobs for ``model`` go: the configured topic for this client's own model, the
-        naming rule's for any other model of the fleet."""
+        naming rule's for any other model of the fleet. A client of the default model takes its
+        configured topic as the rule's base (``jobs`` -> ``jobs.<model>``), so a fleet whose base
+        topic is renamed needs one setting per client, not one per model."""
         if model == self.model_name and self.requests_topic:
             return self.requests_topic
-        return requests_topic_for(model, default_model=self.default_model)
+        own_is_base = self.model_name == self.default_model and self.requests_topic
+        base = self.requests_topic if own_is_base else BASE_REQUESTS_TOPIC
+        return requests_topic_for(model, default_model=self.default_model, base=base)
 
     @property
     def reply_topic(self) -> str | None:

@@ -78,6 +78,9 @@ def test_the_client_routes_each_model_to_its_topic() -> None:
     assert mpnet.requests_topic == "embed.requests.all-mpnet-base-v2"
     assert mpnet.requests_topic_of(DEFAULT_MODEL) == "embed.requests"
     explicit = ClientConfig.from_env({"EMBEDFLEET_REQUESTS_TOPIC": "jobs"})
-    # An explicit topic is the configured model's; other models follow the rule.
+    # An explicit topic is the configured model's; the default model's is the others' base.
     assert explicit.requests_topic_of(DEFAULT_MODEL) == "jobs"
-    assert explicit.requests_topic_of(MPNET) == "embed.requests.all-mpnet-base-v2"
+    assert explicit.requests_topic_of(MPNET) == "jobs.all-mpnet-base-v2"
+    mpnet_jobs = ClientConfig.from_env({"EMBEDFLEET_REQUESTS_TOPIC": "jobs", "EMBEDFLEET_MODEL_NAME": MPNET})
+    assert mpnet_jobs.requests_topic_of(MPNET) == "jobs"
+    assert mpnet_jobs.requests_topic_of(DEFAULT_MODEL) == "embed.requests"
