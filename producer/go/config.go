@@ -39,14 +39,14 @@ type Config struct {
 func ConfigFromEnv() Config {
 	c := Config{
 		KafkaBootstrap:        []string{"127.0.0.1:9092"},
-		RequestsTopic:         "embed.requests",
+		RequestsTopic:         BaseRequestsTopic,
 		ResultsTopic:          "embed.results",
 		KafkaSecurityProtocol: "PLAINTEXT",
 		KafkaSASLMechanism:    "PLAIN",
 		RedisURL:              "redis://127.0.0.1:6379/0",
 		RedisTimeout:          time.Second,
 		CacheKeyPrefix:        "embedfleet",
-		ModelName:             "all-MiniLM-L6-v2",
+		ModelName:             DefaultModel,
 		Linger:                5 * time.Millisecond,
 	}
 	set := func(name string, into *string) {
@@ -77,6 +77,10 @@ func ConfigFromEnv() Config {
 	set("EMBEDFLEET_CACHE_KEY_PREFIX", &c.CacheKeyPrefix)
 	set("EMBEDFLEET_MODEL_NAME", &c.ModelName)
 	set("EMBEDFLEET_MODEL_FINGERPRINT", &c.ModelFingerprint)
+	if v := os.Getenv("EMBEDFLEET_REQUESTS_TOPIC"); v == "" {
+		// Not set: the model's own topic by the fleet's naming rule (routing.go).
+		c.RequestsTopic = RequestsTopicFor(c.ModelName, DefaultModel, BaseRequestsTopic)
+	}
 	var dim string
 	set("EMBEDFLEET_MODEL_DIM", &dim)
 	if n, err := strconv.Atoi(dim); err == nil && n > 0 {

@@ -84,3 +84,16 @@ def test_the_client_routes_each_model_to_its_topic() -> None:
     mpnet_jobs = ClientConfig.from_env({"EMBEDFLEET_REQUESTS_TOPIC": "jobs", "EMBEDFLEET_MODEL_NAME": MPNET})
     assert mpnet_jobs.requests_topic_of(MPNET) == "jobs"
     assert mpnet_jobs.requests_topic_of(DEFAULT_MODEL) == "embed.requests"
+
+
+def test_the_shared_examples_that_the_go_client_checks_too() -> None:
+    path = Path(__file__).resolve().parents[2] / "schemas" / "testdata" / "model_routing.json"
+    cases = json.loads(path.read_text())["cases"]
+    assert len(cases) >= 5
+    for case in cases:
+        default = case["default_model"]
+        assert (
+            requests_topic_for(case["model"], default_model=default, base=case["topic_base"])
+            == (case["requests_topic"])
+        )
+        assert group_id_for(case["model"], default_model=default, base=case["group_base"]) == case["group_id"]
