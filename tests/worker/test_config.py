@@ -63,4 +63,7 @@ def test_every_metric_carries_the_served_model() -> None:
     text = metrics.exposition().decode()
     assert 'embedfleet_computed_texts_total{model="all-mpnet-base-v2"} 3.0' in text
     assert 'embedfleet_model_info{dim="768",model="all-mpnet-base-v2",name="all-mpnet-base-v2"}' in text
+    metrics.lag.labels("t", "0").set(5)
+    lag = 'embedfleet_consumer_lag{model="all-mpnet-base-v2",partition="0",topic="t"} 5.0'
+    assert lag in metrics.exposition().decode()  # with the metric's own labels (sorted by name)
     assert "model=" not in WorkerMetrics().exposition().decode()  # no model given: no label
