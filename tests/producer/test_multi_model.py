@@ -5,18 +5,26 @@ gateway in front of both, and the Python client asking each model by name.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import signal
+import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import openai
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from producer.client import Client
 from schemas.cache_layout import ENTRY_FIELDS, index_name, vector_key
 from schemas.model_routing import requests_topic_for
-from tests.fleet import Fleet, GatewayProcess, running_fleet
+from tests.fleet import Fleet, FleetIO, GatewayProcess, WorkerProcess, request, running_fleet
 from tests.helpers import create_topic, delete_topics
 from worker.cache import redis_client
 from worker.engine import quality
@@ -27,6 +35,8 @@ MINILM = "all-MiniLM-L6-v2"
 MPNET = "all-mpnet-base-v2"
 MIN_REFERENCE_COSINE = 0.99
 TEXTS_PER_MODEL = 20
+WIDTHS = {MINILM: 384, MPNET: 768}
+REQUESTS_PER_MODEL = 16  # MPNet: ~140 texts/s on 2 cores shared with other tests
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +45,25 @@ def mpnet_dir(model_dir: Path) -> Path:
     if not (path / "manifest.json").exists():
         pytest.skip(f"no {MPNET} bundle at {path}: run `embedfleet model build --model {MPNET}`")
     return path
+
+
+def start_mpnet_worker(fleet: Fleet, mpnet_dir: Path) -> WorkerProcess:
+    """An MPNet worker by `--model NAME`, on <fleet topic>.<model> in group <fleet group>.<model>."""
+    return fleet.start_worker(
+        "--model",
+        MPNET,
+        env={
+            "EMBEDFLEET_HOME": str(mpnet_dir.parent.parent),
+            "EMBEDFLEET_MODEL": "",  # the flag names the model
+            "EMBEDFLEET_REQUESTS_TOPIC": requests_topic_for(MPNET, base=fleet.requests_topic),
+            "EMBEDFLEET_GROUP_ID": mpnet_group(fleet),
+            "EMBEDFLEET_VARIANT": "int8",
+        },
+    )
+
+
+def mpnet_group(fleet: Fleet) -> str:
+    return f"{fleet.group_id}.{MPNET}"
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +81,7 @@ async def two_models(
         mpnet_topic = requests_topic_for(MPNET, base=fleet.requests_topic)
         await create_topic(kafka_bootstrap, mpnet_topic, 2)
         try:
-            mpnet = fleet.start_worker(
-                "--model",
-                MPNET,
-                env={
-                    "EMBEDFLEET_HOME": str(mpnet_dir.parent.parent),
-                    "EMBEDFLEET_MODEL": "",  # the flag names the model
-                    "EMBEDFLEET_REQUESTS_TOPIC": mpnet_topic,
-                    "EMBEDFLEET_GROUP_ID": f"{fleet.group_id}.{MPNET}",
-                    "EMBEDFLEET_VARIANT": "int8",
-                },
-            )
+            mpnet = start_mpnet_worker(fleet, mpnet_dir)
             gateway = fleet.start_gateway()
             await fleet.wait_ready([mpnet], timeout_s=90)
             await gateway.wait_ready()
@@ -143,3 +162,123 @@ async def test_one_gateway_serves_two_models_each_from_its_own_workers_and_cache
         } <= indexes
     finally:
         await redis.aclose()
+
+
+def width_of(result: dict[str, Any]) -> int:
+    """The length of a result's vector, whichever encoding it came in (0 when it has none)."""
+    if result.get("vector") is not None:
+        return len(result["vector"])
+    if result.get("vector_b64"):
+        return len(base64.b64decode(result["vector_b64"])) // 4
+    return 0
+
+
+async def send_to_model(io: FleetIO, fleet: Fleet, model: str, count: int) -> list[str]:
+    """``count`` requests of fresh texts (no cache hit: every one is computed) on ``model``'s topic."""
+    topic = requests_topic_for(model, base=fleet.requests_topic)
+    ids = []
+    for i in range(count):
+        request_id, value = request(f"{model} request {i} {uuid.uuid4().hex}")
+        ids.append(request_id)
+        await io.producer.send(topic, value)
+    await io.producer.flush()
+    return ids
+
+
+def assert_answered_once_by(io: FleetIO, ids: list[str], model: str) -> None:
+    """Every id has exactly one result on the results topic, a success of ``model``'s width."""
+    counts = {i: len(io.results.get(i, [])) for i in ids}
+    assert all(n == 1 for n in counts.values()), {i: n for i, n in counts.items() if n != 1}
+    errors = {i: io.results[i][0]["error"] for i in ids if io.results[i][0].get("error")}
+    assert not errors, errors
+    seen = {(r["model"], r["dim"], width_of(r), r.get("cached", False)) for i in ids for r in io.results[i]}
+    assert seen == {(model, WIDTHS[model], WIDTHS[model], False)}, seen
+
+
+def computed(worker: WorkerProcess) -> float:
+    return worker.metric("embedfleet_computed_texts_total")
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (description,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(topic, p["partition"]) for p in description["partitions"]]
+    assert partitions, f"no partitions of {topic}"
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+async def test_a_worker_of_one_model_never_consumes_the_other_models_requests(
+    two_models: tuple[Fleet, GatewayProcess],
+) -> None:
+    fleet, _ = two_models
+    minilm_worker = fleet.workers[0]
+    mpnet_worker = fleet.workers[-1]
+    assert minilm_worker.alive and mpnet_worker.alive
+    before = {minilm_worker.name: computed(minilm_worker), mpnet_worker.name: computed(mpnet_worker)}
+    async with FleetIO(fleet) as io:
+        ids = {model: await send_to_model(io, fleet, model, REQUESTS_PER_MODEL) for model in (MINILM, MPNET)}
+        await io.wait_for([*ids[MINILM], *ids[MPNET]], timeout_s=60)
+        await asyncio.sleep(2)  # a redelivery or a second answer would arrive meanwhile
+        for model in (MINILM, MPNET):
+            assert_answered_once_by(io, ids[model], model)
+    # Each worker computed exactly its own model's texts: none of the other's went through it.
+    assert computed(minilm_worker) - before[minilm_worker.name] == REQUESTS_PER_MODEL
+    assert computed(mpnet_worker) - before[mpnet_worker.name] == REQUESTS_PER_MODEL
+
+    # Each model's group committed offsets on its own topic only, up to that topic's end.
+    topics = {MINILM: fleet.requests_topic, MPNET: requests_topic_for(MPNET, base=fleet.requests_topic)}
+    groups = {MINILM: fleet.group_id, MPNET: mpnet_group(fleet)}
+    for model in (MINILM, MPNET):
+        ends = await end_offsets(fleet.bootstrap, topics[model])
+        assert sum(ends.values()) >= REQUESTS_PER_MODEL
+        deadline = time.monotonic() + 20
+        while (committed := await committed_offsets(fleet.bootstrap, groups[model])) != ends:
+            assert {tp.topic for tp in committed} <= {topics[model]}, (model, committed)
+            assert time.monotonic() < deadline, (model, committed, ends)
+            await asyncio.sleep(0.5)
+
+
+async def test_killing_one_models_workers_leaves_the_other_models_answers_untouched(
+    two_models: tuple[Fleet, GatewayProcess], mpnet_dir: Path
+) -> None:
+    """Runs last in this module: it kills the MPNet worker and leaves a new one in its place."""
+    fleet, _ = two_models
+    minilm_worker = fleet.workers[0]
+    mpnet_worker = fleet.workers[-1]
+    assert minilm_worker.alive and mpnet_worker.alive
+    assert fleet.stop_worker(mpnet_worker, signal.SIGKILL) == -signal.SIGKILL
+    async with FleetIO(fleet) as io:
+        ids = {model: await send_to_model(io, fleet, model, REQUESTS_PER_MODEL) for model in (MINILM, MPNET)}
+        await io.wait_for(ids[MINILM], timeout_s=60)
+        await asyncio.sleep(5)  # what the MPNet requests get while no MPNet worker runs: nothing
+        assert_answered_once_by(io, ids[MINILM], MINILM)
+        answered = [i for i in ids[MPNET] if i in io.results]
+        assert not answered, f"{len(answered)} MPNet requests answered with no MPNet worker running"
+
+        replacement = start_mpnet_worker(fleet, mpnet_dir)
+        await fleet.wait_ready([replacement], timeout_s=90)
+        await io.wait_for(ids[MPNET], timeout_s=60)
+        await asyncio.sleep(2)
+        assert_answered_once_by(io, ids[MPNET], MPNET)
+        assert_answered_once_by(io, ids[MINILM], MINILM)  # still one answer each
+    assert computed(replacement) == REQUESTS_PER_MODEL
