@@ -28,6 +28,9 @@ type Config struct {
 	RedisTimeout          time.Duration
 	CacheKeyPrefix        string // EMBEDFLEET_CACHE_KEY_PREFIX
 	ModelName             string // EMBEDFLEET_MODEL_NAME
+	// DefaultModel is the model the fleet serves on the base requests topic (the workers'
+	// EMBEDFLEET_DEFAULT_MODEL); every other model's topic is derived from it (routing.go).
+	DefaultModel string
 	// ModelFingerprint is read from Redis ({prefix}:models:{model}) when empty.
 	ModelFingerprint string
 	ModelDim         int // EMBEDFLEET_MODEL_DIM; 0: from Redis
@@ -47,6 +50,7 @@ func ConfigFromEnv() Config {
 		RedisTimeout:          time.Second,
 		CacheKeyPrefix:        "embedfleet",
 		ModelName:             DefaultModel,
+		DefaultModel:          DefaultModel,
 		Linger:                5 * time.Millisecond,
 	}
 	set := func(name string, into *string) {
@@ -76,10 +80,11 @@ func ConfigFromEnv() Config {
 	set("EMBEDFLEET_REDIS_PASSWORD", &c.RedisPassword)
 	set("EMBEDFLEET_CACHE_KEY_PREFIX", &c.CacheKeyPrefix)
 	set("EMBEDFLEET_MODEL_NAME", &c.ModelName)
+	set("EMBEDFLEET_DEFAULT_MODEL", &c.DefaultModel)
 	set("EMBEDFLEET_MODEL_FINGERPRINT", &c.ModelFingerprint)
 	if v := os.Getenv("EMBEDFLEET_REQUESTS_TOPIC"); v == "" {
 		// Not set: the model's own topic by the fleet's naming rule (routing.go).
-		c.RequestsTopic = RequestsTopicFor(c.ModelName, DefaultModel, BaseRequestsTopic)
+		c.RequestsTopic = RequestsTopicFor(c.ModelName, c.DefaultModel, BaseRequestsTopic)
 	}
 	var dim string
 	set("EMBEDFLEET_MODEL_DIM", &dim)
@@ -87,6 +92,52 @@ func ConfigFromEnv() Config {
 		c.ModelDim = n
 	}
 	return c
+}
+
+// RequestsTopicOf is where jobs for model go: the configured RequestsTopic for the client's own
+// model, the naming rule's topic for any other model of the fleet. A client of the default model
+// takes its configured topic as the rule's base ("jobs" -> "jobs.<model>"), as the Python
+// client's ClientConfig.requests_topic_of does.
+func (c Config) RequestsTopicOf(model string) string {
+	if model == c.ModelName && c.RequestsTopic != "" {
+		return c.RequestsTopic
+	}
+	base := BaseRequestsTopic
+	if c.ModelName == c.defaultModel() && c.RequestsTopic != "" {
+		base = c.RequestsTopic
+	}
+	return RequestsTopicFor(model, c.defaultModel(), base)
+}
+
+// ForModel is this configuration for a client of another model of the same fleet: its topic by
+// the naming rule (RequestsTopicOf), its fingerprint and width read from Redis (the model's
+// contract). A Client embeds with one model; to use several, open one Client per model:
+//
+//	small, _ := embedfleet.NewClient(ctx, cfg)
+//	large, _ := embedfleet.NewClient(ctx, cfg.ForModel("all-mpnet-base-v2"))
+//
+// Each client has its own reply topic: a fresh ClientID when it is empty, else ClientID with
+// ".<model>" appended.
+func (c Config) ForModel(model string) Config {
+	if model == c.ModelName {
+		return c
+	}
+	out := c
+	if out.ClientID != "" {
+		out.ClientID += "." + unsafeModelChars.ReplaceAllString(model, "_")
+	}
+	out.RequestsTopic = c.RequestsTopicOf(model)
+	out.ModelName = model
+	out.ModelFingerprint = ""
+	out.ModelDim = 0
+	return out
+}
+
+func (c Config) defaultModel() string {
+	if c.DefaultModel == "" {
+		return DefaultModel
+	}
+	return c.DefaultModel
 }
 
 // ReplyTopic is the client's private results topic (it matches the workers'
