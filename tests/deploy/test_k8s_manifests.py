@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from producer.gateway.config import GatewayConfig
+from schemas.model_routing import DEFAULT_MODEL, group_id_for, requests_topic_for
 from tests.deploy.deployfiles import K8S, load_yaml, load_yaml_documents
 from worker.config import WorkerConfig
 
@@ -30,6 +31,9 @@ API_VERSIONS = {
     "HorizontalPodAutoscaler": "autoscaling/v2",
 }
 GATEWAY_PORT = 8080
+MODEL_LABEL = "embedfleet.io/model"
+# The models the fleet runs, each a worker Deployment of its own (their bundles are in the image).
+MODELS = (DEFAULT_MODEL, "all-mpnet-base-v2")
 Manifest = dict[str, Any]
 
 
@@ -52,6 +56,39 @@ def one(kind: str, component: str = "worker") -> Manifest:
     found = [m for m in manifests() if m["kind"] == kind and is_gateway(m) == gateway]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def worker_deployments() -> dict[str, Manifest]:
+    """The workers' Deployments, one per model, by the model they serve (their model label)."""
+    found = [m for m in manifests() if m["kind"] == "Deployment" and not is_gateway(m)]
+    by_model = {m["spec"]["template"]["metadata"]["labels"][MODEL_LABEL]: m for m in found}
+    assert len(by_model) == len(found), "two worker Deployments for one model"
+    return by_model
+
+
+def default_worker() -> Manifest:
+    """The default model's Deployment (`embedfleet`: the Service, rules and dashboard name)."""
+    deployment = worker_deployments()[DEFAULT_MODEL]
+    assert deployment["metadata"]["name"] == "embedfleet"
+    return deployment
+
+
+def scaled_object_of(deployment: Manifest) -> Manifest:
+    name = deployment["metadata"]["name"]
+    scaled = [m for m in manifests() if m["kind"] == "ScaledObject"]
+    found = [m for m in scaled if m["spec"]["scaleTargetRef"]["name"] == name]
+    assert len(found) == 1, f"expected one ScaledObject for Deployment {name}, found {len(found)}"
+    return found[0]
+
+
+def worker_environment(deployment: Manifest) -> dict[str, str]:
+    """What the worker container's environment resolves to: the ConfigMap and Secret (envFrom),
+    then its own `env` values, which win."""
+    env: dict[str, str] = {**one("ConfigMap")["data"], **one("Secret")["stringData"]}
+    for item in container(deployment).get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+    return env
 
 
 def container(deployment: Manifest) -> dict[str, Any]:
@@ -89,8 +126,9 @@ def test_all_kinds_are_present() -> None:
     assert set(API_VERSIONS) <= kinds, f"missing: {set(API_VERSIONS) - kinds}"
 
 
-def test_deployment_probes_grace_and_strategy() -> None:
-    deployment = one("Deployment")
+@pytest.mark.parametrize("model", MODELS)
+def test_deployment_probes_grace_and_strategy(model: str) -> None:
+    deployment = worker_deployments()[model]
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment)
     assert (
@@ -111,14 +149,18 @@ def test_deployment_probes_grace_and_strategy() -> None:
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-def test_deployment_resources_and_security() -> None:
-    deployment = one("Deployment")
+@pytest.mark.parametrize("model", MODELS)
+def test_deployment_resources_and_security(model: str) -> None:
+    deployment = worker_deployments()[model]
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment)
     resources = c["resources"]
     for part in ("requests", "limits"):
         assert {"cpu", "memory"} <= resources[part].keys(), f"resources.{part} needs cpu and memory"
-    assert resources["limits"]["memory"] == "1536Mi"
+    if model == DEFAULT_MODEL:
+        assert resources["limits"]["memory"] == "1536Mi"
+    else:  # a wider model needs at least as much (MPNet's 2 GiB is an estimate: see its manifest)
+        assert resources["limits"]["memory"] in ("1536Mi", "2Gi", "3Gi", "4Gi")
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     security = c["securityContext"]
@@ -131,8 +173,9 @@ def test_deployment_resources_and_security() -> None:
     assert preferred[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
 
 
-def test_deployment_environment_comes_from_the_configmap_and_secret() -> None:
-    c = container(one("Deployment"))
+@pytest.mark.parametrize("model", MODELS)
+def test_deployment_environment_comes_from_the_configmap_and_secret(model: str) -> None:
+    c = container(worker_deployments()[model])
     sources = {next(iter(k for k in s if k.endswith("Ref"))): s for s in c["envFrom"]}
     assert sources["configMapRef"]["configMapRef"]["name"] == one("ConfigMap")["metadata"]["name"]
     assert sources["secretRef"]["secretRef"]["name"] == one("Secret")["metadata"]["name"]
@@ -154,9 +197,10 @@ def test_configmap_and_secret_are_a_valid_worker_configuration() -> None:
 
 
 def test_service_and_servicemonitor_agree() -> None:
-    service, monitor, deployment = one("Service"), one("ServiceMonitor"), one("Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod_labels.items()
+    service, monitor = one("Service"), one("ServiceMonitor")
+    for deployment in worker_deployments().values():  # one job for every model's workers
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= pod_labels.items()
     port_names = {p["name"] for p in service["spec"]["ports"]}
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     for endpoint in monitor["spec"]["endpoints"]:
@@ -167,16 +211,18 @@ def test_service_and_servicemonitor_agree() -> None:
 
 
 def test_pdb() -> None:
-    pdb, deployment = one("PodDisruptionBudget"), one("Deployment")
+    pdb = one("PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
-    assert (
-        pdb["spec"]["selector"]["matchLabels"].items()
-        <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    )
+    for deployment in worker_deployments().values():
+        assert (
+            pdb["spec"]["selector"]["matchLabels"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def test_keda_scales_on_the_group_lag_within_the_partitions() -> None:
-    scaled, deployment = one("ScaledObject"), one("Deployment")
+    deployment = default_worker()
+    scaled = scaled_object_of(deployment)
     config = one("ConfigMap")["data"]
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
@@ -197,16 +243,59 @@ def test_keda_scales_on_the_group_lag_within_the_partitions() -> None:
         assert ref["name"] == one("Secret")["metadata"]["name"] and ref["key"] in secret_keys
 
 
+def test_one_worker_deployment_and_scaled_object_per_model_on_its_own_topic_and_group() -> None:
+    deployments = worker_deployments()
+    assert sorted(deployments) == sorted(MODELS)
+    default_spec = default_worker()["spec"]
+    topics, groups = set(), set()
+    for model, deployment in deployments.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= labels.items() and selector[MODEL_LABEL] == model
+        assert deployment["metadata"]["labels"][MODEL_LABEL] == model
+        c = container(deployment)
+        assert c["image"] == container(default_worker())["image"] and c["args"] == ["worker"]
+        # The same pod as the default model's, apart from the model, its resources and its env.
+        pod, default_pod = deployment["spec"]["template"]["spec"], default_spec["template"]["spec"]
+        for key in ("terminationGracePeriodSeconds", "securityContext", "volumes"):
+            assert pod[key] == default_pod[key], (model, key)
+        for key in ("startupProbe", "livenessProbe", "readinessProbe", "securityContext", "envFrom", "ports"):
+            assert c[key] == container(default_worker())[key], (model, key)
+        # What the worker resolves: this model's bundle, its topic and group by the naming rule.
+        config = WorkerConfig.from_env(worker_environment(deployment))
+        assert str(config.model) == f"/opt/embedfleet/models/{model}"
+        assert config.model_name == model
+        assert config.requests_topic == requests_topic_for(model)
+        assert config.group_id == group_id_for(model)
+        # KEDA watches exactly that group on exactly that topic.
+        scaled = scaled_object_of(deployment)
+        assert scaled["metadata"]["labels"][MODEL_LABEL] == model
+        spec = scaled["spec"]
+        assert 1 == spec["minReplicaCount"] <= spec["maxReplicaCount"] <= PARTITIONS
+        (trigger,) = spec["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert (meta["consumerGroup"], meta["topic"]) == (config.group_id, config.requests_topic), model
+        assert meta["bootstrapServers"] == config.kafka_bootstrap
+        assert int(meta["lagThreshold"]) > 0 and meta["allowIdleConsumers"] == "false"
+        assert trigger["authenticationRef"]["name"] == one("TriggerAuthentication")["metadata"]["name"]
+        topics.add(config.requests_topic)
+        groups.add(config.group_id)
+    assert len(topics) == len(groups) == len(deployments), "each model on its own topic and group"
+    scaled_objects = [m for m in manifests() if m["kind"] == "ScaledObject"]
+    assert len(scaled_objects) == len(deployments), "a ScaledObject for every worker Deployment, no more"
+
+
 def test_the_gateway_deployment_service_hpa_and_monitoring() -> None:
     deployment, service = one("Deployment", "gateway"), one("Service", "gateway")
     c = container(deployment)
-    assert c["args"] == ["gateway"] and c["image"] == container(one("Deployment"))["image"]
+    assert c["args"] == ["gateway"] and c["image"] == container(default_worker())["image"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pod_labels["app.kubernetes.io/component"] == "gateway"
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert not (
         service["spec"]["selector"].items()
-        <= one("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+        <= default_worker()["spec"]["template"]["metadata"]["labels"].items()
     )
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
