@@ -1,7 +1,13 @@
 """Throughput of the embedding engine against baselines measured in the same run (issue 22).
 
-    .venv/bin/python bench/engine.py [--model DIR] [--queries 1000] [--docs 300] [--rounds 3]
+    .venv/bin/python bench/engine.py [--model NAME|DIR] [--queries 1000] [--docs 300] [--rounds 3]
                                      [--threads N] [--json FILE]
+
+``--model NAME`` (e.g. ``all-mpnet-base-v2``, after ``make model MODEL=all-mpnet-base-v2``) benches
+the bundle in ``$EMBEDFLEET_HOME/models/NAME``; a path with a ``/`` is a bundle directory (as the
+worker's ``--model``). Default: the default model (all-MiniLM-L6-v2). The reference vectors are the
+bundle's model's own (``shared/reference/<name>``), and the GEMM-only ceiling counts that model's
+GEMM FLOPs per token (read from its FP32 graph).
 
 Engines, each on the first N corpus queries and docs, texts/s including tokenization, padding and
 pooling; every round runs each engine once, in turn (interleaved, so a noisy machine moves them
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,7 +53,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from roofline import GEMM_FLOP_PER_TOKEN, roofline  # noqa: E402  (bench/roofline.py)
 
 from worker.commands.model import shared_dir  # noqa: E402
-from worker.engine.bundle import default_bundle_dir  # noqa: E402
+from worker.config import bundle_model_name, model_or_bundle  # noqa: E402
+from worker.engine.bundle import default_bundle_dir, load_bundle  # noqa: E402
 from worker.engine.cpu import read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, physical_cpu_count  # noqa: E402
 from worker.engine.quality import read_jsonl_strings, read_reference, row_cosines  # noqa: E402
@@ -151,9 +159,31 @@ def rss_child(model: Path, docs: Path) -> int:
     return 0
 
 
+def gemm_flop_per_token(model: Path) -> int:
+    """FLOPs of the bundle's weight GEMMs per token (two per multiply-add): every MatMul/Gemm of
+    the FP32 graph with a 2-D weight. all-MiniLM-L6-v2 gives roofline's GEMM_FLOP_PER_TOKEN;
+    all-mpnet-base-v2 (12 layers, 768 wide, FFN 3072) 8x that."""
+    graph = onnx.load(
+        str(model / load_bundle(model).manifest.variants["fp32"]), load_external_data=False
+    ).graph
+    weights = {init.name: tuple(init.dims) for init in graph.initializer}
+    total = 0
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            dims = weights.get(node.input[1])
+            if dims is not None and len(dims) == 2:
+                total += 2 * dims[0] * dims[1]
+    return total
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument(
+        "--model",
+        type=model_or_bundle,
+        default=None,
+        help="model name (its bundle in $EMBEDFLEET_HOME/models/NAME) or bundle directory (a path with a /)",
+    )
     parser.add_argument("--queries", type=int, default=1000, help="first N corpus queries")
     parser.add_argument("--docs", type=int, default=300, help="first N corpus docs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
@@ -162,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     model = args.model or default_bundle_dir()
+    if not (model / "manifest.json").exists():
+        print(
+            f"error: no model bundle at {model}: run `make model MODEL={model.name}` first", file=sys.stderr
+        )
+        return 2
     corpus = shared_dir() / "corpus"
     if args.rss_child:
         return rss_child(model, corpus / "docs.jsonl")
@@ -172,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queries": read_jsonl_strings(corpus / "queries.jsonl")[: args.queries],
         "docs": read_jsonl_strings(corpus / "docs.jsonl")[: args.docs],
     }
-    reference = read_reference(shared_dir() / "reference" / "all-MiniLM-L6-v2")
+    model_name = bundle_model_name(model)
+    reference = read_reference(shared_dir() / "reference" / model_name)
+    flop_per_token = gemm_flop_per_token(model)
 
     fp32 = Embedder.from_bundle(model, variant="fp32", intra_op_threads=threads)
     engines = [
@@ -214,11 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     gemms = roofline(threads)
     exact_int8 = ["u8u8", *(["u8s8"] if cpu.exact_s8_gemm else [])]
     fastest_kernel = max(exact_int8, key=lambda kind: gemms[kind]["mix"])
-    ceiling_tokens = gemms[fastest_kernel]["mix"] / GEMM_FLOP_PER_TOKEN
+    ceiling_tokens = gemms[fastest_kernel]["mix"] / flop_per_token
+    if flop_per_token != GEMM_FLOP_PER_TOKEN:
+        print(
+            f"  ({model_name}: {flop_per_token / 1e6:.1f} MFLOP of GEMMs per token, "
+            f"{flop_per_token / GEMM_FLOP_PER_TOKEN:.1f}x all-MiniLM-L6-v2's; the GOP/s are measured on "
+            "MiniLM's shapes, so the ceiling is an estimate for this model)"
+        )
 
     naive = engines[0]
     print(
-        f"\nmodel {model}; {len(datasets['queries'])} queries, {len(datasets['docs'])} docs; "
+        f"\nmodel {model_name} ({model}); {len(datasets['queries'])} queries, {len(datasets['docs'])} docs; "
         f"{threads} threads; medians of {args.rounds} interleaved rounds"
     )
     print(
@@ -280,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         figures = {
             "cpu": {"model": cpu.model, "cores": cpu.cores, "flags": cpu.reported_flags},
+            "model": model_name,
             "threads": threads,
             "engines": [
                 {
