@@ -44,7 +44,7 @@ from producer.gateway.errors import (
     UnsupportedDimensions,
 )
 from producer.gateway.guard import header_deadline_protocol
-from producer.gateway.metrics import GatewayMetrics
+from producer.gateway.metrics import GatewayMetrics, model_of, note_model
 from producer.gateway.openai_api import (
     ApiError,
     ModelList,
@@ -114,8 +114,8 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
 
     def observed(route: str, handler: Handler) -> Handler:
         """Times and counts every answer of ``handler``, and turns errors into OpenAI's shape."""
-        requests: dict[int, Any] = {}
-        latency = metrics.latency.labels(route)
+        requests: dict[tuple[int, str], Any] = {}
+        latencies: dict[str, Any] = {}
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
@@ -128,11 +128,14 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
                 log.exception("the gateway failed on %s", route)
                 error = ApiError(500, "the gateway failed; see its log", type="server_error")
                 response = Response(error.body(), 500, media_type=JSON)
-            status = response.status_code
-            counter = requests.get(status)
+            status, model = response.status_code, model_of(request)
+            counter = requests.get((status, model))
             if counter is None:
-                counter = requests[status] = metrics.requests.labels(route, str(status))
+                counter = requests[status, model] = metrics.requests.labels(route, str(status), model)
             counter.inc()
+            latency = latencies.get(model)
+            if latency is None:
+                latency = latencies[model] = metrics.latency.labels(route, model)
             latency.observe(time.perf_counter() - started)
             return response
 
@@ -143,6 +146,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         authorize(request)
         body = decode_embeddings_request(await read_body(request))
         await service.check_model(body.model)
+        note_model(request, body.model)
         texts = input_texts(body.input, config.max_inputs)
         # `model` routes the request: that model's contract keys it, checks `dimensions` and
         # names its requests topic (schemas.model_routing).
@@ -157,6 +161,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         authorize(request)
         body = decode_seed_request(await read_body(request))
         check_count(len(body.texts), config.max_inputs, "texts")
+        note_model(request, service.model_name)
         contract = await service.contract()
         embedded = await service.embed(body.texts, contract, None, deadline)
         answer = SeedEmbedResponse(
@@ -173,6 +178,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         authorize(request)
         name = request.path_params["model"]
         await service.check_model(name)
+        note_model(request, name)
         return Response(encode(ModelObject(id=name)), media_type=JSON)
 
     async def healthz(request: Request) -> Response:

@@ -7,9 +7,21 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.requests import Request
 
 # From well under a cache hit (~1 ms) to the default deadline (30 s).
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def model_of(request: Request) -> str:
+    """The ``model`` label of a request: the served model it asked for, once its handler knows it
+    (``note_model``); empty before that, for routes without a model and for unknown models, so a
+    client's arbitrary names never become series."""
+    return str(getattr(request.state, "model", ""))
+
+
+def note_model(request: Request, model: str) -> None:
+    request.state.model = model
 
 
 class GatewayMetrics:
@@ -17,22 +29,23 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "embedfleet_gateway_requests",
-            "HTTP requests answered, by route and status code",
-            ["route", "status"],
+            "HTTP requests answered, by route, status code and model (empty: no model, or one "
+            "this gateway does not serve)",
+            ["route", "status", "model"],
             registry=r,
         )
         self.latency = Histogram(
             "embedfleet_gateway_request_seconds",
-            "Time from a request's arrival to its answer, by route",
-            ["route"],
+            "Time from a request's arrival to its answer, by route and model",
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.texts = Counter(
             "embedfleet_gateway_texts",
             "Texts of embedding requests by outcome: cached (answered from Redis by the gateway), "
-            "fleet (answered by a worker), failed, timed_out",
-            ["outcome"],
+            "fleet (answered by a worker), failed, timed_out; by model",
+            ["outcome", "model"],
             registry=r,
         )
         self.rejected = Counter(

@@ -176,6 +176,7 @@ class EmbeddingService:
             raise RejectedText(first.index, first.code, first.message, len(texts))
         misses = sum(len(entry.indices) for entry in prepared.misses)
         cached = len(texts) - misses
+        model = contract.name or self.model_name
         if prepared.misses:
             wanted = len(prepared.misses)
             if self.outstanding + wanted > self.config.max_outstanding:
@@ -196,18 +197,18 @@ class EmbeddingService:
                 self.outstanding -= wanted
                 self.metrics.outstanding.set(self.outstanding)
             if outcome.missing:
-                self.metrics.texts.labels("timed_out").inc(outcome.missing)
+                self.metrics.texts.labels("timed_out", model).inc(outcome.missing)
                 raise DeadlineExceeded(
                     f"{outcome.missing} of {len(texts)} texts got no vector within "
                     f"{self.config.deadline_s:g}s: the fleet is not answering (are workers running "
                     "and keeping up?); retry later"
                 )
             if outcome.failures:
-                self.metrics.texts.labels("failed").inc(len(outcome.failures))
+                self.metrics.texts.labels("failed", model).inc(len(outcome.failures))
                 first = outcome.failures[0]
                 raise RejectedText(first.index, first.code, first.message, len(texts))
-        self.metrics.texts.labels("cached").inc(cached)
-        self.metrics.texts.labels("fleet").inc(len(texts) - cached)
+        self.metrics.texts.labels("cached", model).inc(cached)
+        self.metrics.texts.labels("fleet", model).inc(len(texts) - cached)
         vectors = [v for v in prepared.vectors if v is not None]
         assert len(vectors) == len(texts)
         return Embedded(vectors, sum(t or 0 for t in prepared.tokens))

@@ -133,6 +133,17 @@ async def test_one_gateway_serves_two_models_each_from_its_own_workers_and_cache
         assert (await http.get(f"/v1/models/{MPNET}")).json()["id"] == MPNET
         seed = await http.post("/embed", json={"texts": ["the seed endpoint"]})  # the default model
         assert seed.status_code == 200 and len(seed.json()["embeddings"][0]) == 384
+    # The gateway's per-request metrics carry the model; an unknown model's name never becomes a label.
+    route = {"route": "/v1/embeddings"}
+    answered = "embedfleet_gateway_requests_total"
+    assert gateway.metric(answered, {**route, "status": "200", "model": MPNET}) == 1
+    assert gateway.metric(answered, {**route, "status": "400", "model": MPNET}) == 1
+    assert gateway.metric(answered, {**route, "status": "404", "model": ""}) == 1
+    assert gateway.metric("embedfleet_gateway_request_seconds_count", {**route, "model": MPNET}) == 2
+    assert gateway.metric("embedfleet_gateway_request_seconds_count", {**route, "model": MINILM}) == 1
+    assert gateway.metric("embedfleet_gateway_texts_total", {"model": MPNET}) == TEXTS_PER_MODEL
+    assert gateway.metric("embedfleet_gateway_texts_total", {"model": MINILM}) == TEXTS_PER_MODEL + 1
+    assert "text-embedding-3-small" not in gateway.http("/metrics")[1]
 
     # The Python client, by model name: one text, two models, two cache entries in two indexes.
     text = "one text, embedded by two models"
