@@ -611,11 +611,30 @@ class ExactlyOnce:
         # by the next owner if this commit covered it.
         point = self._offsets.commit_point(tp, part.offsets)
         commit_at = point if point is not None else max(part.offsets) + 1
+        if commit_at <= max(part.offsets):
+            log.warning(
+                "partition %s: the transaction of offsets %d-%d commits offset %d only: an earlier "
+                "record is still pending",
+                tp,
+                min(part.offsets),
+                max(part.offsets),
+                commit_at,
+            )
         await producer.send_offsets_to_transaction({tp: OffsetAndMetadata(commit_at, token)}, self._group_id)
         if hold_s:
             log.warning("holding the open transaction of %s for %.0fs (fault injection)", tp, hold_s)
             await asyncio.sleep(hold_s)
         await producer.commit_transaction()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "committed %s: records %d-%d (%d), offset %d, token %s",
+                tp,
+                min(part.offsets),
+                max(part.offsets),
+                len(part.offsets),
+                commit_at,
+                token,
+            )
         return outgoing.rejected
 
     async def _restart(self, tp: TopicPartition, ownership: _Ownership) -> AIOKafkaProducer | None:

@@ -161,6 +161,8 @@ class KafkaIntake:
         self._paused = False
         self._fetch_allowed = asyncio.Event()  # cleared while a revoke finishes in-flight work
         self._fetch_allowed.set()
+        self._handed_over = asyncio.Event()  # cleared while a fetch's records are being taken
+        self._handed_over.set()
 
     # --- what the runtime tells it -------------------------------------------------------------
 
@@ -182,9 +184,14 @@ class KafkaIntake:
 
     @contextlib.asynccontextmanager
     async def fetching_held(self) -> Any:
-        """No fetch starts while the caller (a revoke) finishes the revoked partitions' work."""
+        """No fetch starts while the caller (a revoke) finishes the revoked partitions' work, and
+        the fetch being taken (decoded off the loop) is in the batcher before the caller goes on.
+        Its records are earlier than nothing the revoke keeps: were they added after the revoke
+        dropped the queued ones, a batch could commit past the dropped records (exactly-once:
+        lost once the next owner starts at that commit)."""
         self._fetch_allowed.clear()
         try:
+            await self._handed_over.wait()
             yield
         finally:
             self._fetch_allowed.set()
@@ -306,6 +313,13 @@ class KafkaIntake:
         hits to the hit lane's answer (published at once), the rest to the batcher."""
         if not records and not extra:
             return
+        self._handed_over.clear()
+        try:
+            await self._take(records, extra)
+        finally:
+            self._handed_over.set()
+
+    async def _take(self, records: list[ConsumerRecord[Any, Any]], extra: Sequence[Rejection]) -> None:
         releases = self._releases
         value_bytes = 0
         tp: TopicPartition | None = None

@@ -178,3 +178,35 @@ async def test_records_of_a_partition_revoked_while_they_were_decoded_are_droppe
     queued: list[Any] = worker.parts.batcher.discard(lambda item: True)
     assert [(item.source.partition, item.source.offset) for item in queued] == [(0, 8)]
     worker.close()
+
+
+async def test_a_revoke_waits_for_the_fetch_being_taken_before_it_drops_the_queued_records() -> None:
+    """A revoke drops the queued records of its partitions (left to the new owner). A fetch being
+    decoded off the loop at that moment must land in the batcher before the drop: added after
+    it, its later records would be cut and committed past the dropped earlier ones (exactly-once:
+    a transaction covering offsets the new owner then never reads; seen as 130 lost results in
+    the frozen-zombie test)."""
+    import json
+    import time
+
+    from tests.worker.test_decoder_and_pipeline import record
+
+    worker = await owning(TP0)
+    offsets, batcher = worker.parts.offsets, worker.parts.batcher
+    for job, offset in zip(jobs_of("zero", "one"), (0, 1), strict=True):
+        offsets.track(TP0, offset, 100)
+        batcher.add(at(job, TP0, offset), 1)
+    # Two records large enough to be read on the decode thread, which is busy for a moment.
+    big = "word " * 30_000
+    fetched = [record(json.dumps({"id": f"r{o}", "text": big}).encode(), offset=o) for o in (2, 3)]
+    worker.parts.decode_executor.submit(time.sleep, 0.3)
+    taking = asyncio.create_task(worker.parts.intake.take(fetched))
+    await asyncio.sleep(0.05)
+    assert not taking.done()  # waiting for the decode thread
+    await asyncio.wait_for(worker.runtime.on_revoked([TP0]), 10)
+    assert taking.done()  # the revoke waited for it
+    left: list[Any] = batcher.discard(lambda item: True)
+    assert left == []  # all four dropped together: nothing of TP0 is cut after the revoke
+    assert offsets.in_flight_of([TP0]) == 0
+    assert TP0 not in worker.broker.committed or worker.broker.committed[TP0] == 0
+    worker.close()
