@@ -33,6 +33,9 @@ func TestRoutingMatchesThePythonRule(t *testing.T) {
 
 // A client of another model sends to that model's topic unless the topic is set explicitly.
 func TestConfigDerivesTheModelsRequestsTopic(t *testing.T) {
+	// The stack test runs this package with the fleet's own topic set: start from none.
+	t.Setenv("EMBEDFLEET_REQUESTS_TOPIC", "")
+	t.Setenv("EMBEDFLEET_DEFAULT_MODEL", "")
 	t.Setenv("EMBEDFLEET_MODEL_NAME", "all-mpnet-base-v2")
 	if got := ConfigFromEnv().RequestsTopic; got != "embed.requests.all-mpnet-base-v2" {
 		t.Errorf("RequestsTopic %q", got)
