@@ -16,7 +16,7 @@ import pytest
 
 from tests.fleet import Fleet, running_fleet
 from tests.helpers import create_topic, delete_topics
-from worker.engine.bundle import default_bundle_dir
+from worker.engine.bundle import Bundle, default_bundle_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +110,22 @@ def model_dir() -> Path:
             f"no model bundle at {path}: run `make model` (make test does this for you)", pytrace=False
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def mpnet_bundle() -> Bundle:
+    """The second model's bundle where `make model MODEL=all-mpnet-base-v2` puts it
+    ($EMBEDFLEET_HOME/models/all-mpnet-base-v2): reused when current, else fetched (once, into
+    $EMBEDFLEET_HOME/cache) and built there, so a second `make test` builds nothing and the fleet
+    tests can start workers with `--model all-mpnet-base-v2`."""
+    from worker.engine import build, fetch
+
+    name = fetch.ALL_MPNET_BASE_V2.name
+    source = build.source_of(name)
+    current = build.current_bundle(default_bundle_dir(name), source, build.ALL_VARIANTS)
+    if current is not None:
+        return current
+    return build.build_from_source(default_bundle_dir(name), source, name)
 
 
 @pytest.fixture(scope="module")

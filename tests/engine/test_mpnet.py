@@ -18,24 +18,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from worker.engine import build, export, fetch, quality
-from worker.engine.bundle import Bundle, default_bundle_dir
+from worker.engine import export, fetch, quality
+from worker.engine.bundle import Bundle
 from worker.engine.embedder import Embedder
 
 MPNET = fetch.ALL_MPNET_BASE_V2.name
 
 
 # --- the bundle against the sentence-transformers reference (slow: fetches and builds) ---
-
-
-@pytest.fixture(scope="session")
-def mpnet_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    """The bundle `make model MODEL=all-mpnet-base-v2` builds, reused when it is current."""
-    source = build.source_of(MPNET)
-    current = build.current_bundle(default_bundle_dir(MPNET), source, build.ALL_VARIANTS)
-    if current is not None:
-        return current
-    return build.build_from_source(tmp_path_factory.mktemp("mpnet") / MPNET, source, MPNET)
 
 
 @pytest.fixture(scope="session")

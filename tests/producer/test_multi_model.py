@@ -28,6 +28,7 @@ from tests.fleet import Fleet, FleetIO, GatewayProcess, WorkerProcess, request, 
 from tests.helpers import create_topic, delete_topics
 from worker.cache import redis_client
 from worker.engine import quality
+from worker.engine.bundle import Bundle
 
 pytestmark = pytest.mark.stack
 
@@ -40,11 +41,9 @@ REQUESTS_PER_MODEL = 16  # MPNet: ~140 texts/s on 2 cores shared with other test
 
 
 @pytest.fixture(scope="module")
-def mpnet_dir(model_dir: Path) -> Path:
-    path = model_dir.parent / MPNET
-    if not (path / "manifest.json").exists():
-        pytest.skip(f"no {MPNET} bundle at {path}: run `embedfleet model build --model {MPNET}`")
-    return path
+def mpnet_dir(mpnet_bundle: Bundle) -> Path:
+    """Built (or reused) in $EMBEDFLEET_HOME/models by the session fixture: never skipped."""
+    return mpnet_bundle.path
 
 
 def start_mpnet_worker(fleet: Fleet, mpnet_dir: Path) -> WorkerProcess:
