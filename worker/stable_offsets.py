@@ -124,11 +124,12 @@ async def fetch_stable_offset(
     (no OffsetFetch v7) is read the plain way. Raises a KafkaError when the coordinator cannot be
     asked, or keeps refusing past ``wait_s``."""
     deadline = time.monotonic() + wait_s
+    coordinator = await admin.find_coordinator(group_id)
     while True:
-        coordinator = await admin.find_coordinator(group_id)
         try:
             response = await admin._send_request(StableOffsetFetch(group_id, tp), coordinator)
         except (IncompatibleBrokerVersion, NotImplementedError):
+            # aiokafka found no OffsetFetch version this broker and v7 share: the plain read.
             found: dict[TopicPartition, OffsetAndMetadata] = await admin.list_consumer_group_offsets(
                 group_id, coordinator, [tp]
             )
@@ -138,8 +139,10 @@ async def fetch_stable_offset(
         if not isinstance(outcome, int):
             return outcome
         error = for_code(outcome)
-        if outcome != UNSTABLE_OFFSET_COMMIT and not error.retriable:
-            raise error(f"reading the committed offset of {tp} for {group_id}")
+        if outcome != UNSTABLE_OFFSET_COMMIT:
+            if not error.retriable:
+                raise error(f"reading the committed offset of {tp} for {group_id}")
+            coordinator = await admin.find_coordinator(group_id)  # it may have moved
         if time.monotonic() > deadline:
             raise KafkaTimeoutError(f"the committed offset of {tp} stayed unstable for {wait_s:.0f}s")
         await asyncio.sleep(RETRY_BACKOFF_S)

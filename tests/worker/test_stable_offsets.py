@@ -8,8 +8,10 @@ import asyncio
 import uuid
 from types import SimpleNamespace
 
+import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.structs import OffsetAndMetadata
 
 from worker.cluster import ClusterView
@@ -71,3 +73,54 @@ async def test_the_committed_offset_is_read_only_once_the_transaction_carrying_i
         await view.close()
         await admin.delete_topics([topic])
         await admin.close()
+
+
+class ScriptedAdmin:
+    """An admin client whose OffsetFetch v7 answers are scripted (pure logic, no broker)."""
+
+    def __init__(self, answers: list[object], plain: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self.answers = answers
+        self.plain = plain
+        self.coordinator_lookups = 0
+
+    async def find_coordinator(self, group_id: str) -> int:
+        self.coordinator_lookups += 1
+        return 1
+
+    async def _send_request(self, request: object, node_id: int) -> object:
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def list_consumer_group_offsets(
+        self, group_id: str, coordinator: int, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {tp: self.plain[tp] for tp in partitions if tp in self.plain}
+
+
+def _v7(error: int, offset: int = 5, metadata: str = "tok") -> object:
+    return SimpleNamespace(error_code=0, topics=[("t", [(0, offset, -1, metadata, error, {})], {})])
+
+
+async def test_unstable_answers_are_retried_and_a_broker_without_v7_is_read_the_plain_way() -> None:
+    from aiokafka.errors import IncompatibleBrokerVersion
+
+    from worker import stable_offsets
+
+    tp = TopicPartition("t", 0)
+    # Unstable twice, then the committed offset; the coordinator is looked up once.
+    admin = ScriptedAdmin([_v7(UNSTABLE_OFFSET_COMMIT), _v7(UNSTABLE_OFFSET_COMMIT), _v7(0)], {})
+    assert await stable_offsets.fetch_stable_offset(admin, "g", tp) == OffsetAndMetadata(5, "tok")
+    assert admin.answers == [] and admin.coordinator_lookups == 1
+    # A moved coordinator (NOT_COORDINATOR, retriable) is looked up again.
+    admin = ScriptedAdmin([_v7(16), _v7(0)], {})
+    assert await stable_offsets.fetch_stable_offset(admin, "g", tp) == OffsetAndMetadata(5, "tok")
+    assert admin.coordinator_lookups == 2
+    # No shared OffsetFetch version: the plain read answers.
+    admin = ScriptedAdmin([IncompatibleBrokerVersion()], {tp: OffsetAndMetadata(3, "old")})
+    assert await stable_offsets.fetch_stable_offset(admin, "g", tp) == OffsetAndMetadata(3, "old")
+    # Unstable past the bound: a timeout (transient), not a stale answer.
+    admin = ScriptedAdmin([_v7(UNSTABLE_OFFSET_COMMIT)] * 100, {})
+    with pytest.raises(KafkaTimeoutError):
+        await stable_offsets.fetch_stable_offset(admin, "g", tp, wait_s=0.0)
