@@ -35,6 +35,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "redis_password": "EMBEDFLEET_REDIS_PASSWORD",
     "cache_key_prefix": "EMBEDFLEET_CACHE_KEY_PREFIX",
     "model_name": "EMBEDFLEET_MODEL_NAME",
+    "default_model": "EMBEDFLEET_DEFAULT_MODEL",
     "model_fingerprint": "EMBEDFLEET_MODEL_FINGERPRINT",
     "model_dim": "EMBEDFLEET_MODEL_DIM",
 }
@@ -69,8 +70,8 @@ class ClientConfig:
     redis_timeout_s: float = 1.0
     cache_key_prefix: str = "embedfleet"
     model_name: str = DEFAULT_MODEL
-    # The model the fleet serves on the base topic (the workers' EMBEDFLEET_DEFAULT_MODEL; by
-    # keyword only for now: the Go client reads the same variables and does not know it yet).
+    # The model the fleet serves on the base topic (EMBEDFLEET_DEFAULT_MODEL, as the workers and
+    # the Go client read it): every other model's topic is derived from it.
     default_model: str = DEFAULT_MODEL
     # Normally read from Redis ({prefix}:models:{model_name}); set it to hash without Redis.
     model_fingerprint: str = ""

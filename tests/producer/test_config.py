@@ -76,3 +76,18 @@ def test_the_shared_list_of_client_variables_is_the_python_clients() -> None:
     ConfigFromEnv against (producer/go/config_test.go): both clients read the same variables."""
     path = Path(__file__).resolve().parents[2] / "schemas" / "testdata" / "client_environment.json"
     assert json.loads(path.read_text())["variables"] == sorted(ENVIRONMENT.values())
+
+
+def test_reads_the_fleets_default_model_as_the_go_client_does() -> None:
+    """EMBEDFLEET_DEFAULT_MODEL moves the base topic to another model (producer/go/routing_test.go
+    checks the same cases): the client's own model keeps its name, and its topic follows the rule."""
+    mpnet = "all-mpnet-base-v2"
+    own = ClientConfig.from_env({"EMBEDFLEET_DEFAULT_MODEL": mpnet, "EMBEDFLEET_MODEL_NAME": mpnet})
+    assert own.default_model == mpnet and own.requests_topic == "embed.requests"
+    assert own.requests_topic_of("all-MiniLM-L6-v2") == "embed.requests.all-MiniLM-L6-v2"
+    minilm = ClientConfig.from_env({"EMBEDFLEET_DEFAULT_MODEL": mpnet})
+    assert minilm.model_name == "all-MiniLM-L6-v2"
+    assert minilm.requests_topic == "embed.requests.all-MiniLM-L6-v2"
+    assert minilm.requests_topic_of(mpnet) == "embed.requests"
+    unset = ClientConfig.from_env({"EMBEDFLEET_DEFAULT_MODEL": ""})
+    assert unset.default_model == "all-MiniLM-L6-v2" and unset.requests_topic == "embed.requests"
