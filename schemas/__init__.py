@@ -50,15 +50,19 @@ from schemas.content_hash import (
 )
 from schemas.messages import (
     ERROR_CODE_MEANINGS,
+    LONG_INPUTS,
     SCHEMA_VERSION,
+    Chunk,
     EmbedRequest,
     EmbedResult,
     EncodingFormat,
     ErrorCode,
     ErrorInfo,
+    LongInputs,
     decode_vector_b64,
     encode_vector_b64,
     float32_to_floats,
+    long_inputs_spec,
 )
 
 __all__ = [
@@ -82,7 +86,10 @@ __all__ = [
     "HEADER_DLQ_TRUNCATED_VALUE",
     "HEADER_DLQ_WORKER",
     "HEADER_SCHEMA",
+    "LONG_INPUTS",
+    "LONG_INPUTS_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "Chunk",
     "ContentHasher",
     "ContentType",
     "EmbedRequest",
@@ -91,6 +98,7 @@ __all__ = [
     "ErrorCode",
     "ErrorInfo",
     "Header",
+    "LongInputs",
     "RequestError",
     "RequestLimits",
     "ResultDecodeError",
@@ -112,6 +120,7 @@ __all__ = [
     "float32_to_floats",
     "is_valid_request_id",
     "lenient_content_type",
+    "long_inputs_spec",
     "readable_fields",
     "request_headers",
     "result_headers",

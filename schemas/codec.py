@@ -32,9 +32,11 @@ from numpy.typing import NDArray
 
 from schemas.errors import SchemaError
 from schemas.messages import (
+    LONG_INPUTS_SCHEMA_VERSION,
     REQUEST_ID_MAX_CHARS,
     REQUEST_ID_PATTERN,
     SCHEMA_VERSION,
+    Chunk,
     EmbedRequest,
     EmbedResult,
     EncodingFormat,
@@ -61,7 +63,7 @@ HEADER_DLQ_RAW_BATCH: Final = "dlq-raw-batch"  # value is a whole unreadable rec
 HEADER_DLQ_NULL_VALUE: Final = "dlq-null-value"  # the original value was null (copy: empty)
 HEADER_DLQ_GENERATED_KEY: Final = "dlq-generated-key"  # the original key was null (copy: generated)
 
-SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({SCHEMA_VERSION})
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({SCHEMA_VERSION, LONG_INPUTS_SCHEMA_VERSION})
 
 # A Kafka header as clients hand it over: aiokafka uses (str, bytes); values may be null.
 Header = tuple[str | bytes, bytes | None]
@@ -467,11 +469,15 @@ def encode_request(
     return value
 
 
-def request_headers(content_type: ContentType = ContentType.JSON) -> list[tuple[str, bytes]]:
-    """The headers a producer sets on a request."""
+def request_headers(
+    content_type: ContentType = ContentType.JSON, *, long_inputs: bool = False
+) -> list[tuple[str, bytes]]:
+    """The headers a producer sets on a request (``long_inputs``: the request sets ``long`` to
+    pool or chunks, so its schema is LONG_INPUTS_SCHEMA_VERSION)."""
+    version = LONG_INPUTS_SCHEMA_VERSION if long_inputs else SCHEMA_VERSION
     return [
         (HEADER_CONTENT_TYPE, content_type.value.encode("ascii")),
-        (HEADER_SCHEMA, SCHEMA_VERSION.encode("ascii")),
+        (HEADER_SCHEMA, version.encode("ascii")),
     ]
 
 
@@ -496,6 +502,8 @@ class _SuccessFrame(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     tokens: int | None = None
     metadata: dict[str, str] = {}
     error: None = None
+    windows: int | None = None
+    chunks: list[Chunk] | None = None
 
 
 _ORJSON_NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
@@ -569,6 +577,8 @@ def encode_success_result(
     metadata: Mapping[str, str] | None = None,
     content_type: ContentType = ContentType.JSON,
     encoded_vector: msgspec.Raw | None = None,
+    windows: int | None = None,
+    chunks: list[Chunk] | None = None,
 ) -> bytes:
     """The encoded value of a success result, without building an ``EmbedResult`` or a Python
     float per value: the same bytes as
@@ -602,6 +612,8 @@ def encode_success_result(
         truncated=truncated,
         tokens=tokens,
         metadata=metadata if type(metadata) is dict else dict(metadata or {}),
+        windows=windows,
+        chunks=chunks,
     )
     if content_type is ContentType.JSON:
         return _JSON_ENCODER.encode(frame)

@@ -24,6 +24,16 @@ where
   the model's tokenizer normalises Unicode itself (BERT's: NFD, accents stripped), so
   for the default model their vectors are the same anyway.
 
+A request with ``long`` set to ``pool`` or ``chunks`` (issue 24) appends one more field::
+
+    payload = ... || field(text) || field(long_spec)
+
+where ``long_spec`` is the ASCII text ``<mode>:<overlap>`` (``"pool:32"``: the overlap the
+worker uses, the default written out; ``schemas.messages.long_inputs_spec``). A ``truncate``
+request (the default) appends nothing, so its key is the key of version 1. The windows of a long
+text are keyed as plain texts (the window's text, no ``long_spec``): a window shared by two
+documents, or by a document and a plain request, is computed once.
+
 The length prefixes make the framing unambiguous (``("ab", "c")`` and ``("a", "bc")``
 differ). Text containing lone surrogates has no UTF-8 form: the codec rejects it and
 ``content_hash`` raises ``ValueError``.
@@ -66,7 +76,12 @@ def _field(data: bytes) -> bytes:
 
 
 def content_hash_payload(
-    text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None
+    text: str,
+    *,
+    model_fingerprint: str,
+    task: str | None,
+    dimensions: int | None,
+    long_spec: str | None = None,
 ) -> bytes:
     """The exact bytes that ``content_hash`` feeds to SHA-256 (useful to debug other clients)."""
     if dimensions is not None and (
@@ -80,14 +95,22 @@ def content_hash_payload(
             _field(_utf8(task or "", "task")),
             _field(b"" if dimensions is None else str(dimensions).encode("ascii")),
             _field(_utf8(canonical_text(text), "text")),
+            b"" if long_spec is None else _field(long_spec.encode("ascii")),
         )
     )
 
 
-def content_hash(text: str, *, model_fingerprint: str, task: str | None, dimensions: int | None) -> str:
+def content_hash(
+    text: str,
+    *,
+    model_fingerprint: str,
+    task: str | None,
+    dimensions: int | None,
+    long_spec: str | None = None,
+) -> str:
     """SHA-256 hex of the canonical encoding described in this module's docstring."""
     payload = content_hash_payload(
-        text, model_fingerprint=model_fingerprint, task=task, dimensions=dimensions
+        text, model_fingerprint=model_fingerprint, task=task, dimensions=dimensions, long_spec=long_spec
     )
     return hashlib.sha256(payload).hexdigest()
 
@@ -103,7 +126,9 @@ class ContentHasher:
         self._fingerprint = model_fingerprint
         self._prefixes: dict[tuple[str | None, int | None], Any] = {}
 
-    def __call__(self, text: str, *, task: str | None, dimensions: int | None) -> str:
+    def __call__(
+        self, text: str, *, task: str | None, dimensions: int | None, long_spec: str | None = None
+    ) -> str:
         prefix = self._prefixes.get((task, dimensions))
         if prefix is None:
             fixed = content_hash_payload(
@@ -117,4 +142,8 @@ class ContentHasher:
         data = _utf8(canonical_text(text), "text")
         digest.update(len(data).to_bytes(LENGTH_PREFIX_BYTES, "big"))
         digest.update(data)
+        if long_spec is not None:
+            spec = long_spec.encode("ascii")
+            digest.update(len(spec).to_bytes(LENGTH_PREFIX_BYTES, "big"))
+            digest.update(spec)
         return digest.hexdigest()

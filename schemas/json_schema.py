@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from schemas.messages import SCHEMA_VERSION, EmbedRequest, EmbedResult
+from schemas.messages import LONG_INPUTS_SCHEMA_VERSION, SCHEMA_VERSION, EmbedRequest, EmbedResult
 
 SchemaKind = Literal["request", "result", "all"]
 SCHEMA_KINDS: Final[tuple[SchemaKind, ...]] = ("request", "result", "all")
@@ -37,10 +37,13 @@ def contract_schema(kind: SchemaKind = "all") -> dict[str, Any]:
     else:
         document["description"] = (
             "Bundle of the request (topic embed.requests) and result (embed.results) "
-            f"messages. Kafka headers: content-type, schema={SCHEMA_VERSION}."
+            f"messages. Kafka headers: content-type, schema={SCHEMA_VERSION} "
+            f"(schema={LONG_INPUTS_SCHEMA_VERSION} on a request whose long is pool or chunks)."
         )
     # Only the definitions the chosen root reaches, so `--kind request` stays small.
-    wanted = {"request": {"EmbedRequest"}, "result": {"EmbedResult", "ErrorInfo"}}.get(kind, set(components))
+    wanted = {"request": {"EmbedRequest"}, "result": {"EmbedResult", "ErrorInfo", "Chunk"}}.get(
+        kind, set(components)
+    )
     document["$defs"] = {name: components[name] for name in sorted(wanted)}
     return document
 

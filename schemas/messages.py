@@ -27,6 +27,10 @@ from numpy.typing import NDArray
 # Carried in the Kafka header `schema` and in the JSON Schema `$id`. Bump it on any
 # change that an older reader would misread; adding an optional field does not need it.
 SCHEMA_VERSION: Final = "1"
+# Requests that use ``long`` (pool or chunks) carry this schema header instead: a worker built
+# before long inputs refuses it (invalid_request, "unsupported schema version") rather than
+# truncating silently a text its requester asked to pool. Workers speak both.
+LONG_INPUTS_SCHEMA_VERSION: Final = "2"
 
 REQUEST_ID_MAX_CHARS: Final = 256
 # No C0 control characters or DEL: ids end up in headers, logs and terminals.
@@ -44,6 +48,16 @@ ERROR_MESSAGE_MAX_CHARS: Final = 1024
 
 EncodingFormat = Literal["float", "base64"]
 ENCODING_FORMATS: Final[tuple[EncodingFormat, ...]] = ("float", "base64")
+
+# What a worker does with a text longer than the model reads (issue 24): cut it at the model's
+# limit (the default), or split it into windows of the model's limit that overlap by ``overlap``
+# tokens, embed every window as a text of its own (batched, deduplicated and cached as any text)
+# and return their token-weighted mean, re-normalised ("pool"), or that mean and every window's
+# vector with its span of the text ("chunks").
+LongInputs = Literal["truncate", "pool", "chunks"]
+LONG_INPUTS: Final[tuple[LongInputs, ...]] = ("truncate", "pool", "chunks")
+DEFAULT_WINDOW_OVERLAP: Final = 32  # tokens shared by consecutive windows, when not given
+WINDOW_OVERLAP_MAX: Final = 256  # and at most a quarter of the model's window (the worker checks)
 
 
 class ErrorCode(StrEnum):
@@ -178,6 +192,54 @@ class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         | None
     ) = None
     metadata: Metadata = {}
+    long: Annotated[
+        LongInputs,
+        msgspec.Meta(
+            description=(
+                "A text longer than the model reads: truncate (cut at its limit, the default), "
+                "pool (the token-weighted mean of overlapping windows) or chunks (that mean and "
+                "every window's vector with its span)."
+            )
+        ),
+    ] = "truncate"
+    overlap: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=0,
+                le=WINDOW_OVERLAP_MAX,
+                description=(
+                    "Tokens shared by consecutive windows (pool and chunks; default 32, at most a "
+                    "quarter of the model's window)."
+                ),
+            ),
+        ]
+        | None
+    ) = None
+
+    def long_inputs_spec(self) -> str | None:
+        """What the content hash adds for ``long`` (None for truncate: the key of version 1)."""
+        return long_inputs_spec(self.long, self.overlap)
+
+
+def long_inputs_spec(long: str, overlap: int | None) -> str | None:
+    """``"pool:32"`` / ``"chunks:32"`` for the windowed modes (the overlap they use), None for
+    truncate, whose keys are those of a request without the option."""
+    if long == "truncate":
+        return None
+    return f"{long}:{DEFAULT_WINDOW_OVERLAP if overlap is None else overlap}"
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One window of a long text (``long: chunks``): its span of the text and its vector."""
+
+    start: Annotated[
+        int, msgspec.Meta(ge=0, description="First character (Unicode code point) of the window.")
+    ]
+    end: Annotated[int, msgspec.Meta(ge=0, description="One past its last character.")]
+    tokens: Annotated[int, msgspec.Meta(ge=0, description="Tokens the model read for this window.")]
+    vector: list[float] | None = None
+    vector_b64: str | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,6 +279,16 @@ class EmbedResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     ) = None
     metadata: dict[str, str] = {}
     error: ErrorInfo | None = None
+    windows: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, description="Windows embedded and pooled (long: pool or chunks)."),
+        ]
+        | None
+    ) = None
+    chunks: Annotated[
+        list[Chunk] | None, msgspec.Meta(description="Every window's span and vector (long: chunks).")
+    ] = None
 
     @classmethod
     def success(

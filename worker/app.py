@@ -177,12 +177,14 @@ def build_parts(
     decoder = RequestDecoder(
         model=model,
         tokenize=embedder.tokenize,
+        split_windows=embedder.windows,
         limits=RequestLimits(
             max_message_bytes=config.max_message_bytes, max_text_bytes=config.max_text_bytes
         ),
         reply_to_pattern=config.reply_to_pattern,
         default_reply_topic=config.results_topic,
         max_kept_value_bytes=dlq_record_limit,
+        max_windows=config.max_windows,
     )
     # Decoding and tokenizing run here, off the event loop (long texts would stall heartbeats).
     decode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")

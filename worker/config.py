@@ -246,6 +246,11 @@ class WorkerConfig:
     max_text_bytes: int = setting(
         "EMBEDFLEET_MAX_TEXT_BYTES", "largest text (UTF-8 bytes)", default=64 * 1024
     )
+    max_windows: int = setting(
+        "EMBEDFLEET_MAX_WINDOWS",
+        "most windows one long text may be split into (long: pool/chunks); past it: text_too_long",
+        default=64,
+    )
     # Operations
     metrics_host: str = setting(
         "EMBEDFLEET_METRICS_HOST", "bind address of /metrics, /healthz, /readyz", default="127.0.0.1"

@@ -29,11 +29,14 @@ from schemas import (
 )
 from schemas.cache_layout import ModelContract
 from schemas.codec import HeaderScan
-from worker.engine.tokenize import TokenizedText
-from worker.jobs import Job, RawMessage, Rejection, Source
+from schemas.messages import DEFAULT_WINDOW_OVERLAP
+from worker.engine.tokenize import Span, TokenizedText
+from worker.jobs import Job, RawMessage, Rejection, Source, Window
 from worker.salvage import Unreadable
 
 Tokenize = Callable[[Sequence[str], str | None], list[TokenizedText]]
+# A long text's windows (text, task, overlap): worker.engine.Embedder.windows.
+SplitWindows = Callable[[str, str | None, int], list[Span]]
 # Producers key requests by content hash (64 characters); a key far beyond that is hostile.
 MAX_KEY_BYTES = 1024
 MAX_REMEMBERED_TOPICS = 4096
@@ -52,16 +55,20 @@ class RequestDecoder:
         *,
         model: ModelContract,
         tokenize: Tokenize,
+        split_windows: SplitWindows,
         limits: RequestLimits,
         reply_to_pattern: str,
         default_reply_topic: str,
         max_kept_value_bytes: int = 1 << 20,
+        max_windows: int = 64,
     ) -> None:
         if model.dim is None:
             raise ValueError("the served model's contract needs its width")
         self._model = model
         self._full_width: int = model.dim
         self._tokenize = tokenize
+        self._split_windows = split_windows
+        self._max_windows = max_windows
         self._limits = RequestLimits(
             max_message_bytes=limits.max_message_bytes,
             max_text_bytes=limits.max_text_bytes,
@@ -107,17 +114,49 @@ class RequestDecoder:
         tokenized = iter(self.tokenize([i for i in items if isinstance(i, Job)]))
         return [next(tokenized) if isinstance(i, Job) else i for i in items]
 
-    def tokenize(self, jobs: Sequence[Job]) -> list[Job]:
-        """The jobs with their tokens, in order; each task's texts in one call."""
+    def tokenize(self, jobs: Sequence[Job]) -> list[Job | Rejection]:
+        """The jobs with their tokens, in order; each task's texts in one call. A long-input
+        request (``long: pool/chunks``) also gets its windows, or is rejected when it needs more
+        than the worker allows."""
         by_task: dict[str | None, list[int]] = defaultdict(list)
         for index, job in enumerate(jobs):
             by_task[job.request.task].append(index)
-        tokenized: list[Job] = list(jobs)
+        tokenized: list[Job | Rejection] = list(jobs)
         for task, indices in by_task.items():
             tokens = self._tokenize([jobs[i].request.text for i in indices], task)
             for index, job_tokens in zip(indices, tokens, strict=True):
-                tokenized[index] = jobs[index].with_tokens(job_tokens)
+                job = jobs[index].with_tokens(job_tokens)
+                tokenized[index] = job if job.request.long == "truncate" else self._windowed(job)
         return tokenized
+
+    def _windowed(self, job: Job) -> Job | Rejection:
+        request = job.request
+        overlap = DEFAULT_WINDOW_OVERLAP if request.overlap is None else request.overlap
+        try:
+            spans = self._split_windows(request.text, request.task, overlap)
+        except ValueError as exc:  # an overlap the model's window cannot take
+            return job.rejected(ErrorCode.INVALID_REQUEST, str(exc))
+        if len(spans) > self._max_windows:
+            return job.rejected(
+                ErrorCode.TEXT_TOO_LONG,
+                f"text needs {len(spans)} windows of the model's tokens (overlap {overlap}); "
+                f"this worker embeds at most {self._max_windows} per text (EMBEDFLEET_MAX_WINDOWS)",
+            )
+        if len(spans) == 1:  # the whole text: its tokens are already there
+            texts, tokens = [request.text], [job.tokenized]
+        else:
+            texts = [request.text[span.start : span.end] for span in spans]
+            tokens = self._tokenize(texts, request.task)
+        windows = tuple(
+            Window(
+                self._content_hash(text, task=request.task, dimensions=request.dimensions),
+                window_tokens,
+                span.start,
+                span.end,
+            )
+            for text, window_tokens, span in zip(texts, tokens, spans, strict=True)
+        )
+        return job.with_tokens(job.tokenized, windows)
 
     def read(self, records: Sequence[ConsumerRecord[Any, Any]]) -> list[Job | Rejection]:
         """Jobs (not yet tokenized) and rejections, in record order: everything but the
@@ -144,7 +183,12 @@ class RequestDecoder:
                         request.id,
                         request=request,
                     )
-                key = self._content_hash(request.text, task=request.task, dimensions=request.dimensions)
+                key = self._content_hash(
+                    request.text,
+                    task=request.task,
+                    dimensions=request.dimensions,
+                    long_spec=request.long_inputs_spec(),
+                )
             except RequestError as error:
                 if key_checked:  # the error result is written as the request was (JSON if unknown)
                     content_type = lenient_content_type(headers)

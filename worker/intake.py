@@ -357,9 +357,14 @@ class KafkaIntake:
                 rest = {id(job) for job in split.rest}  # the same objects: no hashing of sources
                 items = [item for item in items if not isinstance(item, Job) or id(item) in rest]
             jobs = split.rest
-        tokenized: Iterator[Job] = iter(())
+        tokenized: Iterator[Job | Rejection] = iter(())
         if jobs:
-            inline = len(jobs) <= INLINE_DECODE_RECORDS and value_bytes <= INLINE_DECODE_BYTES
+            inline = (
+                len(jobs) <= INLINE_DECODE_RECORDS
+                and value_bytes <= INLINE_DECODE_BYTES
+                # A long input is tokenized whole and again per window: never on the loop.
+                and all(job.request.long == "truncate" for job in jobs)
+            )
             tokenized = iter(await self._off_loop(inline, self._decoder.tokenize, jobs))
         # Rejections travel in the batches too, so every record is answered in fetch order.
         check = unowned or self._releases != releases  # else every item is of an owned partition
@@ -367,7 +372,7 @@ class KafkaIntake:
             if isinstance(item, Job):
                 item = next(tokenized)
             if not check or self._owns(item):
-                self._batcher.add(item, len(item.tokenized.ids) if isinstance(item, Job) else 1)
+                self._batcher.add(item, item.batch_tokens if isinstance(item, Job) else 1)
 
     async def _hits_acknowledged(self, ahead: int) -> None:
         """Waits until at most ``ahead`` hits are still being published."""

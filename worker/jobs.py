@@ -43,6 +43,17 @@ class RawMessage:
         return value + len(self.key or b"") + sum(len(k) + len(v) for k, v in self.headers)
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One window of a long text (``long: pool/chunks``): a text of its own for the cache and the
+    model, keyed as a plain request of that text would be."""
+
+    key: str
+    tokens: TokenizedText
+    start: int  # its span of the request's text, in characters
+    end: int
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     source: Source
@@ -55,6 +66,16 @@ class Job:
     tokens: TokenizedText | None
     reply_topic: str
     content_type: ContentType
+    # A long-input request's windows (request.long is pool or chunks), set when tokenized; the
+    # job's own tokens are then only its head.
+    windows: tuple[Window, ...] | None = None
+
+    @property
+    def batch_tokens(self) -> int:
+        """What the job costs the model: its windows' tokens, or its own."""
+        if self.windows is not None:
+            return sum(len(w.tokens.ids) for w in self.windows)
+        return len(self.tokenized.ids)
 
     @property
     def tokenized(self) -> TokenizedText:
@@ -63,7 +84,7 @@ class Job:
             raise ValueError(f"request {self.request.id} was not tokenized")
         return self.tokens
 
-    def with_tokens(self, tokens: TokenizedText) -> Job:
+    def with_tokens(self, tokens: TokenizedText, windows: tuple[Window, ...] | None = None) -> Job:
         return Job(
             self.source,
             self.raw,
@@ -73,6 +94,7 @@ class Job:
             tokens,
             self.reply_topic,
             self.content_type,
+            windows,
         )
 
     def rejected(self, code: ErrorCode, message: str, *, reply_topic: str | None = None) -> Rejection:

@@ -117,6 +117,17 @@ class WorkerMetrics:
         self.truncated_texts = Counter(
             "embedfleet_truncated_texts", "Texts cut to the model's maximum tokens", registry=r
         )
+        self.long_inputs = Counter(
+            "embedfleet_long_inputs",
+            "Long-input requests answered from their windows, by mode (pool, chunks)",
+            ["mode"],
+            registry=r,
+        )
+        self.windows = Counter(
+            "embedfleet_windows",
+            "Windows of long-input requests (each looked up, and computed on a miss, as a text)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "embedfleet_batch_size", "Requests per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r
         )

@@ -20,11 +20,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas import ErrorCode, encode_success_result
+from schemas import Chunk, ErrorCode, encode_success_result, encode_vector_b64
 from worker.cache import VectorCache
 from worker.engine.embedder import plan_batches
-from worker.engine.tokenize import TokenizedText
-from worker.jobs import Answer, Job, Rejection
+from worker.engine.tokenize import Span, TokenizedText
+from worker.jobs import Answer, Job, Rejection, Window
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Engine(EmbeddingBackend, Protocol):
     @property
     def model_fingerprint(self) -> str: ...
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]: ...
+    def windows(self, text: str, task: str | None, overlap: int) -> list[Span]: ...
 
 
 @dataclass(slots=True)
@@ -128,17 +129,19 @@ class BatchProcessor:
         self._executor.shutdown(wait=True)
 
     async def process(self, jobs: Sequence[Job]) -> BatchOutcome:
-        unique: dict[str, Job] = {}
-        for job in jobs:
-            unique.setdefault(job.key, job)
-        self._metrics.batch_duplicates.inc(len(jobs) - len(unique))
+        # What the cache and the model see: each job's text, or each window of a long input.
+        texts = [text for job in jobs for text in _texts_of(job)]
+        unique: dict[str, _Text] = {}
+        for text in texts:
+            unique.setdefault(text.key, text)
+        self._metrics.batch_duplicates.inc(len(texts) - len(unique))
 
         representatives = list(unique.values())
         found = await self._cache.lookup(
-            [(j.key, j.dim) for j in representatives], count_lookups=self._count_lookups
+            [(t.key, t.dim) for t in representatives], count_lookups=self._count_lookups
         )
-        cached = {j.key: v for j, v in zip(representatives, found, strict=True) if v is not None}
-        misses = [j for j in representatives if j.key not in cached]
+        cached = {t.key: v for t, v in zip(representatives, found, strict=True) if v is not None}
+        misses = [t for t in representatives if t.key not in cached]
 
         computed = _Computed()
         if misses:
@@ -147,7 +150,7 @@ class BatchProcessor:
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
             self._metrics.computed_texts.inc(len(computed.vectors))
             self._metrics.truncated_texts.inc(len(computed.truncated))
-            tokens = {job.key: len(job.tokenized.ids) for job in misses}
+            tokens = {text.key: len(text.tokens.ids) for text in misses}
             await self._cache.store(
                 [(key, vector, tokens[key]) for key, vector in computed.vectors.items()], self._model_name
             )
@@ -155,19 +158,15 @@ class BatchProcessor:
         outcome = BatchOutcome()
         first_of_key: set[str] = set()
         for job in jobs:
+            if job.windows is not None:
+                self._answer_long_input(job, cached, computed, first_of_key, outcome)
+                continue
             if job.key in computed.failed:
                 outcome.failures.append(job.rejected(ErrorCode.INFERENCE_FAILED, computed.failed[job.key]))
                 continue
             from_cache = job.key in cached
             vector = cached[job.key] if from_cache else computed.vectors[job.key]
-            if from_cache:
-                outcome_label = "cached"
-            elif job.key in first_of_key:
-                outcome_label = "deduplicated"
-            else:
-                outcome_label = "computed"
-            first_of_key.add(job.key)
-            outcome.served[outcome_label] += 1
+            outcome.served[_served_as(job.key, from_cache, first_of_key)] += 1
             outcome.results.append(
                 (
                     job,
@@ -190,18 +189,69 @@ class BatchProcessor:
             )
         return outcome
 
-    async def _compute(self, misses: Sequence[Job]) -> _Computed:
+    def _answer_long_input(
+        self,
+        job: Job,
+        cached: Mapping[str, FloatArray],
+        computed: _Computed,
+        first_of_key: set[str],
+        outcome: BatchOutcome,
+    ) -> None:
+        """A long input's result, once every window of it has its vector (all in this batch): the
+        token-weighted mean of the windows' vectors, re-normalised, and for ``chunks`` each
+        window's vector and span. One failed window fails the request."""
+        windows = job.windows or ()
+        failed = next((computed.failed[w.key] for w in windows if w.key in computed.failed), None)
+        if failed is not None:
+            outcome.failures.append(job.rejected(ErrorCode.INFERENCE_FAILED, failed))
+            return
+        vectors = [cached[w.key] if w.key in cached else computed.vectors[w.key] for w in windows]
+        weights = np.asarray([len(w.tokens.ids) for w in windows], dtype=np.float64)
+        pooled = pool_windows(vectors, weights)
+        all_cached = all(w.key in cached for w in windows)
+        for window in windows:
+            first_of_key.add(window.key)
+        outcome.served["cached" if all_cached else "computed"] += 1
+        self._metrics.long_inputs.labels(job.request.long).inc()
+        self._metrics.windows.inc(len(windows))
+        chunks = None
+        if job.request.long == "chunks":
+            chunks = [
+                window_chunk(w, vector, job.request.encoding_format)
+                for w, vector in zip(windows, vectors, strict=True)
+            ]
+        outcome.results.append(
+            (
+                job,
+                encode_success_result(
+                    request_id=job.request.id,
+                    key=job.key,
+                    model=self._model_name,
+                    vector=pooled,
+                    encoding_format=job.request.encoding_format,
+                    cached=all_cached,
+                    truncated=any(w.tokens.truncated for w in windows),
+                    tokens=int(weights.sum()),
+                    metadata=job.request.metadata,
+                    content_type=job.content_type,
+                    windows=len(windows),
+                    chunks=chunks,
+                ),
+            )
+        )
+
+    async def _compute(self, misses: Sequence[_Text]) -> _Computed:
         """The misses in model calls of at most the inference batch size and token budget, each
         length-sorted (worker.engine.embedder.plan_batches), spread over every inference thread: a batch
         that grew while the model was busy is done in the time of its share, not of all of it,
         and the next batch stays small (at moderate load that keeps latency near one call's)."""
-        groups: dict[tuple[str | None, int | None], list[Job]] = defaultdict(list)
-        for job in misses:
-            groups[(job.request.task, job.request.dimensions)].append(job)
+        groups: dict[tuple[str | None, int | None], list[_Text]] = defaultdict(list)
+        for text in misses:
+            groups[(text.task, text.dimensions)].append(text)
         loop = asyncio.get_running_loop()
         calls = []
         for (task, dimensions), group in groups.items():
-            counts = [len(job.tokenized.ids) for job in group]
+            counts = [len(text.tokens.ids) for text in group]
             for indices in plan_batches(counts, self._inference_batch_size, self._token_budget):
                 call = [group[i] for i in indices]
                 calls.append(loop.run_in_executor(self._executor, self._compute_call, call, task, dimensions))
@@ -214,25 +264,25 @@ class BatchProcessor:
 
     # --- in the inference thread ---------------------------------------------------------------
 
-    def _compute_call(self, jobs: Sequence[Job], task: str | None, dimensions: int | None) -> _Computed:
+    def _compute_call(self, jobs: Sequence[_Text], task: str | None, dimensions: int | None) -> _Computed:
         computed = _Computed()
         self._compute_isolating(jobs, task, dimensions, computed)
         return computed
 
     def _compute_isolating(
-        self, jobs: Sequence[Job], task: str | None, dimensions: int | None, computed: _Computed
+        self, jobs: Sequence[_Text], task: str | None, dimensions: int | None, computed: _Computed
     ) -> None:
         try:
             output = self._backend.embed_tokenized(
-                [j.tokenized for j in jobs],
-                [j.request.text for j in jobs],
+                [j.tokens for j in jobs],
+                [j.text for j in jobs],
                 dimensions=dimensions,
                 batch_size=self._inference_batch_size,
                 token_budget=self._token_budget,
             )
         except Exception as exc:  # any engine failure: isolate the texts that cause it
             if len(jobs) == 1:
-                log.warning("inference failed for request %s: %s", jobs[0].request.id, exc)
+                log.warning("inference failed for request %s: %s", jobs[0].request_id, exc)
                 computed.failed[jobs[0].key] = f"inference failed: {type(exc).__name__}: {exc}"
                 return
             middle = len(jobs) // 2
@@ -243,9 +293,72 @@ class BatchProcessor:
         for job, vector, truncated, ok in zip(jobs, output.vectors, output.truncated, finite, strict=True):
             if not ok:
                 # An FP16 overflow or a broken model: never cached, never published.
-                log.warning("inference gave a non-finite vector for request %s", job.request.id)
+                log.warning("inference gave a non-finite vector for request %s", job.request_id)
                 computed.failed[job.key] = "inference failed: the model gave a non-finite vector"
                 continue
             computed.vectors[job.key] = vector
             if truncated:
                 computed.truncated.add(job.key)
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """One text for the cache and the model: a request's own, or a window of a long input."""
+
+    key: str
+    dim: int
+    tokens: TokenizedText
+    task: str | None
+    dimensions: int | None
+    text: str  # for diagnostics (the model reads ``tokens``)
+    request_id: str
+
+
+def _texts_of(job: Job) -> list[_Text]:
+    request = job.request
+    if job.windows is None:
+        return [
+            _Text(job.key, job.dim, job.tokenized, request.task, request.dimensions, request.text, request.id)
+        ]
+    return [
+        _Text(
+            w.key,
+            job.dim,
+            w.tokens,
+            request.task,
+            request.dimensions,
+            request.text[w.start : w.end],
+            request.id,
+        )
+        for w in job.windows
+    ]
+
+
+def _served_as(key: str, from_cache: bool, first_of_key: set[str]) -> str:
+    if from_cache:
+        label = "cached"
+    elif key in first_of_key:
+        label = "deduplicated"
+    else:
+        label = "computed"
+    first_of_key.add(key)
+    return label
+
+
+def pool_windows(vectors: Sequence[FloatArray], weights: npt.NDArray[np.float64]) -> FloatArray:
+    """The windows' token-weighted mean, re-normalised (each window vector is unit length, so
+    the mean is shorter where windows disagree; its direction is what the pooled vector says)."""
+    mean = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=weights)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else mean).astype(np.float32)
+
+
+def window_chunk(window: Window, vector: FloatArray, encoding_format: str) -> Chunk:
+    if encoding_format == "base64":
+        return Chunk(
+            start=window.start,
+            end=window.end,
+            tokens=len(window.tokens.ids),
+            vector_b64=encode_vector_b64(vector),
+        )
+    return Chunk(start=window.start, end=window.end, tokens=len(window.tokens.ids), vector=vector.tolist())

@@ -72,7 +72,40 @@ _HASH_CASES: Final[tuple[tuple[str, str, str, str | None, int | None], ...]] = (
 )
 
 
+# Requests with ``long`` set (issue 24): the spec is appended as one more field.
+_LONG_CASES: Final = (
+    (
+        "pool_default_overlap",
+        "The quick brown fox jumps over the lazy dog. " * 40,
+        FINGERPRINT,
+        None,
+        None,
+        "pool:32",
+    ),
+    ("chunks_overlap_0", "hello world", FINGERPRINT, "query", 128, "chunks:0"),
+    ("pool_non_ascii", "caf\u0065\u0301 " * 3, FINGERPRINT, None, None, "pool:64"),
+)
+
+
 def content_hash_vectors() -> dict[str, Any]:
+    long_vectors = []
+    for name, text, fingerprint, task, dimensions, spec in _LONG_CASES:
+        long_vectors.append(
+            {
+                "name": name,
+                "text": text,
+                "model_fingerprint": fingerprint,
+                "task": task,
+                "dimensions": dimensions,
+                "long_spec": spec,
+                "payload_hex": content_hash_payload(
+                    text, model_fingerprint=fingerprint, task=task, dimensions=dimensions, long_spec=spec
+                ).hex(),
+                "key": content_hash(
+                    text, model_fingerprint=fingerprint, task=task, dimensions=dimensions, long_spec=spec
+                ),
+            }
+        )
     vectors = []
     for name, text, fingerprint, task, dimensions in _HASH_CASES:
         vectors.append(
@@ -93,9 +126,11 @@ def content_hash_vectors() -> dict[str, Any]:
         "description": (
             "key = sha256 hex of 'embedfleet-content-v1' || field(model_fingerprint) || "
             "field(task or '') || field(decimal dimensions or '') || field(NFC(text)); "
-            "field(s) = uint64 big-endian byte length of utf8(s) || utf8(s)"
+            "field(s) = uint64 big-endian byte length of utf8(s) || utf8(s); long_vectors: a request "
+            "with long pool or chunks appends field(long_spec), long_spec = '<mode>:<overlap>'"
         ),
         "vectors": vectors,
+        "long_vectors": long_vectors,
     }
 
 

@@ -38,7 +38,7 @@ from tests.fleet import Fleet, FleetIO, WorkerProcess
 from worker.app import serve
 from worker.config import WorkerConfig
 from worker.engine.embedder import EmbedOutput
-from worker.engine.tokenize import TokenizedText
+from worker.engine.tokenize import Span, TokenizedText
 
 OUTAGE_S = 60
 
@@ -207,6 +207,9 @@ class _BrokenEngine:
 
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
         return [TokenizedText([101, 102], False) for _ in texts]
+
+    def windows(self, text: str, task: str | None, overlap: int) -> list[Span]:
+        return [Span(0, len(text))]
 
     def embed_tokenized(
         self,

@@ -277,7 +277,7 @@ HOSTILE: list[tuple[str, bytes | None, Sequence[Header], ErrorCode | None]] = [
         ErrorCode.UNSUPPORTED_CONTENT_TYPE,
     ),
     ("null content type", raw_json(), [("content-type", None)], ErrorCode.UNSUPPORTED_CONTENT_TYPE),
-    ("future schema", raw_json(), [("schema", b"2")], ErrorCode.INVALID_REQUEST),
+    ("future schema", raw_json(), [("schema", b"3")], ErrorCode.INVALID_REQUEST),
     ("reply_to charset", raw_json(reply_to="a/b"), [], ErrorCode.INVALID_REQUEST),
     ("reply_to dotdot", raw_json(reply_to=".."), [], ErrorCode.INVALID_REQUEST),
     ("reply_to too long", raw_json(reply_to="a" * 250), [], ErrorCode.INVALID_REQUEST),

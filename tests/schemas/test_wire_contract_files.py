@@ -108,7 +108,7 @@ def test_schema_kinds() -> None:
     assert request["$ref"] == "#/$defs/EmbedRequest" and set(request["$defs"]) == {"EmbedRequest"}
     assert request["$defs"]["EmbedRequest"]["required"] == ["id", "text"]
     result = contract_schema("result")
-    assert set(result["$defs"]) == {"EmbedResult", "ErrorInfo"}
+    assert set(result["$defs"]) == {"EmbedResult", "ErrorInfo", "Chunk"}
     assert contract_schema("all")["$id"] == "urn:embedfleet:schema:1:all"
 
 

@@ -18,10 +18,11 @@ from aiokafka.structs import OffsetAndMetadata
 
 from tests.fakes import FakeRedis
 from tests.worker.test_decoder_and_pipeline import FakeEngine
+from tests.worker.test_decoder_and_pipeline import split_windows as fake_windows
 from tests.worker.test_decoder_and_pipeline import tokenize as fake_tokenize
 from worker.app import Connections, build_parts
 from worker.config import WorkerConfig
-from worker.engine.tokenize import TokenizedText
+from worker.engine.tokenize import Span, TokenizedText
 from worker.runtime import WorkerParts, WorkerRuntime
 
 REQUESTS = "embed.requests"
@@ -44,6 +45,9 @@ class Engine(FakeEngine):
 
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
         return fake_tokenize(texts, task)
+
+    def windows(self, text: str, task: str | None, overlap: int) -> list[Span]:
+        return fake_windows(text, task, overlap)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from tests.fakes import FakeRedis
 from worker.cache import VectorCache
 from worker.decoder import RequestDecoder
 from worker.engine.embedder import EmbedOutput
-from worker.engine.tokenize import TokenizedText
+from worker.engine.tokenize import Span, TokenizedText
 from worker.jobs import Job, Rejection
 from worker.metrics import WorkerMetrics
 from worker.pipeline import BatchProcessor
@@ -32,10 +33,30 @@ def tokenize(texts: Sequence[str], task: str | None = None) -> list[TokenizedTex
     return [TokenizedText(list(range(min(8, len(t.split())))), len(t.split()) > 8) for t in texts]
 
 
-def decoder(max_kept: int = 1 << 20) -> RequestDecoder:
+def split_windows(text: str, task: str | None, overlap: int) -> list[Span]:
+    """The fake model's windows: 6 words each (8 tokens less 2 special ones), ``overlap`` words
+    shared; a text of 6 words or fewer is one window."""
+    if not 0 <= overlap <= 1:
+        raise ValueError("overlap must be 0 to 1 tokens (a quarter of the window)")
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    if len(words) <= 6:
+        return [Span(0, len(text))]
+    spans, start = [], 0
+    while True:
+        end = start + 6
+        if end >= len(words):
+            spans.append(Span(words[start][0], len(text)))
+            return spans
+        spans.append(Span(0 if start == 0 else words[start][0], words[end - 1][1]))
+        start = end - overlap
+
+
+def decoder(max_kept: int = 1 << 20, max_windows: int = 64) -> RequestDecoder:
     return RequestDecoder(
         model=MODEL,
         tokenize=tokenize,
+        split_windows=split_windows,
+        max_windows=max_windows,
         limits=RequestLimits(),
         reply_to_pattern=r"embed\.results.*",
         default_reply_topic="embed.results",

@@ -22,7 +22,7 @@ from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, ser
 from worker.engine.cpu import CpuInfo, Int8Weights, choose_int8_weights, read_cpu
 from worker.engine.errors import EngineError
 from worker.engine.openvino_backend import OPENVINO_VARIANT, OpenVinoSession, openvino_precision
-from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, TextTokenizer, TokenizedText
+from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, Span, TextTokenizer, TokenizedText
 
 FloatArray = npt.NDArray[np.float32]
 Device = Literal["cpu", "cuda"]
@@ -228,6 +228,13 @@ class Embedder:
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> list[TokenizedText]:
         prefix = self.prefix_for(task)
         return self._tokenizer.tokenize([prefix + t for t in texts] if prefix else texts)
+
+    def windows(self, text: str, task: str | None, overlap: int) -> list[Span]:
+        """``text`` split into the windows a long-input request embeds (``long: pool/chunks``):
+        each is read whole by the model with ``task``'s prompt before it (TextTokenizer.windows)."""
+        prefix = self.prefix_for(task)
+        reserved = self._tokenizer.content_tokens(prefix) if prefix else 0
+        return self._tokenizer.windows(text, overlap=overlap, reserved=reserved)
 
     def prepare(self, texts: Sequence[str], task: str | None = None) -> Encoded:
         """Prefix, tokenize (truncating at max_tokens) and pad to the longest text."""

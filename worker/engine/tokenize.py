@@ -43,6 +43,14 @@ class TokenizedText:
 
 
 @dataclass(frozen=True, slots=True)
+class Span:
+    """A window of a long text: characters (Unicode code points) ``start`` to ``end``."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
     """A padded batch ready for the model (right-padded, pad id in ``input_ids``)."""
 
@@ -66,10 +74,14 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, max_tokens: int, pad_id: int) -> None:
         tokenizer.no_padding()
+        # The whole text's tokens and their offsets, for splitting a long text into windows.
+        self._untruncated = Tokenizer.from_str(tokenizer.to_str())
+        self._untruncated.no_truncation()
         tokenizer.enable_truncation(max_length=max_tokens)
         self._tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.pad_id = pad_id
+        self.special_tokens = len(self._untruncated.encode("", add_special_tokens=True).ids)
 
     @classmethod
     def from_file(cls, path: Path, max_tokens: int) -> TextTokenizer:
@@ -102,6 +114,49 @@ class TextTokenizer:
             cut_at *= 4
             encoding = self._tokenizer.encode(text[:cut_at], add_special_tokens=True)
         return encoding
+
+    def content_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without the special tokens (a prompt prefix's share of a window)."""
+        return len(self._untruncated.encode(text, add_special_tokens=False).ids)
+
+    def windows(self, text: str, *, overlap: int, reserved: int = 0) -> list[Span]:
+        """``text`` split into windows the model reads whole: at most ``max_tokens`` minus the
+        special tokens and ``reserved`` (a prompt prefix) tokens each, consecutive windows sharing
+        about ``overlap`` tokens. Windows end and start at word boundaries where one lies in the
+        window's second half (a word cut in two would tokenize differently on its own), so each
+        window's text, embedded alone, reads the tokens it had in the whole text. A text that fits
+        is one window, the whole text."""
+        size = self.max_tokens - self.special_tokens - reserved
+        if size < 1:
+            raise ValueError(f"a prompt of {reserved} tokens leaves no room in {self.max_tokens}")
+        if not 0 <= overlap <= size // 4:
+            raise ValueError(f"overlap must be 0 to {size // 4} tokens (a quarter of the window)")
+        encoding = self._untruncated.encode(text, add_special_tokens=False)
+        count = len(encoding.ids)
+        if count <= size:
+            return [Span(0, len(text))]
+        words, offsets = encoding.word_ids, encoding.offsets
+
+        def starts_word(index: int) -> bool:
+            return index <= 0 or index >= count or words[index] is None or words[index] != words[index - 1]
+
+        spans: list[Span] = []
+        start = 0
+        while True:
+            end = start + size
+            if end >= count:
+                spans.append(Span(offsets[start][0], len(text)))
+                return spans
+            cut = end
+            while cut > start + size // 2 and not starts_word(cut):
+                cut -= 1
+            if not starts_word(cut):
+                cut = end  # one word longer than half a window: cut inside it
+            spans.append(Span(0 if start == 0 else offsets[start][0], offsets[cut - 1][1]))
+            following = cut - overlap
+            while following > start + 1 and not starts_word(following):
+                following -= 1
+            start = following if following > start else cut
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(t.ids) for t in self.tokenize(texts)]
