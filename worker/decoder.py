@@ -135,7 +135,11 @@ class RequestDecoder:
         try:
             spans = self._split_windows(request.text, request.task, overlap)
         except ValueError as exc:  # an overlap the model's window cannot take
-            return job.rejected(ErrorCode.INVALID_REQUEST, str(exc))
+            if request.overlap is not None:
+                return job.rejected(ErrorCode.INVALID_REQUEST, str(exc))
+            # The default is more than a small model's window takes: the most it takes.
+            overlap = 0
+            spans = self._split_windows(request.text, request.task, overlap)
         if len(spans) > self._max_windows:
             return job.rejected(
                 ErrorCode.TEXT_TOO_LONG,

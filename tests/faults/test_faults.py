@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from pathlib import Path
 
 from tests.faults.conftest import (
@@ -22,6 +23,7 @@ from tests.faults.conftest import (
     stack,
 )
 from tests.fleet import Fleet, FleetIO, start_fleet
+from tests.helpers import read_jsonl_texts
 
 
 async def record(
@@ -219,6 +221,64 @@ async def test_exactly_once_kill_9_leaves_no_duplicates(
         row = await record(fault_ledger, "kill -9 mid-batch (exactly-once)", fleet, ids, stall, notes)
         assert row.missing == 0
         assert row.duplicates == 0
+    finally:
+        fleet.stop_all()
+        await fleet.cleanup()
+
+
+def long_scenario_texts(shared_dir: Path, count: int = 24, docs_per_text: int = 8) -> list[str]:
+    """Long texts (corpus docs joined, ~1,000-3,000 tokens: several windows each), salted so
+    every window is a cache miss."""
+    salt = uuid.uuid4().hex[:6]
+    docs = read_jsonl_texts(shared_dir / "corpus" / "docs.jsonl")
+    return [
+        f"({salt}-{i}) " + " ".join(docs[(i * docs_per_text + j) % len(docs)] for j in range(docs_per_text))
+        for i in range(count)
+    ]
+
+
+async def test_exactly_once_kill_9_while_long_texts_windows_are_in_flight(
+    kafka_bootstrap: str,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    shared_dir: Path,
+    fault_ledger: FaultLedger,
+) -> None:
+    """Issue 24: a long text's windows are computed in the worker's batches and its result is
+    published once all are done, in the transaction that commits its offset. A worker killed
+    between windows loses nothing and publishes nothing twice."""
+    fleet = await start_fleet(
+        kafka_bootstrap, redis_url, model_dir, tmp_path, workers=2, EMBEDFLEET_GUARANTEE="exactly-once"
+    )
+    try:
+        victim = fleet.workers[0]
+        windows_before_kill: list[float] = []
+
+        async def kill() -> str:
+            windows_before_kill.append(victim.metric("embedfleet_windows_total"))
+            os.kill(victim.process.pid, signal.SIGKILL)
+            return "one of two exactly-once workers killed with SIGKILL while embedding long texts (pool)"
+
+        io, ids, stall, notes = await run_scenario(
+            fleet, long_scenario_texts(shared_dir), kill, long="pool", at_fraction=0.25
+        )
+        row = await record(
+            fault_ledger,
+            "kill -9 with long texts' windows in flight (exactly-once)",
+            fleet,
+            ids,
+            stall,
+            notes,
+        )
+        found = await audit_fleet(fleet)
+        assert row.missing == 0
+        assert row.duplicates == 0
+        assert found.error_codes(ids) == {}, "every long text answered with a vector, none with an error"
+        assert all(io.results[i][-1]["windows"] >= 2 for i in ids), "each answer pooled several windows"
+        # The victim was embedding long texts when it died (its windows counter moved), and
+        # three quarters of the texts were still unanswered.
+        assert windows_before_kill and windows_before_kill[0] > 0
     finally:
         fleet.stop_all()
         await fleet.cleanup()
