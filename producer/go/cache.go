@@ -222,6 +222,17 @@ func plainCount(s string) bool {
 // key alone (go-redis keeps each command's error), any other error makes the batch all misses.
 func (c *cacheReader) lookup(ctx context.Context, keys []string, dim int) [][]float32 {
 	found := make([][]float32, len(keys))
+	for i, entry := range c.lookupEntries(ctx, keys, dim) {
+		if entry != nil {
+			found[i] = entry.Vector
+		}
+	}
+	return found
+}
+
+// lookupEntries is lookup with the whole servable entry (its token count too); nil for a miss.
+func (c *cacheReader) lookupEntries(ctx context.Context, keys []string, dim int) []*CacheEntry {
+	found := make([]*CacheEntry, len(keys))
 	if c.rdb == nil || len(keys) == 0 {
 		return found
 	}
@@ -233,7 +244,7 @@ func (c *cacheReader) lookup(ctx context.Context, keys []string, dim int) [][]fl
 	_, _ = pipe.Exec(ctx) // the first command error; each command's own is checked below
 	for _, cmd := range cmds {
 		if err := cmd.Err(); err != nil && !isWrongType(err) {
-			return make([][]float32, len(keys)) // fail open: the cache is down, not this entry
+			return make([]*CacheEntry, len(keys)) // fail open: the cache is down, not this entry
 		}
 	}
 	for i, cmd := range cmds {
@@ -241,7 +252,7 @@ func (c *cacheReader) lookup(ctx context.Context, keys []string, dim int) [][]fl
 			continue
 		}
 		if entry, ok := ServableEntry(cmd.Val(), c.model, dim); ok {
-			found[i] = entry.Vector
+			found[i] = &entry
 		}
 	}
 	return found

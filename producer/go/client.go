@@ -35,6 +35,59 @@ type EmbedOptions struct {
 	Task       string        // a prompt name of the model, e.g. "query"
 	Dimensions int           // Matryoshka truncation
 	Timeout    time.Duration // 0: ctx's deadline, else DefaultTimeout
+	// Long is what the workers do with a text longer than the model reads: LongTruncate,
+	// LongPool or LongChunks; "" takes Config.Long (itself "": truncate). Pool and chunks
+	// requests go to the workers (their vectors are not cached under the request's key) with
+	// the schema header LongInputsSchemaVersion, so workers built before long inputs refuse
+	// them instead of truncating.
+	Long LongMode
+	// Overlap is the tokens shared by consecutive windows (pool and chunks; 0 to
+	// WindowOverlapMax); nil takes Config.Overlap, and when that is nil too the workers'
+	// DefaultWindowOverlap. new(64) makes one.
+	Overlap *int
+}
+
+// Embedding is one text's answer as EmbedDetailed returns it: the vector and what the workers
+// reported with it.
+type Embedding struct {
+	Vector    []float32 // nil when the text failed
+	Cached    bool      // served by the cache (Redis, or a worker's), not computed
+	Truncated bool      // the text (for pool and chunks: a window) was cut at the model's limit
+	// Tokens the model read, special tokens included (for pool and chunks: over all windows);
+	// 0 when not reported (cache entries written by older workers).
+	Tokens int
+	// Windows is how many windows of the text were embedded and pooled (long pool and chunks);
+	// 0 for truncate.
+	Windows int
+	// Chunks are the windows with their vectors (long chunks only), in the order of the text.
+	Chunks []Chunk
+}
+
+// Chunk is one window of a long text (long chunks): its span of the text and its vector.
+// Start and End count Unicode code points (not bytes) of the text as sent: Chunk.Of slices it.
+type Chunk struct {
+	Start, End int // the window is the text's code points [Start, End)
+	Tokens     int // tokens the model read for this window
+	Vector     []float32
+}
+
+// Of returns the chunk's span of text, the text it was computed from (code point offsets).
+func (c Chunk) Of(text string) string {
+	start, end, n := len(text), len(text), 0
+	for i := range text {
+		if n == c.Start {
+			start = i
+		}
+		if n == c.End {
+			end = i
+			break
+		}
+		n++
+	}
+	if start > end {
+		return ""
+	}
+	return text[start:end]
 }
 
 // Stats counts texts per position in the calls (Produced counts request messages).
@@ -46,25 +99,75 @@ type Stats struct {
 }
 
 type wireRequest struct {
-	ID             string `json:"id"`
-	Text           string `json:"text"`
-	Task           string `json:"task,omitempty"`
-	Dimensions     int    `json:"dimensions,omitempty"`
-	EncodingFormat string `json:"encoding_format"`
-	ReplyTo        string `json:"reply_to"`
+	ID             string   `json:"id"`
+	Text           string   `json:"text"`
+	Task           string   `json:"task,omitempty"`
+	Dimensions     int      `json:"dimensions,omitempty"`
+	EncodingFormat string   `json:"encoding_format"`
+	ReplyTo        string   `json:"reply_to"`
+	Long           LongMode `json:"long,omitempty"`    // pool or chunks; truncate is omitted
+	Overlap        *int     `json:"overlap,omitempty"` // only with pool or chunks
 }
 
 type wireResult struct {
-	ID        *string   `json:"id"`
-	Key       *string   `json:"key"`
-	Dim       int       `json:"dim"`
-	Vector    []float64 `json:"vector"`
-	VectorB64 *string   `json:"vector_b64"`
-	Cached    bool      `json:"cached"`
+	ID        *string     `json:"id"`
+	Key       *string     `json:"key"`
+	Dim       int         `json:"dim"`
+	Vector    []float64   `json:"vector"`
+	VectorB64 *string     `json:"vector_b64"`
+	Cached    bool        `json:"cached"`
+	Truncated bool        `json:"truncated"`
+	Tokens    *int        `json:"tokens"`
+	Windows   int         `json:"windows"`
+	Chunks    []wireChunk `json:"chunks"`
 	Error     *struct {
 		Code    string `json:"code"`
 		Message string `json:"message"`
 	} `json:"error"`
+}
+
+type wireChunk struct {
+	Start     int       `json:"start"`
+	End       int       `json:"end"`
+	Tokens    int       `json:"tokens"`
+	Vector    []float64 `json:"vector"`
+	VectorB64 *string   `json:"vector_b64"`
+}
+
+// longSettings are a call's long-input settings: EmbedOptions over Config, checked.
+type longSettings struct {
+	mode    LongMode // pool or chunks; "" for truncate
+	overlap *int     // nil: the workers' default
+	spec    string   // LongSpec: what the content hash appends ("" for truncate)
+}
+
+func resolveLong(cfg Config, opts EmbedOptions) (longSettings, error) {
+	mode, overlap := opts.Long, opts.Overlap
+	if mode == "" {
+		mode = cfg.Long
+	}
+	if overlap == nil {
+		overlap = cfg.Overlap
+	}
+	spec, err := LongSpec(mode, overlap)
+	if err != nil || !mode.Windowed() {
+		return longSettings{}, err
+	}
+	return longSettings{mode: mode, overlap: overlap, spec: spec}, nil
+}
+
+// requestRecord is the Kafka record of one request: a JSON body, keyed by key (the content
+// hash), with the schema header of its kind (2 for pool and chunks, else 1).
+func requestRecord(topic, key, id, text string, opts EmbedOptions, long longSettings, replyTo string) *kgo.Record {
+	request := wireRequest{ID: id, Text: text, Task: opts.Task, Dimensions: opts.Dimensions,
+		EncodingFormat: "base64", ReplyTo: replyTo}
+	schema := SchemaVersion
+	if long.mode.Windowed() {
+		request.Long, request.Overlap, schema = long.mode, long.overlap, LongInputsSchemaVersion
+	}
+	value, _ := json.Marshal(request) // strings and ints: cannot fail
+	return &kgo.Record{Topic: topic, Key: []byte(key), Value: value, Headers: []kgo.RecordHeader{
+		{Key: "content-type", Value: []byte("application/json")}, {Key: "schema", Value: []byte(schema)}}}
 }
 
 // Client embeds texts through the fleet: cache first, then one request per distinct
@@ -166,6 +269,9 @@ func NewClient(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if len(cfg.KafkaBootstrap) == 0 || cfg.RequestsTopic == "" || cfg.ResultsTopic == "" {
 		return nil, errors.New("embedfleet: KafkaBootstrap, RequestsTopic and ResultsTopic are required (see ConfigFromEnv)")
+	}
+	if _, err := LongSpec(cfg.Long, cfg.Overlap); err != nil {
+		return nil, err
 	}
 	if cfg.Linger == 0 {
 		cfg.Linger = 5 * time.Millisecond
@@ -344,6 +450,26 @@ func (c *Client) forget(ids []string) {
 // vectors it has (nil where a text failed) and a *BatchError; when results are still
 // missing as ctx ends (or opts.Timeout passes) it returns a *TimeoutError.
 func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) ([][]float32, error) {
+	embeddings, err := c.EmbedDetailed(ctx, texts, opts)
+	if embeddings == nil {
+		return nil, err
+	}
+	vectors := make([][]float32, len(embeddings))
+	for i, e := range embeddings {
+		vectors[i] = e.Vector
+	}
+	return vectors, err
+}
+
+// EmbedDetailed is Embed returning each text's Embedding: the vector with the token count, the
+// cached and truncated flags and, for long inputs (EmbedOptions.Long pool or chunks), the number
+// of windows and (chunks) every window's span and vector. Errors as Embed's; a failed text's
+// Embedding is the zero value.
+func (c *Client) EmbedDetailed(ctx context.Context, texts []string, opts EmbedOptions) ([]Embedding, error) {
+	long, err := resolveLong(c.cfg, opts)
+	if err != nil {
+		return nil, err
+	}
 	if opts.Timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, opts.Timeout)
@@ -358,11 +484,11 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) (
 	if known {
 		fingerprint = contract.Fingerprint
 	}
-	p, err := planRequests(texts, fingerprint, opts.Task, opts.Dimensions)
+	p, err := planRequests(texts, fingerprint, opts.Task, opts.Dimensions, long.spec)
 	if err != nil {
 		return nil, err
 	}
-	vectors := make([][]float32, len(texts))
+	vectors := make([]Embedding, len(texts))
 	failures := append([]TextError(nil), p.failures...)
 	c.failed.Add(int64(len(p.failures)))
 	misses := p.distinct
@@ -370,18 +496,20 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) (
 	if dim == 0 {
 		dim = contract.Dim
 	}
-	if p.byContentHash && dim > 0 && c.cache.enabled() {
+	// A pooled vector is not cached under its request's key (only its windows are, as plain
+	// texts): long pool and chunks requests always go to the workers.
+	if p.byContentHash && dim > 0 && c.cache.enabled() && !long.mode.Windowed() {
 		keys := make([]string, len(p.distinct))
 		for i, entry := range p.distinct {
 			keys[i] = entry.key
 		}
 		misses = nil
-		for i, vector := range c.cache.lookup(ctx, keys, dim) {
-			if vector == nil {
+		for i, entry := range c.cache.lookupEntries(ctx, keys, dim) {
+			if entry == nil {
 				misses = append(misses, p.distinct[i])
 				continue
 			}
-			fill(vectors, p.distinct[i].indices, vector)
+			fill(vectors, p.distinct[i].indices, Embedding{Vector: entry.Vector, Cached: true, Tokens: entry.Tokens})
 			c.cached.Add(int64(len(p.distinct[i].indices)))
 		}
 	}
@@ -397,10 +525,7 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) (
 			w.key = entry.key
 		}
 		c.pending[ids[i]] = w
-		value, _ := json.Marshal(wireRequest{ID: ids[i], Text: entry.text, Task: opts.Task,
-			Dimensions: opts.Dimensions, EncodingFormat: "base64", ReplyTo: c.cfg.ReplyTopic()})
-		records[i] = &kgo.Record{Topic: c.cfg.RequestsTopic, Key: []byte(entry.key), Value: value, Headers: []kgo.RecordHeader{
-			{Key: "content-type", Value: []byte("application/json")}, {Key: "schema", Value: []byte(SchemaVersion)}}}
+		records[i] = requestRecord(c.cfg.RequestsTopic, entry.key, ids[i], entry.text, opts, long, c.cfg.ReplyTopic())
 	}
 	c.mu.Unlock()
 	defer c.forget(ids)
@@ -442,7 +567,7 @@ func (c *Client) Embed(ctx context.Context, texts []string, opts EmbedOptions) (
 	return vectors, nil
 }
 
-func (c *Client) record(result wireResult, entry *distinctText, vectors [][]float32, failures []TextError) []TextError {
+func (c *Client) record(result wireResult, entry *distinctText, vectors []Embedding, failures []TextError) []TextError {
 	fail := func(code, message string) []TextError {
 		for _, index := range entry.indices {
 			failures = append(failures, TextError{Index: index, Code: code, Message: message})
@@ -453,22 +578,11 @@ func (c *Client) record(result wireResult, entry *distinctText, vectors [][]floa
 	if result.Error != nil {
 		return fail(result.Error.Code, result.Error.Message)
 	}
-	var vector []float32
-	switch {
-	case result.VectorB64 != nil:
-		var err error
-		if vector, err = DecodeVectorBase64(*result.VectorB64); err != nil {
-			return fail("invalid_result", err.Error())
-		}
-	case result.Vector != nil:
-		vector = make([]float32, len(result.Vector))
-		for i, f := range result.Vector {
-			vector[i] = float32(f)
-		}
-	default:
-		return fail("invalid_result", "result carries no vector")
+	embedding, err := decodeEmbedding(result)
+	if err != nil {
+		return fail("invalid_result", err.Error())
 	}
-	fill(vectors, entry.indices, vector)
+	fill(vectors, entry.indices, embedding)
 	if result.Cached {
 		c.cached.Add(int64(len(entry.indices)))
 	} else {
@@ -477,11 +591,65 @@ func (c *Client) record(result wireResult, entry *distinctText, vectors [][]floa
 	return failures
 }
 
+// decodeEmbedding reads a successful result: its vector (vector_b64 or vector), its counts and,
+// for long chunks, every chunk's span and vector (each as wide as the pooled vector).
+func decodeEmbedding(result wireResult) (Embedding, error) {
+	vector, err := decodeVector(result.Vector, result.VectorB64)
+	if err != nil {
+		return Embedding{}, err
+	}
+	e := Embedding{Vector: vector, Cached: result.Cached, Truncated: result.Truncated, Windows: result.Windows}
+	if result.Tokens != nil {
+		e.Tokens = *result.Tokens
+	}
+	if len(result.Chunks) > 0 {
+		e.Chunks = make([]Chunk, len(result.Chunks))
+		for i, wc := range result.Chunks {
+			chunkVector, err := decodeVector(wc.Vector, wc.VectorB64)
+			if err != nil {
+				return Embedding{}, fmt.Errorf("chunk %d: %w", i, err)
+			}
+			if len(chunkVector) != len(vector) {
+				return Embedding{}, fmt.Errorf("chunk %d has %d values, the vector %d", i, len(chunkVector), len(vector))
+			}
+			if wc.Start < 0 || wc.End < wc.Start {
+				return Embedding{}, fmt.Errorf("chunk %d spans [%d, %d)", i, wc.Start, wc.End)
+			}
+			e.Chunks[i] = Chunk{Start: wc.Start, End: wc.End, Tokens: wc.Tokens, Vector: chunkVector}
+		}
+	}
+	return e, nil
+}
+
+// decodeVector reads a vector from whichever field carries it (vector_b64 first).
+func decodeVector(floats []float64, encoded *string) ([]float32, error) {
+	switch {
+	case encoded != nil:
+		return DecodeVectorBase64(*encoded)
+	case floats != nil:
+		vector := make([]float32, len(floats))
+		for i, f := range floats {
+			vector[i] = float32(f)
+		}
+		return vector, nil
+	}
+	return nil, errors.New("result carries no vector")
+}
+
 // fill gives repeated texts their own copies, so changing one vector never changes another.
-func fill(vectors [][]float32, indices []int, vector []float32) {
-	vectors[indices[0]] = vector
+func fill(embeddings []Embedding, indices []int, e Embedding) {
+	embeddings[indices[0]] = e
 	for _, index := range indices[1:] {
-		vectors[index] = append([]float32(nil), vector...)
+		c := e
+		c.Vector = append([]float32(nil), e.Vector...)
+		if e.Chunks != nil {
+			c.Chunks = make([]Chunk, len(e.Chunks))
+			for i, chunk := range e.Chunks {
+				chunk.Vector = append([]float32(nil), chunk.Vector...)
+				c.Chunks[i] = chunk
+			}
+		}
+		embeddings[index] = c
 	}
 }
 

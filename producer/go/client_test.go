@@ -17,7 +17,7 @@ func TestPartitionKeyIsSHA256OfNFC(t *testing.T) {
 }
 
 func TestPlanDedupsAndKeysByContentHash(t *testing.T) {
-	p, err := planRequests([]string{"x", "Cafe\u0301", "y", "x", "Café"}, "fp", "query", 0)
+	p, err := planRequests([]string{"x", "Cafe\u0301", "y", "x", "Café"}, "fp", "query", 0, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +28,7 @@ func TestPlanDedupsAndKeysByContentHash(t *testing.T) {
 	if p.distinct[0].key != want || len(p.distinct[0].indices) != 2 || p.distinct[1].indices[1] != 4 {
 		t.Errorf("distinct: %+v %+v", p.distinct[0], p.distinct[1])
 	}
-	noModel, _ := planRequests([]string{"x"}, "", "", 0)
+	noModel, _ := planRequests([]string{"x"}, "", "", 0, "")
 	if noModel.byContentHash || noModel.distinct[0].key != PartitionKey("x") {
 		t.Errorf("without a fingerprint: %+v", noModel.distinct[0])
 	}
@@ -36,7 +36,7 @@ func TestPlanDedupsAndKeysByContentHash(t *testing.T) {
 
 func TestPlanFailsHopelessTextsLocally(t *testing.T) {
 	texts := []string{"ok", "", " \t\n", "\xff", strings.Repeat("x", MaxTextBytes+1)}
-	p, err := planRequests(texts, "fp", "", 0)
+	p, err := planRequests(texts, "fp", "", 0, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestModelContractAndKeys(t *testing.T) {
 
 func TestRecordResultsAndErrors(t *testing.T) {
 	c := &Client{pending: map[string]waiter{}}
-	vectors := make([][]float32, 3)
+	vectors := make([]Embedding, 3)
 	entry := &distinctText{key: "k", text: "t", indices: []int{0, 2}}
 	encoded := EncodeVectorBase64([]float32{1, 2})
 	ch := make(chan wireResult, 1)
@@ -134,7 +134,7 @@ func TestRecordResultsAndErrors(t *testing.T) {
 		t.Error("an error result without a key was not delivered")
 	}
 	failures := c.record(wireResult{VectorB64: &encoded, Cached: true}, entry, vectors, nil)
-	if len(failures) != 0 || vectors[0][1] != 2 || vectors[2][0] != 1 || &vectors[0][0] == &vectors[2][0] {
+	if len(failures) != 0 || vectors[0].Vector[1] != 2 || vectors[2].Vector[0] != 1 || &vectors[0].Vector[0] == &vectors[2].Vector[0] {
 		t.Errorf("vectors %v", vectors)
 	}
 	bad := wireResult{}

@@ -36,6 +36,11 @@ type Config struct {
 	ModelDim         int // EMBEDFLEET_MODEL_DIM; 0: from Redis
 	ClientID         string
 	Linger           time.Duration
+	// Long is the client's default for EmbedOptions.Long ("": truncate): LongPool or
+	// LongChunks send every call's texts as long inputs unless the call says otherwise.
+	Long LongMode
+	// Overlap is the default for EmbedOptions.Overlap (nil: the workers' DefaultWindowOverlap).
+	Overlap *int
 }
 
 // ConfigFromEnv returns the defaults overridden by the EMBEDFLEET_* environment.

@@ -6,6 +6,8 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -61,6 +63,94 @@ func TestContentHashVectors(t *testing.T) {
 		if err != nil || key != v.Key {
 			t.Errorf("%s: key %s (%v), want %s", v.Name, key, err, v.Key)
 		}
+	}
+}
+
+// TestContentHashLongVectors checks every long_vectors entry (issue 24: the long spec appended
+// as one more field) and that LongSpec writes the specs they use.
+func TestContentHashLongVectors(t *testing.T) {
+	var file struct {
+		LongVectors []struct {
+			Name             string  `json:"name"`
+			Text             string  `json:"text"`
+			ModelFingerprint string  `json:"model_fingerprint"`
+			Task             *string `json:"task"`
+			Dimensions       *int    `json:"dimensions"`
+			LongSpec         string  `json:"long_spec"`
+			PayloadHex       string  `json:"payload_hex"`
+			Key              string  `json:"key"`
+		} `json:"long_vectors"`
+	}
+	readJSON(t, "content_hash.json", &file)
+	if len(file.LongVectors) < 3 {
+		t.Fatalf("only %d long vectors", len(file.LongVectors))
+	}
+	for _, v := range file.LongVectors {
+		task, dims := "", 0
+		if v.Task != nil {
+			task = *v.Task
+		}
+		if v.Dimensions != nil {
+			dims = *v.Dimensions
+		}
+		if v.LongSpec == "" {
+			t.Fatalf("%s: no long_spec", v.Name)
+		}
+		payload, err := ContentHashPayloadLong(v.Text, v.ModelFingerprint, task, dims, v.LongSpec)
+		if err != nil {
+			t.Fatalf("%s: %v", v.Name, err)
+		}
+		if got := hex.EncodeToString(payload); got != v.PayloadHex {
+			t.Errorf("%s: payload\n got %s\nwant %s", v.Name, got, v.PayloadHex)
+		}
+		key, err := ContentHashLong(v.Text, v.ModelFingerprint, task, dims, v.LongSpec)
+		if err != nil || key != v.Key {
+			t.Errorf("%s: key %s (%v), want %s", v.Name, key, err, v.Key)
+		}
+		plain, _ := ContentHash(v.Text, v.ModelFingerprint, task, dims)
+		if plain == key {
+			t.Errorf("%s: the long spec does not change the key", v.Name)
+		}
+		// The spec is what LongSpec writes for its mode and overlap.
+		mode, overlap, _ := strings.Cut(v.LongSpec, ":")
+		n, err := strconv.Atoi(overlap)
+		if err != nil {
+			t.Fatalf("%s: long_spec %q", v.Name, v.LongSpec)
+		}
+		if spec, err := LongSpec(LongMode(mode), &n); err != nil || spec != v.LongSpec {
+			t.Errorf("%s: LongSpec(%s, %d) = %q (%v)", v.Name, mode, n, spec, err)
+		}
+	}
+}
+
+func TestLongSpec(t *testing.T) {
+	for _, c := range []struct {
+		mode    LongMode
+		overlap *int
+		want    string
+	}{
+		{"", nil, ""}, {LongTruncate, nil, ""}, {LongTruncate, new(64), ""},
+		{LongPool, nil, "pool:32"}, {LongPool, new(0), "pool:0"}, {LongChunks, new(256), "chunks:256"},
+	} {
+		if got, err := LongSpec(c.mode, c.overlap); err != nil || got != c.want {
+			t.Errorf("LongSpec(%q, %v) = %q (%v), want %q", c.mode, c.overlap, got, err, c.want)
+		}
+	}
+	for _, c := range []struct {
+		mode    LongMode
+		overlap *int
+	}{{"Pool", nil}, {"sliding", nil}, {LongPool, new(-1)}, {LongChunks, new(WindowOverlapMax + 1)}} {
+		if got, err := LongSpec(c.mode, c.overlap); err == nil {
+			t.Errorf("LongSpec(%q, %v) = %q, want an error", c.mode, c.overlap, got)
+		}
+	}
+	// A truncate spec ("") is the key of version 1; a non-ASCII spec has no field.
+	plain, _ := ContentHash("x", "fp", "", 0)
+	if key, err := ContentHashLong("x", "fp", "", 0, ""); err != nil || key != plain {
+		t.Errorf("ContentHashLong with no spec = %s (%v), want %s", key, err, plain)
+	}
+	if _, err := ContentHashLong("x", "fp", "", 0, "pööl:32"); err == nil {
+		t.Error("a non-ASCII long spec must be rejected")
 	}
 }
 

@@ -47,7 +47,9 @@ type plan struct {
 	byContentHash bool // keys are content hashes: the cache can be read
 }
 
-func planRequests(texts []string, fingerprint, task string, dimensions int) (plan, error) {
+// planRequests keys each text (ContentHashLong with longSpec when the fingerprint is known, else
+// PartitionKey) and merges repeated ones.
+func planRequests(texts []string, fingerprint, task string, dimensions int, longSpec string) (plan, error) {
 	p := plan{byContentHash: fingerprint != ""}
 	byKey := make(map[string]*distinctText, len(texts))
 	for i, text := range texts {
@@ -58,7 +60,7 @@ func planRequests(texts []string, fingerprint, task string, dimensions int) (pla
 		key := PartitionKey(text)
 		if fingerprint != "" {
 			var err error
-			if key, err = ContentHash(text, fingerprint, task, dimensions); err != nil {
+			if key, err = ContentHashLong(text, fingerprint, task, dimensions, longSpec); err != nil {
 				return p, err
 			}
 		}
