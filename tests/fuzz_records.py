@@ -299,6 +299,7 @@ class RecordGenerator:
             "good-64-headers": (1, Expect.SUCCESS, self._good_64_headers),
             "good-header-bytes-at-limit": (1, Expect.SUCCESS, self._good_header_bytes_at_limit),
             "good-key-at-limit": (1, Expect.SUCCESS, self._good_key_at_limit),
+            "good-long-input": (3, Expect.SUCCESS, self._good_long_input),
             # valid requests whose reply topic cannot take the result
             "reply-refused": (1.5, Expect.UNAVAILABLE, self._reply_to("tiny")),
             "reply-never-acked": (0.5, Expect.SUCCESS_OR_UNAVAILABLE, self._reply_to("noack")),
@@ -310,6 +311,7 @@ class RecordGenerator:
             "deep-nesting": (0.5, Expect.REJECTED, self._deep_nesting),
             "invalid-field": (6, Expect.REJECTED, self._invalid_field),
             "invalid-id": (2, Expect.REJECTED, self._invalid_id),
+            "long-overlap-too-wide": (1, Expect.REJECTED, self._long_overlap_too_wide),
             "text-over-limit": (0.4, Expect.REJECTED, self._text_over_limit),
             "value-over-limit": (0.3, Expect.REJECTED, self._value_over_limit),
             "headers-over-count": (1, Expect.REJECTED, self._headers_over_count),
@@ -571,6 +573,26 @@ class RecordGenerator:
         topic = self.topics.reply(self.rng.choice(list(BENIGN_REPLY_TOPICS)))
         return self._valid(request_id, self.request(request_id, reply_to=topic))
 
+    def _good_long_input(self, request_id: str) -> Made:
+        """A text of up to ~1,500 tokens pooled or chunked (issue 24), overlap given or not, schema
+        header 2 (what clients send), 1 or none."""
+        extra: dict[str, Any] = {"long": self.rng.choice(["pool", "chunks", "truncate"])}
+        if self.rng.random() < 0.6:
+            extra["overlap"] = self.rng.randint(0, 63)  # all-MiniLM-L6-v2's window takes 0-63
+        body = self.request(request_id, self.text(max_pieces=self.rng.choice([8, 300, 1200])), **extra)
+        headers = [(b"schema", self.rng.choice([b"2", b"1"]))] if self.rng.random() < 0.8 else []
+        return self._valid(request_id, body, headers + self.benign_headers(self.rng.randint(0, 4)))
+
+    def _long_overlap_too_wide(self, request_id: str) -> Made:
+        """An overlap the schema allows (<= 256) but the model's window does not (a quarter)."""
+        body = self.request(
+            request_id,
+            self.text(),
+            long=self.rng.choice(["pool", "chunks"]),
+            overlap=self.rng.randint(64, 256),
+        )
+        return self._valid(request_id, body, [(b"schema", b"2")])
+
     def _good_text_at_limit(self, request_id: str) -> Made:
         return self._valid(request_id, {"id": request_id, "text": self._text_of_bytes(MAX_TEXT_BYTES)})
 
@@ -694,6 +716,11 @@ class RecordGenerator:
                 ("task", "rm -rf /"),
                 ("task", ""),
                 ("encoding_format", "int8"),
+                ("long", "summarize"),
+                ("long", None),
+                ("overlap", -1),
+                ("overlap", 257),
+                ("overlap", "32"),
                 ("encoding_format", None),
                 ("metadata", {str(i): "v" for i in range(33)}),
                 ("metadata", {"k": "v" * 1025}),

@@ -554,6 +554,9 @@ def test_generated_records_are_what_they_claim(seed: int) -> None:
                 request = decode_request(made.value, headers, limits)
                 if request.reply_to is not None and not allowed.fullmatch(request.reply_to):
                     raise RequestError("reply_to_not_allowed", "reply_to")  # type: ignore[arg-type]
+                # The default model's window: 256 tokens less 2 special ones; a quarter of it.
+                if request.long != "truncate" and (request.overlap or 0) > (256 - 2) // 4:
+                    raise RequestError("invalid_request", "overlap")  # type: ignore[arg-type]
                 valid = True
             except (RequestError, UnicodeDecodeError):
                 valid = False
