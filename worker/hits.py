@@ -154,6 +154,13 @@ class HitLane:
     async def split(self, jobs: Sequence[Job]) -> Split:
         if not jobs or not self._cache.enabled:
             return Split(rest=list(jobs))
+        if any(job.request.long != "truncate" for job in jobs):
+            # A long input's own key is never cached (its windows are, looked up in its batch):
+            # it goes on without a lookup that could only miss.
+            split = await self.split([job for job in jobs if job.request.long == "truncate"])
+            answered = {id(job) for job, _ in split.answered}
+            split.rest = [job for job in jobs if id(job) not in answered]  # in order, as promised
+            return split
         hot = self.hot
         now = time.monotonic()
         found: dict[tuple[str, int], CacheEntry | None] = {}

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas import ContentType, EmbedRequest, EncodingFormat, encode_vector
+from schemas import ContentType, EmbedRequest, EncodingFormat, LongInputs, encode_vector
 from schemas.cache_layout import CacheEntry
 from worker.hits import HOT_ENTRY_OVERHEAD_BYTES, HitLane, HotEntries
 from worker.jobs import Job, RawMessage, Source
@@ -125,8 +125,10 @@ class CountingCache:
         return [None if self.down else self.entries.get(key) for key in keys]
 
 
-def job(request_id: str, key: str, encoding_format: EncodingFormat = "float") -> Job:
-    request = EmbedRequest(id=request_id, text="t", encoding_format=encoding_format)
+def job(
+    request_id: str, key: str, encoding_format: EncodingFormat = "float", long: LongInputs = "truncate"
+) -> Job:
+    request = EmbedRequest(id=request_id, text="t", encoding_format=encoding_format, long=long)
     return Job(
         Source("embed.requests", 0, 0, 0),
         RawMessage(None, None, []),
@@ -159,6 +161,25 @@ async def test_the_lane_asks_redis_once_for_a_hot_key_and_serves_it_while_redis_
     assert metrics.cache_lookups._value.get() == 5
     assert metrics.cache_hits._value.get() == 2
     assert metrics.hot_cache_hits._value.get() == 1
+
+
+async def test_long_inputs_go_on_in_order_without_a_lookup() -> None:
+    """A pool/chunks request's own key is never cached (its windows are): the lane never asks
+    for it, even when an entry happens to sit there, and keeps the fetch's order in the rest."""
+    metrics = WorkerMetrics()
+    cache = CountingCache({("hot", 8): entry(3), ("pooled", 8): entry(5)}, metrics)
+    lane = HitLane(cache, metrics, model_name="m", max_tokens=256, hot_cache_bytes=0)
+    split = await lane.split(
+        [
+            job("a", "pooled", long="pool"),
+            job("b", "hot"),
+            job("c", "cold"),
+            job("d", "pooled", long="chunks"),
+        ]
+    )
+    assert [j.request.id for j, _ in split.answered] == ["b"]
+    assert [j.request.id for j in split.rest] == ["a", "c", "d"]
+    assert sorted(cache.asked) == [("cold", 8), ("hot", 8)]
 
 
 async def test_without_hot_entries_every_split_asks_redis() -> None:
