@@ -9,6 +9,16 @@ One call of ``embed``:
    producer, acks=all), keyed by the content hash so identical texts meet on one partition and one worker;
 4. awaits the results by request id on the reply topic, read by one background task.
 
+Long inputs (``long``, issue 24): ``truncate`` (the default) cuts a text at the model's limit and
+each result says whether it did (``EmbedOutcome.truncated``); ``pool`` and ``chunks`` have the
+workers embed overlapping windows of the text and answer their token-weighted mean (and, for
+``chunks``, every window's span and vector: ``EmbedOutcome.chunks``). Such requests carry the
+schema header 2 (a worker built before long inputs refuses them rather than truncate), their keys
+append the long spec (``schemas.long_inputs_spec``), and they skip the client's cache lookup: the
+workers cache the windows, never a pooled vector under the request's key. A cache entry of a
+truncate request that may have been cut (its token count is the model's limit, or unknown) is left
+to the workers too, which say exactly whether they cut it.
+
 Reply topics: ``private`` (default) creates ``embed.results.<client id>`` (1 partition) on start and
 deletes it on close, so the client reads only its own results; ``shared`` reads all of
 ``embed.results`` from the end offsets taken on start (no topic admin rights needed, but every client
@@ -23,10 +33,11 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
@@ -43,7 +54,18 @@ from producer.kafka import (
 )
 from producer.keys import Distinct, Plan, plan_requests
 from producer.replies import HEARTBEAT_HEADER, Expected, ReplyRouter
-from schemas import EmbedRequest, EmbedResult, encode_request, request_headers
+from schemas import (
+    LONG_INPUTS,
+    Chunk,
+    EmbedRequest,
+    EmbedResult,
+    LongInputs,
+    decode_vector_b64,
+    encode_request,
+    long_inputs_spec,
+    request_headers,
+)
+from schemas.messages import WINDOW_OVERLAP_MAX
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +87,17 @@ class ClientStats:
     failed: int = 0  # texts answered with an error, or not answered in time
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """One window of a long text (``long="chunks"``): its span of the text in code points
+    (``text[start:end]``), the tokens the model read for it and its float32 vector."""
+
+    start: int
+    end: int
+    tokens: int
+    vector: Vector
+
+
 @dataclass(slots=True)
 class Prepared:
     """A call after its cache lookup: what was found (by text position) and what is left."""
@@ -78,26 +111,94 @@ class Prepared:
     # The contract the keys were computed with: complete() expects results of its width.
     contract: ModelContract | None
     model: str  # the model asked for: its requests topic gets the misses
+    long: LongInputs = "truncate"  # what the workers do with a text longer than the model reads
+    overlap: int | None = None  # tokens shared by consecutive windows (pool, chunks; None: 32)
+    truncated: list[bool | None] = field(default_factory=list)  # text i was cut (None: not known)
+    chunks: list[list[ChunkResult] | None] = field(default_factory=list)  # long="chunks" only
 
-    def fill(self, indices: list[int], vector: Vector, tokens: int | None) -> None:
+    def __post_init__(self) -> None:
+        count = len(self.vectors)
+        self.truncated.extend([None] * (count - len(self.truncated)))
+        self.chunks.extend([None] * (count - len(self.chunks)))
+
+    def fill(
+        self,
+        indices: list[int],
+        vector: Vector,
+        tokens: int | None,
+        truncated: bool | None = None,
+        chunks: list[ChunkResult] | None = None,
+    ) -> None:
         # Repeated texts get copies, so changing one returned array never changes another.
         self.vectors[indices[0]] = vector
+        self.chunks[indices[0]] = chunks
         for index in indices[1:]:
             self.vectors[index] = vector.copy()
+            if chunks is not None:
+                self.chunks[index] = [dataclasses.replace(c, vector=c.vector.copy()) for c in chunks]
         for index in indices:
             self.tokens[index] = tokens
+            self.truncated[index] = truncated
 
 
 @dataclass(frozen=True, slots=True)
 class EmbedOutcome:
     """What ``Client.complete`` made of a call: ``vectors[i]`` is None where text i failed
-    (``failures``, sorted by index) or got no result in time (``missing`` counts those)."""
+    (``failures``, sorted by index) or got no result in time (``missing`` counts those).
+
+    ``truncated[i]``: whether text i was cut at the model's limit (for pool and chunks: whether
+    a window was), None where not known; ``tokens[i]`` counts the tokens read (over all windows
+    for pool and chunks); ``chunks[i]``: every window of text i for ``long="chunks"``, else None.
+    """
 
     vectors: list[Vector | None]
     tokens: list[int | None]
     failures: list[TextFailure]
     missing: int
     produced: int  # requests sent to the fleet (0: answered from the cache alone)
+    truncated: list[bool | None] = field(default_factory=list)
+    chunks: list[list[ChunkResult] | None] = field(default_factory=list)
+
+
+def long_options(long: str, overlap: int | None) -> tuple[LongInputs, int | None]:
+    """``long`` and ``overlap`` checked (``ValueError`` says what is wrong); the overlap is
+    dropped for truncate, which has no windows."""
+    if long not in LONG_INPUTS:
+        raise ValueError(f"long must be one of {', '.join(LONG_INPUTS)}, not {long!r}")
+    if overlap is not None and (
+        isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= WINDOW_OVERLAP_MAX
+    ):
+        raise ValueError(f"overlap must be an int from 0 to {WINDOW_OVERLAP_MAX}, not {overlap!r}")
+    return long, None if long == "truncate" else overlap
+
+
+def cache_truncation(tokens: int | None, contract: ModelContract | None) -> bool | None:
+    """What a cache entry's token count says of truncation: False when the text read fewer tokens
+    than the model's limit; None when it cannot tell (the count or the limit unknown, or the count
+    at the limit: cut, or exactly that long)."""
+    limit = contract.max_tokens if contract is not None else None
+    if tokens is None or limit is None or tokens >= limit:
+        return None
+    return False
+
+
+def chunk_results(chunks: list[Chunk] | None, width: int) -> list[ChunkResult] | None:
+    """A result's ``chunks`` with float32 vectors; ``ValueError`` for a chunk without a vector or
+    of another width than the result's."""
+    if chunks is None:
+        return None
+    results = []
+    for chunk in chunks:
+        if chunk.vector_b64 is not None:
+            vector = decode_vector_b64(chunk.vector_b64)
+        elif chunk.vector is not None:
+            vector = np.asarray(chunk.vector, dtype=np.float32)
+        else:
+            raise ValueError("a chunk carries no vector")
+        if vector.shape != (width,):
+            raise ValueError(f"a chunk of width {vector.shape[0]}, not {width}")
+        results.append(ChunkResult(chunk.start, chunk.end, chunk.tokens, vector))
+    return results
 
 
 class Client:
@@ -236,7 +337,11 @@ class Client:
             same_model = published is not None and published.fingerprint == self.config.model_fingerprint
             if dim is None and same_model and published is not None:
                 dim = published.dim
-            known = ModelContract(fingerprint=self.config.model_fingerprint, dim=dim, name=name)
+            # The model's limit, when the fleet serves this very model: it tells cut texts apart.
+            max_tokens = published.max_tokens if same_model and published is not None else None
+            known = ModelContract(
+                fingerprint=self.config.model_fingerprint, dim=dim, name=name, max_tokens=max_tokens
+            )
         elif published is not None:
             known = published
         self._contracts[name] = (known, loop.time())
@@ -257,15 +362,24 @@ class Client:
         dimensions: int | None = None,
         timeout: float = 30.0,  # noqa: ASYNC109
         model: str | None = None,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> list[Vector]:
         """One float32 vector per text, in order, from ``model`` (default: the configured one).
+
+        ``long``: what the workers do with a text longer than the model reads: ``truncate`` (cut
+        it at the limit), ``pool`` (the token-weighted mean of windows overlapping by ``overlap``
+        tokens, 32 by default) or ``chunks`` (that mean; the windows themselves come with
+        ``prepare`` and ``complete``: ``EmbedOutcome.chunks``).
 
         Raises ``EmbedBatchError`` when some texts failed (the others' vectors are on it) and
         ``EmbedTimeout`` when results were still missing after ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        prepared = await self.prepare(texts, task=task, dimensions=dimensions, model=model)
+        prepared = await self.prepare(
+            texts, task=task, dimensions=dimensions, model=model, long=long, overlap=overlap
+        )
         outcome = await self.complete(prepared, timeout=max(0.0, deadline - loop.time()))
         if outcome.missing:
             raise EmbedTimeout(outcome.missing, len(texts), timeout, outcome.vectors, outcome.failures)
@@ -281,33 +395,54 @@ class Client:
         dimensions: int | None = None,
         contract: ModelContract | None = None,
         model: str | None = None,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> Prepared:
         """Step one of ``embed``: content hashes and the cache lookup (one round trip). What is
         left to compute is ``Prepared.misses``; ``complete`` sends them and awaits the results.
         ``contract``: one the caller already read for this call (else it is read here); ``model``:
         which of the fleet's models (default: the configured one); its contract keys the texts,
-        its cache entries answer them and its requests topic gets the misses."""
+        its cache entries answer them and its requests topic gets the misses. ``long`` and
+        ``overlap``: see ``embed`` (``ValueError`` for a value no worker accepts); pool and chunks
+        skip the lookup (the workers never cache a pooled vector under the request's key)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not one str (wrap it in a list)")
+        long, overlap = long_options(long, overlap)
         name = model or self.config.model_name
         if contract is None:
             contract = await self.contract_of(name)
         plan = plan_requests(
-            texts, fingerprint=contract.fingerprint if contract else None, task=task, dimensions=dimensions
+            texts,
+            fingerprint=contract.fingerprint if contract else None,
+            task=task,
+            dimensions=dimensions,
+            long_spec=long_inputs_spec(long, overlap),
         )
         prepared = Prepared(
-            plan, task, dimensions, [None] * len(texts), [None] * len(texts), [], contract, name
+            plan,
+            task,
+            dimensions,
+            [None] * len(texts),
+            [None] * len(texts),
+            [],
+            contract,
+            name,
+            long=long,
+            overlap=overlap,
         )
         dim = dimensions or (contract.dim if contract else None)
-        if not (plan.keyed_by_content_hash and dim and self._cache.enabled):
+        if long != "truncate" or not (plan.keyed_by_content_hash and dim and self._cache.enabled):
             prepared.misses.extend(plan.distinct)
             return prepared
         found = await self._cache.lookup([entry.key for entry in plan.distinct], dim, name)
         for entry, cached in zip(plan.distinct, found, strict=True):
-            if cached is None:
+            truncated = None if cached is None else cache_truncation(cached.tokens, contract)
+            # An entry that may be of a cut text is left to the workers (they know): with the
+            # model's limit known, truncation is never left unsaid.
+            if cached is None or (truncated is None and contract is not None and contract.max_tokens):
                 prepared.misses.append(entry)
             else:
-                prepared.fill(entry.indices, cached.vector, cached.tokens)
+                prepared.fill(entry.indices, cached.vector, cached.tokens, truncated)
                 self.stats.cached += len(entry.indices)
         return prepared
 
@@ -334,7 +469,13 @@ class Client:
         try:
             await asyncio.wait_for(
                 self._produce(
-                    requests, prepared.task, prepared.dimensions, self.config.reply_topic, prepared.model
+                    requests,
+                    prepared.task,
+                    prepared.dimensions,
+                    self.config.reply_topic,
+                    prepared.model,
+                    prepared.long,
+                    prepared.overlap,
                 ),
                 max(0.0, deadline - loop.time()),
             )
@@ -353,7 +494,15 @@ class Client:
             self._record(future.result(), entry, prepared, failures)
         self.stats.failed += len(plan.failures) + missing
         failures.sort(key=lambda f: f.index)
-        return EmbedOutcome(prepared.vectors, prepared.tokens, failures, missing, len(requests))
+        return EmbedOutcome(
+            prepared.vectors,
+            prepared.tokens,
+            failures,
+            missing,
+            len(requests),
+            prepared.truncated,
+            prepared.chunks,
+        )
 
     async def send(
         self,
@@ -362,19 +511,26 @@ class Client:
         task: str | None = None,
         dimensions: int | None = None,
         model: str | None = None,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> list[str | None]:
-        """Fire and forget: produce the misses and return each text's request id.
+        """Fire and forget: produce the misses and return each text's request id (``long``,
+        ``overlap``: see ``embed``).
 
         None marks a text the cache answered or that could not be sent (see ``stats``). Results go to
         the reply topic of this client's mode (the workers' default topic in mode ``none``).
         """
         if self._producer is None:
             raise RuntimeError("send() needs a started client")
-        prepared = await self.prepare(texts, task=task, dimensions=dimensions, model=model)
+        prepared = await self.prepare(
+            texts, task=task, dimensions=dimensions, model=model, long=long, overlap=overlap
+        )
         self.stats.failed += len(prepared.plan.failures)
         requests = [(uuid.uuid4().hex, entry) for entry in prepared.misses]
         reply_to = self.config.reply_topic if self.config.reply_mode == "private" else None
-        await self._produce(requests, task, dimensions, reply_to, prepared.model)
+        await self._produce(
+            requests, task, dimensions, reply_to, prepared.model, prepared.long, prepared.overlap
+        )
         ids: list[str | None] = [None] * len(texts)
         for request_id, entry in requests:
             for index in entry.indices:
@@ -390,11 +546,12 @@ class Client:
             return
         try:
             vector = result.vector_array()
+            chunks = chunk_results(result.chunks, vector.shape[0]) if prepared.long == "chunks" else None
         except ValueError as exc:
             failures.extend(TextFailure(i, "invalid_result", str(exc)) for i in entry.indices)
             self.stats.failed += len(entry.indices)
             return
-        prepared.fill(entry.indices, vector, result.tokens)
+        prepared.fill(entry.indices, vector, result.tokens, result.truncated, chunks)
         if result.cached:
             self.stats.cached += len(entry.indices)
         else:
@@ -407,10 +564,13 @@ class Client:
         dimensions: int | None,
         reply_to: str | None,
         model: str,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> None:
         """Produces every request and waits for the broker's acks, retrying transient failures."""
         assert self._producer is not None
-        headers = request_headers()
+        # Pool and chunks: schema 2, which a worker built before long inputs refuses.
+        headers = request_headers(long_inputs=long != "truncate")
         pending = [
             (
                 entry.key.encode(),
@@ -422,6 +582,8 @@ class Client:
                         dimensions=dimensions,
                         encoding_format="base64",
                         reply_to=reply_to,
+                        long=long,
+                        overlap=overlap,
                     ),
                     limits=None,
                 ),

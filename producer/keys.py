@@ -61,8 +61,13 @@ def plan_requests(
     task: str | None,
     dimensions: int | None,
     limits: RequestLimits = DEFAULT_REQUEST_LIMITS,
+    long_spec: str | None = None,
 ) -> Plan:
-    """Group texts by key (one request per distinct key) and set aside texts that cannot be sent."""
+    """Group texts by key (one request per distinct key) and set aside texts that cannot be sent.
+
+    ``long_spec``: what a request with ``long`` pool or chunks adds to the content hash
+    (``schemas.long_inputs_spec``; None for truncate, whose keys are those of plain requests).
+    Partition keys (no fingerprint) do not depend on it: one call has one ``long``."""
     by_key: dict[str, Distinct] = {}
     failures: list[TextFailure] = []
     for index, text in enumerate(texts):
@@ -75,7 +80,9 @@ def plan_requests(
             failures.append(TextFailure(index, *problem))
             continue
         if fingerprint:
-            key = content_hash(text, model_fingerprint=fingerprint, task=task, dimensions=dimensions)
+            key = content_hash(
+                text, model_fingerprint=fingerprint, task=task, dimensions=dimensions, long_spec=long_spec
+            )
         else:
             key = partition_key(text)
         entry = by_key.get(key)

@@ -10,6 +10,7 @@ from typing import Any
 from producer.client import Client
 from producer.config import ClientConfig
 from producer.errors import Vector
+from schemas import LongInputs
 
 
 class SyncClient:
@@ -54,8 +55,14 @@ class SyncClient:
         task: str | None = None,
         dimensions: int | None = None,
         timeout: float = 30.0,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> list[Vector]:
-        return self._runner.run(self.client.embed(texts, task=task, dimensions=dimensions, timeout=timeout))
+        return self._runner.run(
+            self.client.embed(
+                texts, task=task, dimensions=dimensions, timeout=timeout, long=long, overlap=overlap
+            )
+        )
 
 
 def embed_sync(
@@ -65,8 +72,12 @@ def embed_sync(
     dimensions: int | None = None,
     timeout: float = 30.0,
     config: ClientConfig | None = None,
+    long: LongInputs = "truncate",
+    overlap: int | None = None,
     **overrides: Any,
 ) -> list[Vector]:
     """One-shot: start a client, embed, close it (a client per call: use SyncClient for many calls)."""
     with SyncClient(config, **overrides) as client:
-        return client.embed(texts, task=task, dimensions=dimensions, timeout=timeout)
+        return client.embed(
+            texts, task=task, dimensions=dimensions, timeout=timeout, long=long, overlap=overlap
+        )

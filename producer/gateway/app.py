@@ -2,9 +2,13 @@
 
 Routes (auth, when API keys are set, on everything but health and metrics):
 
-* ``POST /v1/embeddings``: OpenAI's embeddings API;
-* ``POST /embed``: the seed's ``{"texts": [...]}`` -> ``{"embeddings": [...], "model": ...}``
-  (the configured model);
+* ``POST /v1/embeddings``: OpenAI's embeddings API (extensions: ``long``, ``overlap``, and
+  ``data[i].chunks`` for ``long: chunks``);
+* ``POST /embed``: the seed's ``{"texts": [...]}`` -> ``{"embeddings": [...], "model": ...,
+  "truncated": [...], "tokens": [...]}`` (the configured model);
+
+Both answer with the headers ``X-Embedfleet-Truncated`` (inputs cut at the model's limit) and
+``X-Embedfleet-Tokens-Read`` (tokens read over all inputs): truncation is never silent.
 * ``GET /v1/models``, ``GET /v1/models/{model}``: every model whose contract the fleet publishes
   (``model`` in a request routes it to that model's requests topic);
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (connected and the contract known),
@@ -46,6 +50,8 @@ from producer.gateway.errors import (
 from producer.gateway.guard import header_deadline_protocol
 from producer.gateway.metrics import GatewayMetrics, model_of, note_model
 from producer.gateway.openai_api import (
+    TOKENS_READ_HEADER,
+    TRUNCATED_HEADER,
     ApiError,
     ModelList,
     ModelObject,
@@ -57,6 +63,8 @@ from producer.gateway.openai_api import (
     embeddings_response,
     encode,
     input_texts,
+    long_inputs,
+    read_headers,
 )
 from producer.gateway.service import EmbeddingService
 
@@ -148,13 +156,21 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         await service.check_model(body.model)
         note_model(request, body.model)
         texts = input_texts(body.input, config.max_inputs)
+        long, overlap = long_inputs(body.long, body.overlap)
         # `model` routes the request: that model's contract keys it, checks `dimensions` and
         # names its requests topic (schemas.model_routing).
         contract = await service.contract(body.model)
         width = service.width(contract, body.dimensions)
-        embedded = await service.embed(texts, contract, width, deadline)
-        answer = embeddings_response(embedded.vectors, embedded.tokens, body.model, body.encoding_format)
-        return Response(encode(answer), media_type=JSON)
+        embedded = await service.embed(texts, contract, width, deadline, long=long, overlap=overlap)
+        answer = embeddings_response(
+            embedded.vectors,
+            embedded.tokens,
+            body.model,
+            body.encoding_format,
+            embedded.chunks if long == "chunks" else None,
+        )
+        headers = read_headers(embedded.truncated, embedded.token_counts)
+        return Response(encode(answer), headers=headers, media_type=JSON)
 
     async def seed_embed(request: Request) -> Response:
         deadline = time.monotonic() + config.deadline_s
@@ -165,9 +181,13 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
         contract = await service.contract()
         embedded = await service.embed(body.texts, contract, None, deadline)
         answer = SeedEmbedResponse(
-            embeddings=[v.tolist() for v in embedded.vectors], model=service.model_name
+            embeddings=[v.tolist() for v in embedded.vectors],
+            model=service.model_name,
+            truncated=embedded.truncated,
+            tokens=embedded.token_counts,
         )
-        return Response(encode(answer), media_type=JSON)
+        headers = read_headers(embedded.truncated, embedded.token_counts)
+        return Response(encode(answer), headers=headers, media_type=JSON)
 
     async def models(request: Request) -> Response:
         authorize(request)
@@ -216,6 +236,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
                 allow_origins=list(config.origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],
+                expose_headers=[TRUNCATED_HEADER, TOKENS_READ_HEADER],
             )
         )
     routes = [

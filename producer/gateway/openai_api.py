@@ -3,6 +3,11 @@
 Bodies are decoded and encoded with msgspec (a response of 2048 vectors is ~800k floats). Every
 error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``, with the status clients act
 on (the ``openai`` SDK maps 400/401/404/413/429/5xx to its exception types and retries 429 and 5xx).
+
+Extensions of OpenAI's shapes (long inputs, issue 24): the request fields ``long`` (truncate, pool,
+chunks) and ``overlap``; for ``long: chunks`` each ``data[i]`` carries ``chunks``; and every
+answer says what was read, in the headers ``X-Embedfleet-Truncated`` (inputs cut at the model's
+limit) and ``X-Embedfleet-Tokens-Read`` (tokens read over all inputs).
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from typing import Any, Literal, TypeVar
 import msgspec
 import numpy as np
 
+from producer.client import ChunkResult
 from producer.errors import EmbeddingError, Vector
+from schemas import LONG_INPUTS, LongInputs
+from schemas.messages import WINDOW_OVERLAP_MAX
+
+# Headers of every answer with vectors: what the model read (a header is left out when some
+# input's value is not known, e.g. a cache entry written before workers stored token counts).
+TRUNCATED_HEADER = "X-Embedfleet-Truncated"  # inputs cut at the model's limit
+TOKENS_READ_HEADER = "X-Embedfleet-Tokens-Read"  # tokens the model read, over all inputs
 
 
 class ApiError(EmbeddingError):
@@ -53,6 +66,9 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None  # accepted and ignored
+    # Extensions: a text longer than the model reads (checked by ``long_inputs``).
+    long: str | None = None  # truncate (default), pool or chunks
+    overlap: int | None = None  # tokens shared by consecutive windows (pool, chunks)
 
 
 class SeedEmbedRequest(msgspec.Struct):
@@ -72,10 +88,20 @@ class ErrorBody(msgspec.Struct):
     error: ErrorObject
 
 
+class ChunkObject(msgspec.Struct):
+    """One window of a long input (``long: chunks``): its span of the text in code points."""
+
+    start: int
+    end: int
+    tokens: int
+    embedding: list[float] | str
+
+
 class EmbeddingObject(msgspec.Struct):
     index: int
     embedding: list[float] | str
     object: str = "embedding"
+    chunks: list[ChunkObject] | msgspec.UnsetType = msgspec.UNSET  # long: chunks only
 
 
 class Usage(msgspec.Struct):
@@ -93,6 +119,9 @@ class EmbeddingsResponse(msgspec.Struct):
 class SeedEmbedResponse(msgspec.Struct):
     embeddings: list[list[float]]
     model: str
+    # Per text: cut at the model's limit, and the tokens read (null where not known).
+    truncated: list[bool | None] = []
+    tokens: list[int | None] = []
 
 
 class Status(msgspec.Struct):
@@ -194,6 +223,39 @@ def check_count(count: int, max_inputs: int, param: str) -> None:
         )
 
 
+def long_inputs(long: str | None, overlap: int | None) -> tuple[LongInputs, int | None]:
+    """The request's ``long`` and ``overlap``, or a 400 saying what is wrong with them (the
+    overlap is ignored for truncate)."""
+    if long is None:
+        long = "truncate"
+    if long not in LONG_INPUTS:
+        raise ApiError(
+            400,
+            f"'long' must be one of {', '.join(repr(mode) for mode in LONG_INPUTS)}, not {long[:64]!r}",
+            param="long",
+            code="invalid_value",
+        )
+    if overlap is not None and not 0 <= overlap <= WINDOW_OVERLAP_MAX:
+        raise ApiError(
+            400,
+            f"'overlap' must be from 0 to {WINDOW_OVERLAP_MAX} tokens, not {overlap}",
+            param="overlap",
+            code="invalid_value",
+        )
+    return long, None if long == "truncate" else overlap
+
+
+def read_headers(truncated: Sequence[bool | None], tokens: Sequence[int | None]) -> dict[str, str]:
+    """``X-Embedfleet-Truncated`` and ``X-Embedfleet-Tokens-Read`` for the inputs answered, each
+    only when every input's value is known: truncation is never silent, nor guessed."""
+    headers = {}
+    if all(t is not None for t in truncated):
+        headers[TRUNCATED_HEADER] = str(sum(1 for t in truncated if t))
+    if all(t is not None for t in tokens):
+        headers[TOKENS_READ_HEADER] = str(sum(t or 0 for t in tokens))
+    return headers
+
+
 def embedding_payload(vector: Vector, encoding_format: str) -> list[float] | str:
     """A vector as OpenAI sends it: floats, or base64 of the little-endian float32 bytes."""
     if encoding_format == "base64":
@@ -202,13 +264,35 @@ def embedding_payload(vector: Vector, encoding_format: str) -> list[float] | str
     return values
 
 
+def chunk_objects(chunks: Sequence[ChunkResult], encoding_format: str) -> list[ChunkObject]:
+    return [
+        ChunkObject(
+            start=chunk.start,
+            end=chunk.end,
+            tokens=chunk.tokens,
+            embedding=embedding_payload(chunk.vector, encoding_format),
+        )
+        for chunk in chunks
+    ]
+
+
 def embeddings_response(
-    vectors: Sequence[Vector], tokens: int, model: str, encoding_format: str
+    vectors: Sequence[Vector],
+    tokens: int,
+    model: str,
+    encoding_format: str,
+    chunks: Sequence[Sequence[ChunkResult] | None] | None = None,
 ) -> EmbeddingsResponse:
+    """OpenAI's answer; ``chunks`` (``long: chunks``): every input's windows, as ``data[i].chunks``."""
+    windows = chunks or [None] * len(vectors)
     return EmbeddingsResponse(
         data=[
-            EmbeddingObject(index=index, embedding=embedding_payload(vector, encoding_format))
-            for index, vector in enumerate(vectors)
+            EmbeddingObject(
+                index=index,
+                embedding=embedding_payload(vector, encoding_format),
+                chunks=msgspec.UNSET if spans is None else chunk_objects(spans, encoding_format),
+            )
+            for index, (vector, spans) in enumerate(zip(vectors, windows, strict=True))
         ],
         model=model,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),

@@ -13,10 +13,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from producer.cache import ModelContract
-from producer.client import Client
+from producer.client import ChunkResult, Client
 from producer.errors import EmbeddingError, Vector
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import (
@@ -31,6 +31,7 @@ from producer.gateway.errors import (
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.reaper import ReplyTopicReaper
 from producer.kafka import ServiceUnavailable
+from schemas import LongInputs
 
 log = logging.getLogger(__name__)
 START_RETRY_S = 2.0
@@ -40,6 +41,11 @@ START_RETRY_S = 2.0
 class Embedded:
     vectors: list[Vector]
     tokens: int  # tokens the model read, over all texts (0 for cache entries that predate counts)
+    # Per text, None where not known: cut at the model's limit (pool, chunks: a window was), the
+    # tokens read (over all windows), and its windows (long="chunks" only).
+    truncated: list[bool | None] = field(default_factory=list)
+    token_counts: list[int | None] = field(default_factory=list)
+    chunks: list[list[ChunkResult] | None] = field(default_factory=list)
 
 
 class EmbeddingService:
@@ -162,13 +168,26 @@ class EmbeddingService:
         )
 
     async def embed(
-        self, texts: Sequence[str], contract: ModelContract, dimensions: int | None, deadline: float
+        self,
+        texts: Sequence[str],
+        contract: ModelContract,
+        dimensions: int | None,
+        deadline: float,
+        *,
+        long: LongInputs = "truncate",
+        overlap: int | None = None,
     ) -> Embedded:
         """Vectors for ``texts`` in order, by ``deadline`` (a ``time.monotonic()`` instant), keyed
-        with ``contract`` (the request's, from ``contract()``)."""
+        with ``contract`` (the request's, from ``contract()``); ``long``, ``overlap``: what the
+        workers do with a text longer than the model reads (``Client.embed``)."""
         # The contract says which model: its keys, its cache entries and its requests topic.
         prepared = await self.client.prepare(
-            texts, dimensions=dimensions, contract=contract, model=contract.name or None
+            texts,
+            dimensions=dimensions,
+            contract=contract,
+            model=contract.name or None,
+            long=long,
+            overlap=overlap,
         )
         if prepared.plan.failures:
             # Nothing is sent when any text is hopeless: the whole request fails anyway.
@@ -211,4 +230,10 @@ class EmbeddingService:
         self.metrics.texts.labels("fleet", model).inc(len(texts) - cached)
         vectors = [v for v in prepared.vectors if v is not None]
         assert len(vectors) == len(texts)
-        return Embedded(vectors, sum(t or 0 for t in prepared.tokens))
+        return Embedded(
+            vectors,
+            sum(t or 0 for t in prepared.tokens),
+            list(prepared.truncated),
+            list(prepared.tokens),
+            list(prepared.chunks),
+        )

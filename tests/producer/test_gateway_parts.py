@@ -25,17 +25,29 @@ from producer.gateway.app import api_error, create_app
 from producer.gateway.config import GatewayConfig
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.openai_api import (
+    TOKENS_READ_HEADER,
+    TRUNCATED_HEADER,
     ApiError,
     decode_embeddings_request,
     decode_seed_request,
     embedding_payload,
     input_texts,
+    long_inputs,
+    read_headers,
 )
 from producer.gateway.reaper import gateway_client_id, parse_gateway_topic
 from producer.gateway.service import EmbeddingService
 from producer.kafka import ServiceUnavailable
 from producer.replies import ReplyRouter
-from schemas import EmbedResult, decode_request, encode_result, result_headers
+from schemas import (
+    Chunk,
+    EmbedResult,
+    decode_request,
+    encode_result,
+    encode_success_result,
+    encode_vector_b64,
+    result_headers,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -391,5 +403,147 @@ async def test_a_request_reads_the_contract_once_and_the_edge_answers_what_the_s
             service._started = False
             down = await http.post("/embed", json={"texts": ["c"]})
             assert down.status_code == 503 and down.headers["retry-after"] == "2"
+    finally:
+        await router.stop()
+
+
+# --- long inputs (issue 24): the extension fields and the headers that say what was read --------
+
+
+def test_long_and_overlap_are_checked_with_openai_errors() -> None:
+    assert long_inputs(None, None) == ("truncate", None)
+    assert long_inputs("truncate", 64) == ("truncate", None)  # no windows: the overlap is dropped
+    assert long_inputs("pool", None) == ("pool", None)
+    assert long_inputs("chunks", 0) == ("chunks", 0)
+    for long, overlap, param in (
+        ("summarise", None, "long"),
+        ("pool", 257, "overlap"),
+        ("chunks", -1, "overlap"),
+    ):
+        with pytest.raises(ApiError) as raised:
+            long_inputs(long, overlap)
+        error = json.loads(raised.value.body())["error"]
+        assert raised.value.status == 400 and error["param"] == param
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    request = decode_embeddings_request(b'{"model": "m", "input": "x", "long": "pool", "overlap": 16}')
+    assert (request.long, request.overlap) == ("pool", 16)
+    with pytest.raises(ApiError) as raised:
+        decode_embeddings_request(b'{"model": "m", "input": "x", "long": 3}')
+    assert raised.value.status == 400 and raised.value.param == "long"
+
+
+def test_read_headers_only_what_is_known() -> None:
+    assert read_headers([True, False, True], [256, 10, 256]) == {
+        TRUNCATED_HEADER: "2",
+        TOKENS_READ_HEADER: "522",
+    }
+    assert read_headers([False], [None]) == {TRUNCATED_HEADER: "0"}
+    assert read_headers([None, False], [3, 4]) == {TOKENS_READ_HEADER: "7"}
+
+
+class _LongAnsweringProducer(_AnsweringProducer):
+    """Answers as a worker with a model of 8 tokens would: a text with "long" in it is cut
+    (truncate), or read in two windows (pool, chunks); any other reads 3 tokens (one window)."""
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        request = decode_request(value, headers)
+        self.requests.append((request, dict(headers)))
+        long_text = "long" in request.text
+        vector = np.asarray([0.6, 0.8], np.float32)
+        windows, chunks = None, None
+        one, other = np.asarray([1, 0], np.float32), np.asarray([0, 1], np.float32)
+        if request.long != "truncate" and long_text:
+            windows = 2
+            chunks = [
+                Chunk(start=0, end=5, tokens=8, vector_b64=encode_vector_b64(one)),
+                Chunk(start=3, end=9, tokens=6, vector_b64=encode_vector_b64(other)),
+            ]
+        elif request.long != "truncate":
+            windows = 1
+            chunks = [Chunk(start=0, end=len(request.text), tokens=3, vector_b64=encode_vector_b64(one))]
+        value = encode_success_result(
+            request_id=request.id,
+            key=key.decode(),
+            model="m",
+            vector=vector,
+            encoding_format=request.encoding_format,
+            truncated=long_text and request.long == "truncate",
+            tokens=(14 if windows else 8) if long_text else 3,
+            windows=windows,
+            chunks=chunks if request.long == "chunks" else None,
+        )
+        await self.consumer.queue.put([_Record(value)])
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
+
+    def __init__(self, consumer: _FlakyConsumer) -> None:
+        super().__init__(consumer)
+        self.requests: list[tuple[Any, dict[str, bytes]]] = []
+
+
+async def test_long_inputs_at_the_edge_chunks_and_the_read_headers() -> None:
+    consumer = _FlakyConsumer()
+    service, router, metrics = _service(consumer)
+    producer = _LongAnsweringProducer(consumer)
+    service.client._producer = producer
+    app = create_app(service, GatewayConfig(), metrics)
+    model = service.model_name
+    router.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+            cut = await http.post("/v1/embeddings", json={"model": model, "input": ["a long text", "short"]})
+            assert cut.status_code == 200, cut.text
+            assert cut.headers[TRUNCATED_HEADER] == "1" and cut.headers[TOKENS_READ_HEADER] == "11"
+            assert all("chunks" not in item for item in cut.json()["data"])
+            assert [r.long for r, _ in producer.requests] == ["truncate", "truncate"]
+            assert {h["schema"] for _, h in producer.requests} == {b"1"}
+
+            producer.requests.clear()
+            pooled = await http.post(
+                "/v1/embeddings",
+                json={"model": model, "input": ["a long text"], "long": "pool", "overlap": 4},
+            )
+            assert pooled.status_code == 200, pooled.text
+            assert pooled.headers[TRUNCATED_HEADER] == "0" and pooled.headers[TOKENS_READ_HEADER] == "14"
+            assert "chunks" not in pooled.json()["data"][0]
+            ((request, headers),) = producer.requests
+            assert (request.long, request.overlap, headers["schema"]) == ("pool", 4, b"2")
+
+            chunked = await http.post(
+                "/v1/embeddings",
+                json={"model": model, "input": ["a long text", "short"], "long": "chunks"},
+            )
+            assert chunked.status_code == 200, chunked.text
+            first, second = chunked.json()["data"]
+            assert first["chunks"] == [
+                {"start": 0, "end": 5, "tokens": 8, "embedding": [1.0, 0.0]},
+                {"start": 3, "end": 9, "tokens": 6, "embedding": [0.0, 1.0]},
+            ]
+            assert second["chunks"] == [{"start": 0, "end": 5, "tokens": 3, "embedding": [1.0, 0.0]}]
+            b64 = await http.post(
+                "/v1/embeddings",
+                json={"model": model, "input": "a long text", "long": "chunks", "encoding_format": "base64"},
+            )
+            (item,) = b64.json()["data"]
+            decoded = np.frombuffer(base64.b64decode(item["chunks"][1]["embedding"]), dtype="<f4")
+            assert decoded.tolist() == [0.0, 1.0] and isinstance(item["embedding"], str)
+
+            bad = await http.post("/v1/embeddings", json={"model": model, "input": "x", "long": "summarise"})
+            assert bad.status_code == 400
+            error = bad.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert (error["type"], error["param"]) == ("invalid_request_error", "long")
+            assert error["code"] == "invalid_value" and "'pool'" in error["message"]
+            assert TRUNCATED_HEADER not in bad.headers
+
+            seed = await http.post("/embed", json={"texts": ["a long text", "short"]})
+            assert seed.status_code == 200, seed.text
+            body = seed.json()
+            assert body["truncated"] == [True, False] and body["tokens"] == [8, 3]
+            assert seed.headers[TRUNCATED_HEADER] == "1" and seed.headers[TOKENS_READ_HEADER] == "11"
     finally:
         await router.stop()

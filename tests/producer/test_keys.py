@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from producer.client import long_options
 from producer.keys import local_problem, partition_key, plan_requests
-from schemas import content_hash
+from schemas import content_hash, long_inputs_spec
 
 TESTDATA = Path(__file__).resolve().parents[2] / "schemas" / "testdata" / "content_hash.json"
 
@@ -31,6 +32,76 @@ def test_keys_match_the_contract_test_vectors() -> None:
         assert [d.key for d in plan.distinct] == [vector["key"]], vector["name"]
         checked += 1
     assert checked >= 10
+
+
+def test_long_input_keys_match_the_contract_long_vectors() -> None:
+    """A pool or chunks request appends the long spec to its key (issue 24), as the workers do."""
+    vectors = json.loads(TESTDATA.read_text(encoding="utf-8"))["long_vectors"]
+    assert vectors
+    for vector in vectors:
+        mode, _, overlap = vector["long_spec"].partition(":")
+        long, checked_overlap = long_options(mode, int(overlap))
+        spec = long_inputs_spec(long, checked_overlap)
+        assert spec == vector["long_spec"]
+        plan = plan_requests(
+            [vector["text"]],
+            fingerprint=vector["model_fingerprint"],
+            task=vector["task"],
+            dimensions=vector["dimensions"],
+            long_spec=spec,
+        )
+        assert [d.key for d in plan.distinct] == [vector["key"]], vector["name"]
+
+
+@pytest.mark.parametrize(
+    ("long", "overlap", "spec"),
+    [
+        ("truncate", None, None),
+        ("truncate", 64, None),  # truncate has no windows: the overlap is dropped, the key is v1's
+        ("pool", None, "pool:32"),  # the default overlap written out
+        ("pool", 32, "pool:32"),
+        ("pool", 0, "pool:0"),
+        ("chunks", None, "chunks:32"),
+        ("chunks", 100, "chunks:100"),
+    ],
+)
+def test_pool_and_chunks_keys_are_the_content_hash_with_the_long_spec(
+    long: str, overlap: int | None, spec: str | None
+) -> None:
+    checked, checked_overlap = long_options(long, overlap)
+    assert long_inputs_spec(checked, checked_overlap) == spec
+    plan = plan_requests(["a long text", "x"], fingerprint="fp", task="query", dimensions=128, long_spec=spec)
+    expected = content_hash(
+        "a long text", model_fingerprint="fp", task="query", dimensions=128, long_spec=spec
+    )
+    assert plan.distinct[0].key == expected
+    plain = content_hash("a long text", model_fingerprint="fp", task="query", dimensions=128)
+    assert (plan.distinct[0].key == plain) == (spec is None)
+
+
+def test_each_long_mode_and_overlap_is_a_key_of_its_own() -> None:
+    keys = {
+        plan_requests(["x"], fingerprint="fp", task=None, dimensions=None, long_spec=spec).distinct[0].key
+        for spec in (None, "pool:32", "pool:0", "chunks:32", "chunks:0")
+    }
+    assert len(keys) == 5
+    # Without a fingerprint the key only spreads texts over partitions: one call has one mode.
+    plan = plan_requests(["x"], fingerprint=None, task=None, dimensions=None, long_spec="pool:32")
+    assert plan.distinct[0].key == partition_key("x")
+
+
+@pytest.mark.parametrize(
+    ("long", "overlap", "match"),
+    [
+        ("summarise", None, "long must be one of"),
+        ("pool", 257, "overlap"),
+        ("pool", -1, "overlap"),
+        ("chunks", True, "overlap"),
+    ],
+)
+def test_long_options_no_worker_accepts_raise(long: str, overlap: int | None, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        long_options(long, overlap)
 
 
 def test_partition_key_is_sha256_of_the_nfc_text() -> None:
