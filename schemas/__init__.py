@@ -51,6 +51,7 @@ from schemas.content_hash import (
 from schemas.messages import (
     ERROR_CODE_MEANINGS,
     LONG_INPUTS,
+    LONG_INPUTS_SCHEMA_VERSION,
     SCHEMA_VERSION,
     Chunk,
     EmbedRequest,

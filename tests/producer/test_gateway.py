@@ -168,7 +168,8 @@ def test_the_seed_embed_shape(gateway: GatewayProcess, reference: quality.Refere
     response = post(gateway, "/embed", {"texts": reference.texts[101:104]})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"embeddings", "model"} and body["model"] == MODEL
+    assert set(body) == {"embeddings", "model", "truncated", "tokens"} and body["model"] == MODEL
+    assert body["truncated"] == [False, False, False] and all(0 < n <= 256 for n in body["tokens"])
     assert cosines(np.asarray(body["embeddings"]), reference.vectors[101:104]).min() >= MIN_REFERENCE_COSINE
 
 

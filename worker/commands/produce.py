@@ -24,6 +24,7 @@ from producer.errors import EmbedBatchError, EmbedTimeout, TextFailure, Vector
 from producer.kafka import ServiceUnavailable
 from producer.outputs import Sink, open_sink
 from producer.progress import Progress, RateLimiter
+from schemas import LONG_INPUTS
 from schemas.inputs import InputError, InputText, parse, take
 
 Outcome = list[tuple[Vector | None, TextFailure | None]]
@@ -41,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", help="JSONL file, or a .npy file for one matrix (default: stdout)")
     parser.add_argument("--task", help="prompt name of the model, e.g. query or document")
     parser.add_argument("--dimensions", type=int, help="Matryoshka truncation (if the model offers it)")
+    parser.add_argument(
+        "--long",
+        choices=LONG_INPUTS,
+        default="truncate",
+        help="a text longer than the model reads: truncate (default), pool or chunks (its windows' mean)",
+    )
+    parser.add_argument(
+        "--overlap", type=int, help="tokens shared by consecutive windows (pool, chunks; default 32)"
+    )
     parser.add_argument("--rate", type=float, help="send at most this many texts per second")
     parser.add_argument("--concurrency", type=int, default=4096, help="texts in flight at once")
     parser.add_argument("--batch-size", type=int, default=512, help="texts per client call")
@@ -89,7 +99,12 @@ def chunk_size(args: argparse.Namespace) -> int:
 async def _embed_chunk(client: Client, items: list[InputText], args: argparse.Namespace) -> Outcome:
     try:
         vectors = await client.embed(
-            [item.text for item in items], task=args.task, dimensions=args.dimensions, timeout=args.timeout
+            [item.text for item in items],
+            task=args.task,
+            dimensions=args.dimensions,
+            timeout=args.timeout,
+            long=args.long,
+            overlap=args.overlap,
         )
     except EmbedBatchError as exc:
         by_index = {failure.index: failure for failure in exc.failures}
@@ -155,7 +170,13 @@ async def send_all(
     while chunk := await _next_chunk(items, size):
         counts.read += len(chunk)
         await limiter.acquire(len(chunk))
-        ids = await client.send([item.text for item in chunk], task=args.task, dimensions=args.dimensions)
+        ids = await client.send(
+            [item.text for item in chunk],
+            task=args.task,
+            dimensions=args.dimensions,
+            long=args.long,
+            overlap=args.overlap,
+        )
         for item, request_id in zip(chunk, ids, strict=True):
             sink.write_sent(item, request_id)
         counts.done += len(chunk)
