@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from schemas.model_routing import BASE_REQUESTS_TOPIC, DEFAULT_MODEL, requests_topic_for
+from schemas.settings import mask_url_password
 
 ReplyMode = Literal["private", "shared", "none"]
 REPLY_MODES: tuple[ReplyMode, ...] = ("private", "shared", "none")
@@ -89,6 +90,18 @@ class ClientConfig:
             raise ValueError(f"reply_mode must be one of {REPLY_MODES}, got {self.reply_mode!r}")
         if self.model_dim is not None and self.model_dim < 1:
             raise ValueError(f"model_dim must be positive, got {self.model_dim}")
+
+    def __repr__(self) -> str:
+        """Every field but the passwords, and the Redis URL with its password masked."""
+        shown = []
+        for f in dataclasses.fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "redis_url":
+                value = mask_url_password(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"ClientConfig({', '.join(shown)})"
 
     def requests_topic_of(self, model: str) -> str:
         """Where jobs for ``model`` go: the configured topic for this client's own model, the

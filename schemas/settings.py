@@ -116,6 +116,13 @@ def convert(f: dataclasses.Field[Any], raw: str) -> Any:
             return float(raw)
         if kind == "Path":
             return Path(raw).expanduser()
+        if kind == "bool":
+            word = raw.strip().lower()
+            if word in ("true", "1", "yes", "on"):
+                return True
+            if word in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(word)
     except ValueError as exc:
         raise ValueError(f"{f.metadata['env']}={raw!r}: expected a {kind}") from exc
     return raw

@@ -322,6 +322,10 @@ class WorkerConfig:
         per_call = self.intra_op_threads or max(1, physical_cores // calls)
         return calls, per_call
 
+    def __repr__(self) -> str:  # secrets and URL passwords masked, as describe() shows them
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.describe().items())
+        return f"WorkerConfig({shown})"
+
     def describe(self) -> dict[str, str]:
         """Settings as strings for logs and --print-config, secrets masked."""
         return settings.describe(self)

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -70,6 +70,8 @@ from producer.gateway.service import EmbeddingService
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+INLINE_DECODE_BYTES = 256 * 1024
+T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -90,6 +92,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
                 "Incorrect or missing API key: send 'Authorization: Bearer <key>' with a key from "
                 "EMBEDFLEET_GATEWAY_API_KEYS",
                 code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer realm="embedfleet"'},
             )
 
     async def read_body(request: Request) -> bytes:
@@ -120,14 +123,40 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
             ) from None
         return b"".join(chunks)
 
-    def observed(route: str, handler: Handler) -> Handler:
-        """Times and counts every answer of ``handler``, and turns errors into OpenAI's shape."""
+    # Embedding requests being handled (their bodies read, decoded, waiting for the fleet): past
+    # EMBEDFLEET_GATEWAY_MAX_CONCURRENT a request is refused at once, before its body is read.
+    handling = [0]
+
+    async def decoded(decode: Callable[[bytes, int], T], raw: bytes) -> T:
+        """A body checked and decoded; a large one in a thread (megabytes take a good part of a
+        second, which would hold every other request of this gateway)."""
+        if len(raw) <= INLINE_DECODE_BYTES:
+            return decode(raw, config.max_inputs)
+        return await asyncio.to_thread(decode, raw, config.max_inputs)
+
+    def observed(route: str, handler: Handler, *, bounded: bool = False) -> Handler:
+        """Times and counts every answer of ``handler``, and turns errors into OpenAI's shape;
+        ``bounded``: one of the requests EMBEDFLEET_GATEWAY_MAX_CONCURRENT counts."""
         requests: dict[tuple[int, str], Any] = {}
         latencies: dict[str, Any] = {}
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
+            admitted = False
             try:
+                if bounded:
+                    if handling[0] >= config.max_concurrent:
+                        metrics.rejected.labels("busy").inc()
+                        raise ApiError(
+                            503,
+                            f"this gateway is handling {handling[0]} requests, its limit "
+                            "(EMBEDFLEET_GATEWAY_MAX_CONCURRENT): retry shortly, or add gateways",
+                            type="server_error",
+                            code="service_unavailable",
+                            headers={"Retry-After": "1"},
+                        )
+                    handling[0] += 1
+                    admitted = True
                 response = await handler(request)
             except (ApiError, GatewayError) as exc:
                 error = exc if isinstance(exc, ApiError) else api_error(exc)
@@ -136,6 +165,9 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
                 log.exception("the gateway failed on %s", route)
                 error = ApiError(500, "the gateway failed; see its log", type="server_error")
                 response = Response(error.body(), 500, media_type=JSON)
+            finally:
+                if admitted:
+                    handling[0] -= 1
             status, model = response.status_code, model_of(request)
             counter = requests.get((status, model))
             if counter is None:
@@ -152,7 +184,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
     async def embeddings(request: Request) -> Response:
         deadline = time.monotonic() + config.deadline_s
         authorize(request)
-        body = decode_embeddings_request(await read_body(request))
+        body = await decoded(decode_embeddings_request, await read_body(request))
         await service.check_model(body.model)
         note_model(request, body.model)
         texts = input_texts(body.input, config.max_inputs)
@@ -175,7 +207,7 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
     async def seed_embed(request: Request) -> Response:
         deadline = time.monotonic() + config.deadline_s
         authorize(request)
-        body = decode_seed_request(await read_body(request))
+        body = await decoded(decode_seed_request, await read_body(request))
         check_count(len(body.texts), config.max_inputs, "texts")
         note_model(request, service.model_name)
         contract = await service.contract()
@@ -240,8 +272,8 @@ def create_app(service: EmbeddingService, config: GatewayConfig, metrics: Gatewa
             )
         )
     routes = [
-        Route("/v1/embeddings", observed("/v1/embeddings", embeddings), methods=["POST"]),
-        Route("/embed", observed("/embed", seed_embed), methods=["POST"]),
+        Route("/v1/embeddings", observed("/v1/embeddings", embeddings, bounded=True), methods=["POST"]),
+        Route("/embed", observed("/embed", seed_embed, bounded=True), methods=["POST"]),
         Route("/v1/models", observed("/v1/models", models), methods=["GET"]),
         Route("/v1/models/{model:path}", observed("/v1/models/{model}", model), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

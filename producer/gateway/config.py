@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,20 @@ class GatewayConfig:
     port: int = setting("EMBEDFLEET_GATEWAY_PORT", "port of the HTTP server", default=8080)
     api_keys: str = setting(
         "EMBEDFLEET_GATEWAY_API_KEYS",
-        "comma-separated bearer API keys; empty = no auth (environment only)",
+        "comma-separated bearer API keys; empty = no auth, allowed on a loopback address only "
+        "unless EMBEDFLEET_GATEWAY_ALLOW_ANONYMOUS=true (environment only)",
         default="",
         secret=True,
+    )
+    allow_anonymous: bool = setting(
+        "EMBEDFLEET_GATEWAY_ALLOW_ANONYMOUS",
+        "serve without API keys on an address other than loopback (logged as a warning at start)",
+        default=False,
+    )
+    max_concurrent: int = setting(
+        "EMBEDFLEET_GATEWAY_MAX_CONCURRENT",
+        "embedding requests handled at once per gateway process; past it a 503 with Retry-After",
+        default=256,
     )
     deadline_s: float = setting(
         "EMBEDFLEET_GATEWAY_DEADLINE_S",
@@ -69,6 +81,8 @@ class GatewayConfig:
             raise ValueError(f"EMBEDFLEET_GATEWAY_PORT must be 1-65535, got {self.port}")
         if self.deadline_s <= 0 or self.lease_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("EMBEDFLEET_GATEWAY_DEADLINE_S, _LEASE_S and _READ_TIMEOUT_S must be > 0")
+        if self.max_concurrent < 1:
+            raise ValueError(f"EMBEDFLEET_GATEWAY_MAX_CONCURRENT must be >= 1, got {self.max_concurrent}")
         if self.max_inputs < 1 or self.max_body_bytes < 1024 or self.max_outstanding < 1:
             raise ValueError(
                 "EMBEDFLEET_GATEWAY_MAX_INPUTS and _MAX_OUTSTANDING must be >= 1, _MAX_BODY_BYTES >= 1024"
@@ -77,6 +91,32 @@ class GatewayConfig:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(key.strip() for key in self.api_keys.split(",") if key.strip())
+
+    @property
+    def loopback_only(self) -> bool:
+        """The server listens on a loopback address only (reachable from this machine alone)."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
+
+    def exposure_problem(self) -> str | None:
+        """Why this configuration must not start: an open gateway on a reachable address, unless
+        EMBEDFLEET_GATEWAY_ALLOW_ANONYMOUS says so. None when it may start."""
+        if self.keys or self.loopback_only or self.allow_anonymous:
+            return None
+        return (
+            f"the gateway would listen on {self.host} without API keys, open to anyone who can reach "
+            "it: set EMBEDFLEET_GATEWAY_API_KEYS (comma-separated bearer keys), or bind it to "
+            "127.0.0.1, or set EMBEDFLEET_GATEWAY_ALLOW_ANONYMOUS=true if that is really meant"
+        )
+
+    def __repr__(self) -> str:  # secrets masked, as describe() shows them
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.describe().items())
+        return f"GatewayConfig({shown})"
 
     @property
     def origins(self) -> tuple[str, ...]:

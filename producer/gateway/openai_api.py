@@ -13,8 +13,9 @@ limit) and ``X-Embedfleet-Tokens-Read`` (tokens read over all inputs).
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -57,11 +58,18 @@ class ApiError(EmbeddingError):
         )
 
 
+# What OpenAI's ``input`` may be: a string, strings, token ids, or arrays of token ids (token ids
+# are refused with a clear message, see input_texts). Typed so that a body cannot build other
+# objects (nested arrays, maps); how many values it may build is bounded before decoding
+# (``check_values``).
+TokenIds = list[int]
+Input = str | list[str | int | TokenIds]
+
+
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings. Unknown fields are ignored, as OpenAI does."""
 
-    # A string, strings, or token ids (int arrays: refused with a clear message, see input_texts).
-    input: str | list[Any]
+    input: Input
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -152,12 +160,49 @@ def encode(value: msgspec.Struct) -> bytes:
     return _ENCODER.encode(value)
 
 
-def decode_embeddings_request(body: bytes) -> EmbeddingsRequest:
+def decode_embeddings_request(body: bytes, max_inputs: int = 2048) -> EmbeddingsRequest:
+    check_values(body, max_inputs)
     return _decode(_EMBEDDINGS_DECODER, body)
 
 
-def decode_seed_request(body: bytes) -> SeedEmbedRequest:
+def decode_seed_request(body: bytes, max_inputs: int = 2048) -> SeedEmbedRequest:
+    check_values(body, max_inputs)
     return _decode(_SEED_DECODER, body)
+
+
+# A JSON string, escapes included (the body is decoded only if it is valid JSON anyway).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Values a request may hold besides its inputs: its other fields, a few unknown ones.
+_OTHER_VALUES = 64
+
+
+def _structure(body: bytes, start: int, end: int) -> int:
+    return body.count(b",", start, end) + body.count(b"[", start, end) + body.count(b"{", start, end)
+
+
+def check_values(body: bytes, max_inputs: int) -> None:
+    """Refuses, before decoding, a body that holds more JSON values than ``max_inputs`` texts and
+    a few fields need: decoding builds every value first and checks counts after (8 MB of ``[]``
+    built ~250 MB of Python objects). Strings are skipped (a text may hold any characters);
+    what is left is structure: its commas and brackets count the values. It stops counting past
+    the limit, and allocates nothing per value."""
+    limit = 2 * max_inputs + _OTHER_VALUES
+    values, position = 0, 0
+    for string in _JSON_STRING.finditer(body):
+        values += _structure(body, position, string.start())
+        position = string.end()
+        if values > limit:
+            break
+    else:
+        values += _structure(body, position, len(body))
+    if values > limit:
+        raise ApiError(
+            400,
+            f"the request holds more than {limit} JSON values; at most {max_inputs} inputs (strings) "
+            "are accepted (token-id arrays are not supported: send text)",
+            param="input",
+            code="invalid_value",
+        )
 
 
 T = TypeVar("T")
@@ -186,7 +231,7 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         ) from None
 
 
-def input_texts(value: str | list[Any], max_inputs: int) -> list[str]:
+def input_texts(value: Input, max_inputs: int) -> list[str]:
     """``input`` as a list of strings, or a 400 saying what is wrong with it."""
     if isinstance(value, str):
         return [value]
@@ -202,13 +247,15 @@ def input_texts(value: str | list[Any], max_inputs: int) -> list[str]:
             param="input",
             code="unsupported_input",
         )
+    texts: list[str] = []
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise ApiError(
                 400, f"'input[{index}]' must be a string, not {type(item).__name__}", param="input"
             )
-    check_count(len(value), max_inputs, "input")
-    return value
+        texts.append(item)
+    check_count(len(texts), max_inputs, "input")
+    return texts
 
 
 def check_count(count: int, max_inputs: int, param: str) -> None:

@@ -34,6 +34,7 @@ from producer.kafka import ServiceUnavailable
 from schemas import LongInputs
 
 log = logging.getLogger(__name__)
+NOT_CONNECTED = "not connected to Kafka yet: the gateway keeps retrying (its log says why)"
 START_RETRY_S = 2.0
 
 
@@ -97,21 +98,23 @@ class EmbeddingService:
 
     async def readiness(self) -> str | None:
         """Why the gateway cannot serve now, or None when it can."""
+        # In words only: /readyz and 503 bodies are read by anyone who reaches the port, so they
+        # never carry a URL (a password may sit in one) or a raw client error; the log has those.
         if not self._started:
-            return f"not connected to Kafka: {self._start_problem}"
+            return NOT_CONNECTED
         # Without its reply reader the gateway cannot answer; a reader that died is restarted.
         replies = self.client.reply_problem()
         if replies is not None:
-            return replies
+            log.warning("results cannot be read: %s", replies)
+            return "the reply reader is down: results cannot be read yet (it is restarted; the log says why)"
         if await self.client.model_contract() is None:
             return self._no_contract_message()
         return None
 
     def _no_contract_message(self) -> str:
         return (
-            f"no worker has published the contract of model {self.model_name!r} in Redis "
-            f"({self.client.config.redis_url or 'Redis disabled'}): start `embedfleet worker`, or set "
-            "EMBEDFLEET_MODEL_FINGERPRINT and EMBEDFLEET_MODEL_DIM"
+            f"no worker has published the contract of model {self.model_name!r} in Redis: start "
+            "`embedfleet worker`, or set EMBEDFLEET_MODEL_FINGERPRINT and EMBEDFLEET_MODEL_DIM"
         )
 
     # --- requests ------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ class EmbeddingService:
         model without one (the gateway serves every model whose contract the fleet publishes)."""
         name = model or self.model_name
         if not self._started:
-            raise NoFleet(f"the embedding fleet is unavailable: {self._start_problem}")
+            raise NoFleet(f"the embedding fleet is unavailable: {NOT_CONNECTED}")
         contract = await self._published(name)
         if contract is None or contract.dim is None:
             if name != self.model_name:
@@ -209,9 +212,14 @@ class EmbeddingService:
             try:
                 outcome = await self.client.complete(prepared, timeout=max(0.0, deadline - time.monotonic()))
             except ServiceUnavailable as exc:
-                raise NoFleet(f"the embedding fleet is unavailable: {exc}") from exc
+                log.warning("the fleet is unavailable: %s", exc)
+                raise NoFleet(
+                    "the embedding fleet is unavailable (Kafka or Redis cannot be reached; the "
+                    "gateway's log says which): retry shortly"
+                ) from exc
             except EmbeddingError as exc:
-                raise FleetFailed(f"the gateway failed: {exc}") from exc
+                log.error("the gateway failed: %s", exc)
+                raise FleetFailed("the gateway failed (its log says why)") from exc
             finally:
                 self.outstanding -= wanted
                 self.metrics.outstanding.set(self.outstanding)

@@ -28,6 +28,7 @@ from producer.gateway.openai_api import (
     TOKENS_READ_HEADER,
     TRUNCATED_HEADER,
     ApiError,
+    Input,
     decode_embeddings_request,
     decode_seed_request,
     embedding_payload,
@@ -78,12 +79,13 @@ def test_config_from_environment_and_flags_keys_never_shown() -> None:
 def test_input_forms() -> None:
     assert input_texts("one", 2048) == ["one"]
     assert input_texts(["a", "b"], 2048) == ["a", "b"]
-    for bad, code in (
+    cases: list[tuple[Input, str | None]] = [
         ([], None),
         ([[1, 2]], "unsupported_input"),
         ([1, 2], "unsupported_input"),
         (["a", 3], None),
-    ):
+    ]
+    for bad, code in cases:
         with pytest.raises(ApiError) as raised:
             input_texts(bad, 2048)
         assert raised.value.status == 400 and (code is None or raised.value.code == code)
@@ -210,7 +212,9 @@ def test_bodies_that_cannot_be_decoded_are_400_invalid_json(body: bytes) -> None
             decode(body)
         except ApiError as exc:
             assert exc.status == 400, exc.message
-            if exc.code != "invalid_type":  # a body that decodes, with a wrong shape
+            if exc.code == "invalid_value":  # refused before decoding: more values than inputs
+                assert "JSON values" in exc.message
+            elif exc.code != "invalid_type":  # a body that decodes, with a wrong shape
                 assert exc.code == "invalid_json" and "cannot be decoded" in exc.message
             error = json.loads(exc.body())["error"]
             assert set(error) == {"message", "type", "param", "code"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 
 from producer.config import ClientConfig
@@ -14,6 +15,8 @@ from producer.gateway import GatewayConfig, serve
 from producer.gateway.reaper import gateway_client_id
 from schemas.settings import mask_url_password
 from worker.logs import setup_logging
+
+log = logging.getLogger("embedfleet.gateway")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,17 @@ def run(args: argparse.Namespace) -> int:
         shown = config.describe() | {f"client.{k}": v for k, v in _client_settings(client).items()}
         print(json.dumps(shown, indent=2))
         return 0
+    problem = config.exposure_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     setup_logging(config.log_format, config.log_level, worker_id=client.client_id)
+    if not config.keys and not config.loopback_only:
+        log.warning(
+            "the gateway serves %s without API keys (EMBEDFLEET_GATEWAY_ALLOW_ANONYMOUS=true): anyone "
+            "who can reach it may embed, and read what the cache holds",
+            config.host,
+        )
     serve(config, client)
     return 0
 
