@@ -3,8 +3,11 @@ package embedfleet
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
+	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -185,4 +188,35 @@ func newRequestID() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// String is the configuration with its secrets masked (the SASL and Redis passwords, and a
+// password in the Redis URL), so that printing a Config with %v or %+v never shows them.
+func (c Config) String() string {
+	shown := c
+	if shown.KafkaSASLPassword != "" {
+		shown.KafkaSASLPassword = "***"
+	}
+	if shown.RedisPassword != "" {
+		shown.RedisPassword = "***"
+	}
+	shown.RedisURL = maskURLPassword(shown.RedisURL)
+	type plain Config // the same fields without this method: no recursion
+	return fmt.Sprintf("%+v", plain(shown))
+}
+
+// GoString masks the same secrets for %#v.
+func (c Config) GoString() string { return "embedfleet.Config" + c.String() }
+
+// maskURLPassword turns redis://user:secret@host into redis://user:***@host.
+func maskURLPassword(raw string) string {
+	parsed, err := url.Parse(raw)
+	if err != nil || parsed.User == nil {
+		return raw
+	}
+	if _, has := parsed.User.Password(); !has {
+		return raw
+	}
+	parsed.User = url.UserPassword(parsed.User.Username(), "***")
+	return strings.Replace(parsed.String(), "%2A%2A%2A", "***", 1)
 }

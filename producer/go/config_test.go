@@ -150,3 +150,27 @@ func TestRedisClusterURLsGetTheClusterClient(t *testing.T) {
 		t.Fatalf("several nodes: got %q %v", url, addrs)
 	}
 }
+
+// Printing a Config never shows its passwords, with any verb.
+func TestConfigPrintsNoSecrets(t *testing.T) {
+	c := Config{
+		KafkaSASLUsername: "worker",
+		KafkaSASLPassword: "sasl-secret",
+		RedisURL:          "redis://reader:url-secret@redis:6379/0",
+		RedisPassword:     "redis-secret",
+	}
+	for _, verb := range []string{"%v", "%+v", "%#v", "%s"} {
+		printed := fmt.Sprintf(verb, c)
+		for _, secret := range []string{"sasl-secret", "url-secret", "redis-secret"} {
+			if strings.Contains(printed, secret) {
+				t.Errorf("%s shows %q: %s", verb, secret, printed)
+			}
+		}
+		if !strings.Contains(printed, "worker") || !strings.Contains(printed, "redis://reader:***@redis:6379/0") {
+			t.Errorf("%s hides more than the secrets: %s", verb, printed)
+		}
+	}
+	if got := fmt.Sprintf("%v", &c); strings.Contains(got, "sasl-secret") {
+		t.Errorf("a pointer shows the password: %s", got)
+	}
+}
