@@ -308,6 +308,9 @@ def test_compose_publishes_on_loopback_only() -> None:
             host, host_port, container_port = port.split(":")
             assert host == "127.0.0.1" and host_port.isdigit() and container_port.isdigit(), (name, port)
     assert all("network_mode" not in s for s in services().values()), "host networking publishes everything"
+    # Kafka tells host clients the address it is published on.
+    advertised = services()["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert "HOST://127.0.0.1:29092" in advertised
 
 
 def test_compose_gateway_requires_api_keys() -> None:
