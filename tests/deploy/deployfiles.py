@@ -25,6 +25,8 @@ DASHBOARD = DEPLOY / "grafana" / "embedfleet.json"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 COMPOSE_PROMETHEUS = DEPLOY / "compose" / "prometheus.yml"
 K8S = DEPLOY / "k8s"
+# The Secret templates: a kustomization of their own, applied apart from the default one.
+K8S_SECRETS = K8S / "secrets"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 MAKEFILE = REPO_ROOT / "Makefile"
 
