@@ -167,27 +167,39 @@ class BatchProcessor:
             from_cache = job.key in cached
             vector = cached[job.key] if from_cache else computed.vectors[job.key]
             outcome.served[_served_as(job.key, from_cache, first_of_key)] += 1
-            outcome.results.append(
-                (
-                    job,
-                    # Every vector here is finite: the cache's entries were checked when read,
-                    # the model's once per call (_compute_isolating).
-                    encode_success_result(
-                        request_id=job.request.id,
-                        key=job.key,
-                        model=self._model_name,
-                        vector=vector,
-                        encoding_format=job.request.encoding_format,
-                        cached=from_cache,
-                        # Known for every job (it was tokenized when decoded), cached or computed.
-                        truncated=job.tokenized.truncated,
-                        tokens=len(job.tokenized.ids),
-                        metadata=job.request.metadata,
-                        content_type=job.content_type,
-                    ),
-                )
-            )
+            # Tokens and truncation are known for every job (it was tokenized when decoded).
+            read = job.tokenized
+            outcome.results.append(self._answer(job, vector, from_cache, read.truncated, len(read.ids)))
         return outcome
+
+    def _answer(
+        self,
+        job: Job,
+        vector: FloatArray,
+        cached: bool,
+        truncated: bool,
+        tokens: int,
+        windows: int | None = None,
+        chunks: list[Chunk] | None = None,
+    ) -> Answer:
+        # Every vector here is finite: the cache's entries were checked when read, the model's
+        # once per call (_compute_isolating).
+        request = job.request
+        encoded = encode_success_result(
+            request_id=request.id,
+            key=job.key,
+            model=self._model_name,
+            vector=vector,
+            encoding_format=request.encoding_format,
+            cached=cached,
+            truncated=truncated,
+            tokens=tokens,
+            metadata=request.metadata,
+            content_type=job.content_type,
+            windows=windows,
+            chunks=chunks,
+        )
+        return job, encoded
 
     def _answer_long_input(
         self,
@@ -220,24 +232,9 @@ class BatchProcessor:
                 window_chunk(w, vector, job.request.encoding_format)
                 for w, vector in zip(windows, vectors, strict=True)
             ]
+        truncated = any(w.tokens.truncated for w in windows)
         outcome.results.append(
-            (
-                job,
-                encode_success_result(
-                    request_id=job.request.id,
-                    key=job.key,
-                    model=self._model_name,
-                    vector=pooled,
-                    encoding_format=job.request.encoding_format,
-                    cached=all_cached,
-                    truncated=any(w.tokens.truncated for w in windows),
-                    tokens=int(weights.sum()),
-                    metadata=job.request.metadata,
-                    content_type=job.content_type,
-                    windows=len(windows),
-                    chunks=chunks,
-                ),
-            )
+            self._answer(job, pooled, all_cached, truncated, int(weights.sum()), len(windows), chunks)
         )
 
     async def _compute(self, misses: Sequence[_Text]) -> _Computed:
