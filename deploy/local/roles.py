@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from schemas.cache_layout import index_name
+
 # Kafka's ACL enums (org.apache.kafka.common.resource / acl).
 TOPIC: Final = 2
 GROUP: Final = 3
@@ -180,7 +182,13 @@ def client_acls(name: str, names: FleetNames, *, reply_prefix: str | None = None
     ]
     if names.requests.pattern == PREFIXED and names.dlq.startswith(names.requests.name):
         acls.append(
-            AclBinding(p, Resource(TOPIC, names.dlq), WRITE, DENY, "the DLQ is under the requests prefix")
+            AclBinding(
+                p,
+                Resource(TOPIC, names.dlq, PREFIXED),
+                WRITE,
+                DENY,
+                "DLQs (embed.requests.dlq*) are under the requests prefix",
+            )
         )
     return acls
 
@@ -291,11 +299,15 @@ async def revoke_principal(admin_options: dict[str, Any], principal_name: str) -
 
 # --- Redis users -------------------------------------------------------------------------------
 
+# The models whose HNSW indexes the stack's workers create (the default model and `make run`'s
+# second one); a worker of another model needs its name in redis_worker_rules' ``models``.
+INDEXED_MODELS: Final = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
 # Commands every user needs to connect: redis-py sends HELLO/AUTH and CLIENT SETINFO on connect.
 _CONNECT: Final = ("+ping", "+hello", "+auth", "+client|setinfo")
 # worker/cache.py: lookups (EVALSHA/EVAL of a read-only HMGET script, HMGET fallback), stores
 # (HSET, EXPIRE, DEL of a key of another type), the contract (HGET, HSET), the HNSW index
-# (FT.CREATE). Scripts run with the user's permissions: the script's HMGETs are checked too.
+# (FT.CREATE, whose index name is a key to Redis' ACLs). Scripts run with the user's
+# permissions: the script's HMGETs are checked too.
 WORKER_COMMANDS: Final = (
     *_CONNECT,
     "+hmget",
@@ -317,9 +329,12 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-def redis_worker_rules(prefix: str) -> list[str]:
-    """Read and write ``{prefix}:*`` (vectors and ``{prefix}:models:*``), nothing else."""
-    return ["resetkeys", f"~{_glob_escape(prefix)}:*", "resetchannels", "-@all", *WORKER_COMMANDS]
+def redis_worker_rules(prefix: str, models: Sequence[str] = INDEXED_MODELS) -> list[str]:
+    """Read and write ``{prefix}:*`` (vectors and ``{prefix}:models:*``) and the HNSW index names
+    of ``models`` (FT.CREATE declares its index name a read-write key): ``{prefix}-{model}-*``, one
+    pattern per model, so that another fleet's ``{prefix}-<something>:*`` keys stay out of reach."""
+    indexes = [f"~{_glob_escape(index_name(prefix, model, 0)[: -len('0')])}*" for model in models]
+    return ["resetkeys", f"~{_glob_escape(prefix)}:*", *indexes, "resetchannels", "-@all", *WORKER_COMMANDS]
 
 
 def redis_reader_rules(prefix: str) -> list[str]:

@@ -310,7 +310,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write("fault-injection report, security rows (sent / answered / error results / missing / duplicates)")
     for row in SECURITY_ROWS:
         write(
-            f"{row.scenario:48} {row.sent:6d} {row.answered:9d} {row.errors:6d} {row.missing:8d} "
+            f"{row.scenario:54} {row.sent:6d} {row.answered:9d} {row.errors:6d} {row.missing:8d} "
             f"{row.duplicates:6d}  {row.notes}"
         )
 

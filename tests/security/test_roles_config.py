@@ -89,7 +89,7 @@ def test_stack_acls_keep_clients_off_the_dlq_and_apart() -> None:
     roles = roles_module()
     names = roles.FleetNames()
     client = acl_set(roles.client_acls("embedfleet-client", names))
-    assert ("WRITE", "topic:embed.requests.dlq", "deny", "User:embedfleet-client") in client
+    assert ("WRITE", "topic:embed.requests.dlq*", "deny", "User:embedfleet-client") in client
     assert not any(resource.startswith("topic:embed.results*") for _, resource, _, _ in client)
     gateway = acl_set(roles.gateway_acls("embedfleet-gateway", names))
     assert ("WRITE", "topic:embed.results.gw-*", "allow", "User:embedfleet-gateway") in gateway
@@ -109,6 +109,8 @@ def test_redis_rules() -> None:
     assert not {"+hset", "+del", "+eval", "+evalsha", "+expire", "+ft.create"} & set(reader)
     worker = roles.redis_worker_rules("a*b")
     assert "~a\\*b:*" in worker and "+hset" in worker and "+ft.create" in worker
+    # FT.CREATE's index name is a key: only this prefix's index names of the served models.
+    assert "~a\\*b-all-MiniLM-L6-v2-*" in worker and not any(r == "~a\\*b-*" for r in worker)
     assert not any(rule.startswith(("+@", "+config", "+flush", "allkeys", "~*")) for rule in worker + reader)
 
 
