@@ -255,7 +255,7 @@ SecureFleetFactory = Callable[[], Awaitable[SecureFleet]]
 async def make_secure_fleet(
     make_fleet: FleetFactory, stack_roles: StackRoles, kafka_bootstrap: str
 ) -> AsyncIterator[SecureFleetFactory]:
-    """Fresh topics; the worker principal and the test clients get the ACLs of their roles for
+    """Fresh topics; the worker, KEDA and test client principals get the ACLs of their roles for
     these topics only, and two Redis users (worker, read-only reader) for this cache prefix.
     Everything granted is revoked afterwards."""
     roles = roles_module()
@@ -269,7 +269,7 @@ async def make_secure_fleet(
             fleet.requests_topic, fleet.results_topic, fleet.dlq_topic, fleet.group_id
         )
         roles.check_prefixes(names, TEST_CLIENTS)
-        acls = [*roles.worker_acls(roles.WORKER, names)]
+        acls = [*roles.worker_acls(roles.WORKER, names), *roles.keda_acls(roles.KEDA, names)]
         for principal in TEST_CLIENTS:
             acls.extend(roles.client_acls(principal, names))
         await roles.grant(admin, acls)

@@ -35,7 +35,13 @@ from aiokafka.protocol.fetch import FetchRequest
 
 from producer.client import Client
 from tests.faults import conftest as faults
-from tests.security.conftest import SECURITY_ROWS, TEST_CLIENTS, SecureFleet, SecureFleetFactory
+from tests.security.conftest import (
+    SECURITY_ROWS,
+    TEST_CLIENTS,
+    SecureFleet,
+    SecureFleetFactory,
+    roles_module,
+)
 
 WIDTH = 384
 AUTHORIZATION_ERRORS = (
@@ -349,3 +355,54 @@ async def test_client_forgeries_are_refused(
         )
         faults._LEDGER.rows.append(row)
         SECURITY_ROWS.append(row)
+
+
+async def test_keda_reads_the_lag_and_nothing_else(
+    make_secure_fleet: SecureFleetFactory, kafka_bootstrap: str
+) -> None:
+    """KEDA's scaler needs the group's committed offsets and the topic's end offsets: it gets
+    them, and may neither read a request nor write one."""
+    secure = await make_secure_fleet()
+    fleet = secure.fleet
+    worker = fleet.start_worker(env=secure.worker_env())
+    await fleet.wait_ready([worker])
+    async with Client(secure.client_config(TEST_CLIENTS[0])) as client:
+        await client.embed([f"keda lag check {fleet.tag} {i}" for i in range(4)], timeout=90)
+    options = secure.roles.aiokafka_options(roles_module().KEDA)
+    partitions = [TopicPartition(fleet.requests_topic, p) for p in range(fleet.partitions)]
+    admin = AIOKafkaAdminClient(**options, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the worker commits a moment after it publishes
+            committed = await admin.list_consumer_group_offsets(fleet.group_id)
+            if sum(o.offset for tp, o in committed.items() if tp in partitions and o.offset > 0) >= 4:
+                break
+            assert time.monotonic() < deadline, committed
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    lag = sum(ends[tp] - committed[tp].offset for tp in partitions if tp in committed)
+    assert sum(ends.values()) >= 4 and lag == 0, (ends, committed)
+
+    async def fetch() -> None:
+        await raw_fetch(options, fleet.requests_topic)
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(**options, request_timeout_ms=10000)
+        await producer.start()
+        try:
+            await producer.send_and_wait(fleet.requests_topic, b'{"id": "keda", "text": "x"}')
+        finally:
+            await producer.stop()
+
+    assert await refusal(fetch) == "TopicAuthorizationFailedError"
+    assert await refusal(produce) in ("TopicAuthorizationFailedError", "ClusterAuthorizationFailedError")
+    assert fleet.stop_worker(worker) == 0
