@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import redis
@@ -406,3 +408,48 @@ async def test_keda_reads_the_lag_and_nothing_else(
     assert await refusal(fetch) == "TopicAuthorizationFailedError"
     assert await refusal(produce) in ("TopicAuthorizationFailedError", "ClusterAuthorizationFailedError")
     assert fleet.stop_worker(worker) == 0
+
+
+async def test_a_gateway_serves_as_its_own_principal(make_secure_fleet: SecureFleetFactory) -> None:
+    """`embedfleet gateway` logged in as ``embedfleet-gateway`` (its ACLs: requests, its own
+    ``gw-`` reply topics) with the read-only Redis user answers through the worker's principal:
+    the role is enough for its whole job (reply topic created, heartbeats, results read)."""
+    roles = roles_module()
+    secure = await make_secure_fleet()
+    fleet = secure.fleet
+    gateway_acls = roles.gateway_acls(roles.GATEWAY, secure.names)
+    admin = {"bootstrap_servers": fleet.bootstrap}  # PLAINTEXT: a super user
+    await roles.grant(admin, gateway_acls)
+    try:
+        await asyncio.sleep(1.0)  # the authorizer applies the committed ACLs a moment later
+        worker = fleet.start_worker(env=secure.worker_env())
+        await fleet.wait_ready([worker])
+        key = "sk-" + uuid.uuid4().hex
+        gateway = fleet.start_gateway(
+            env={
+                **secure.roles.kafka_env(roles.GATEWAY),
+                "EMBEDFLEET_REDIS_USERNAME": secure.redis_reader.username,
+                "EMBEDFLEET_REDIS_PASSWORD": secure.redis_reader.password,
+                "EMBEDFLEET_GATEWAY_API_KEYS": key,
+            }
+        )
+        await gateway.wait_ready()
+        texts = [f"gateway role {fleet.tag} {i}" for i in range(4)]
+        response = await asyncio.to_thread(
+            httpx.post,
+            f"{gateway.url}/v1/embeddings",
+            json={"model": "all-MiniLM-L6-v2", "input": texts},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=90,
+        )
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert [item["index"] for item in data] == [0, 1, 2, 3]
+        assert all(len(item["embedding"]) == WIDTH for item in data)
+        log = gateway.log()
+        assert "AuthorizationFailed" not in log and "NOPERM" not in log, log[-3000:]
+        # uvicorn ends a graceful shutdown by re-raising SIGTERM: -15, not a crash.
+        assert gateway.stop() in (0, -signal.SIGTERM) and "Traceback" not in gateway.log()
+        assert_worker_clean(worker.log())
+    finally:
+        await roles.revoke(admin, gateway_acls)
