@@ -35,7 +35,7 @@ system-deps:
 
 # The bundle is built once from the model's safetensors weights, and again only when the export
 # code changes.
-$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/build.py \
+$(MODEL_STAMP): $(VENV_STAMP) worker/engine/export.py worker/engine/quantize.py worker/engine/cpu_graph.py worker/engine/build.py \
 		worker/engine/fetch.py
 	$(BIN)/embedfleet model build --out $(MODEL_DIR) --model $(MODEL) --force
 

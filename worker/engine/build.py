@@ -27,7 +27,8 @@ from worker.engine.bundle import (
     write_manifest,
 )
 
-BUILDER_VERSION = "embedfleet-export/3"  # 2: INT8 with per-row activations; 3: and s8 weights
+BUILDER_VERSION = "embedfleet-export/4"  # 2: INT8 with per-row activations; 3: and s8 weights;
+# 4: and plain layer norms (worker.engine.cpu_graph)
 VARIANT_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
 # The INT8 weights again, as int8 (worker.engine.cpu: for CPUs with VNNI or AMX).
 INT8_S8_FILE = "model_int8_s8.onnx"

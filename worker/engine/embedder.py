@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from worker.engine.bundle import Bundle, BundleError, Manifest, load_bundle, serving_fingerprint
 from worker.engine.cpu import CpuInfo, Int8Weights, choose_int8_weights, read_cpu
+from worker.engine.cpu_graph import UNWANTED_FUSIONS
 from worker.engine.errors import EngineError
 from worker.engine.openvino_backend import OPENVINO_VARIANT, OpenVinoSession, openvino_precision
 from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Encoded, Span, TextTokenizer, TokenizedText
@@ -75,6 +76,8 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Every batch has a new shape, so memory patterns would only pin buffers of old shapes.
     options.enable_mem_pattern = False
+    # Keep the INT8 graphs' plain layer norms plain: ONNX Runtime's fused CPU kernel is slower.
+    options.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(UNWANTED_FUSIONS))
     return options
 
 

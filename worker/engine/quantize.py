@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.cpu_graph import split_skip_layer_norms
+
 MS_DOMAIN = "com.microsoft"
 
 # Node names kept in FP32 by the INT8 pass. Empty since per-row activation quantization: the
@@ -43,8 +45,10 @@ QUANTIZATION_NOTES = (
     "int8: MatMul weights int8 per output column; activations uint8 per row (per token, "
     "asymmetric min/max, computed in the graph, so a text's vector does not depend on its "
     "batch); {excluded} kept FP32; embedding tables as int8 rows with per-row scales; "
-    "attention core FP32; the weights stored as uint8 + 128 (u8 x u8 GEMMs, exact on any x86 "
-    "CPU) and again as int8 (u8 x s8, for CPUs with VNNI or AMX: the same vectors). "
+    "attention core FP32; layer norms as plain Add + LayerNormalization (faster on ONNX "
+    "Runtime's CPU kernels than SkipLayerNormalization); the weights stored as uint8 + 128 "
+    "(u8 x u8 GEMMs, exact on any x86 CPU) and again as int8 (u8 x s8, for CPUs with VNNI or "
+    "AMX: the same vectors). "
     "fp16: float16 weights and compute, float32/int64 I/O, for the CUDA provider."
 )
 
@@ -99,8 +103,10 @@ def to_int8(
 ) -> None:
     """Write the INT8 variant of ``fp32_model`` to ``output``. ``activations="per-tensor"`` is
     the former ONNX Runtime quantize_dynamic scheme (batch-dependent), kept for comparison and
-    for imported graphs older than opset 13."""
+    for imported graphs older than opset 13. Either way the layer norms are split for the CPU
+    (``worker.engine.cpu_graph``): INT8 runs only there."""
     model = onnx.load(str(fp32_model))
+    split_skip_layer_norms(model)
     if quantize_embeddings:
         quantize_embedding_tables(model)
     if activations == "per-row" and _default_opset(model) >= MIN_PER_ROW_OPSET:
@@ -148,13 +154,16 @@ def _as_uint8(signed: np.ndarray) -> np.ndarray:
     return (signed.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
 
 
-def zero_point_rows(quantized: np.ndarray, align: int = 16, limit: int = 64) -> np.ndarray:
+def zero_point_rows(quantized: np.ndarray, align: int = 16, limit: int = WEIGHT_LIMIT) -> np.ndarray:
     """Extra int8 weight rows that fold the activations' per-row zero point into the integer
     GEMM: with ``q ~= x / s + zp`` (uint8), ``x @ W ~= s * ((q - zp) @ Wq)`` and
     ``-zp * colsum(Wq)`` is exactly ``[zp, ..., zp] @ rows`` when each column of ``rows`` sums
-    to ``-colsum(Wq)``. Entries stay within +-``limit``: with 64, two adjacent entries times a
-    uint8 zero point fit in int16, so AVX2 kernels without VNNI (which add u8 x s8 products in
-    pairs with int16 saturation) cannot saturate on these rows. K + J is padded to ``align``."""
+    to ``-colsum(Wq)``. Entries stay within +-``limit``, the weights' own range: the kernels that
+    run these files are exact for any int8 weight (u8 x u8 widened to int16; u8 x s8 only on
+    VNNI or AMX, which accumulate in int32; worker.engine.cpu), so the rows need no narrower
+    range (+-64 was for AVX2's saturating u8 x s8, never run now) and are as few as can be:
+    J = ceil(max |colsum| / 127), half as many as with +-64 (K + J on all-MiniLM-L6-v2 went
+    from 416-512 to 400-448 for K = 384). K + J is padded to ``align``."""
     target = -quantized.astype(np.int64).sum(axis=0)
     k = quantized.shape[0]
     count = max(1, int(np.ceil(np.abs(target).max() / limit)))
