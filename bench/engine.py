@@ -1,7 +1,7 @@
 """Throughput of the embedding engine against baselines measured in the same run (issue 22).
 
     .venv/bin/python bench/engine.py [--model NAME|DIR] [--queries 1000] [--docs 300] [--rounds 3]
-                                     [--threads N] [--json FILE]
+                                     [--threads N] [--inference-threads N] [--json FILE]
 
 ``--model NAME`` (e.g. ``all-mpnet-base-v2``, after ``make model MODEL=all-mpnet-base-v2``) benches
 the bundle in ``$EMBEDFLEET_HOME/models/NAME``; a path with a ``/`` is a bundle directory (as the
@@ -17,8 +17,10 @@ alike), and the figures are the medians over the rounds:
 * openvino: the ``openvino`` runtime on the same FP32 file, as a user would run it (sorted batches
   of 32, the same threads; it picks BF16 where the CPU has it); skipped when it is not installed
   (``pip install -e '.[bench]'``);
-* the bundle's variants as the worker runs them (``Embedder.embed``: length-sorted batches of 32
-  cut by the 2048-token budget): fp32, int8 with each weight encoding this CPU runs exactly
+* the bundle's variants as the worker runs them (``worker.pipeline``: texts tokenized once, model
+  calls of at most 32 length-sorted texts cut by the inference token budget, spread over the
+  inference threads, by default one single-threaded call per core): fp32, int8 with each weight
+  encoding this CPU runs exactly
   (u8 everywhere, s8 with VNNI or AMX: ``worker.engine.cpu``), and the openvino variant
   (``worker.engine.openvino_backend``: the FP32 graph compiled by OpenVINO) where it is installed.
 
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,15 +56,15 @@ sys.path.insert(0, str(REPO / "bench"))
 from roofline import GEMM_FLOP_PER_TOKEN, roofline  # noqa: E402  (bench/roofline.py)
 
 from worker.commands.model import shared_dir  # noqa: E402
-from worker.config import bundle_model_name, model_or_bundle  # noqa: E402
+from worker.config import WorkerConfig, bundle_model_name, model_or_bundle  # noqa: E402
 from worker.engine.bundle import default_bundle_dir, load_bundle  # noqa: E402
 from worker.engine.cpu import read_cpu  # noqa: E402
-from worker.engine.embedder import Embedder, physical_cpu_count  # noqa: E402
+from worker.engine.embedder import Embedder, physical_cpu_count, plan_batches  # noqa: E402
 from worker.engine.quality import read_jsonl_strings, read_reference, row_cosines  # noqa: E402
 from worker.engine.recommend import meets_floors  # noqa: E402
 
 BATCH_SIZE = 32
-TOKEN_BUDGET = 2048  # the engine's default per model call
+TOKEN_BUDGET = WorkerConfig.inference_token_budget  # the worker's default per model call
 Embed = Callable[[Sequence[str]], "tuple[np.ndarray, int]"]  # vectors, tokens
 
 
@@ -88,10 +91,26 @@ class Engine:
         return meets_floors(self.min_cosine, self.mean_cosine, self.batch_drift)
 
 
-def bundle_engine(embedder: Embedder) -> Embed:
+def bundle_engine(embedder: Embedder, executor: ThreadPoolExecutor, token_budget: int) -> Embed:
+    """The engine as the worker runs it (``Pipeline._compute``): tokenize once, cut model calls
+    with ``plan_batches`` and run them on the inference threads (``executor``) side by side."""
+
     def embed(texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        output = embedder.embed(texts, batch_size=BATCH_SIZE, token_budget=TOKEN_BUDGET)
-        return output.vectors, sum(output.token_counts)
+        tokenized = embedder.tokenize(texts)
+        vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+
+        def call(indices: list[int]) -> None:
+            output = embedder.embed_tokenized(
+                [tokenized[i] for i in indices],
+                [texts[i] for i in indices],
+                batch_size=BATCH_SIZE,
+                token_budget=token_budget,
+            )
+            vectors[indices] = output.vectors
+
+        calls = plan_batches([len(t.ids) for t in tokenized], BATCH_SIZE, token_budget)
+        list(executor.map(call, calls))
+        return vectors, sum(len(t.ids) for t in tokenized)
 
     return embed
 
@@ -188,6 +207,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=300, help="first N corpus docs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--threads", type=int, default=None, help="default: the physical cores")
+    parser.add_argument(
+        "--inference-token-budget",
+        type=int,
+        default=TOKEN_BUDGET,
+        help="padded tokens per model call in our engines (default: the worker's)",
+    )
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=None,
+        help="model calls side by side in our engines (default: the worker's, one per thread)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -211,25 +242,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = read_reference(shared_dir() / "reference" / model_name)
     flop_per_token = gemm_flop_per_token(model)
 
+    # Ours as the worker runs them (WorkerConfig.model_threads); the baselines with every thread
+    # in each call.
+    calls = args.inference_threads or threads
+    budget = args.inference_token_budget
+    per_call = max(1, threads // calls)
+    executor = ThreadPoolExecutor(max_workers=calls, thread_name_prefix="inference")
     fp32 = Embedder.from_bundle(model, variant="fp32", intra_op_threads=threads)
+    ours_fp32 = Embedder.from_bundle(model, variant="fp32", intra_op_threads=per_call)
     engines = [
         Engine("naive (fp32, one call per request)", "fp32", naive_engine(fp32), ours=False),
-        Engine("fp32", fp32.kernel, bundle_engine(fp32)),
+        Engine("fp32", ours_fp32.kernel, bundle_engine(ours_fp32, executor, budget)),
     ]
     for weights in sorted(fp32.bundle.int8_weights, reverse=True):  # u8, then s8
         if weights == "s8" and not cpu.exact_s8_gemm:
             print("  int8 s8: not run (no VNNI or AMX here: its GEMM would saturate)")
             continue
-        int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=threads, int8_weights=weights)
-        engines.append(Engine(f"int8 ({weights} weights)", int8.kernel, bundle_engine(int8)))
+        int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=per_call, int8_weights=weights)
+        int8_engine = bundle_engine(int8, executor, budget)
+        engines.append(Engine(f"int8 ({weights} weights)", int8.kernel, int8_engine))
     openvino = openvino_engine(model, fp32, threads)
     if openvino is None:
         print("  openvino: not installed (pip install -e '.[bench]'): that target is not measured")
     else:
-        ours_openvino = Embedder.from_bundle(model, variant="openvino", intra_op_threads=threads)
+        ours_openvino = Embedder.from_bundle(
+            model, variant="openvino", intra_op_threads=per_call, parallel_calls=calls
+        )
         engines.append(
             Engine(
-                "openvino variant (the engine's batches)", ours_openvino.kernel, bundle_engine(ours_openvino)
+                "openvino variant (the engine's batches)",
+                ours_openvino.kernel,
+                bundle_engine(ours_openvino, executor, budget),
             )
         )
         engines.append(Engine("openvino runtime, as a user runs it", openvino[1], openvino[0], ours=False))
@@ -262,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     naive = engines[0]
     print(
         f"\nmodel {model_name} ({model}); {len(datasets['queries'])} queries, {len(datasets['docs'])} docs; "
-        f"{threads} threads; medians of {args.rounds} interleaved rounds"
+        f"{threads} threads (ours: {calls} calls side by side x {per_call} threads, "
+        f"{budget}-token calls); medians of {args.rounds} interleaved rounds"
     )
     print(
         f"{'engine':42} {'queries/s':>9} {'docs/s':>7} {'x naive q':>9} {'x naive d':>9} {'docs tok/s':>10} "
@@ -325,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu": {"model": cpu.model, "cores": cpu.cores, "flags": cpu.reported_flags},
             "model": model_name,
             "threads": threads,
+            "inference_threads": calls,
+            "threads_per_call": per_call,
+            "inference_token_budget": budget,
             "engines": [
                 {
                     "name": e.name,
