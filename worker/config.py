@@ -22,7 +22,6 @@ from schemas import settings
 from schemas.model_routing import DEFAULT_MODEL, group_id_for, requests_topic_for
 from schemas.settings import setting
 from worker.engine.bundle import MANIFEST_FILE, default_bundle_dir
-from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET
 
 Guarantee = Literal["at-least-once", "exactly-once"]
 
@@ -189,7 +188,7 @@ class WorkerConfig:
     inference_token_budget: int = setting(
         "EMBEDFLEET_INFERENCE_TOKEN_BUDGET",
         "padded tokens per model call (small calls stay in the CPU caches)",
-        default=DEFAULT_TOKEN_BUDGET,
+        default=2048,
     )
     max_in_flight: int = setting(
         "EMBEDFLEET_MAX_IN_FLIGHT",

@@ -18,11 +18,8 @@ IntArray = npt.NDArray[np.int64]
 
 
 # Padded tokens (longest x count) per model call. Small calls keep activations in the CPU caches:
-# on 2 cores INT8 ran 158 docs/s at 2048 vs 109 at 16384, queries 1529/s vs 1291 (bench/engine.py);
-# on an AMD EPYC with 1 MB of L2 per core, two single-threaded calls side by side (the worker's
-# default), the s8 INT8 engine ran docs at 8,079 / 7,361 / 6,953 tokens/s per core with 512 /
-# 1024 / 2048 tokens per call, and all-mpnet-base-v2's at 2,071 / 1,901 / 1,744 tokens/s on 2 cores.
-DEFAULT_TOKEN_BUDGET = 512
+# on 2 cores INT8 ran 158 docs/s at 2048 vs 109 at 16384, queries 1529/s vs 1291 (bench/engine.py).
+DEFAULT_TOKEN_BUDGET = 2048
 
 # Characters per token to read before tokenizing a long text: WordPiece averages ~4-5 characters
 # per token in English; 8 leaves room, and _exact_head widens the cut when it was not enough.
