@@ -1,7 +1,8 @@
 """Throughput of the embedding engine against baselines measured in the same run (issue 22).
 
     .venv/bin/python bench/engine.py [--model NAME|DIR] [--queries 1000] [--docs 300] [--rounds 3]
-                                     [--threads N] [--inference-threads N] [--json FILE]
+                                     [--threads N] [--inference-threads N]
+                                     [--inference-token-budget N] [--json FILE]
 
 ``--model NAME`` (e.g. ``all-mpnet-base-v2``, after ``make model MODEL=all-mpnet-base-v2``) benches
 the bundle in ``$EMBEDFLEET_HOME/models/NAME``; a path with a ``/`` is a bundle directory (as the

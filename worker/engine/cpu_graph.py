@@ -27,7 +27,8 @@ UNWANTED_FUSIONS = ("SkipLayerNormFusion",)
 MIN_LAYER_NORM_OPSET = 17
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
+def default_opset(model: onnx.ModelProto) -> int:
+    """The graph's ONNX (default domain) opset, 0 if it declares none."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
@@ -36,7 +37,7 @@ def split_skip_layer_norms(model: onnx.ModelProto) -> int:
     ``Add(input, bias)``, ``Add(that, skip)`` and ``LayerNormalization`` over the last axis, in
     place. Returns how many it replaced (0 for graphs below opset 17, which have no
     LayerNormalization)."""
-    if _default_opset(model) < MIN_LAYER_NORM_OPSET:
+    if default_opset(model) < MIN_LAYER_NORM_OPSET:
         return 0
     rewritten: list[onnx.NodeProto] = []
     count = 0

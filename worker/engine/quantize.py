@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.engine.cpu_graph import split_skip_layer_norms
+from worker.engine.cpu_graph import default_opset, split_skip_layer_norms
 
 MS_DOMAIN = "com.microsoft"
 
@@ -109,7 +109,7 @@ def to_int8(
     split_skip_layer_norms(model)
     if quantize_embeddings:
         quantize_embedding_tables(model)
-    if activations == "per-row" and _default_opset(model) >= MIN_PER_ROW_OPSET:
+    if activations == "per-row" and default_opset(model) >= MIN_PER_ROW_OPSET:
         quantize_matmuls_per_row(model, exclude_nodes)
         onnx.save(model, str(output))
         return
@@ -127,10 +127,6 @@ def to_int8(
             _quantize_matmuls(staged, output, exclude_nodes, present)
         finally:
             root.setLevel(level)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def quantize_weight_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +184,7 @@ def quantize_matmuls_per_row(model: onnx.ModelProto, exclude_nodes: Sequence[str
     graph = model.graph
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    axes_as_input = _default_opset(model) >= 18
+    axes_as_input = default_opset(model) >= 18
     initializers = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
