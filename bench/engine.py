@@ -22,7 +22,8 @@ alike), and the figures are the medians over the rounds:
   calls of at most 32 length-sorted texts cut by the inference token budget, spread over the
   inference threads, by default one single-threaded call per core): fp32, int8 with each weight
   encoding this CPU runs exactly
-  (u8 everywhere, s8 with VNNI or AMX: ``worker.engine.cpu``), and the openvino variant
+  (u8 everywhere; s8 with VNNI or AMX, or AVX2 on a bundle with pair-bounded weights:
+  ``worker.engine.cpu``), and the openvino variant
   (``worker.engine.openvino_backend``: the FP32 graph compiled by OpenVINO) where it is installed.
 
 Each engine's vectors are checked against the sentence-transformers reference (min and mean
@@ -256,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         Engine("naive (fp32, one call per request)", "fp32", naive_engine(fp32), ours=False),
         Engine("fp32", ours_fp32.kernel, bundle_engine(ours_fp32, executor, budget)),
     ]
+    s8_exact = cpu.s8_gemm_exact_for(fp32.bundle.manifest.int8_s8_pair_sum)
     for weights in sorted(fp32.bundle.int8_weights, reverse=True):  # u8, then s8
-        if weights == "s8" and not cpu.exact_s8_gemm:
-            print("  int8 s8: not run (no VNNI or AMX here: its GEMM would saturate)")
+        if weights == "s8" and not s8_exact:
+            print("  int8 s8: not run (its GEMM would saturate here: no VNNI or AMX, and not pair-bounded)")
             continue
         int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=per_call, int8_weights=weights)
         int8_engine = bundle_engine(int8, executor, budget)
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{kind} {gemms[kind]['mix'] / 1e9:.0f}" for kind in gemms)
         + " GOP/s"
     )
-    exact_int8 = ["u8u8", *(["u8s8"] if cpu.exact_s8_gemm else [])]
+    exact_int8 = ["u8u8", *(["u8s8"] if s8_exact else [])]
     fastest_kernel = max(exact_int8, key=lambda kind: gemms[kind]["mix"])
     ceiling_tokens = gemms[fastest_kernel]["mix"] / flop_per_token
     if flop_per_token != GEMM_FLOP_PER_TOKEN:

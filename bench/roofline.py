@@ -7,7 +7,8 @@
 2. Roofline: the throughput ONNX Runtime reaches on this CPU for the encoder's GEMM shapes
    (M = 512 token rows; 384x384, 384x1536, 1536x384), FP32 ``MatMul`` against INT8
    ``MatMulInteger`` with u8 activations and u8 weights and with s8 weights (the bundle's two
-   encodings of its INT8 weights; s8 is served only where it is exact: VNNI or AMX).
+   encodings of its INT8 weights; s8 is served only where it is exact: VNNI or AMX, or AVX2 on
+   pair-bounded weights).
    From it, the tokens/s ceiling of a GEMM-only encoder: all-MiniLM-L6-v2 does about 21 MFLOP of
    GEMM per token (6 layers x 2 x 384 x (4 x 384 + 2 x 1536)).
 3. An op-level profile (ONNX Runtime's profiler) of the bundle's INT8 (each encoding this CPU
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from worker.commands.model import shared_dir  # noqa: E402
-from worker.engine.bundle import default_bundle_dir  # noqa: E402
+from worker.engine.bundle import default_bundle_dir, load_bundle  # noqa: E402
 from worker.engine.cpu import CpuInfo, read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, session_options  # noqa: E402
 from worker.engine.quality import read_jsonl_strings  # noqa: E402
@@ -49,9 +50,9 @@ SHAPES = ((384, 384), (384, 1536), (1536, 384))
 GEMM_FLOP_PER_TOKEN = 6 * 2 * 384 * (4 * 384 + 2 * 1536)
 
 
-def int8_kernels(cpu: CpuInfo) -> str:
-    """Which INT8 GEMM kernel each weight encoding runs on here."""
-    exact = "" if cpu.exact_s8_gemm else " (not used here: it saturates)"
+def int8_kernels(cpu: CpuInfo, pair_sum: int) -> str:
+    """Which INT8 GEMM kernel each weight encoding runs on here (``pair_sum``: the bundle's)."""
+    exact = "" if cpu.s8_gemm_exact_for(pair_sum) else " (not used here: it would saturate)"
     return f"u8 weights: {cpu.int8_kernel('u8')}; s8 weights: {cpu.int8_kernel('s8')}{exact}"
 
 
@@ -157,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model or default_bundle_dir()
     machine = read_cpu()
+    pair_sum = load_bundle(model).manifest.int8_s8_pair_sum
+    kernels = int8_kernels(machine, pair_sum)
     print(f"CPU: {machine.model} ({machine.cores} logical cores); {', '.join(machine.reported_flags)}")
-    print(
-        f"INT8 GEMM kernels: {int8_kernels(machine)}; ONNX Runtime {ort.__version__}, {args.threads} threads"
-    )
+    print(f"INT8 GEMM kernels: {kernels}; ONNX Runtime {ort.__version__}, {args.threads} threads")
     print("\nGEMM throughput, M = 512 rows (GOP/s; mix = the encoder's share of each shape)")
     ceiling = roofline(args.threads)
     corpus = shared_dir() / "corpus"
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": machine.model,
             "cores": machine.cores,
             "flags": machine.reported_flags,
-            "int8_kernels": int8_kernels(machine),
+            "int8_kernels": kernels,
         },
         "threads": args.threads,
         "gemm_ops_per_s": ceiling,
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print("\nengine on one batch: tokens/s, fraction of the GEMM-only ceiling, top operators by node time")
     engines = [("int8", "u8", "u8u8"), ("fp32", "auto", "fp32")]
-    if machine.exact_s8_gemm:
+    if machine.s8_gemm_exact_for(pair_sum):
         engines.insert(0, ("int8", "s8", "u8s8"))
     for variant, weights, kind in engines:
         tokens_ceiling = ceiling[kind]["mix"] / GEMM_FLOP_PER_TOKEN

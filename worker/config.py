@@ -155,8 +155,9 @@ class WorkerConfig:
     )
     int8_weights: str = setting(
         "EMBEDFLEET_INT8_WEIGHTS",
-        "encoding of the int8 variant's weights: s8 (u8 x s8 GEMMs, VNNI/AMX), u8 (exact on any "
-        "x86 CPU) or auto (s8 where the CPU has AVX-512 VNNI, AVX-VNNI or AMX); the same vectors",
+        "encoding of the int8 variant's weights: s8 (u8 x s8 GEMMs: VNNI, AMX, or AVX2 on a bundle "
+        "from builder 5 on), u8 (u8 x u8, exact on any x86 CPU, slower) or auto (s8 where it is "
+        "exact here); the same vectors",
         default="auto",
         choices=("auto", "u8", "s8"),
     )

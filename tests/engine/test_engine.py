@@ -83,6 +83,17 @@ def test_zero_point_rows_fold_the_correction_exactly() -> None:
     extended = np.concatenate([q, np.repeat(zp, len(rows), axis=1)], axis=1)
     stacked = np.concatenate([weights, rows]).astype(np.int64)
     np.testing.assert_array_equal(extended @ stacked, (q - zp) @ weights.astype(np.int64))
+    assert np.abs(rows.astype(np.int16)).max() <= quantize.ZERO_POINT_ROW_LIMIT
+
+
+@pytest.mark.parametrize("k", [47, 48, 384])
+def test_weights_and_zero_point_rows_keep_the_pair_bound_together(k: int) -> None:
+    """What the GEMM sees is [Wq; rows]: its adjacent pairs, across the seam too (odd K), stay
+    within AVX2's int16 bound (worker.engine.cpu)."""
+    rng = np.random.default_rng(k)
+    weights, _ = quantize.quantize_weight_columns(rng.standard_t(3, size=(k, 40)).astype(np.float32))
+    stacked = np.concatenate([weights, quantize.zero_point_rows(weights)])
+    assert quantize.largest_pair_sum(stacked) <= quantize.PAIR_SUM_LIMIT
 
 
 def test_per_row_int8_on_opset_18_graph(bundle: Bundle, fp32: Embedder, tmp_path: Path) -> None:
@@ -235,8 +246,8 @@ def test_missing_files_are_named(derive_bundle: DeriveBundle, tmp_path: Path) ->
 def test_corrupt_model_file_is_named(
     derive_bundle: DeriveBundle, bundle: Bundle, weights: str, filename: str
 ) -> None:
-    if weights == "s8" and not read_cpu().exact_s8_gemm:
-        pytest.skip("this CPU has no VNNI or AMX: the s8 weights are never loaded here")
+    if weights == "s8" and not read_cpu().s8_gemm_exact_for(bundle.manifest.int8_s8_pair_sum):
+        pytest.skip("this CPU has no AVX2, VNNI or AMX: the s8 weights are never loaded here")
     good = bundle.variant_path("int8", weights).read_bytes()
     path = derive_bundle()
     (path / filename).unlink()

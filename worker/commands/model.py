@@ -147,7 +147,7 @@ def _build(args: argparse.Namespace) -> int:
         print(f"{variant:5s} {bundle.path / filename}  {size:.1f} MB")
     if bundle.manifest.int8_s8_weights:
         s8_file = bundle.path / bundle.manifest.int8_s8_weights
-        print(f"int8  {s8_file}  {s8_file.stat().st_size / 1e6:.1f} MB (s8 weights, for VNNI/AMX CPUs)")
+        print(f"int8  {s8_file}  {s8_file.stat().st_size / 1e6:.1f} MB (s8 weights: u8 x s8 GEMMs)")
     print(f"fingerprint {bundle.manifest.fingerprint}")
     return 0
 

@@ -27,10 +27,11 @@ from worker.engine.bundle import (
     write_manifest,
 )
 
-BUILDER_VERSION = "embedfleet-export/4"  # 2: INT8 with per-row activations; 3: and s8 weights;
-# 4: and plain layer norms (worker.engine.cpu_graph)
+BUILDER_VERSION = "embedfleet-export/5"  # 2: INT8 with per-row activations; 3: and s8 weights;
+# 4: and plain layer norms (worker.engine.cpu_graph); 5: and pair-bounded weights (exact on AVX2's
+# u8 x s8 GEMM too: quantize.quantize_weight_columns)
 VARIANT_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
-# The INT8 weights again, as int8 (worker.engine.cpu: for CPUs with VNNI or AMX).
+# The INT8 weights again, as int8 (worker.engine.cpu: u8 x s8 GEMMs, for CPUs with AVX2, VNNI or AMX).
 INT8_S8_FILE = "model_int8_s8.onnx"
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8", "fp16")
 
@@ -123,6 +124,7 @@ def build_from_source(
             source=str(source.directory),
             builder_version=BUILDER_VERSION,
             int8_s8_weights=_s8_file(stage),
+            int8_s8_pair_sum=_s8_pair_sum(stage),
             file_sha256=_hashes(stage, variants),
             quantization=_notes(variants, int8_exclude),
         )
@@ -162,6 +164,7 @@ def import_onnx(
             source=str(onnx_file),
             builder_version=BUILDER_VERSION,
             int8_s8_weights=_s8_file(stage),
+            int8_s8_pair_sum=_s8_pair_sum(stage),
             matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True),
             matryoshka_layer_norm=settings.matryoshka_layer_norm,
             prompts=dict(settings.prompts),
@@ -182,9 +185,9 @@ def _derive_variants(
         raise ValueError(f"variants must include fp32 and be among {sorted(VARIANT_FILES)}")
     fp32 = stage / VARIANT_FILES["fp32"]
     if "int8" in variants:
-        progress("quantizing INT8 (per-row activations, per-channel weights)")
+        progress("quantizing INT8 (per-row activations, per-channel pair-bounded weights)")
         quantize.to_int8(fp32, stage / VARIANT_FILES["int8"], exclude_nodes=int8_exclude)
-        progress("storing the INT8 weights as int8 too (u8 x s8 GEMMs, for CPUs with VNNI or AMX)")
+        progress("storing the INT8 weights as int8 too (u8 x s8 GEMMs, exact on AVX2, VNNI and AMX)")
         if not quantize.to_s8_weights(stage / VARIANT_FILES["int8"], stage / INT8_S8_FILE):
             (stage / INT8_S8_FILE).unlink()  # not the per-row scheme (an old imported graph)
     if "fp16" in variants:
@@ -211,6 +214,12 @@ def _probe_dim(model_path: Path, info: export.ForeignOnnx) -> int:
 
 def _s8_file(stage: Path) -> str:
     return INT8_S8_FILE if (stage / INT8_S8_FILE).is_file() else ""
+
+
+def _s8_pair_sum(stage: Path) -> int:
+    """The s8 file's largest adjacent pair sum, read from the file itself (what the CPU choice
+    relies on: worker.engine.cpu)."""
+    return quantize.s8_pair_sum(stage / INT8_S8_FILE) if _s8_file(stage) else 0
 
 
 def _hashes(stage: Path, variants: Sequence[str]) -> dict[str, str]:

@@ -56,8 +56,13 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     file_sha256: dict[str, str] = msgspec.field(default_factory=dict)
     quantization: str = ""
     # The int8 variant's weights stored as int8 instead of uint8 + 128: u8 x s8 GEMMs for CPUs
-    # with VNNI or AMX, the same vectors (worker.engine.cpu). Empty in bundles built before.
+    # with VNNI or AMX (or AVX2, see below), the same vectors (worker.engine.cpu). Empty in
+    # bundles built before.
     int8_s8_weights: str = ""
+    # The largest |sum| of two same-sign adjacent int8 weights in the s8 file (quantize.s8_pair_sum):
+    # at most 128, AVX2's u8 x s8 GEMM runs it exactly too (worker.engine.cpu). 0: not recorded
+    # (bundles from before builder 5, whose s8 weights only VNNI or AMX run exactly).
+    int8_s8_pair_sum: int = 0
     # Name of the graph output to pool (rank 3), or a pooled output (rank 2).
     output_name: str = "last_hidden_state"
     format_version: int = FORMAT_VERSION

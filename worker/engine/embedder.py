@@ -172,7 +172,9 @@ class Embedder:
         cpu = read_cpu()
         weights: Int8Weights | None = None
         if chosen == "int8":  # Int8WeightsError (an EngineError) where the choice cannot run here
-            weights = choose_int8_weights(int8_weights, cpu, bundle.int8_weights)
+            weights = choose_int8_weights(
+                int8_weights, cpu, bundle.int8_weights, bundle.manifest.int8_s8_pair_sum
+            )
         threads = intra_op_threads or physical_cpu_count()
         session: ort.InferenceSession | OpenVinoSession
         if chosen == OPENVINO_VARIANT:

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.cpu import VPMADDUBSW_PAIR_LIMIT
 from worker.engine.cpu_graph import default_opset, split_skip_layer_norms
 
 MS_DOMAIN = "com.microsoft"
@@ -40,6 +41,16 @@ ActivationScheme = Literal["per-row", "per-tensor"]
 # Largest |int8 weight| of a quantized MatMul (see quantize_weight_columns).
 WEIGHT_LIMIT = 127
 WEIGHT_ZERO_POINT = 128
+# The largest |sum| of two same-sign weights in adjacent rows (2j, 2j + 1) of a GEMM's weights, the
+# zero-point rows included: AVX2's u8 x s8 GEMM (vpmaddubsw) adds a u8 activation (<= 255) times
+# each of such a pair in int16, and 255 x 128 = 32640 fits (255 x 129 does not). See
+# quantize_weight_columns.
+PAIR_SUM_LIMIT = VPMADDUBSW_PAIR_LIMIT
+# Zero-point rows pair with each other (K + J is even), so each entry stays within half the bound.
+ZERO_POINT_ROW_LIMIT = PAIR_SUM_LIMIT // 2
+# The column scales tried by quantize_weight_columns, as multiples of max|w| / 127 (the plain
+# int8 grid); the search keeps, per column, the one with the least squared error.
+SCALE_FACTORS = np.linspace(1.0, 2.0, 51, dtype=np.float32)
 
 QUANTIZATION_NOTES = (
     "int8: MatMul weights int8 per output column; activations uint8 per row (per token, "
@@ -130,36 +141,87 @@ def to_int8(
 
 
 def quantize_weight_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column: ``weights ~= quantized * scale`` (stored as uint8, see
-    ``_as_uint8``)."""
-    scale = np.abs(weights).max(axis=0) / WEIGHT_LIMIT
-    scale[scale == 0] = 1.0
-    quantized = np.clip(np.rint(weights / scale), -WEIGHT_LIMIT, WEIGHT_LIMIT).astype(np.int8)
-    return quantized, scale.astype(np.float32)
+    """Symmetric int8 per output column, ``weights ~= quantized * scale``, on a grid that every
+    x86 INT8 GEMM computes exactly: within each column, two same-sign weights in adjacent rows
+    (2j, 2j + 1) sum to at most ``PAIR_SUM_LIMIT`` in magnitude (``bound_pairs``).
+
+    Why: AVX2's u8 x s8 kernel (``vpmaddubsw``, the fastest INT8 GEMM there: 1.3x u8 x u8 on an
+    AVX2 EPYC) adds the two products of each such pair in int16, which a plain int8 grid
+    overflows (127 + 127); VNNI and AMX accumulate in int32 and u8 x u8 widens to int16 first,
+    so on those the bound changes nothing. Each column's scale is searched from max|w| / 127 up
+    (``SCALE_FACTORS``) for the least squared error: a larger step rarely needs a pair moved, a
+    smaller one moves more pairs to the bound. 7-bit weights (ONNX Runtime's ``reduce_range``)
+    would meet the bound too, at twice the step (reference minimum cosine 0.983 against 0.992;
+    ``QUANTIZATION.md``). An odd last row pairs with a zero-point row (entries within
+    ``ZERO_POINT_ROW_LIMIT``), so it stays within the rest of the bound."""
+    weights = np.asarray(weights, dtype=np.float32)
+    peak = np.abs(weights).max(axis=0) / WEIGHT_LIMIT
+    peak[peak == 0] = 1.0
+    best_error = np.full(weights.shape[1], np.inf, dtype=np.float32)
+    best_scale = peak.copy()
+    best = np.zeros(weights.shape, dtype=np.int8)
+    for factor in SCALE_FACTORS:
+        scale = peak * factor
+        quantized = bound_pairs(weights / scale)
+        error = np.square(quantized * scale - weights).sum(axis=0)
+        better = error < best_error
+        best_error[better], best_scale[better] = error[better], scale[better]
+        best[:, better] = quantized[:, better]
+    return best, best_scale
+
+
+def bound_pairs(units: np.ndarray) -> np.ndarray:
+    """``units`` (weights / scale, [K, N]) rounded to int8 within +-``WEIGHT_LIMIT`` such that
+    any two same-sign entries of rows 2j and 2j + 1 of a column sum to at most
+    ``PAIR_SUM_LIMIT`` in magnitude. A pair over it goes to the nearest integers on the bound
+    (each gives up half the excess); a lone last row (odd K) to within ``ZERO_POINT_ROW_LIMIT``."""
+    rounded = np.clip(np.rint(units), -WEIGHT_LIMIT, WEIGHT_LIMIT)
+    k = len(rounded) - len(rounded) % 2
+    first, second = rounded[0:k:2], rounded[1:k:2]
+    total = first + second
+    over = (np.abs(total) > PAIR_SUM_LIMIT) & (first * second > 0)
+    if over.any():
+        sign = np.sign(total)
+        near, far = np.abs(units[0:k:2]), np.abs(units[1:k:2])
+        excess = (near + far - PAIR_SUM_LIMIT) / 2
+        low = PAIR_SUM_LIMIT - WEIGHT_LIMIT
+        moved = np.clip(np.rint(near - excess), low, WEIGHT_LIMIT)
+        first[over] = (sign * moved)[over]
+        second[over] = (sign * (PAIR_SUM_LIMIT - moved))[over]
+    if len(rounded) % 2:
+        rounded[-1] = np.clip(rounded[-1], -ZERO_POINT_ROW_LIMIT, ZERO_POINT_ROW_LIMIT)
+    quantized: np.ndarray = rounded.astype(np.int8)  # rows 0:k:2 and 1:k:2 were views of it
+    return quantized
+
+
+def largest_pair_sum(quantized: np.ndarray) -> int:
+    """The largest |sum| of two same-sign int8 weights in rows 2j, 2j + 1 of one column of
+    ``quantized`` ([K, N]; an odd last row pairs with an implicit zero row): what AVX2's u8 x s8
+    GEMM needs at most ``PAIR_SUM_LIMIT`` (see ``quantize_weight_columns``)."""
+    values = quantized.astype(np.int32)
+    if len(values) % 2:
+        values = np.concatenate([values, np.zeros((1, values.shape[1]), dtype=np.int32)])
+    first, second = values[0::2], values[1::2]
+    positive = np.maximum(first, 0) + np.maximum(second, 0)
+    negative = np.maximum(-first, 0) + np.maximum(-second, 0)
+    return int(max(positive.max(initial=0), negative.max(initial=0)))
 
 
 def _as_uint8(signed: np.ndarray) -> np.ndarray:
     """int8 weights stored as uint8 around WEIGHT_ZERO_POINT: the same grid, shifted, so the
-    GEMM is u8 x u8. Why: CPUs with AVX2 but no VNNI (the AMD EPYC these machines sometimes are)
-    run u8 x s8 GEMMs with ``vpmaddubsw``, which adds products in adjacent pairs with int16
-    saturation, and 2 x 255 x 127 overflows it: INT8 vs FP32 mean cosine fell to 0.976 there
-    (0.999 on VNNI). 7-bit weights (ONNX Runtime's ``reduce_range``) avoid it but put the worst
-    reference text at 0.983; 7-bit activations at 0.975. MLAS's u8 x u8 kernels widen to int16
-    before multiplying and cannot saturate, and the weight zero point (128 for every column) is
-    exact integer arithmetic, so the vectors are the VNNI ones on every x86 CPU."""
+    GEMM is u8 x u8, which MLAS widens to int16 before multiplying: exact on every x86 CPU (and
+    the only exact INT8 GEMM for a grid without the pair bound on CPUs without VNNI). The s8
+    file (``to_s8_weights``) holds the same grid as int8."""
     return (signed.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
 
 
-def zero_point_rows(quantized: np.ndarray, align: int = 16, limit: int = WEIGHT_LIMIT) -> np.ndarray:
+def zero_point_rows(quantized: np.ndarray, align: int = 16, limit: int = ZERO_POINT_ROW_LIMIT) -> np.ndarray:
     """Extra int8 weight rows that fold the activations' per-row zero point into the integer
     GEMM: with ``q ~= x / s + zp`` (uint8), ``x @ W ~= s * ((q - zp) @ Wq)`` and
     ``-zp * colsum(Wq)`` is exactly ``[zp, ..., zp] @ rows`` when each column of ``rows`` sums
-    to ``-colsum(Wq)``. Entries stay within +-``limit``, the weights' own range: the kernels that
-    run these files are exact for any int8 weight (u8 x u8 widened to int16; u8 x s8 only on
-    VNNI or AMX, which accumulate in int32; worker.engine.cpu), so the rows need no narrower
-    range (+-64 was for AVX2's saturating u8 x s8, never run now) and are as few as can be:
-    J = ceil(max |colsum| / 127), half as many as with +-64 (K + J on all-MiniLM-L6-v2 went
-    from 416-512 to 400-448 for K = 384). K + J is padded to ``align``."""
+    to ``-colsum(Wq)``. Entries stay within +-``limit`` (half the pair bound, so two adjacent
+    rows keep it: see ``quantize_weight_columns``), J = ceil(max |colsum| / limit), and K + J is
+    padded to ``align``."""
     target = -quantized.astype(np.int64).sum(axis=0)
     k = quantized.shape[0]
     count = max(1, int(np.ceil(np.abs(target).max() / limit)))
@@ -310,6 +372,20 @@ def to_s8_weights(int8_model: Path, output: Path) -> int:
         model.graph.initializer.remove(unused)
     onnx.save(model, str(output))
     return rewritten
+
+
+def s8_pair_sum(s8_model: Path) -> int:
+    """The largest same-sign adjacent pair sum (``largest_pair_sum``) over the int8 weights of
+    every GEMM of ``s8_model`` (``to_s8_weights``'s file): at most ``PAIR_SUM_LIMIT`` means AVX2's
+    u8 x s8 GEMM runs it exactly (worker.engine.cpu); 0 if it has no int8 weights."""
+    model = onnx.load(str(s8_model))
+    initializers = {t.name: t for t in model.graph.initializer}
+    largest = 0
+    for node in model.graph.node:
+        weights = initializers.get(node.input[1]) if node.op_type == "MatMulIntegerToFloat" else None
+        if weights is not None and weights.data_type == TensorProto.INT8:
+            largest = max(largest, largest_pair_sum(numpy_helper.to_array(weights)))
+    return largest
 
 
 def _quantize_matmuls(staged: Path, output: Path, exclude_nodes: Sequence[str], present: set[str]) -> None:
