@@ -525,7 +525,7 @@ def engine_phase(texts: list[str], config: WorkerConfig) -> tuple[Phase, float]:
 
     def embed(batch: list[str]) -> object:
         return embedder.embed(
-            batch, batch_size=config.inference_batch_size, token_budget=config.inference_token_budget
+            batch, batch_size=config.inference_batch_size, token_budget=config.model_call_tokens()
         )
 
     embed(texts[:64])

@@ -19,7 +19,8 @@ alike), and the figures are the medians over the rounds:
   of 32, the same threads; it picks BF16 where the CPU has it); skipped when it is not installed
   (``pip install -e '.[bench]'``);
 * the bundle's variants as the worker runs them (``worker.pipeline``: texts tokenized once, model
-  calls of at most 32 length-sorted texts cut by the inference token budget, spread over the
+  calls of at most 32 length-sorted texts cut by the inference token budget (the worker's default
+  for each variant: ``worker.config.call_token_budget``), spread over the
   inference threads, by default one single-threaded call per core): fp32, int8 with each weight
   encoding this CPU runs exactly
   (u8 everywhere; s8 with VNNI or AMX, or AVX2 on a bundle with pair-bounded weights:
@@ -59,7 +60,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from roofline import GEMM_FLOP_PER_TOKEN, roofline  # noqa: E402  (bench/roofline.py)
 
 from worker.commands.model import shared_dir  # noqa: E402
-from worker.config import WorkerConfig, bundle_model_name, model_or_bundle  # noqa: E402
+from worker.config import bundle_model_name, call_token_budget, model_or_bundle  # noqa: E402
 from worker.engine.bundle import default_bundle_dir, load_bundle  # noqa: E402
 from worker.engine.cpu import read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, physical_cpu_count, plan_batches  # noqa: E402
@@ -67,7 +68,6 @@ from worker.engine.quality import read_jsonl_strings, read_reference, row_cosine
 from worker.engine.recommend import meets_floors  # noqa: E402
 
 BATCH_SIZE = 32
-TOKEN_BUDGET = WorkerConfig.inference_token_budget  # the worker's default per model call
 Embed = Callable[[Sequence[str]], "tuple[np.ndarray, int]"]  # vectors, tokens
 
 
@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--inference-token-budget",
         type=int,
-        default=TOKEN_BUDGET,
-        help="padded tokens per model call in our engines (default: the worker's)",
+        default=0,
+        help="padded tokens per model call in our engines (default 0: the worker's for each variant)",
     )
     parser.add_argument(
         "--inference-threads",
@@ -249,13 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # in each call.
     calls = args.inference_threads or threads
     budget = args.inference_token_budget
+    budgets = {v: call_token_budget(budget, v, "cpu") for v in ("fp32", "int8", "openvino")}
     per_call = max(1, threads // calls)
     executor = ThreadPoolExecutor(max_workers=calls, thread_name_prefix="inference")
     fp32 = Embedder.from_bundle(model, variant="fp32", intra_op_threads=threads)
     ours_fp32 = Embedder.from_bundle(model, variant="fp32", intra_op_threads=per_call)
     engines = [
         Engine("naive (fp32, one call per request)", "fp32", naive_engine(fp32), ours=False),
-        Engine("fp32", ours_fp32.kernel, bundle_engine(ours_fp32, executor, budget)),
+        Engine("fp32", ours_fp32.kernel, bundle_engine(ours_fp32, executor, budgets["fp32"])),
     ]
     s8_exact = cpu.s8_gemm_exact_for(fp32.bundle.manifest.int8_s8_pair_sum)
     for weights in sorted(fp32.bundle.int8_weights, reverse=True):  # u8, then s8
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  int8 s8: not run (its GEMM would saturate here: no VNNI or AMX, and not pair-bounded)")
             continue
         int8 = Embedder.from_bundle(model, variant="int8", intra_op_threads=per_call, int8_weights=weights)
-        int8_engine = bundle_engine(int8, executor, budget)
+        int8_engine = bundle_engine(int8, executor, budgets["int8"])
         engines.append(Engine(f"int8 ({weights} weights)", int8.kernel, int8_engine))
     openvino = openvino_engine(model, fp32, threads)
     if openvino is None:
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Engine(
                 "openvino variant (the engine's batches)",
                 ours_openvino.kernel,
-                bundle_engine(ours_openvino, executor, budget),
+                bundle_engine(ours_openvino, executor, budgets["openvino"]),
             )
         )
         engines.append(Engine("openvino runtime, as a user runs it", openvino[1], openvino[0], ours=False))
@@ -322,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nmodel {model_name} ({model}); {len(datasets['queries'])} queries, {len(datasets['docs'])} docs; "
         f"{threads} threads (ours: {calls} calls side by side x {per_call} threads, "
-        f"{budget}-token calls); medians of {args.rounds} interleaved rounds"
+        f"calls of {'/'.join(f'{budgets[v]} ({v})' for v in budgets)} padded tokens); medians of "
+        f"{args.rounds} interleaved rounds"
     )
     print(
         f"{'engine':42} {'queries/s':>9} {'docs/s':>7} {'x naive q':>9} {'x naive d':>9} {'docs tok/s':>10} "
@@ -387,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": threads,
             "inference_threads": calls,
             "threads_per_call": per_call,
-            "inference_token_budget": budget,
+            "inference_token_budget": budgets,
             "engines": [
                 {
                     "name": e.name,

@@ -221,7 +221,7 @@ def build_parts(
         metrics=metrics,
         model_name=model.name,
         inference_batch_size=config.inference_batch_size,
-        token_budget=config.inference_token_budget,
+        token_budget=config.model_call_tokens(),
         inference_threads=inference_threads,
         looked_up_at_intake=hits is not None,
     )

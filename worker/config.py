@@ -24,6 +24,13 @@ from schemas.settings import setting
 from worker.engine.bundle import MANIFEST_FILE, default_bundle_dir
 
 Guarantee = Literal["at-least-once", "exactly-once"]
+# Padded tokens per model call by default. On the CPU, ONNX Runtime runs a call's operators one
+# after another over all its tokens, so a smaller call keeps its activations (512 x 1536 floats
+# for MiniLM's FFN, 3 MB) near the L2 cache: measured on an AVX2 EPYC, two single-threaded calls
+# side by side, docs +14% (int8) and +11% (fp32) against 2048-token calls. Larger calls for
+# OpenVINO (its BF16 vectors depend slightly on the padded length, so fewer call shapes) and CUDA.
+CPU_CALL_TOKENS = 512
+LARGE_CALL_TOKENS = 2048
 
 
 def default_worker_id() -> str:
@@ -47,6 +54,14 @@ def bundle_model_name(bundle: Path) -> str:
     except (OSError, ValueError, AttributeError):
         name = None
     return name if isinstance(name, str) and name else bundle.name
+
+
+def call_token_budget(setting: int, variant: str, device: str) -> int:
+    """Padded tokens per model call: ``setting``, or where it is 0 (auto), ``CPU_CALL_TOKENS``
+    for ONNX Runtime on the CPU and ``LARGE_CALL_TOKENS`` for openvino and CUDA."""
+    if setting > 0:
+        return setting
+    return CPU_CALL_TOKENS if device == "cpu" and variant != "openvino" else LARGE_CALL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -188,8 +203,9 @@ class WorkerConfig:
     )
     inference_token_budget: int = setting(
         "EMBEDFLEET_INFERENCE_TOKEN_BUDGET",
-        "padded tokens per model call (small calls stay in the CPU caches)",
-        default=2048,
+        f"padded tokens per model call (0 = {CPU_CALL_TOKENS} for ONNX Runtime on the CPU, whose "
+        f"calls then keep their activations in the L2 cache; {LARGE_CALL_TOKENS} for openvino and CUDA)",
+        default=0,
     )
     max_in_flight: int = setting(
         "EMBEDFLEET_MAX_IN_FLIGHT",
@@ -277,6 +293,8 @@ class WorkerConfig:
                 object.__setattr__(self, "group_id", group_id_for(name, default_model=self.default_model))
         if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
             raise ValueError("batch window must be >= 0, token budget and batch size > 0")
+        if self.inference_token_budget < 0:
+            raise ValueError("EMBEDFLEET_INFERENCE_TOKEN_BUDGET must be >= 0 (0 = auto)")
         if self.inference_threads < 0 or self.intra_op_threads < 0:
             raise ValueError("EMBEDFLEET_INFERENCE_THREADS and EMBEDFLEET_INTRA_OP_THREADS must be >= 0")
         if self.inference_batch_size <= 0 or self.max_in_flight < self.max_batch_size:
@@ -311,6 +329,10 @@ class WorkerConfig:
     def model_name(self) -> str:
         """The name of the model this worker serves (what its contract is published under)."""
         return bundle_model_name(self.model)
+
+    def model_call_tokens(self) -> int:
+        """Padded tokens per model call, with the 0 = auto default (``call_token_budget``)."""
+        return call_token_budget(self.inference_token_budget, self.variant, self.device)
 
     def model_threads(self, physical_cores: int) -> tuple[int, int]:
         """(model calls side by side, ONNX Runtime threads per call) with the 0 = auto defaults.

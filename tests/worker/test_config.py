@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import WorkerConfig
+from worker.config import CPU_CALL_TOKENS, LARGE_CALL_TOKENS, WorkerConfig, call_token_budget
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -67,3 +67,32 @@ def test_every_metric_carries_the_served_model() -> None:
     lag = 'embedfleet_consumer_lag{model="all-mpnet-base-v2",partition="0",topic="t"} 5.0'
     assert lag in metrics.exposition().decode()  # with the metric's own labels (sorted by name)
     assert "model=" not in WorkerMetrics().exposition().decode()  # no model given: no label
+
+
+@pytest.mark.parametrize(
+    ("setting", "variant", "device", "tokens"),
+    [
+        (0, "int8", "cpu", CPU_CALL_TOKENS),
+        (0, "fp32", "cpu", CPU_CALL_TOKENS),
+        (0, "openvino", "cpu", LARGE_CALL_TOKENS),
+        (0, "fp16", "cuda", LARGE_CALL_TOKENS),
+        (1024, "int8", "cpu", 1024),
+        (4096, "fp16", "cuda", 4096),
+    ],
+)
+def test_model_calls_are_sized_per_backend_unless_set(
+    setting: int, variant: str, device: str, tokens: int
+) -> None:
+    config = WorkerConfig.from_env(
+        {
+            "EMBEDFLEET_INFERENCE_TOKEN_BUDGET": str(setting),
+            "EMBEDFLEET_VARIANT": variant,
+            "EMBEDFLEET_DEVICE": device,
+        }
+    )
+    assert config.model_call_tokens() == call_token_budget(setting, variant, device) == tokens
+
+
+def test_a_negative_model_call_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="EMBEDFLEET_INFERENCE_TOKEN_BUDGET"):
+        WorkerConfig.from_env({"EMBEDFLEET_INFERENCE_TOKEN_BUDGET": "-1"})
