@@ -14,8 +14,8 @@ ways in a bundle:
     no same-sign pair sums past ``VPMADDUBSW_PAIR_LIMIT`` (255 x 128 fits in int16, 255 x 129
     does not). Bundles from builder 5 on are quantized to that bound
     (``worker.engine.quantize.quantize_weight_columns``) and record their largest pair sum in the
-    manifest (``int8_s8_pair_sum``); older ones (0 there) run u8 on such CPUs (1.3x faster
-    with s8 on an AVX2 EPYC, ``QUANTIZATION.md``).
+    manifest (``int8_s8_pair_sum``); older ones (0 there) run u8 on such CPUs (there the u8 x s8
+    GEMM is 1.3x u8 x u8 on an AVX2 EPYC, the engine 1.1-1.2x: ``QUANTIZATION.md``).
 
 Both encodings compute the same integer sums, so they give the same vectors (checked by
 tests/engine/test_int8_weights.py, on whatever CPU runs the tests) and share the variant's
