@@ -38,7 +38,7 @@ from worker.decoder import RequestDecoder
 from worker.delivery import AtLeastOnce, BatchWork, Delivery, ExactlyOnce
 from worker.errors import ContractMismatch
 from worker.failures import WorkerFatal
-from worker.health import HealthServer, HealthState, log_task_stacks
+from worker.health import HealthServer, HealthState, ModelCalls, log_task_stacks
 from worker.hits import HitLane
 from worker.intake import IntakeLimits, KafkaIntake, create_consumer, max_expanded_bytes
 from worker.jobs import Job, Rejection
@@ -215,6 +215,7 @@ def build_parts(
         limits=IntakeLimits.of(config, READ_COMMITTED if exactly_once else READ_UNCOMMITTED),
         hits=hits,
     )
+    model_calls = ModelCalls(config.model_call_stall_s)
     processor = BatchProcessor(
         backend=embedder,
         cache=cache,
@@ -224,8 +225,9 @@ def build_parts(
         token_budget=config.model_call_tokens(),
         inference_threads=inference_threads,
         looked_up_at_intake=hits is not None,
+        model_calls=model_calls,
     )
-    health = HealthState(model_loaded=True)
+    health = HealthState(model_loaded=True, model_calls=model_calls)
     metrics.model.info(
         {
             "name": model.name,

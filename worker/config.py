@@ -208,6 +208,12 @@ class WorkerConfig:
         f"calls then keep their activations in the L2 cache; {LARGE_CALL_TOKENS} for openvino and CUDA)",
         default=0,
     )
+    model_call_stall_s: float = setting(
+        "EMBEDFLEET_MODEL_CALL_STALL_S",
+        "a model call running longer than this fails /healthz (a hung inference runtime: the "
+        "orchestrator restarts the worker and the group reassigns its partitions); 0 = never",
+        default=300.0,
+    )
     max_in_flight: int = setting(
         "EMBEDFLEET_MAX_IN_FLIGHT",
         "messages consumed but not yet committed; above it partitions pause",
@@ -294,6 +300,8 @@ class WorkerConfig:
                 object.__setattr__(self, "group_id", group_id_for(name, default_model=self.default_model))
         if self.batch_window_ms < 0 or self.token_budget <= 0 or self.max_batch_size <= 0:
             raise ValueError("batch window must be >= 0, token budget and batch size > 0")
+        if self.model_call_stall_s < 0:
+            raise ValueError("EMBEDFLEET_MODEL_CALL_STALL_S must be >= 0 (0 = never)")
         if self.inference_token_budget < 0:
             raise ValueError("EMBEDFLEET_INFERENCE_TOKEN_BUDGET must be >= 0 (0 = auto)")
         if self.inference_threads < 0 or self.intra_op_threads < 0:

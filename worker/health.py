@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,43 @@ from prometheus_client import Histogram
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 8192
+
+
+class ModelCalls:
+    """The model calls running now (``worker.pipeline`` enters ``running`` around each, in its
+    inference thread). /healthz fails while one has run longer than ``stall_s``: an inference
+    runtime that hangs (seen once: two OpenVINO requests deadlocked) holds its thread in native
+    code, which nothing in the process can interrupt, and its partitions would wait for good;
+    failing liveness lets the orchestrator restart the worker and the group reassign them. 0
+    turns the check off."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s = stall_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started: dict[int, float] = {}
+        self._ids = itertools.count()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            call = next(self._ids)
+            self._started[call] = self._clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._started[call]
+
+    def longest_running_s(self) -> float:
+        """How long the oldest call still running has run (0 when none runs)."""
+        now = self._clock()
+        with self._lock:
+            return max((now - started for started in self._started.values()), default=0.0)
+
+    @property
+    def stalled(self) -> bool:
+        return self.stall_s > 0 and self.longest_running_s() > self.stall_s
 
 
 @dataclass
@@ -33,6 +73,23 @@ class HealthState:
     cache_ok: bool = True
     stopping: bool = False
     details: dict[str, str] = field(default_factory=dict)
+    model_calls: ModelCalls | None = None
+
+    def liveness(self) -> tuple[bool, bytes]:
+        """/healthz: live unless a model call has stalled (``ModelCalls``); a blocked event
+        loop cannot answer at all."""
+        calls = self.model_calls
+        if calls is None or not calls.stalled:
+            return True, b'{"live": true}'
+        running = calls.longest_running_s()
+        log.error(
+            "a model call has run for %.0f s (EMBEDFLEET_MODEL_CALL_STALL_S=%g): the inference "
+            "runtime looks hung; failing /healthz so that the worker is restarted",
+            running,
+            calls.stall_s,
+        )
+        body = {"live": False, "model_call_running_s": round(running, 1), "stall_s": calls.stall_s}
+        return False, json.dumps(body).encode()
 
     @property
     def ready(self) -> bool:
@@ -117,7 +174,8 @@ class HealthServer:
         if path == "/metrics":
             status, body, kind = 200, self._metrics(), "text/plain; version=0.0.4; charset=utf-8"
         elif path == "/healthz":
-            status, body, kind = 200, b'{"live": true}', "application/json"
+            live, body = self._state.liveness()
+            status, kind = (200 if live else 503), "application/json"
         elif path == "/readyz":
             status = 200 if self._state.ready else 503
             body, kind = self._state.as_json(), "application/json"

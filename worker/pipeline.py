@@ -24,6 +24,7 @@ from schemas import Chunk, ErrorCode, encode_success_result, encode_vector_b64
 from worker.cache import VectorCache
 from worker.engine.embedder import plan_batches
 from worker.engine.tokenize import Span, TokenizedText
+from worker.health import ModelCalls
 from worker.jobs import Answer, Job, Rejection, Window
 from worker.metrics import WorkerMetrics
 
@@ -111,8 +112,11 @@ class BatchProcessor:
         token_budget: int,
         inference_threads: int = 1,
         looked_up_at_intake: bool = False,
+        model_calls: ModelCalls | None = None,
     ) -> None:
         self._backend = backend
+        # Each model call is timed while it runs, for /healthz (worker.health.ModelCalls).
+        self._model_calls = model_calls or ModelCalls(stall_s=0)
         # The hit lane (worker.hits) looked every job up already and counted it: looking the
         # misses up again here finds what was computed meanwhile, counting only those hits.
         self._count_lookups = not looked_up_at_intake
@@ -263,7 +267,8 @@ class BatchProcessor:
 
     def _compute_call(self, jobs: Sequence[_Text], task: str | None, dimensions: int | None) -> _Computed:
         computed = _Computed()
-        self._compute_isolating(jobs, task, dimensions, computed)
+        with self._model_calls.running():
+            self._compute_isolating(jobs, task, dimensions, computed)
         return computed
 
     def _compute_isolating(
