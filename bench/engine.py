@@ -20,7 +20,7 @@ alike), and the figures are the medians over the rounds:
   (``pip install -e '.[bench]'``);
 * the bundle's variants as the worker runs them (``worker.pipeline``: texts tokenized once, model
   calls of at most 32 length-sorted texts cut by the inference token budget (the worker's default
-  for each variant: ``worker.config.call_token_budget``), spread over the
+  for each variant: ``worker.engine.tokenize.call_token_budget``), spread over the
   inference threads, by default one single-threaded call per core): fp32, int8 with each weight
   encoding this CPU runs exactly
   (u8 everywhere; s8 with VNNI or AMX, or AVX2 on a bundle with pair-bounded weights:
@@ -60,12 +60,13 @@ sys.path.insert(0, str(REPO / "bench"))
 from roofline import GEMM_FLOP_PER_TOKEN, roofline  # noqa: E402  (bench/roofline.py)
 
 from worker.commands.model import shared_dir  # noqa: E402
-from worker.config import bundle_model_name, call_token_budget, model_or_bundle  # noqa: E402
+from worker.config import bundle_model_name, model_or_bundle  # noqa: E402
 from worker.engine.bundle import default_bundle_dir, load_bundle  # noqa: E402
 from worker.engine.cpu import read_cpu  # noqa: E402
 from worker.engine.embedder import Embedder, physical_cpu_count, plan_batches  # noqa: E402
 from worker.engine.quality import read_jsonl_strings, read_reference, row_cosines  # noqa: E402
 from worker.engine.recommend import meets_floors  # noqa: E402
+from worker.engine.tokenize import call_token_budget  # noqa: E402
 
 BATCH_SIZE = 32
 Embed = Callable[[Sequence[str]], "tuple[np.ndarray, int]"]  # vectors, tokens

@@ -22,16 +22,9 @@ from schemas import settings
 from schemas.model_routing import DEFAULT_MODEL, group_id_for, requests_topic_for
 from schemas.settings import setting
 from worker.engine.bundle import MANIFEST_FILE, default_bundle_dir
+from worker.engine.tokenize import CPU_CALL_TOKENS, LARGE_CALL_TOKENS, call_token_budget
 
 Guarantee = Literal["at-least-once", "exactly-once"]
-# Padded tokens per model call by default. On the CPU, ONNX Runtime runs a call's operators one
-# after another over all its tokens, so a smaller call keeps its activations (512 x 1536 floats
-# for MiniLM's FFN, 3 MB) near the L2 cache: measured on an AVX2 EPYC, two single-threaded calls
-# side by side, docs +14% (int8) and +11% (fp32) against 2048-token calls. Larger calls for CUDA,
-# and for OpenVINO, whose BF16 vectors depend slightly on the padded length: its fleet test once
-# found a cached copy past the 1e-5 drift floor with 512-token calls, never with 2048.
-CPU_CALL_TOKENS = 512
-LARGE_CALL_TOKENS = 2048
 
 
 def default_worker_id() -> str:
@@ -55,14 +48,6 @@ def bundle_model_name(bundle: Path) -> str:
     except (OSError, ValueError, AttributeError):
         name = None
     return name if isinstance(name, str) and name else bundle.name
-
-
-def call_token_budget(setting: int, variant: str, device: str) -> int:
-    """Padded tokens per model call: ``setting``, or where it is 0 (auto), ``CPU_CALL_TOKENS``
-    for ONNX Runtime on the CPU and ``LARGE_CALL_TOKENS`` for openvino and CUDA."""
-    if setting > 0:
-        return setting
-    return CPU_CALL_TOKENS if device == "cpu" and variant != "openvino" else LARGE_CALL_TOKENS
 
 
 @dataclass(frozen=True)

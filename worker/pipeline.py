@@ -23,7 +23,7 @@ import numpy.typing as npt
 from schemas import Chunk, ErrorCode, encode_success_result, encode_vector_b64
 from worker.cache import VectorCache
 from worker.engine.embedder import plan_batches
-from worker.engine.tokenize import Span, TokenizedText
+from worker.engine.tokenize import DEFAULT_TOKEN_BUDGET, Span, TokenizedText
 from worker.health import ModelCalls
 from worker.jobs import Answer, Job, Rejection, Window
 from worker.metrics import WorkerMetrics
@@ -49,7 +49,7 @@ class EmbeddingBackend(Protocol):
         texts: Sequence[str],
         dimensions: int | None = None,
         batch_size: int = 32,
-        token_budget: int = 2048,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ) -> EmbedOutputLike: ...
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import CPU_CALL_TOKENS, LARGE_CALL_TOKENS, WorkerConfig, call_token_budget
+from worker.config import WorkerConfig
+from worker.engine.tokenize import CPU_CALL_TOKENS, LARGE_CALL_TOKENS, call_token_budget
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
